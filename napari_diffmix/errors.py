@@ -1,0 +1,39 @@
+"""Error types that reach users.
+
+Every error a user can cause (a bad file, a wrong flag, a mismatched model) is raised as a
+subclass of :class:`DiffMixError` with a message that says what was wrong, where, and what
+was expected. The CLI prints these without a traceback; the napari widgets show them as
+notifications. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class DiffMixError(Exception):
+    """Base class for errors caused by user input or environment, not by a bug."""
+
+
+class DatasetError(DiffMixError, ValueError):
+    """A dataset file or folder is missing, malformed or inconsistent."""
+
+    def __init__(self, message: str, path: str | os.PathLike | None = None):
+        self.path = None if path is None else os.fspath(path)
+        super().__init__(f"{self.path}: {message}" if self.path else message)
+
+
+class SchemeError(DiffMixError, ValueError):
+    """A class scheme is malformed, or labels do not fit the scheme."""
+
+
+class LabelError(DiffMixError, ValueError):
+    """A label map violates the data contract (dtype, shape, type consistency)."""
+
+
+class CheckpointError(DiffMixError, ValueError):
+    """A model checkpoint is missing, unsafe or does not match the expected config."""
+
+
+class StoreError(DiffMixError, ValueError):
+    """An output store exists with another plan, is corrupt, or cannot be written."""
