@@ -45,6 +45,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from .errors import DatasetError, LabelError
+from .nuclei import inst_types_from_maps, nuclei_props, remap_ids
 
 MATCH_IOU = 0.5
 PAIR_RADIUS = 12.0
@@ -65,29 +66,6 @@ def _check_inst_map(inst_map: np.ndarray, what: str) -> np.ndarray:
     if inst_map.size and inst_map.min() < 0:
         raise LabelError(f"{what} has negative instance ids; 0 is background and nuclei are 1..N")
     return inst_map
-
-
-def compact_ids(inst_map: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Relabel to contiguous ids 1..N in increasing order of the original ids.
-
-    Returns ``(compact, original_ids)`` with ``compact`` int64 of the same shape and
-    ``original_ids[k - 1]`` the id that became ``k``.
-    """
-    inst_map = _check_inst_map(inst_map, "instance map")
-    flat = inst_map.ravel().astype(np.int64, copy=False)
-    top = int(flat.max()) if flat.size else 0
-    if top <= 4 * flat.size + 1024:
-        present = np.bincount(flat, minlength=top + 1) > 0
-        present[0] = False
-        ids = np.flatnonzero(present)
-        lut = np.zeros(top + 1, dtype=np.int64)
-        lut[ids] = np.arange(1, ids.size + 1)
-        return lut[flat].reshape(inst_map.shape), ids
-    # Sparse huge ids: sorting is cheaper than a lookup table of size max id.
-    ids, inverse = np.unique(flat, return_inverse=True)
-    if ids[0] == 0:
-        return inverse.reshape(inst_map.shape).astype(np.int64), ids[1:]
-    return (inverse + 1).reshape(inst_map.shape).astype(np.int64), ids
 
 
 @dataclass(frozen=True)
@@ -129,9 +107,10 @@ def overlap(true_inst: np.ndarray, pred_inst: np.ndarray) -> Overlap:
         raise LabelError(
             f"ground truth and prediction differ in shape: {true_inst.shape} vs {pred_inst.shape}"
         )
-    ct, tid = compact_ids(true_inst)
-    cp, pid = compact_ids(pred_inst)
-    nt, npred = tid.size, pid.size
+    ct, _ = remap_ids(true_inst)
+    cp, _ = remap_ids(pred_inst)
+    ct, cp = ct.astype(np.int64), cp.astype(np.int64)
+    nt, npred = int(ct.max(initial=0)), int(cp.max(initial=0))
     true_area = np.bincount(ct.ravel(), minlength=nt + 1)[1:]
     pred_area = np.bincount(cp.ravel(), minlength=npred + 1)[1:]
     both = (ct > 0) & (cp > 0)
@@ -258,34 +237,13 @@ def panoptic_quality(
 def centroids_and_types(
     inst_map: np.ndarray, type_map: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Centre of mass (N, 2) as (y, x) and majority class (N,) of each nucleus.
+    """Centre of mass (N, 2) as (y, x) and majority class (N,) of each nucleus, by id.
 
-    Nuclei come in increasing id order. Background pixels inside a nucleus (type 0) do not
-    vote unless nothing else does. Without a ``type_map`` every class is 0.
+    Without a ``type_map`` every class is 0.
     """
-    compact, ids = compact_ids(inst_map)
-    n = ids.size
-    flat = compact.ravel()
-    fg = np.flatnonzero(flat)
-    lab = flat[fg]
-    area = np.bincount(lab, minlength=n + 1)[1:].astype(np.float64)
-    yy, xx = np.divmod(fg, max(compact.shape[1], 1))
-    cy = np.bincount(lab, weights=yy, minlength=n + 1)[1:] / np.maximum(area, 1)
-    cx = np.bincount(lab, weights=xx, minlength=n + 1)[1:] / np.maximum(area, 1)
-    types = np.zeros(n, dtype=np.int64)
-    if type_map is not None and n:
-        type_map = np.asarray(type_map)
-        if type_map.shape != compact.shape:
-            raise LabelError(f"type map shape {type_map.shape} differs from instance map shape {compact.shape}")
-        tv = type_map.ravel()[fg].astype(np.int64)
-        if tv.size and tv.min() < 0:
-            raise LabelError("type map has negative class ids")
-        ncls = int(tv.max()) + 1 if tv.size else 1
-        votes = np.bincount((lab - 1) * ncls + tv, minlength=n * ncls).reshape(n, ncls)
-        if ncls > 1:
-            types = np.argmax(votes[:, 1:], axis=1) + 1
-            types[votes[:, 1:].sum(axis=1) == 0] = 0
-    return np.stack([cy, cx], axis=1), types
+    inst_types = None if type_map is None else inst_types_from_maps(inst_map, type_map)
+    props = nuclei_props(inst_map, inst_types)
+    return props.centroids, props.classes.astype(np.int64)
 
 
 def pair_centroids(
