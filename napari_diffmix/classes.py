@@ -36,7 +36,8 @@ class ClassScheme:
     name: str
     names: tuple[str, ...]
     colors: tuple[str, ...]
-    merge: Mapping[int, int] = field(default_factory=dict)
+    # A dict cannot be hashed; equal schemes still hash equal without it.
+    merge: Mapping[int, int] = field(default_factory=dict, hash=False)
     rare: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
@@ -95,7 +96,12 @@ class ClassScheme:
     def class_ids(self) -> tuple[int, ...]:
         return tuple(range(1, self.num_classes + 1))
 
+    def _check_id(self, k: int) -> None:
+        if not 0 <= k <= self.num_classes:
+            raise SchemeError(f"class id {k} is outside 0..{self.num_classes} of scheme {self.name!r}")
+
     def class_name(self, k: int) -> str:
+        self._check_id(k)
         return "background" if k == 0 else self.names[k - 1]
 
     def class_id(self, name: str) -> int:
@@ -108,6 +114,7 @@ class ClassScheme:
 
     def color_rgb(self, k: int) -> tuple[int, int, int]:
         """Colour of class ``k`` (0 = background, black) as 0..255 RGB."""
+        self._check_id(k)
         col = BACKGROUND_COLOR if k == 0 else self.colors[k - 1]
         return tuple(int(col[i : i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
 
