@@ -1,0 +1,243 @@
+"""``diffmix train``: train, fine-tune or resume the label-conditioned diffusion model.
+
+Every option defaults to "not given" so that a preset, or with ``--resume`` the run's own
+saved config, supplies the value unless the user overrides it. Under ``torchrun`` the same
+command trains with one process per GPU (or CPU process with gloo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+EPILOG = """examples:
+  diffmix train demo --preset demo --out runs/demo
+  diffmix train /data/CoNSeP/Train --scheme consep --preset diffmix-consep --out runs/consep
+  diffmix train --resume --out runs/consep                     # continue after Ctrl-C / a crash
+  diffmix train /data/CoNSeP/Train --scheme consep --preset diffmix-consep --init consep.pt --stages 4100:2e-5:0.2
+  torchrun --nproc_per_node=4 -m napari_diffmix.train /data/CoNSeP/Train --scheme consep --preset diffmix-consep
+  diffmix train --export-only --resume --out runs/demo --export demo-model
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train the label-conditioned diffusion model (presets, resume, torchrun DDP)",
+        description="Train, fine-tune or resume the SDM diffusion model on H&E tiles with nuclei label maps.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("data", nargs="*", help="datasets: CoNSeP/GLySAC/generic folders, PanNuke npy, or 'demo' (the bundled tile's training split)")
+    p.add_argument("--scheme", help="class scheme: consep, glysac, demo or a JSON/YAML file (default: the dataset's)")
+    p.add_argument("--layout", default="auto", help="dataset layout for the readers (default: auto)")
+    p.add_argument("--val", nargs="*", help="held-out datasets whose label maps the sample grids render ('demo' = the demo's held-out split)")
+    p.add_argument("--preset", choices=_preset_names(), help="training recipe (default: demo, or the run's own with --resume)")
+    p.add_argument("--out", "-o", help="run folder: checkpoints, log.csv, samples, exported model (default: runs/<preset>)")
+    p.add_argument("--config", help="a TrainConfig JSON file (e.g. a run's config.json) to start from")
+    g = p.add_argument_group("model and schedule")
+    g.add_argument("--model", help="UNet preset name (demo, tiny, diffmix-consep, diffmix-glysac) or a UNet config JSON file")
+    g.add_argument("--init", help="fine-tune from this model (native folder/.safetensors or an official SDM/DiffMix .pt)")
+    g.add_argument("--stages", help="stages as STEPS:LR:COND_DROPOUT,... e.g. 5900:1e-4:0,4100:2e-5:0.2")
+    g.add_argument("--steps", type=int, help="total steps (stage lengths are scaled to it)")
+    g.add_argument("--lr", type=float, help="learning rate for every stage")
+    g.add_argument("--cond-dropout", type=float, help="fraction of samples trained with an all-zero condition, every stage")
+    g.add_argument("--batch-size", type=int, help="samples per step and process")
+    g.add_argument("--crop-size", type=int, help="random crop size in px")
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--ema-rate", type=float, help="EMA decay (0.9999 published)")
+    g.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, help="rate = min(rate, (1+k)/(10+k))")
+    g.add_argument("--no-augment", dest="augment", action="store_false", default=None, help="no flips/rotations")
+    g.add_argument("--timesteps", dest="num_timesteps", type=int, help="diffusion steps (1000)")
+    g.add_argument("--noise-schedule", choices=("linear", "cosine"))
+    g.add_argument("--guidance", type=float, help="default classifier-free guidance stored with the model and used for sample grids")
+    h = p.add_argument_group("hardware")
+    h.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
+    h.add_argument("--threads", dest="num_threads", type=int, help="CPU threads for PyTorch")
+    h.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), help="autocast dtype (auto: bf16/fp16 on GPU, fp32 on CPU)")
+    h.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, help="recompute activations in backward: less memory")
+    h.add_argument("--grad-clip", type=float, help="max gradient norm (0 = off)")
+    h.add_argument("--seed", type=int)
+    r = p.add_argument_group("checkpoints and monitoring")
+    r.add_argument("--resume", nargs="?", const="auto", help="continue the run in --out (or from this checkpoint / run folder)")
+    r.add_argument("--save-every", type=int, help="checkpoint every N steps (also on Ctrl-C/SIGTERM and at the end)")
+    r.add_argument("--keep", dest="keep_last", type=int, help="checkpoints to keep")
+    r.add_argument("--log-every", type=int, help="log.csv row every N steps")
+    r.add_argument("--sample-every", type=int, help="EMA sample grid PNG every N steps (0 = never)")
+    r.add_argument("--sample-steps", type=int, help="sampler steps for the grids")
+    r.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after this many steps in this invocation")
+    r.add_argument("--export", help="where to write the EMA model (default: <out>/model at the end of training)")
+    r.add_argument("--export-only", action="store_true", help="do not train: export the EMA weights of --resume's checkpoint")
+    p.set_defaults(func=run)
+
+
+def _preset_names() -> tuple[str, ...]:
+    return ("demo", "tiny", "diffmix-consep", "diffmix-glysac")
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from ..train import TrainConfig, TrainingError, export_checkpoint, train
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+
+    out = Path(args.out) if args.out else None
+    if args.export_only:
+        source = args.resume if args.resume not in (None, "auto") else out
+        if source is None:
+            raise TrainingError("--export-only needs a checkpoint: --resume CKPT or --out RUN_FOLDER")
+        target = Path(args.export) if args.export else (_run_dir_of(Path(source)) or Path(".")) / "model.safetensors"
+        path = export_checkpoint(source, target)
+        print(f"exported EMA model to {path}")
+        return 0
+
+    # Base config: --config file > the resumed run's own config.json > preset.
+    run_dir = None
+    if args.resume is not None:
+        run_dir = out if args.resume == "auto" else _run_dir_of(Path(args.resume))
+        if run_dir is None:
+            raise TrainingError("--resume without a checkpoint path needs --out RUN_FOLDER")
+    saved = None
+    if args.config:
+        saved = _read_config(Path(args.config))
+    elif run_dir is not None and (run_dir / "config.json").is_file():
+        saved = _read_config(run_dir / "config.json")
+        if args.preset:
+            raise TrainingError(f"--preset cannot change the recipe of the run in {run_dir}; override single options instead")
+    config = saved if saved is not None else TrainConfig.from_preset(args.preset or "demo")
+    overrides = {
+        k: getattr(args, k)
+        for k in ("batch_size", "crop_size", "weight_decay", "ema_rate", "ema_warmup", "augment", "num_timesteps",
+                  "noise_schedule", "guidance", "device", "num_threads", "precision", "grad_checkpointing", "grad_clip",
+                  "seed", "save_every", "keep_last", "log_every", "sample_every", "sample_steps", "init")
+        if getattr(args, k) is not None
+    }
+    overrides["out_dir"] = str(out or run_dir or (config.out_dir if saved is not None else Path("runs") / (args.preset or "demo")))
+    if args.model:
+        overrides["model"] = json.loads(Path(args.model).read_text()) if args.model.endswith(".json") else args.model
+    config = dataclasses.replace(config, **overrides)
+    config = dataclasses.replace(config, stages=_stages(config, args))
+    config.validate()
+
+    # The data a run was started with is remembered so that --resume needs no repetition.
+    data_file = Path(config.out_dir) / "data.json"
+    specs = {"data": args.data, "val": args.val, "scheme": args.scheme, "layout": args.layout}
+    if not args.data and args.resume is not None and data_file.is_file():
+        specs = json.loads(data_file.read_text(encoding="utf-8"))
+    data, scheme, val = _open_data(argparse.Namespace(**specs), saved_scheme=_saved_scheme(config.out_dir) if args.resume else None)
+    if int(os.environ.get("RANK", "0")) == 0:
+        from ..atomic import write_json
+
+        write_json(data_file, specs)
+    result = train(config, data, scheme=scheme, val=val, resume=args.resume, max_steps=args.max_steps)
+    if result.interrupted:
+        print(f"stopped at step {result.step}/{result.total_steps}; checkpoint {result.checkpoint}. "
+              f"Continue with: diffmix train --resume --out {config.out_dir}", file=sys.stderr)
+    if args.export and not result.interrupted:
+        print(f"exported EMA model to {export_checkpoint(result.checkpoint, args.export)}")
+    elif result.model_path is not None:
+        print(f"exported EMA model to {result.model_path}")
+    return 0
+
+
+def _stages(config, args):
+    from ..train import Stage, TrainingError
+
+    stages = config.stages
+    if args.stages:
+        try:
+            parts = [s.split(":") for s in args.stages.split(",")]
+            stages = tuple(Stage(int(p[0]), float(p[1]), float(p[2]) if len(p) > 2 else 0.0) for p in parts)
+        except (ValueError, IndexError):
+            raise TrainingError(f"--stages {args.stages!r}: expected STEPS:LR[:COND_DROPOUT],... e.g. 5900:1e-4:0,4100:2e-5:0.2") from None
+    if args.steps is not None:
+        total = sum(s.steps for s in stages)
+        if args.steps < 1:
+            raise TrainingError(f"--steps must be >= 1, got {args.steps}")
+        # Scale stage lengths, the last stage absorbing rounding.
+        scaled = [round(s.steps * args.steps / total) for s in stages[:-1]] if total else [0] * (len(stages) - 1)
+        scaled.append(args.steps - sum(scaled))
+        stages = tuple(Stage(n, s.lr, s.cond_dropout) for n, s in zip(scaled, stages))
+    if args.lr is not None:
+        stages = tuple(Stage(s.steps, args.lr, s.cond_dropout) for s in stages)
+    if args.cond_dropout is not None:
+        stages = tuple(Stage(s.steps, s.lr, args.cond_dropout) for s in stages)
+    return stages
+
+
+def _read_config(path: Path):
+    from ..train import TrainConfig, TrainingError
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise TrainingError(f"{path}: cannot read the training config ({exc})") from None
+    for key in ("scheme", "model_config"):
+        data.pop(key, None)
+    return TrainConfig.from_dict(data)
+
+
+def _saved_scheme(out_dir):
+    path = Path(out_dir) / "config.json"
+    if path.is_file():
+        scheme = json.loads(path.read_text(encoding="utf-8")).get("scheme")
+        if scheme:
+            from ..classes import ClassScheme
+
+            return ClassScheme.from_dict(scheme)
+    return None
+
+
+def _run_dir_of(path: Path) -> Path | None:
+    if path.is_dir():
+        return path
+    if path.parent.name == "checkpoints":
+        return path.parent.parent
+    return None
+
+
+def _open_data(args, saved_scheme=None):
+    """(training tiles, scheme, validation tiles) for the positional datasets and --val.
+
+    ``demo`` means the bundled tile's training split; its held-out split becomes the
+    validation set unless ``--val`` names one.
+    """
+    from ..classes import load_scheme
+    from ..datasets import open_dataset
+    from ..errors import DatasetError, SchemeError
+
+    if not args.data:
+        raise DatasetError("no training data given: name dataset folders, or 'demo' for the bundled tile")
+    scheme = load_scheme(args.scheme) if args.scheme else saved_scheme
+
+    def opened(spec):
+        if spec == "demo":
+            from ..classes import DEMO
+            from ..demo_data import demo_split
+
+            return demo_split(), DEMO
+        ds = open_dataset(spec, scheme=scheme, layout=args.layout)
+        return ds, ds.scheme
+
+    data, val = [], None
+    for spec in args.data:
+        tiles, ds_scheme = opened(spec)
+        if spec == "demo":
+            tiles, val = tiles.train, tiles.held_out if val is None else val
+        if scheme is None:
+            scheme = ds_scheme
+        elif ds_scheme.names != scheme.names:
+            raise SchemeError(f"dataset {spec!r} uses classes {list(ds_scheme.names)}, the model {list(scheme.names)}: one scheme per model")
+        data.append(tiles)
+    if args.val:
+        val = []
+        for spec in args.val:
+            tiles, _ = opened(spec)
+            val.append(tiles.held_out if spec == "demo" else tiles)
+    return data, scheme, val

@@ -1,0 +1,1165 @@
+"""Training the label-conditioned diffusion model (SDM as used by DiffMix).
+
+A compact loop in the spirit of guided-diffusion's ``TrainLoop``: random crops with the 8
+flip/rotation symmetries, hybrid loss, AdamW, EMA, condition dropout for classifier-free
+guidance, mixed precision, gradient clipping, checkpoints that resume bit-for-bit, and
+``torchrun`` data parallelism. ``python -m napari_diffmix.train ...`` is ``diffmix train ...``.
+
+Training runs in *stages* (``Stage(steps, lr, cond_dropout)``): the published recipe is a
+plain stage at lr 1e-4 followed by a classifier-free fine-tune at lr 2e-5 that zeroes the
+whole condition for 20 % of the samples.
+
+A run directory holds::
+
+    config.json            the TrainConfig the run started with (``--resume`` reads it)
+    checkpoints/step-NNNNNNN.pt   model, EMA, optimizer, scaler, step, every RNG state
+    log.csv                loss curves (and TensorBoard events when tensorboard is installed)
+    samples/step-NNNNNNN.png      EMA samples for fixed validation label maps
+    model.safetensors      the EMA weights as a native model (checkpoint.save_model)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import re
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .atomic import atomic_path, write_json
+from .classes import ClassScheme, load_scheme
+from .errors import CheckpointError, DatasetError, DiffMixError, LabelError
+from .progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_RE = re.compile(r"^step-(\d{7,})\.pt$")
+CHECKPOINT_FORMAT = "napari-diffmix-train/1"
+
+
+class TrainingError(DiffMixError, RuntimeError):
+    """Training cannot go on: NaN loss, out of memory, ranks out of step, bad settings."""
+
+
+# ----------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stretch of training with one learning rate and one condition-dropout rate."""
+
+    steps: int
+    lr: float
+    cond_dropout: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run. ``TrainConfig.preset(name)`` gives the
+    published DiffMix recipes and a small CPU demo; fields can be overridden after."""
+
+    out_dir: str = "runs/diffmix"
+    model: str | dict = "demo"  # UNetConfig preset name or a UNetConfig dict
+    stages: tuple[Stage, ...] = (Stage(3000, 2e-4, 0.1),)
+    crop_size: int = 64
+    batch_size: int = 12
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    ema_rate: float = 0.9999
+    # rate_k = min(rate, (1 + k) / (10 + k)): without it a 0.9999 EMA still remembers the
+    # random init after 10 k steps (0.9999 ** 1e4 = 0.37).
+    ema_warmup: bool = True
+    num_timesteps: int = 1000
+    noise_schedule: str = "linear"
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    grad_checkpointing: bool = False
+    grad_clip: float = 0.0  # max global grad norm; 0 = off (the published recipe does not clip)
+    augment: bool = True  # the 8 flip/rotation symmetries
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    num_threads: int | None = None
+    save_every: int = 500
+    keep_last: int = 3
+    log_every: int = 50
+    sample_every: int = 1000  # 0 = never
+    num_val_samples: int = 4
+    sample_sampler: str = "ddim"
+    sample_steps: int = 25
+    guidance: float = 1.5  # default CFG scale stored with the exported model
+    init: str | None = None  # fine-tune from this checkpoint (native or official .pt)
+    preset: str | None = None
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages)
+
+    @classmethod
+    def preset_names(cls) -> tuple[str, ...]:
+        return tuple(PRESETS)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "TrainConfig":
+        if name not in PRESETS:
+            raise TrainingError(f"unknown training preset {name!r}; choose one of {', '.join(PRESETS)}")
+        cfg = dataclasses.replace(PRESETS[name], preset=name)
+        return dataclasses.replace(cfg, **overrides) if overrides else cfg
+
+    def validate(self) -> None:
+        if not self.stages:
+            raise TrainingError("no training stages: give at least one Stage(steps, lr, cond_dropout)")
+        for s in self.stages:
+            if s.steps < 0 or not s.lr > 0 or not 0.0 <= s.cond_dropout < 1.0:
+                raise TrainingError(f"bad stage {s}: need steps >= 0, lr > 0 and 0 <= cond_dropout < 1")
+        checks = [
+            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
+            (self.crop_size >= 8, f"crop size must be >= 8 px, got {self.crop_size}"),
+            (0.0 <= self.ema_rate < 1.0, f"EMA rate must be in [0, 1), got {self.ema_rate}"),
+            (self.precision in ("auto", "fp32", "bf16", "fp16"), f"precision {self.precision!r} is not auto|fp32|bf16|fp16"),
+            (self.grad_clip >= 0, f"gradient clip must be >= 0 (0 = off), got {self.grad_clip}"),
+            (self.save_every >= 0 and self.log_every >= 1 and self.sample_every >= 0, "save/log/sample intervals must be >= 0 (log >= 1)"),
+            (self.keep_last >= 1, f"keep at least one checkpoint, got keep_last={self.keep_last}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise TrainingError(msg)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["stages"] = [dataclasses.asdict(s) for s in self.stages]
+        d["adam_betas"] = list(self.adam_betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise TrainingError(f"unknown training config field(s): {sorted(unknown)}")
+        d = dict(data)
+        if "stages" in d:
+            d["stages"] = tuple(Stage(int(s["steps"]), float(s["lr"]), float(s.get("cond_dropout", 0.0))) for s in d["stages"])
+        if "adam_betas" in d:
+            d["adam_betas"] = tuple(float(b) for b in d["adam_betas"])
+        return cls(**d)
+
+
+def _published(model: str) -> TrainConfig:
+    # The public DiffMix scripts train 5,900 steps at lr 1e-4, then resume from model005900
+    # for the classifier-free fine-tune (lr 2e-5, drop 0.2) and sample from ema_0.9999_010000.
+    return TrainConfig(
+        model=model,
+        stages=(Stage(5900, 1e-4, 0.0), Stage(4100, 2e-5, 0.2)),
+        crop_size=256,
+        batch_size=16,
+        ema_rate=0.9999,
+        ema_warmup=False,
+        precision="auto",
+        grad_checkpointing=True,
+        save_every=500,
+        sample_every=1000,
+        sample_steps=50,
+        guidance=1.5,
+    )
+
+
+PRESETS: dict[str, TrainConfig] = {
+    "diffmix-consep": _published("diffmix-consep"),
+    "diffmix-glysac": _published("diffmix-glysac"),
+    # A 3.5 M-parameter model that learns the demo tile on 2 CPU cores in hours. It needs
+    # guidance ~3 (1.5 is muddy at this size), hence dropout from the start.
+    "demo": TrainConfig(
+        model="demo",
+        stages=(Stage(8000, 2e-4, 0.15),),
+        crop_size=64,
+        batch_size=12,
+        ema_rate=0.999,
+        ema_warmup=True,
+        precision="fp32",
+        grad_clip=1.0,
+        save_every=250,
+        keep_last=3,
+        log_every=50,
+        sample_every=1000,
+        num_val_samples=6,
+        sample_steps=25,
+        guidance=3.0,
+    ),
+    # For tests and smoke runs.
+    "tiny": TrainConfig(
+        model="tiny",
+        stages=(Stage(200, 1e-3, 0.1),),
+        crop_size=32,
+        batch_size=4,
+        ema_rate=0.99,
+        precision="fp32",
+        grad_clip=1.0,
+        save_every=100,
+        log_every=10,
+        sample_every=0,
+        sample_steps=10,
+        guidance=2.0,
+    ),
+}
+
+
+def stage_at(stages: Sequence[Stage], step: int) -> tuple[int, Stage]:
+    """The stage (index, Stage) that training step ``step`` (0-based) belongs to."""
+    end = 0
+    for i, s in enumerate(stages):
+        end += s.steps
+        if step < end:
+            return i, s
+    return len(stages) - 1, stages[-1]
+
+
+def ema_rate_at(rate: float, step: int, warmup: bool) -> float:
+    """EMA decay used after optimizer step ``step`` (0-based)."""
+    return min(rate, (1.0 + step) / (10.0 + step)) if warmup else rate
+
+
+@torch.no_grad()
+def update_ema(ema_model: torch.nn.Module, model: torch.nn.Module, rate: float) -> None:
+    """ema <- rate * ema + (1 - rate) * model for parameters; buffers are copied."""
+    ema_p = [p for p in ema_model.parameters()]
+    src_p = [p.detach() for p in model.parameters()]
+    if rate == 0.0:
+        torch._foreach_copy_(ema_p, src_p)
+    else:
+        torch._foreach_lerp_(ema_p, [p.to(e.dtype) for p, e in zip(src_p, ema_p)], 1.0 - rate)
+    for eb, b in zip(ema_model.buffers(), model.buffers()):
+        eb.copy_(b)
+
+
+# ----------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class Source:
+    """One training tile: an RGB image paired with its label maps."""
+
+    name: str
+    image: np.ndarray
+    inst_map: np.ndarray
+    type_map: np.ndarray
+
+
+def collect_sources(data: Any, scheme: ClassScheme, crop_size: int | None = None) -> list[Source]:
+    """Normalise training data into checked :class:`Source` tiles.
+
+    ``data`` is a dataset (a sequence of tiles), a tile, an ``(image, inst_map, type_map)``
+    tuple, or a list mixing these (extra balancing/enlarging label maps paired with their
+    original image are just more tuples). Raises :class:`DatasetError`, :class:`LabelError`
+    or :class:`SchemeError` naming the offending tile.
+    """
+    items: list[tuple[str, Any]] = []
+
+    def add(obj: Any, name: str) -> None:
+        if isinstance(obj, tuple) and len(obj) == 3 and all(isinstance(a, np.ndarray) or a is None for a in obj):
+            items.append((name, obj))
+        elif hasattr(obj, "inst_map") and hasattr(obj, "image"):
+            items.append((str(getattr(obj, "name", name)), (obj.image, obj.inst_map, obj.type_map)))
+        elif isinstance(obj, (Sequence, Iterable)) and not isinstance(obj, (str, bytes, np.ndarray)):
+            for i, sub in enumerate(obj):
+                add(sub, f"{name}[{i}]")
+        else:
+            raise DatasetError(f"training data item {name} is a {type(obj).__name__}; expected a dataset, tile or (image, inst_map, type_map)")
+
+    add(data, "data")
+    if not items:
+        raise DatasetError("the training data is empty: no tiles to train on")
+    sources = []
+    for name, (image, inst_map, type_map) in items:
+        if image is None:
+            raise DatasetError(f"tile {name!r} has no image; training needs H&E images paired with label maps")
+        if inst_map is None or type_map is None:
+            raise DatasetError(f"tile {name!r} has an image but no label maps (inst_map and type_map); training needs both")
+        image, inst_map, type_map = np.asarray(image), np.asarray(inst_map), np.asarray(type_map)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise DatasetError(f"tile {name!r}: image must be uint8 RGB (H, W, 3), got {image.dtype} {image.shape}")
+        if inst_map.shape != image.shape[:2] or type_map.shape != image.shape[:2]:
+            raise LabelError(
+                f"tile {name!r}: label maps {inst_map.shape}/{type_map.shape} do not match the image size {image.shape[:2]}"
+            )
+        if not np.issubdtype(inst_map.dtype, np.integer) or not np.issubdtype(type_map.dtype, np.integer):
+            raise LabelError(f"tile {name!r}: inst_map and type_map must be integer arrays, got {inst_map.dtype}/{type_map.dtype}")
+        scheme.check_classes(type_map, source=name)
+        if inst_map.min(initial=0) < 0:
+            raise LabelError(f"tile {name!r}: inst_map has negative ids; 0 is background and nuclei are 1..N")
+        if crop_size is not None and min(image.shape[:2]) < crop_size:
+            raise DatasetError(
+                f"tile {name!r} is {image.shape[1]}x{image.shape[0]} px, smaller than the {crop_size} px training crop; "
+                "pass a smaller --crop-size or leave the tile out"
+            )
+        sources.append(Source(name, image, inst_map.astype(np.int32, copy=False), type_map.astype(np.uint8, copy=False)))
+    return sources
+
+
+def dihedral(a: np.ndarray, k: int) -> np.ndarray:
+    """The k-th of the 8 flip/rotation symmetries of the leading two axes (k in 0..7)."""
+    a = np.rot90(a, k % 4, axes=(0, 1))
+    return a[:, ::-1] if k >= 4 else a
+
+
+class CropStream:
+    """Endless random crops, one independent seeded stream per rank.
+
+    Tiles are drawn in proportion to their number of crop positions (every pixel equally
+    likely), like a DistributedSampler over all crops, but with a generator whose state goes
+    into the checkpoint so a resumed run draws exactly the crops it would have drawn.
+    """
+
+    def __init__(self, sources: Sequence[Source], crop_size: int, batch_size: int, *, seed: int, rank: int = 0, augment: bool = True):
+        self.sources = list(sources)
+        self.crop = crop_size
+        self.batch = batch_size
+        self.augment = augment
+        self.rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, rank, 0])))
+        positions = np.array([(s.image.shape[0] - crop_size + 1) * (s.image.shape[1] - crop_size + 1) for s in sources], float)
+        self.p = positions / positions.sum()
+
+    def next(self, cond_dropout: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(images (B,s,s,3) uint8, inst_maps (B,s,s), type_maps (B,s,s), keep (B,) bool)."""
+        s, rng = self.crop, self.rng
+        tiles = rng.choice(len(self.sources), size=self.batch, p=self.p)
+        images, insts, types = [], [], []
+        for ti in tiles:
+            src = self.sources[ti]
+            y = int(rng.integers(0, src.image.shape[0] - s + 1))
+            x = int(rng.integers(0, src.image.shape[1] - s + 1))
+            k = int(rng.integers(0, 8)) if self.augment else 0
+            images.append(dihedral(src.image[y : y + s, x : x + s], k))
+            insts.append(dihedral(src.inst_map[y : y + s, x : x + s], k))
+            types.append(dihedral(src.type_map[y : y + s, x : x + s], k))
+        # Drawn even when the rate is 0 so the stream does not depend on the stage schedule.
+        keep = rng.random(self.batch) >= cond_dropout
+        return np.stack(images), np.stack(insts), np.stack(types), keep
+
+    def state(self) -> dict[str, Any]:
+        return self.rng.bit_generator.state
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        self.rng.bit_generator.state = dict(state)
+
+
+def to_model_space(images: np.ndarray) -> torch.Tensor:
+    """uint8 (B,H,W,3) -> float32 NCHW in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+
+
+def validation_crops(sources: Sequence[Source], crop_size: int, count: int, seed: int) -> list[Source]:
+    """Fixed crops (same for every call with the same seed) for the sample grids.
+
+    Crops with the most nuclei among a few random candidates per pick, so the grid shows
+    tissue rather than empty background.
+    """
+    rng = np.random.default_rng([seed, 7919])
+    out = []
+    for i in range(count):
+        best = None
+        for _ in range(8):
+            src = sources[int(rng.integers(len(sources)))]
+            y = int(rng.integers(0, src.image.shape[0] - crop_size + 1))
+            x = int(rng.integers(0, src.image.shape[1] - crop_size + 1))
+            inst = src.inst_map[y : y + crop_size, x : x + crop_size]
+            score = len(np.unique(inst)) + 0.5 * len(np.unique(src.type_map[y : y + crop_size, x : x + crop_size]))
+            if best is None or score > best[0]:
+                best = (score, src, y, x)
+        _, src, y, x = best
+        sl = (slice(y, y + crop_size), slice(x, x + crop_size))
+        out.append(Source(f"{src.name}@{y},{x}", src.image[sl], src.inst_map[sl], src.type_map[sl]))
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# environment: device, precision, distributed
+
+
+def resolve_device(spec: str | torch.device = "auto", local_rank: int = 0) -> torch.device:
+    spec = str(spec)
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise TrainingError(f"device {spec!r} is not one of auto, cpu, cuda, cuda:N, mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainingError("--device cuda was asked for but PyTorch sees no CUDA GPU (torch.cuda.is_available() is False)")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise TrainingError("--device mps was asked for but the MPS backend is not available")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owns_group: bool = False  # we called init_process_group, so we tear it down
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_spec: str) -> tuple[DistInfo, torch.device]:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1 in the environment).
+
+    NCCL on GPUs, gloo on CPU. Each rank uses GPU ``LOCAL_RANK``.
+    """
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo(), resolve_device(device_spec)
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_spec, local_rank)
+    if device.type == "mps":
+        raise TrainingError("multi-process training is not supported on MPS; use one process or CUDA/CPU")
+    owns = False
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        owns = True
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, owns), device
+
+
+def _all_reduce_max(flags: list[float], info: DistInfo, device: torch.device) -> list[float]:
+    if not info.enabled:
+        return flags
+    import torch.distributed as dist
+
+    t = torch.tensor(flags, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def _pooled_means(acc: Mapping[str, list[float]], keys: Sequence[str], info: DistInfo, device: torch.device) -> dict[str, float]:
+    """Means of the accumulated values over all ranks (sum and count reduced, so ranks that
+    saw no value for a key, e.g. no timestep in a quartile, do not skew the mean)."""
+    sums = [float(np.sum(acc.get(k, []))) for k in keys] + [float(len(acc.get(k, []))) for k in keys]
+    if info.enabled:
+        import torch.distributed as dist
+
+        t = torch.tensor(sums, dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        sums = t.tolist()
+    n = len(keys)
+    return {k: sums[i] / sums[n + i] for i, k in enumerate(keys) if sums[n + i] > 0}
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of the model's parameters and buffers (exact bytes, in state-dict order)."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _check_ranks_in_sync(model: torch.nn.Module, info: DistInfo, device: torch.device, step: int) -> None:
+    # DDP keeps replicas identical only if every rank does the same updates; a cheap exact
+    # checksum at each checkpoint catches silent divergence before it is saved as "the" model.
+    if not info.enabled:
+        return
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        sums = torch.stack([p.detach().double().sum() for p in model.parameters()]).to(device)
+    gathered = [torch.empty_like(sums) for _ in range(info.world_size)]
+    dist.all_gather(gathered, sums)
+    if any(not torch.equal(gathered[0], g) for g in gathered[1:]):
+        raise TrainingError(f"the {info.world_size} training processes hold different weights at step {step}; stopping")
+
+
+# ----------------------------------------------------------------------------------------
+# RNG state: everything random in a step draws from state saved in the checkpoint
+
+
+def _seed_int(*keys: int) -> int:
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> 1)
+
+
+def capture_rng(stream: CropStream, noise_gen: torch.Generator) -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+        "stream": json.dumps(stream.state()),
+        "noise": noise_gen.get_state(),
+        "noise_device": str(noise_gen.device),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        state["mps"] = torch.mps.get_rng_state()
+    return state
+
+
+def restore_rng(state: Mapping[str, Any], stream: CropStream, noise_gen: torch.Generator) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    stream.set_state(json.loads(state["stream"]))
+    noise_gen.set_state(state["noise"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "mps" in state and getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(state["mps"])
+
+
+# ----------------------------------------------------------------------------------------
+# checkpoints
+
+
+def checkpoint_path(out_dir: str | os.PathLike, step: int) -> Path:
+    return Path(out_dir) / CHECKPOINT_DIR / f"step-{step:07d}.pt"
+
+
+def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
+    """Checkpoints of a run, oldest first (temporary files of interrupted saves excluded)."""
+    folder = Path(out_dir) / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a training checkpoint (safe unpickling: tensors and plain containers only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: training checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated/corrupt file or not a torch file: say so, no deep traceback
+        raise CheckpointError(f"{path}: cannot read training checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a napari-diffmix training checkpoint (for a model to fine-tune from, use --init)")
+    return ckpt
+
+
+def find_resume_checkpoint(resume: str | os.PathLike, out_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint ``--resume`` means: a file, a run folder's newest loadable one, or for
+    ``"auto"`` the newest in ``out_dir`` (None when the run has none yet)."""
+    target = Path(out_dir) if str(resume) == "auto" else Path(resume)
+    if target.is_file():
+        return target
+    if not target.exists() and str(resume) != "auto":
+        raise CheckpointError(f"{target}: nothing to resume from (no such file or run folder)")
+    candidates = list_checkpoints(target)
+    if not candidates and str(resume) != "auto":
+        raise CheckpointError(f"{target}: the run folder has no checkpoints in {CHECKPOINT_DIR}/")
+    for path in reversed(candidates):
+        try:
+            load_checkpoint(path)
+        except CheckpointError as exc:
+            log.warning("skipping unreadable checkpoint: %s", exc)
+            continue
+        return path
+    if candidates:
+        raise CheckpointError(f"{target}: none of its {len(candidates)} checkpoints can be read")
+    return None
+
+
+def _prune_checkpoints(out_dir: Path, keep_last: int) -> None:
+    for old in list_checkpoints(out_dir)[:-keep_last]:
+        with contextlib.suppress(FileNotFoundError):
+            old.unlink()
+
+
+def _remove_stale_temporaries(out_dir: Path) -> None:
+    # A process killed mid-save leaves its temporary file (never under a trusted name).
+    folder = out_dir / CHECKPOINT_DIR
+    if folder.is_dir():
+        for p in folder.glob(".step-*.tmp*"):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+
+# ----------------------------------------------------------------------------------------
+# results, logging
+
+
+@dataclass
+class TrainResult:
+    step: int
+    total_steps: int
+    interrupted: bool
+    out_dir: Path
+    checkpoint: Path | None
+    model_path: Path | None
+    last_loss: float | None
+    elapsed_s: float
+    steps_per_s: float
+    history: list[dict[str, float]] = field(default_factory=list)
+    model: torch.nn.Module | None = field(default=None, repr=False)  # raw weights
+    ema_model: torch.nn.Module | None = field(default=None, repr=False)  # what gets exported
+
+
+LOG_FIELDS = (
+    "step", "samples", "loss", "mse", "vb", "mse_q0", "mse_q1", "mse_q2", "mse_q3",
+    "lr", "cond_dropout", "ema_rate", "grad_norm", "loss_scale", "steps_per_s", "elapsed_s",
+)
+
+
+class _CsvLog:
+    """Append-only CSV of loss curves; on resume, rows after the resumed step are dropped so
+    the file always describes the weights that exist."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        rows = []
+        if resume_step > 0 and path.is_file():
+            with open(path, newline="") as fh:
+                rows = [r for r in csv.DictReader(fh) if r.get("step") and int(float(r["step"])) <= resume_step]
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, LOG_FIELDS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # needs the optional tensorboard package
+        except ImportError:
+            pass
+        else:
+            self.tb = SummaryWriter(str(path.parent / "tensorboard"), purge_step=resume_step + 1)
+
+    def write(self, row: Mapping[str, float]) -> None:
+        with open(self.path, "a", newline="") as fh:
+            csv.DictWriter(fh, LOG_FIELDS, extrasaction="ignore").writerow({k: row.get(k, "") for k in LOG_FIELDS})
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step":
+                    self.tb.add_scalar(f"train/{k}", v, int(row["step"]))
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+class _StopRequests:
+    """Ctrl-C / SIGTERM finish the current step, save and return; a second Ctrl-C aborts.
+
+    Handlers are installed only from the main thread (a napari worker thread passes
+    ``should_stop`` instead).
+    """
+
+    def __init__(self, should_stop: Callable[[], bool] | None):
+        self.should_stop = should_stop
+        self.requested: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        log.warning("%s received: finishing this step and saving a checkpoint (Ctrl-C again aborts without saving)", self.requested)
+
+    def poll(self) -> bool:
+        if self.requested is None and self.should_stop is not None and self.should_stop():
+            self.requested = "stop request"
+        return self.requested is not None
+
+
+# ----------------------------------------------------------------------------------------
+# model construction, export, sampling
+
+
+def build_model(config: TrainConfig, scheme: ClassScheme) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A fresh SDMUNet from the config's model preset (or dict), or the ``init`` checkpoint.
+
+    Returns the model and its UNetConfig dict.
+    """
+    from .model.unet import SDMUNet, UNetConfig
+
+    if config.init:
+        from .model.checkpoint import load_model
+
+        if Path(config.init).suffix == ".safetensors":
+            model, _ = load_model(config.init)
+        elif isinstance(config.model, str):
+            model, _ = load_model(config.init, preset=config.model)
+        else:
+            model, _ = load_model(config.init, config=UNetConfig.from_dict(dict(config.model)), scheme=scheme)
+        want = scheme.condition_channels
+        have = model.config.cond_channels
+        model.config = model.config.replace(use_checkpoint=False)
+        if have != want:
+            raise CheckpointError(
+                f"{config.init}: the model was trained for {have - 2} classes (condition channels {have}) but the "
+                f"training data uses scheme {scheme.name!r} with {scheme.num_classes} classes"
+            )
+    else:
+        if isinstance(config.model, str):
+            ucfg = UNetConfig.preset(config.model)
+        else:
+            ucfg = UNetConfig.from_dict(dict(config.model))
+        ucfg = ucfg.replace(cond_channels=scheme.condition_channels, use_checkpoint=False)
+        model = SDMUNet(ucfg)
+    # Checkpointing is a training-time memory trade, not part of the architecture: keep it out
+    # of the config that is saved and exported.
+    model.set_gradient_checkpointing(config.grad_checkpointing)
+    if config.crop_size % model.config.size_multiple:
+        raise TrainingError(
+            f"crop size {config.crop_size} px is not a multiple of {model.config.size_multiple}, which this model needs "
+            f"({len(model.config.channel_mult) - 1} downsamplings)"
+        )
+    return model, model.config.to_dict()
+
+
+def build_diffusion(config: TrainConfig, learn_sigma: bool):
+    from .model.diffusion import DiffusionConfig, GaussianDiffusion
+
+    return GaussianDiffusion(
+        DiffusionConfig(num_timesteps=config.num_timesteps, schedule=config.noise_schedule, learn_sigma=learn_sigma)
+    )
+
+
+def export_model(ema_model: torch.nn.Module, path: str | os.PathLike, scheme: ClassScheme, config: TrainConfig, *, step: int, extra: Mapping[str, Any] | None = None) -> Path:
+    """Write the EMA weights as a native model (one ``.safetensors`` with config and scheme)."""
+    from .model.checkpoint import save_model
+
+    model = getattr(ema_model, "module", ema_model)
+    provenance = {
+        "training": {"step": step, "preset": config.preset, "crop_size": config.crop_size,
+                     "batch_size": config.batch_size, "stages": [dataclasses.asdict(s) for s in config.stages],
+                     "ema_rate": config.ema_rate, "ema_warmup": config.ema_warmup, "seed": config.seed},
+    }
+    provenance.update(extra or {})
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path / "model.safetensors" if path.is_dir() or not path.suffix else path.with_suffix(".safetensors")
+    diffusion = build_diffusion(config, model.config.learn_sigma).config
+    save_model(model, path, scheme=scheme, diffusion=diffusion, default_guidance=config.guidance, extra=provenance)
+    return path
+
+
+def render_samples(model: torch.nn.Module, crops: Sequence[Source], scheme: ClassScheme, config: TrainConfig, device: torch.device) -> np.ndarray:
+    """uint8 (N, s, s, 3) images rendered by ``model`` for the crops' label maps (fixed seed)."""
+    from .model.condition import condition_batch
+    from .model.samplers import sample, to_uint8
+
+    cond = condition_batch(np.stack([c.inst_map for c in crops]), np.stack([c.type_map for c in crops]), scheme.num_classes).to(device)
+    last = None
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for last in sample(model, cond, sampler=config.sample_sampler, steps=config.sample_steps, guidance=config.guidance,
+                           seed=config.seed, diffusion=_diffusion_settings(config)):
+            pass
+    return to_uint8(last.x_t)
+
+
+def _diffusion_settings(config: TrainConfig) -> dict[str, Any]:
+    return {"num_timesteps": config.num_timesteps, "schedule": config.noise_schedule}
+
+
+def label_preview(inst_map: np.ndarray, type_map: np.ndarray, scheme: ClassScheme) -> np.ndarray:
+    """RGB view of a label map: class colours, instance edges darkened."""
+    from .nuclei import instance_edges
+
+    rgb = scheme.palette()[type_map].copy()
+    rgb[instance_edges(inst_map) & (inst_map > 0)] //= 3
+    return rgb
+
+
+def sample_grid(crops: Sequence[Source], samples: np.ndarray, scheme: ClassScheme, gap: int = 2) -> np.ndarray:
+    """Rows: label map, model sample, real image; one column per crop."""
+    rows = [
+        [label_preview(c.inst_map, c.type_map, scheme) for c in crops],
+        list(samples),
+        [c.image for c in crops],
+    ]
+    s = samples.shape[1]
+    n = len(crops)
+    grid = np.full((3 * s + 2 * gap, n * s + (n - 1) * gap, 3), 255, np.uint8)
+    for r, row in enumerate(rows):
+        for c, img in enumerate(row):
+            grid[r * (s + gap) : r * (s + gap) + s, c * (s + gap) : c * (s + gap) + s] = img
+    return grid
+
+
+def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
+    from PIL import Image
+
+    with atomic_path(path, suffix=".png") as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
+
+
+# ----------------------------------------------------------------------------------------
+# the loop
+
+
+def train(
+    config: TrainConfig,
+    dataset: Any,
+    *,
+    scheme: ClassScheme | str | None = None,
+    val: Any = None,
+    resume: str | os.PathLike | None = None,
+    pbar: Any = None,
+    should_stop: Callable[[], bool] | None = None,
+    max_steps: int | None = None,
+) -> TrainResult:
+    """Train (or fine-tune, or resume) a label-conditioned diffusion model.
+
+    ``dataset``: a dataset, tiles, ``(image, inst_map, type_map)`` tuples or a list of them.
+    ``scheme`` defaults to ``dataset.scheme``. ``val``: label maps (with images) for the
+    sample grids; defaults to fixed crops of the training data. ``resume``: a checkpoint,
+    a run folder, or ``"auto"`` (newest checkpoint in ``config.out_dir``, if any).
+    ``should_stop``: polled every step (GUI cancel); Ctrl-C/SIGTERM do the same from the
+    main thread. ``max_steps``: stop (with a checkpoint) after this many steps in this call.
+    """
+    config.validate()
+    if scheme is None:
+        scheme = getattr(dataset, "scheme", None)
+        if scheme is None:
+            raise DatasetError("the training data carries no class scheme; pass scheme=")
+    scheme = load_scheme(scheme)
+    sources = collect_sources(dataset, scheme, config.crop_size)
+    val_crops = validation_crops(
+        collect_sources(val, scheme, config.crop_size) if val is not None else sources,
+        config.crop_size, config.num_val_samples, config.seed,
+    )
+
+    info, device = setup_distributed(config.device)
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    out_dir = Path(config.out_dir)
+    try:
+        return _run(config, scheme, sources, val_crops, info, device, out_dir, resume, pbar, should_stop, max_steps)
+    finally:
+        if info.owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _run(config, scheme, sources, val_crops, info, device, out_dir, resume, pbar, should_stop, max_steps) -> TrainResult:
+    from .model.condition import condition_batch
+
+    torch.manual_seed(config.seed)  # same init on every rank (DDP also broadcasts rank 0's)
+    model, model_cfg = build_model(config, scheme)
+    model.to(device).train()
+    diffusion = build_diffusion(config, bool(model_cfg.get("learn_sigma", True)))
+    ema_model = copy.deepcopy(model).requires_grad_(False).eval()
+    autocast_dtype = resolve_precision(config.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.stages[0].lr, weight_decay=config.weight_decay, betas=tuple(config.adam_betas))
+    stream = CropStream(sources, config.crop_size, config.batch_size, seed=config.seed, rank=info.rank, augment=config.augment)
+    noise_gen = torch.Generator(device=device)
+    noise_gen.manual_seed(_seed_int(config.seed, info.rank, 1))
+
+    step = 0
+    ckpt_in = find_resume_checkpoint(resume, out_dir) if resume is not None else None
+    if ckpt_in is not None:
+        step = _load_training_state(ckpt_in, config, model_cfg, scheme, model, ema_model, opt, scaler, stream, noise_gen, info, device)
+        if info.is_main:
+            log.info("resumed from %s at step %d", ckpt_in, step)
+    elif list_checkpoints(out_dir):
+        raise TrainingError(f"{out_dir} already holds checkpoints of a run; pass --resume to continue it or pick another --out")
+
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(out_dir)
+        write_json(out_dir / "config.json", {**config.to_dict(), "scheme": scheme.to_dict(), "model_config": model_cfg})
+        csv_log = _CsvLog(out_dir / "log.csv", step)
+    net = model
+    if info.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    total = config.total_steps
+    stop_at = total if max_steps is None else min(total, step + max_steps)
+    n_params = sum(p.numel() for p in model.parameters())
+    if info.is_main:
+        log.info(
+            "training %.1f M parameters on %s (%s%s), %d tiles, crops %d px, batch %d x %d, steps %d -> %d",
+            n_params / 1e6, device, "fp32" if autocast_dtype is None else str(autocast_dtype).replace("torch.", ""),
+            f", {info.world_size} processes" if info.enabled else "", len(sources), config.crop_size,
+            config.batch_size, info.world_size, step, total,
+        )
+    acc: dict[str, list[float]] = {}
+    history: list[dict[str, float]] = []
+    last_loss = None
+    last_ckpt = ckpt_in
+    t_start = time.perf_counter()
+    t_log, step_log = t_start, step
+    start_step = step
+    stopped = False
+
+    with _StopRequests(should_stop) as stop, progress_bar(pbar if info.is_main else _NullBar(), total, "train", unit="step") as bar:
+        _set_bar_start(bar, step)
+        while step < stop_at:
+            _, stage = stage_at(config.stages, step)
+            for g in opt.param_groups:
+                g["lr"] = stage.lr
+            images, insts, types, keep = stream.next(stage.cond_dropout)
+            x0 = to_model_space(images).to(device)
+            cond = condition_batch(insts, types, scheme.num_classes)
+            cond = (cond * torch.from_numpy(keep.astype(np.float32)).view(-1, 1, 1, 1)).to(device)
+            t = torch.randint(0, config.num_timesteps, (x0.shape[0],), generator=noise_gen, device=device)
+            noise = torch.randn(x0.shape, generator=noise_gen, device=device)
+            try:
+                with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                    losses = diffusion.training_losses(net, x0, t, cond, noise=noise)
+                loss = losses["loss"].float().mean()
+                loss_value = float(loss.detach())
+                bad, stop_flag = _all_reduce_max([0.0 if math.isfinite(loss_value) else 1.0, float(stop.poll())], info, device)
+                if bad:
+                    raise TrainingError(
+                        f"the loss became {loss_value} at step {step + 1} (stage lr {stage.lr:g}); training stopped. "
+                        + (f"The last good checkpoint is {last_ckpt}. " if last_ckpt else "No checkpoint was written yet. ")
+                        + "Try a lower learning rate, --grad-clip 1, or --precision fp32/bf16 instead of fp16."
+                    )
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+                params = [p for p in model.parameters() if p.grad is not None]
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
+                scaler.step(opt)
+                scaler.update()
+            except torch.OutOfMemoryError:
+                raise TrainingError(
+                    f"out of memory on {device} at batch size {config.batch_size} with {config.crop_size} px crops; "
+                    "try a smaller --batch-size, --grad-checkpointing, --precision bf16/fp16 or a smaller --crop-size"
+                ) from None
+            update_ema(ema_model, model, ema_rate_at(config.ema_rate, step, config.ema_warmup))
+            step += 1
+            last_loss = loss_value
+            _accumulate(acc, losses, t, config.num_timesteps, float(grad_norm), scaler)
+            bar.update(1)
+
+            if step % config.log_every == 0 or step == stop_at:
+                row = _log_row(acc, info, device, step, config, stage, t_start, t_log, step_log, scaler)
+                acc, t_log, step_log = {}, time.perf_counter(), step
+                history.append(row)
+                if info.is_main:
+                    csv_log.write(row)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
+                    log.info("step %d/%d  loss %.4f  mse %.4f  vb %.4f  lr %.2g  %.2f steps/s",
+                             step, total, row["loss"], row["mse"], row["vb"], row["lr"], row["steps_per_s"])
+            stopped = bool(stop_flag)
+            if (config.save_every and step % config.save_every == 0) or step == stop_at or stopped:
+                last_ckpt = _save_training_state(out_dir, step, config, model_cfg, scheme, model, ema_model, opt, scaler, stream, noise_gen, info, device)
+            if info.is_main and config.sample_every and (step % config.sample_every == 0 or step == total):
+                grid = sample_grid(val_crops, render_samples(ema_model, val_crops, scheme, config, device), scheme)
+                write_png(out_dir / "samples" / f"step-{step:07d}.png", grid)
+            if stopped:
+                if info.is_main:
+                    log.warning("stopped at step %d (%s); resume with --resume", step, stop.requested or "another process")
+                break
+
+    model_path = None
+    if info.is_main:
+        csv_log.close()
+        if step >= total and not stopped:
+            model_path = export_model(ema_model, out_dir / "model.safetensors", scheme, config, step=step)
+            log.info("exported the EMA model to %s", model_path)
+    if info.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()
+    elapsed = time.perf_counter() - t_start
+    return TrainResult(
+        step=step, total_steps=total, interrupted=step < total, out_dir=out_dir, checkpoint=last_ckpt,
+        model_path=model_path, last_loss=last_loss, elapsed_s=elapsed,
+        steps_per_s=(step - start_step) / elapsed if elapsed > 0 else 0.0, history=history,
+        model=model, ema_model=ema_model,
+    )
+
+
+class _NullBar:
+    total = None
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_description(self, desc: str) -> None:
+        pass
+
+    def set_postfix(self, *a: Any, **k: Any) -> None:
+        pass
+
+
+def _set_bar_start(bar: Any, step: int) -> None:
+    # A resumed run starts part-way: start the bar there without counting those steps into
+    # its rate (tqdm's ``initial``), else the ETA is nonsense for a while.
+    if step <= 0:
+        return
+    if all(hasattr(bar, a) for a in ("n", "last_print_n", "initial")):
+        bar.n = bar.last_print_n = bar.initial = step
+        with contextlib.suppress(Exception):
+            bar.refresh()
+    else:
+        bar.update(step)
+
+
+def _accumulate(acc: dict[str, list[float]], losses: Mapping[str, torch.Tensor], t: torch.Tensor, num_timesteps: int, grad_norm: float, scaler) -> None:
+    q = (t * 4 // num_timesteps).cpu().numpy()
+    for key in ("loss", "mse", "vb"):
+        if key in losses:
+            acc.setdefault(key, []).append(float(losses[key].detach().float().mean()))
+    mse = losses["mse"].detach().float().cpu().numpy()
+    for k in range(4):
+        if np.any(q == k):
+            acc.setdefault(f"mse_q{k}", []).extend(mse[q == k].tolist())
+    acc.setdefault("grad_norm", []).append(grad_norm)
+
+
+def _log_row(acc, info, device, step, config, stage, t_start, t_log, step_log, scaler) -> dict[str, float]:
+    now = time.perf_counter()
+    row = {"step": step, "samples": step * config.batch_size * info.world_size}
+    row.update(_pooled_means(acc, ("loss", "mse", "vb", "mse_q0", "mse_q1", "mse_q2", "mse_q3", "grad_norm"), info, device))
+    row.update(
+        lr=stage.lr, cond_dropout=stage.cond_dropout, ema_rate=ema_rate_at(config.ema_rate, step - 1, config.ema_warmup),
+        loss_scale=float(scaler.get_scale()) if scaler.is_enabled() else 1.0,
+        steps_per_s=(step - step_log) / max(now - t_log, 1e-9), elapsed_s=now - t_start,
+    )
+    return row
+
+
+def _save_training_state(out_dir, step, config, model_cfg, scheme, model, ema_model, opt, scaler, stream, noise_gen, info, device) -> Path:
+    _check_ranks_in_sync(model, info, device, step)
+    rng = capture_rng(stream, noise_gen)
+    if info.enabled:
+        import torch.distributed as dist
+
+        rng_all: list[Any] = [None] * info.world_size
+        dist.all_gather_object(rng_all, rng)
+    else:
+        rng_all = [rng]
+    path = checkpoint_path(out_dir, step)
+    if info.is_main:
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "step": step,
+            "config": json.dumps(config.to_dict()),
+            "model_config": json.dumps(model_cfg),
+            "scheme": json.dumps(scheme.to_dict()),
+            "world_size": info.world_size,
+            "model": model.state_dict(),
+            "ema": ema_model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": rng_all,
+        }
+        try:
+            with atomic_path(path) as tmp:
+                torch.save(state, tmp)
+        except OSError as exc:
+            previous = list_checkpoints(out_dir)
+            raise TrainingError(
+                f"cannot write checkpoint {path} ({exc}); "
+                + (f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists")
+            ) from None
+        _prune_checkpoints(out_dir, config.keep_last)
+    if info.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return path
+
+
+def _load_training_state(path, config, model_cfg, scheme, model, ema_model, opt, scaler, stream, noise_gen, info, device) -> int:
+    ckpt = load_checkpoint(path, map_location="cpu")
+    saved_model_cfg = json.loads(ckpt["model_config"])
+    if {k: v for k, v in saved_model_cfg.items() if k != "use_checkpoint"} != {k: v for k, v in model_cfg.items() if k != "use_checkpoint"}:
+        raise CheckpointError(f"{path}: the checkpoint's model config differs from this run's; resume with the run's own settings")
+    saved_scheme = ClassScheme.from_dict(json.loads(ckpt["scheme"]))
+    if saved_scheme.condition_channels != scheme.condition_channels:
+        raise CheckpointError(f"{path}: the checkpoint was trained with scheme {saved_scheme.name!r}, not {scheme.name!r}")
+    saved_cfg = json.loads(ckpt["config"])
+    changed = [k for k in ("crop_size", "batch_size", "seed", "ema_rate", "ema_warmup", "augment", "noise_schedule", "num_timesteps")
+               if saved_cfg.get(k) != getattr(config, k)]
+    if changed and info.is_main:
+        log.warning("resuming with changed settings %s: training continues, but not as the original run would have", changed)
+    try:
+        model.load_state_dict(ckpt["model"])
+        ema_model.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path}: cannot restore the training state ({exc})") from None
+    rng = ckpt["rng"]
+    if len(rng) == info.world_size:
+        restore_rng(rng[info.rank], stream, noise_gen)
+    else:
+        # Another world size: there is no per-rank state to continue; reseed from the step.
+        stream.rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([config.seed, info.rank, 0, ckpt["step"]])))
+        noise_gen.manual_seed(_seed_int(config.seed, info.rank, 1, ckpt["step"]))
+        if info.is_main:
+            log.warning("checkpoint from %d processes resumed on %d: data order reseeded", len(rng), info.world_size)
+    return int(ckpt["step"])
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Export the EMA weights of a training checkpoint (or a run folder's newest) as a model."""
+    from .model.unet import SDMUNet, UNetConfig
+
+    path = find_resume_checkpoint(checkpoint, checkpoint)
+    if path is None:
+        raise CheckpointError(f"{checkpoint}: no checkpoint to export")
+    ckpt = load_checkpoint(path)
+    config = TrainConfig.from_dict(json.loads(ckpt["config"]))
+    model = SDMUNet(UNetConfig.from_dict(json.loads(ckpt["model_config"])))
+    model.load_state_dict(ckpt["ema"])
+    return export_model(model, out, ClassScheme.from_dict(json.loads(ckpt["scheme"])), config, step=int(ckpt["step"]))
+
+
+if __name__ == "__main__":
+    from .cli import main
+
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -1,0 +1,381 @@
+"""Training loop: learning, EMA, bit-for-bit resume, atomic checkpoints, DDP, bad input.
+
+All runs use the ``tiny`` UNet preset (~1 M parameters) on 32 px crops of small synthetic
+tiles, so each takes a few seconds on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from napari_diffmix.classes import DEMO
+from napari_diffmix.errors import DatasetError, DiffMixError, LabelError, SchemeError
+from napari_diffmix.train import (
+    CropStream,
+    Stage,
+    TrainConfig,
+    TrainingError,
+    collect_sources,
+    dihedral,
+    ema_rate_at,
+    find_resume_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    stage_at,
+    train,
+    update_ema,
+    weights_digest,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_tile(seed: int, size: int = 48):
+    """An H&E-like tile: pink background, class-coloured disk nuclei."""
+    from skimage.draw import disk
+
+    rng = np.random.default_rng(seed)
+    inst = np.zeros((size, size), np.int32)
+    types = np.zeros((size, size), np.uint8)
+    img = np.empty((size, size, 3), np.uint8)
+    img[:] = (228, 196, 216)
+    colours = [(70, 40, 140), (100, 60, 170), (130, 80, 120)]
+    for i in range(1, 10):
+        rr, cc = disk(tuple(rng.integers(4, size - 4, 2)), int(rng.integers(3, 6)), shape=inst.shape)
+        cls = int(rng.integers(1, 4))
+        inst[rr, cc] = i
+        types[rr, cc] = cls
+        img[rr, cc] = colours[cls - 1]
+    img = np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8)
+    return img, inst, types
+
+
+@pytest.fixture(scope="module")
+def data():
+    return [make_tile(i) for i in range(3)]
+
+
+def tiny(tmp_path: Path, name: str = "run", **kw) -> TrainConfig:
+    base = dict(out_dir=str(tmp_path / name), stages=(Stage(20, 1e-3, 0.1),), save_every=0, log_every=5,
+                sample_every=0, num_threads=1)
+    base.update(kw)
+    return TrainConfig.from_preset("tiny", **base)
+
+
+@pytest.fixture(autouse=True)
+def no_export(monkeypatch, request):
+    # Exporting needs model/checkpoint.py; tests that check the export opt in.
+    if "export" not in request.keywords:
+        monkeypatch.setattr("napari_diffmix.train.export_model", lambda *a, **k: None)
+
+
+# ---------------------------------------------------------------------------------------------
+# small pieces
+
+
+def test_stage_and_ema_schedules():
+    stages = (Stage(3, 1e-4, 0.0), Stage(2, 2e-5, 0.2))
+    assert [stage_at(stages, k)[0] for k in range(6)] == [0, 0, 0, 1, 1, 1]
+    assert ema_rate_at(0.9999, 0, True) == pytest.approx(0.1)
+    assert ema_rate_at(0.9999, 90, True) == pytest.approx(91 / 100)
+    assert ema_rate_at(0.9, 10_000, True) == 0.9
+    assert ema_rate_at(0.9999, 0, False) == 0.9999
+
+
+def test_update_ema_formula():
+    torch.manual_seed(0)
+    model, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in ema.parameters()]
+    update_ema(ema, model, 0.75)
+    for b, e, p in zip(before, ema.parameters(), model.parameters()):
+        torch.testing.assert_close(e, 0.75 * b + 0.25 * p.detach())
+    update_ema(ema, model, 0.0)
+    assert all(torch.equal(e, p) for e, p in zip(ema.parameters(), model.parameters()))
+
+
+def test_dihedral_gives_eight_distinct_symmetries():
+    a = np.arange(12).reshape(3, 4)
+    outs = {dihedral(a, k).tobytes() + bytes(dihedral(a, k).shape) for k in range(8)}
+    assert len(outs) == 8
+
+
+def test_crop_stream_is_seeded_per_rank(data):
+    sources = collect_sources(data, DEMO, 32)
+    a, b, c = (CropStream(sources, 32, 4, seed=1, rank=r) for r in (0, 0, 1))
+    xa, xb, xc = a.next(0.0), b.next(0.0), c.next(0.0)
+    assert all(np.array_equal(u, v) for u, v in zip(xa, xb))
+    assert not np.array_equal(xa[0], xc[0])
+    # crops keep images and label maps aligned: nuclei pixels are the dark ones
+    img, inst = xa[0][0], xa[1][0]
+    if (inst > 0).any() and (inst == 0).any():
+        assert img[inst > 0].mean() < img[inst == 0].mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# training behaviour
+
+
+def test_loss_decreases(tmp_path, data):
+    result = train(tiny(tmp_path, stages=(Stage(40, 1e-3, 0.0),), log_every=10), data, scheme=DEMO)
+    losses = [row["loss"] for row in result.history]
+    assert result.step == 40 and len(losses) == 4
+    assert losses[-1] < 0.5 * losses[0], losses
+    rows = (tmp_path / "run" / "log.csv").read_text().splitlines()
+    assert rows[0].startswith("step,") and len(rows) == 5
+
+
+def test_ema_tracks_weights(tmp_path, data):
+    lagging = train(tiny(tmp_path, "a", ema_rate=0.9, ema_warmup=False), data, scheme=DEMO)
+    assert weights_digest(lagging.ema_model) != weights_digest(lagging.model)
+    # an EMA with rate 0.9 stays between the start and the trained weights: closer to the start
+    # than the raw weights are
+    torch.manual_seed(0)
+    from napari_diffmix.model.unet import SDMUNet
+
+    init = SDMUNet(lagging.model.config).state_dict()
+    raw, ema = lagging.model.state_dict(), lagging.ema_model.state_dict()
+    dist = lambda sd: sum(float((sd[k] - init[k]).float().norm()) for k in init)  # noqa: E731
+    assert 0 < dist(ema) < dist(raw)
+    exact = train(tiny(tmp_path, "b", ema_rate=0.0, ema_warmup=False), data, scheme=DEMO)
+    assert weights_digest(exact.ema_model) == weights_digest(exact.model)
+
+
+def test_resume_is_bit_for_bit(tmp_path, data):
+    """2N steps in one go == N steps, stop, resume, N steps.
+
+    N = 12 is enough: every piece of state (weights, EMA, AdamW moments, data-stream and noise
+    RNG, stage schedule) is touched on every step, so anything not restored shows up in the
+    first resumed step; the stage boundary at 15 and the warm-up EMA are crossed after the
+    resume point so the schedule is exercised too.
+    """
+    stages = (Stage(15, 1e-3, 0.0), Stage(9, 4e-4, 0.3))
+    one = train(tiny(tmp_path, "one", stages=stages, ema_rate=0.99), data, scheme=DEMO)
+    cfg = tiny(tmp_path, "two", stages=stages, ema_rate=0.99, save_every=5)
+    first = train(cfg, data, scheme=DEMO, max_steps=12)
+    assert first.interrupted and first.step == 12 and first.checkpoint.name == "step-0000012.pt"
+    second = train(cfg, data, scheme=DEMO, resume="auto")
+    assert second.step == 24 and not second.interrupted
+    a, b = load_checkpoint(one.checkpoint), load_checkpoint(second.checkpoint)
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys()
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    assert weights_digest(one.ema_model) == weights_digest(second.ema_model)
+    # the log describes one continuous run
+    steps = [int(r.split(",")[0]) for r in (tmp_path / "two" / "log.csv").read_text().splitlines()[1:]]
+    assert steps == [5, 10, 12, 15, 20, 24]
+    # keep_last (3) pruned the older checkpoints
+    assert [p.name for p in list_checkpoints(tmp_path / "two")] == ["step-0000015.pt", "step-0000020.pt", "step-0000024.pt"]
+
+
+def test_refuses_to_overwrite_a_run(tmp_path, data):
+    cfg = tiny(tmp_path, stages=(Stage(2, 1e-3, 0.0),))
+    train(cfg, data, scheme=DEMO)
+    with pytest.raises(TrainingError, match="--resume"):
+        train(cfg, data, scheme=DEMO)
+
+
+def test_sigterm_finishes_step_and_saves(tmp_path, data):
+    calls = []
+
+    def kill_at_step_4():
+        calls.append(1)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return False
+
+    result = train(tiny(tmp_path), data, scheme=DEMO, should_stop=kill_at_step_4)
+    assert result.interrupted and result.step in (4, 5)
+    assert result.checkpoint == list_checkpoints(tmp_path / "run")[-1]
+    assert load_checkpoint(result.checkpoint)["step"] == result.step
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
+
+
+def test_failed_checkpoint_write_keeps_previous(tmp_path, data, monkeypatch):
+    real_save = torch.save
+
+    def failing_save(obj, path, *a, **k):
+        if obj.get("step") == 10:
+            Path(path).write_bytes(b"PK\x03\x04 half a checkpoint")
+            raise OSError(28, "No space left on device")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(TrainingError, match="previous checkpoint .*step-0000005.pt is intact"):
+        train(tiny(tmp_path, save_every=5), data, scheme=DEMO)
+    folder = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["step-0000005.pt"]
+    assert load_checkpoint(folder / "step-0000005.pt")["step"] == 5
+
+
+def test_sigkill_mid_save_leaves_previous_checkpoint(tmp_path, data):
+    """A process killed while writing a checkpoint leaves the previous one as the newest
+    loadable checkpoint; resuming continues from it and removes the debris."""
+    np.savez(tmp_path / "data.npz", *[a for tile in data for a in tile])
+    marker = tmp_path / "writing"
+    script = tmp_path / "victim.py"
+    script.write_text(textwrap.dedent(f"""
+        import time, numpy as np, torch
+        from pathlib import Path
+        import napari_diffmix.train as T
+        from napari_diffmix.classes import DEMO
+        T.export_model = lambda *a, **k: None
+        z = np.load({str(tmp_path / "data.npz")!r}); arrs = [z[f"arr_{{i}}"] for i in range(len(z.files))]
+        data = [tuple(arrs[i:i + 3]) for i in range(0, len(arrs), 3)]
+        real_save = torch.save
+        def slow_save(obj, path, *a, **k):
+            if obj["step"] == 10:
+                with open(path, "wb") as fh:
+                    fh.write(b"PK\\x03\\x04" + bytes(4096)); fh.flush()
+                Path({str(marker)!r}).touch()
+                time.sleep(120)
+            return real_save(obj, path, *a, **k)
+        torch.save = slow_save
+        cfg = T.TrainConfig.from_preset("tiny", out_dir={str(tmp_path / "run")!r}, stages=(T.Stage(20, 1e-3, 0.1),),
+                                        save_every=5, sample_every=0, num_threads=1)
+        T.train(cfg, data, scheme=DEMO)
+    """))
+    env = {**os.environ, "DIFFMIX_QUIET": "1"}
+    proc = subprocess.Popen([sys.executable, str(script)], env=env, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "the training process never reached the checkpoint write"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    folder = tmp_path / "run" / "checkpoints"
+    debris = [p for p in folder.iterdir() if p.name.startswith(".step-0000010")]
+    assert debris, "the killed save should have left its temporary file"
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-0000005.pt"]
+    assert find_resume_checkpoint("auto", tmp_path / "run").name == "step-0000005.pt"
+    result = train(tiny(tmp_path, stages=(Stage(20, 1e-3, 0.1),), save_every=5), data, scheme=DEMO, resume="auto", max_steps=3)
+    assert result.step == 8
+    assert not any(p.name.startswith(".") for p in folder.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input and failures
+
+
+@pytest.mark.parametrize(
+    "mutate, error, match",
+    [
+        (lambda d: [], DatasetError, "empty"),
+        (lambda d: [(None, d[0][1], d[0][2])], DatasetError, "no image"),
+        (lambda d: [(d[0][0], None, None)], DatasetError, "no label maps"),
+        (lambda d: [(d[0][0], d[0][1], np.where(d[0][2] > 0, 7, 0).astype(np.uint8))], SchemeError, "outside 0..3"),
+        (lambda d: [(d[0][0], d[0][1][:20], d[0][2][:20])], LabelError, "do not match the image size"),
+        (lambda d: [(d[0][0].astype(np.float32), d[0][1], d[0][2])], DatasetError, "uint8 RGB"),
+        (lambda d: [(d[0][0][:30, :30], d[0][1][:30, :30], d[0][2][:30, :30])], DatasetError, "smaller than the 32 px"),
+        (lambda d: ["not a tile"], DatasetError, "expected a dataset"),
+    ],
+)
+def test_bad_training_data(tmp_path, data, mutate, error, match):
+    with pytest.raises(error, match=match):
+        train(tiny(tmp_path), mutate(data), scheme=DEMO)
+
+
+def test_bad_settings(tmp_path, data):
+    with pytest.raises(TrainingError, match="multiple of 2"):
+        train(tiny(tmp_path, crop_size=33), data, scheme=DEMO)
+    with pytest.raises(TrainingError, match="precision"):
+        train(tiny(tmp_path, precision="fp8"), data, scheme=DEMO)
+    with pytest.raises(TrainingError, match="unknown training preset"):
+        TrainConfig.from_preset("huge")
+    with pytest.raises(DiffMixError, match="no CUDA GPU"):
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a GPU")
+        train(tiny(tmp_path, device="cuda"), data, scheme=DEMO)
+
+
+class _Sabotage:
+    """Wraps the diffusion so that training_losses fails on a chosen call."""
+
+    def __init__(self, inner, at: int, kind: str):
+        self.inner, self.at, self.kind, self.calls = inner, at, kind, 0
+
+    def training_losses(self, *a, **k):
+        self.calls += 1
+        if self.calls == self.at:
+            if self.kind == "oom":
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            out = self.inner.training_losses(*a, **k)
+            return {key: v * float("nan") for key, v in out.items()}
+        return self.inner.training_losses(*a, **k)
+
+
+def _sabotage(monkeypatch, at, kind):
+    import napari_diffmix.train as T
+
+    real = T.build_diffusion
+    monkeypatch.setattr(T, "build_diffusion", lambda *a, **k: _Sabotage(real(*a, **k), at, kind))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data, monkeypatch):
+    _sabotage(monkeypatch, 8, "nan")
+    with pytest.raises(TrainingError, match=r"loss became nan at step 8.*step-0000005\.pt"):
+        train(tiny(tmp_path, save_every=5), data, scheme=DEMO)
+    ckpts = list_checkpoints(tmp_path / "run")
+    assert [p.name for p in ckpts] == ["step-0000005.pt"]
+    state = load_checkpoint(ckpts[0])
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_out_of_memory_message(tmp_path, data, monkeypatch):
+    _sabotage(monkeypatch, 2, "oom")
+    with pytest.raises(TrainingError, match="out of memory.*--batch-size.*--grad-checkpointing"):
+        train(tiny(tmp_path), data, scheme=DEMO)
+
+
+# ---------------------------------------------------------------------------------------------
+# distributed
+
+
+def test_ddp_two_cpu_processes_stay_identical(tmp_path, data):
+    np.savez(tmp_path / "data.npz", *[a for tile in data for a in tile])
+    script = tmp_path / "ddp_job.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, numpy as np
+        import napari_diffmix.train as T
+        from napari_diffmix.classes import DEMO
+        T.export_model = lambda *a, **k: None
+        z = np.load({str(tmp_path / "data.npz")!r}); arrs = [z[f"arr_{{i}}"] for i in range(len(z.files))]
+        data = [tuple(arrs[i:i + 3]) for i in range(0, len(arrs), 3)]
+        cfg = T.TrainConfig.from_preset("tiny", out_dir={str(tmp_path / "run")!r}, stages=(T.Stage(6, 1e-3, 0.2),),
+                                        save_every=3, log_every=2, sample_every=0, num_threads=1)
+        r = T.train(cfg, data, scheme=DEMO)
+        rank = os.environ["RANK"]
+        open({str(tmp_path)!r} + f"/rank{{rank}}.txt", "w").write(T.weights_digest(r.model) + " " + T.weights_digest(r.ema_model))
+    """))
+    env = {**os.environ, "DIFFMIX_QUIET": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+        env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    digests = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert digests[0] == digests[1]
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "step-0000006.pt")
+    assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+    # each rank drew its own crops
+    assert ckpt["rng"][0]["stream"] != ckpt["rng"][1]["stream"]
+    # only rank 0 logged
+    rows = (tmp_path / "run" / "log.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["2", "4", "6"]
