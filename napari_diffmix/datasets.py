@@ -89,7 +89,7 @@ def _as_labels(a: Any, name: str, dtype: type, where: str) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=dtype)
 
 
-@dataclass
+@dataclass(eq=False)  # arrays have no single truth value; tiles compare by identity
 class Tile:
     """One labelled tile: RGB image (or None for a label-only map) with its label maps.
 
@@ -335,7 +335,8 @@ def read_consep_tile(image_path: str | os.PathLike, mat_path: str | os.PathLike,
             raise DatasetError(f"inst_map has nucleus id {top} but inst_type lists only {raw.size} nuclei", mat_path)
         inst_types = np.zeros(raw.size + 1, dtype=np.int32)
         inst_types[1:] = scheme.merge_raw(raw.astype(np.int64), source=mat_path)
-        present = np.flatnonzero(np.bincount(inst_map.reshape(-1), minlength=inst_types.size) > 0)[1:]
+        present = np.flatnonzero(np.bincount(inst_map.reshape(-1), minlength=inst_types.size) > 0)
+        present = present[present > 0]
         unclassed = present[inst_types[present] == 0]
         if unclassed.size:
             raise DatasetError(

@@ -483,3 +483,13 @@ def test_cli_stats_reports_errors_without_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2
     assert err.startswith("diffmix stats: error:") and "tile_9.mat" in err and "Traceback" not in err
+
+
+def test_tile_without_background_and_membership(tmp_path):
+    inst = np.ones((8, 8), np.int32)
+    inst[:, 4:] = 2
+    write_mat_tile(tmp_path, "full", inst, [1, 5])
+    d = ds.open_dataset(tmp_path, "consep")
+    tile = d[0]
+    np.testing.assert_array_equal(tile.inst_types, [0, 1, 4])
+    assert tile in [tile] and d[0] is not tile  # identity comparison, lazily re-read
