@@ -134,3 +134,29 @@ def test_missing_or_corrupt_labels_file(tmp_path):
     bad.write_bytes(b"not a zip")
     with pytest.raises(DatasetError, match="cannot read"):
         demo_data.load_demo_tile(bad)
+
+
+def test_cli_demo_data_writes_readable_generic_folder(tmp_path, capsys):
+    from napari_diffmix.cli import main
+
+    out = tmp_path / "demo-out"
+    assert main(["demo-data", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "other" in printed and "epithelial" in printed and "stromal" in printed and "total" in printed
+    back = open_dataset(out)
+    assert back.scheme.names == DEMO.names and back.names == [demo_data.DEMO_NAME]
+    tile = demo_data.load_demo_tile()
+    np.testing.assert_array_equal(back[0].inst_map, tile.inst_map)
+    np.testing.assert_array_equal(back[0].type_map, tile.type_map)
+    np.testing.assert_array_equal(back[0].image, tile.image)
+    total = str(int(tile.inst_map.max()))
+    assert any(line.startswith("total") and total in line.split() for line in printed.splitlines())
+
+    # A second run refuses to clobber the folder unless asked.
+    assert main(["demo-data", "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["demo-data", "--out", str(out), "--split", "--overwrite"]) == 0
+    split = open_dataset(out)
+    assert sorted(split.names) == sorted([f"{demo_data.DEMO_NAME}-train", f"{demo_data.DEMO_NAME}-heldout"])
+    held = split[split.names.index(f"{demo_data.DEMO_NAME}-heldout")]
+    assert held.shape == (512, demo_data.HELD_OUT_COLUMNS)
