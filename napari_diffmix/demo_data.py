@@ -238,6 +238,7 @@ def write_demo_labels(path: str | os.PathLike = DEMO_LABELS, image: np.ndarray |
             )
     # mkstemp creates 0600 files; a shipped resource must be readable by every user.
     os.chmod(path, 0o644)
+    _shipped_labels.cache_clear()
     return inst_map, type_map
 
 
