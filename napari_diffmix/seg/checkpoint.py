@@ -1,0 +1,111 @@
+"""Segmentation model folders: ``model.safetensors`` + ``config.json`` (architecture, class
+scheme, training record). A folder is written atomically: readers see the old model or the
+new one, never half of either.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ..classes import ClassScheme
+from ..errors import CheckpointError, SchemeError
+from .model import HoVerNet, SegConfig
+
+FORMAT = "napari-diffmix-seg/1"
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+@dataclass
+class SegModelInfo:
+    config: SegConfig
+    scheme: ClassScheme
+    training: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+
+def is_seg_model_dir(path: str | os.PathLike) -> bool:
+    cfg = Path(path) / CONFIG
+    if not cfg.is_file():
+        return False
+    try:
+        return json.loads(cfg.read_text(encoding="utf-8")).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse to replace a folder that is not a segmentation model, or one that is unless ``overwrite``."""
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: exists and is a file; the model is saved as a folder")
+        if any(path.iterdir()):
+            if not is_seg_model_dir(path):
+                raise CheckpointError(f"{path}: folder exists and does not hold a segmentation model; choose an empty or new folder")
+            if not overwrite:
+                raise CheckpointError(f"{path}: a segmentation model is already there; pass --overwrite to replace it")
+    return path
+
+
+def save_seg_model(
+    model: torch.nn.Module, path: str | os.PathLike, scheme: ClassScheme, training: Mapping[str, Any] | None = None
+) -> Path:
+    from safetensors.torch import save_file
+
+    from ..atomic import atomic_dir, write_json
+
+    model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    config: SegConfig = model.config
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        write_json(
+            tmp / CONFIG,
+            {"format": FORMAT, "model": config.to_dict(), "scheme": scheme.to_dict(), "training": dict(training or {})},
+        )
+    return path
+
+
+def load_seg_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[HoVerNet, SegModelInfo]:
+    """The model (in eval mode, on ``device``) and its config, scheme and training record."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no segmentation model folder here (expected {CONFIG} and {WEIGHTS})")
+    cfg_path, w_path = path / CONFIG, path / WEIGHTS
+    if not cfg_path.is_file() or not w_path.is_file():
+        raise CheckpointError(f"{path}: a segmentation model folder needs {CONFIG} and {WEIGHTS}")
+    try:
+        meta = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{cfg_path}: not a napari-diffmix segmentation model (format {meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r})")
+    config = SegConfig.from_dict(meta.get("model", {}))
+    try:
+        scheme = ClassScheme.from_dict(meta.get("scheme", {}), source=str(cfg_path))
+    except SchemeError as exc:
+        raise CheckpointError(str(exc)) from None
+    if scheme.num_classes != config.num_classes:
+        raise CheckpointError(f"{cfg_path}: scheme has {scheme.num_classes} classes, the model {config.num_classes}")
+    try:
+        state = load_file(str(w_path))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{w_path}: cannot read weights ({exc})") from None
+    model = HoVerNet(config)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{w_path}: weights do not fit the configured architecture: {str(exc).splitlines()[0]}") from None
+    model.to(device).eval()
+    return model, SegModelInfo(config, scheme, dict(meta.get("training", {})), path)
