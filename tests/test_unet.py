@@ -118,20 +118,22 @@ def test_spade_cache_nbytes_matches_layout(tiny):
     assert tiny.spade_params(cond, dtype=torch.bfloat16).nbytes == expected // 2
 
 
-def test_cfg_batched_decode_equals_two_decodes(tiny):
-    x, t, cond = inputs()
+@pytest.mark.parametrize("batch", [1, 2])
+def test_cfg_batched_decode_equals_two_decodes(tiny, batch):
+    x, t, cond = inputs(batch)
     null = torch.zeros_like(cond)
     with torch.no_grad():
         with_cond = tiny(x, t, cond)
         without = tiny(x, t, null)
         state = tiny.encode(x, t).repeat(2)
-        assert state.batch == 4
+        assert state.batch == 2 * batch
         batched = tiny.decode(state, torch.cat([cond, null]))
-        cache = SpadeCache.cat(tiny.spade_params(cond), tiny.null_spade_params(32, 32, batch=2))
+        cache = SpadeCache.cat(tiny.spade_params(cond), tiny.null_spade_params(32, 32, batch=batch))
+        assert cache.batch == 2 * batch
         cached = tiny.decode(state, spade=cache)
     for out in (batched, cached):
-        assert (out[:2] - with_cond).abs().max() <= 1e-5
-        assert (out[2:] - without).abs().max() <= 1e-5
+        assert (out[:batch] - with_cond).abs().max() <= 1e-5
+        assert (out[batch:] - without).abs().max() <= 1e-5
 
 
 def test_repeat_of_single_sample_is_a_view(tiny):

@@ -26,6 +26,14 @@ Speed API (what the samplers use)
   budget; layers that do not fit are computed on the fly) and reused by every step. For the
   all-zero condition they do not depend on the input at all:
   :meth:`SDMUNet.null_spade_params` computes them once per model and image size.
+
+One classifier-free-guidance run, N label maps, 2N decoder batch per step::
+
+    spade = SpadeCache.cat(model.spade_params(cond, max_bytes=budget),
+                           model.null_spade_params(H, W, batch=N, max_bytes=budget))
+    for t in steps:
+        out = model.decode(model.encode(x, t).repeat(2), spade=spade)
+        eps_cond, eps_null = out[:N, :3], out[N:, :3]
 """
 
 from __future__ import annotations
