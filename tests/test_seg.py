@@ -272,8 +272,15 @@ def test_cli_train_predict_evaluate_compare(tmp_path, phantoms, capsys):
     cfg = json.loads((tmp_path / "model" / "config.json").read_text())
     assert cfg["training"]["num_tiles"] == 6 and cfg["training"]["step"] == 6
 
+    # the store alone (its recorded scheme) is a valid training pool too
+    assert main(["train-seg", "--synthetic", str(tmp_path / "syn.zarr"), "--out", str(tmp_path / "model_syn"), "--steps", "2", *fast]) == 0
+    assert json.loads((tmp_path / "model_syn" / "config.json").read_text())["training"]["num_tiles"] == 3
+
     assert main(["predict", str(tmp_path / "model"), str(tmp_path / "test"), "--out", str(tmp_path / "pred"), "--window", "64", "--overlap", "16"]) == 0
     assert sorted(p.name for p in (tmp_path / "pred" / "inst_maps").iterdir()) == ["phantom-0000.npy", "phantom-0001.npy"]
+    # a plain folder of images (no labels)
+    assert main(["predict", str(tmp_path / "model"), str(tmp_path / "test" / "images"), "--out", str(tmp_path / "pred_img")]) == 0
+    assert len(open_tiles(tmp_path / "pred_img")) == 2
 
     capsys.readouterr()
     out_json, out_csv = tmp_path / "r.json", tmp_path / "r.csv"
@@ -306,5 +313,7 @@ def test_cli_train_predict_evaluate_compare(tmp_path, phantoms, capsys):
     assert main(["predict", str(tmp_path / "test"), str(tmp_path / "test"), "--out", str(tmp_path / "p2")]) == 2
     assert main(["compare", "--data", str(tmp_path / "train"), "--synthetic", str(tmp_path / "none.zarr"),
                  "--test", str(tmp_path / "test"), "--out", str(tmp_path / "c2")]) == 2
+    assert main(["train-seg", "--out", str(tmp_path / "m3")]) == 2
     err = capsys.readouterr().err
     assert "nowhere" in err and "must end in .json or .csv" in err and "needs config.json" in err and "does not exist" in err
+    assert "nothing to train on" in err

@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("pred", help="predictions: a dataset folder (e.g. from 'diffmix predict') or a zarr store")
     p.add_argument("gt", help="ground truth: a dataset folder (CoNSeP/GLySAC, generic, PanNuke) or a zarr store")
-    p.add_argument("--scheme", help="class scheme: consep, glysac, demo or a JSON/YAML file (default: the folders' scheme.json)")
+    p.add_argument("--scheme", help="class scheme: consep, glysac, demo or a JSON/YAML file (default: GT's scheme.json, else PRED's)")
     p.add_argument("--pred-layout", default="auto", help="layout of PRED (default: auto)")
     p.add_argument("--gt-layout", default="auto", help="layout of GT (default: auto)")
     p.add_argument("--out", "-o", action="append", default=[], help="write results to .json or .csv (repeatable)")
@@ -47,8 +47,11 @@ def run(args: argparse.Namespace) -> int:
         raise DatasetError(f"--iou must be in [0, 1), got {args.iou}")
     if args.radius <= 0:
         raise DatasetError(f"--radius must be positive, got {args.radius}")
-    gt = open_tiles(args.gt, args.scheme, args.gt_layout)
-    pred = open_tiles(args.pred, args.scheme if args.scheme else gt.scheme, args.pred_layout)
+    scheme = args.scheme
+    if scheme is None and not (Path(args.gt) / "scheme.json").is_file() and (Path(args.pred) / "scheme.json").is_file():
+        scheme = str(Path(args.pred) / "scheme.json")  # e.g. CoNSeP ground truth vs 'diffmix predict' output
+    gt = open_tiles(args.gt, scheme, args.gt_layout)
+    pred = open_tiles(args.pred, gt.scheme, args.pred_layout)
     if pred.scheme.names != gt.scheme.names:
         raise DatasetError(f"predictions use classes {list(pred.scheme.names)}, the ground truth {list(gt.scheme.names)}", args.pred)
     result = evaluate(pred, gt, gt.scheme.names, match_iou=args.iou, radius=args.radius)

@@ -58,10 +58,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=TRAIN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    t.add_argument("--data", required=True, help="training dataset folder (CoNSeP/GLySAC, generic, PanNuke) or 'demo'")
+    t.add_argument("--data", help="training dataset folder (CoNSeP/GLySAC, generic, PanNuke) or 'demo'")
     t.add_argument("--scheme", help="class scheme: consep, glysac, demo or a JSON/YAML file (default: the dataset's)")
     t.add_argument("--layout", default="auto", help="dataset layout (default: auto)")
-    t.add_argument("--synthetic", help="synthetic zarr store to add to the training pool")
+    t.add_argument("--synthetic", help="synthetic zarr store to add to the training pool (alone if --data is not given)")
     t.add_argument("--out", "-o", required=True, help="model folder to write (model.safetensors + config.json)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
     _model_args(t)
@@ -140,14 +140,25 @@ def _predict_kwargs(args: argparse.Namespace) -> dict:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from ..classes import load_scheme
     from ..datasets import open_dataset
+    from ..errors import DiffMixError, SchemeError
+    from ..seg.data import open_synthetic_store
     from ..seg.train import train_segmentation
 
-    data = open_dataset(args.data, args.scheme, args.layout)
-    model_config, train_config = _configs(args, data.scheme.num_classes)
+    if args.data is None and args.synthetic is None:
+        raise DiffMixError("give --data, --synthetic or both: there is nothing to train on")
+    data = None if args.data is None else open_dataset(args.data, args.scheme, args.layout)
+    scheme = data.scheme if data is not None else (load_scheme(args.scheme) if args.scheme else None)
+    store = None if args.synthetic is None else open_synthetic_store(args.synthetic, scheme)
+    scheme = scheme or store.scheme
+    if scheme is None:
+        raise SchemeError(f"{args.synthetic}: the store records no class scheme; pass --scheme")
+    model_config, train_config = _configs(args, scheme.num_classes)
     result = train_segmentation(
         data,
-        synthetic=args.synthetic,
+        scheme=scheme,
+        synthetic=store,
         model_config=model_config,
         config=train_config,
         out_dir=args.out,

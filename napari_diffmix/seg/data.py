@@ -75,6 +75,19 @@ class SyntheticStore(Sequence[SyntheticItem]):
         return Tile(item.name, item.image[sl], item.inst_map[sl], item.type_map[sl], source=f"{self.path}[{self.indices[k]}]")
 
 
+def _read_done(done: Any) -> np.ndarray:
+    try:
+        return np.asarray(done[:], dtype=bool)
+    except Exception:  # a chunk torn by a crashed writer: read flag by flag, unreadable = not done
+        out = np.zeros(done.shape[0], dtype=bool)
+        for i in range(done.shape[0]):
+            try:
+                out[i] = bool(done[i])
+            except Exception:
+                pass
+        return out
+
+
 def open_synthetic_store(path: str | os.PathLike, scheme: Any = None) -> SyntheticStore:
     """Open a synthetic store for reading; StoreError if it is missing, malformed or empty.
 
@@ -104,7 +117,7 @@ def open_synthetic_store(path: str | os.PathLike, scheme: Any = None) -> Synthet
             f"{path}: array shapes disagree: images {arrays['images'].shape}, inst_maps {arrays['inst_maps'].shape}, "
             f"type_maps {arrays['type_maps'].shape}, done {arrays['done'].shape}"
         )
-    indices = np.flatnonzero(np.asarray(arrays["done"][:]))
+    indices = np.flatnonzero(_read_done(arrays["done"]))
     if indices.size == 0:
         raise StoreError(f"{path}: no finished items in the store (done is all False); run the synthesis first")
     stored = group.attrs.get("scheme")

@@ -75,16 +75,18 @@ class SegTrainResult:
 
 
 def build_sources(data: Any, scheme: ClassScheme, crop_size: int, synthetic: Any = None) -> list:
-    """Checked training tiles (in memory) plus lazily read synthetic items."""
+    """Checked training tiles (in memory) plus lazily read synthetic items; ``data`` may be None."""
     from ..train import Source, collect_sources
 
-    sources = collect_sources(data, scheme, crop_size)
+    sources = [] if data is None else collect_sources(data, scheme, crop_size)
     if synthetic is not None:
         store = synthetic if isinstance(synthetic, SyntheticStore) else open_synthetic_store(synthetic, scheme)
         h, w = store.arrays["inst_maps"].shape[1:]
         if min(h, w) < crop_size:
             raise DatasetError(f"synthetic items are {w}x{h} px, smaller than the {crop_size} px crop; pass a smaller --crop-size", store.path)
         sources += [Source(it.name, it.image, it.inst_map, it.type_map) for it in store]
+    if not sources:
+        raise DatasetError("nothing to train on: give a dataset, a synthetic store or both")
     return sources
 
 
@@ -117,7 +119,7 @@ def train_segmentation(
     should_stop: Callable[[], bool] | None = None,
     record: Mapping[str, Any] | None = None,
 ) -> SegTrainResult:
-    """Train a HoVer-Net on ``data`` (a dataset or tiles) [+ ``synthetic`` store path].
+    """Train a HoVer-Net on ``data`` (a dataset or tiles, or None) [+ ``synthetic`` store].
 
     ``model_config`` defaults to the ``small`` preset for the scheme's classes. With
     ``out_dir`` the model folder is saved every ``checkpoint_every`` steps and at the end
@@ -129,7 +131,7 @@ def train_segmentation(
     config = config or SegTrainConfig()
     config.validate()
     if scheme is None:
-        scheme = getattr(data, "scheme", None)
+        scheme = getattr(data, "scheme", None) or getattr(synthetic, "scheme", None)
         if scheme is None:
             raise DatasetError("the training data carries no class scheme; pass scheme=")
     scheme = load_scheme(scheme)
