@@ -13,15 +13,18 @@ Balancing map (GradMix-style, one per tile; :func:`balance_map`)
    ``scipy.ndimage.binary_dilation(iterations=2)``) has an area of at least ``fit_ratio``
    (2.3) times the donor's area. No fit: the target is kept as it is.
 4. Edit: the target's pixels become background and the donor mask is drawn with its
-   centroid on the target's centroid, keeping the target's id, with the rare class. The
-   donor masks are the original nuclei (a same-tile donor stays where it is as well).
+   centroid on the target's centroid (rounded to whole pixels; the published script centres
+   the donor's bounding box instead, which shifts lopsided nuclei off the target), keeping
+   the target's id, with the rare class. The donor masks are the original nuclei (a
+   same-tile donor stays where it is as well).
    Edits are applied together with :func:`napari_diffmix.nuclei.draw_nuclei`: all accepted
    targets are lifted first, then the donors are drawn in processing order, so a larger
    target's donor covers a smaller one's where they overlap; covered neighbours lose those
    pixels and vanish if nothing is left (the occlusion rule of ``nuclei.py``).
 
-Several rare classes: they are ranked rarest first (the scheme's ``rare`` order, or by
-nuclei count) and share the targets in turn. Target after target, the class whose turn it
+Several rare classes: :func:`balance_map` takes them rarest first (plans rank the scheme's
+or the given rare classes by nuclei count with ``classes.rank_by_scarcity``) and they share
+the targets in turn. Target after target, the class whose turn it
 is gets the target if one of its donors fits; otherwise the next class in rank order is
 tried. The turn passes to the class after the one that was served, so successful edits
 alternate between the rare classes as long as each has donors that fit.
@@ -664,6 +667,13 @@ class Plan:
         return cls.from_dict(data, source=path)
 
 
+def _phase(pbar: Any | None, total: int, desc: str) -> Any:
+    """A progress phase over ``total`` tiles; a caller's bar restarts at 0 for each phase."""
+    if pbar is not None and hasattr(pbar, "reset"):
+        pbar.reset(total=total)
+    return progress_bar(pbar, total, desc, unit="tile")
+
+
 class _TileLabels(NamedTuple):
     inst_map: np.ndarray
     inst_types: np.ndarray
@@ -717,7 +727,7 @@ class MixCache:
         if key not in self._pools:
             builder = _PoolBuilder(border, classes)
             names = getattr(self.dataset, "names", None) or [getattr(t, "name", str(i)) for i, t in enumerate(self.dataset)]
-            with progress_bar(pbar, len(self.dataset), "donors", unit="tile") as bar:
+            with _phase(pbar, len(self.dataset), "donors") as bar:
                 for t in range(len(self.dataset)):
                     lab = self.labels(t)
                     builder.add(t, lab.inst_map, lab.props)
@@ -763,8 +773,9 @@ def _patch_counts(inst_map: np.ndarray, inst_types: np.ndarray, origins: Sequenc
 def resolve_classes(
     scheme: ClassScheme, counts: np.ndarray, rare: Sequence[int] | None = None
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(rare classes rarest first, major classes): ``rare`` if given, else the scheme's, else the
-    single rarest class by ``counts`` (nuclei per class, index 0 unused)."""
+    """(rare classes, major classes): ``rare`` if given, else the scheme's, else the single
+    rarest class; rare classes are ranked rarest first by ``counts`` (nuclei per class, index 0
+    unused), ties keeping the lower class id first."""
     c = scheme.num_classes
     if rare is not None:
         ids = _class_tuple(rare, "rare classes")
@@ -775,6 +786,7 @@ def resolve_classes(
         ids = scheme.rare
     else:
         ids = rank_by_scarcity(np.asarray(counts), scheme.class_ids)[:1]
+    ids = rank_by_scarcity(np.asarray(counts), tuple(ids))
     if len(ids) >= c:
         raise SchemeError(f"rare classes {list(ids)} leave no major class to replace in scheme {scheme.name!r}")
     return tuple(ids), tuple(k for k in scheme.class_ids if k not in ids)
@@ -799,9 +811,8 @@ class _Candidates:
 class _Selector:
     """Greedy choice of candidates toward class shares (see :func:`plan_balanced_set`)."""
 
-    def __init__(self, state: np.ndarray, n_kinds: int):
+    def __init__(self, state: np.ndarray):
         self.state = state.astype(np.int64).copy()
-        self.n_kinds = n_kinds
         self.picks: list[int] = []
         self.used = np.zeros(0, dtype=bool)
 
@@ -929,7 +940,7 @@ def plan_balanced_set(
     orig: list[np.ndarray] = []
     tile_counts = np.zeros(c + 1, dtype=np.int64)
     warnings = []
-    with progress_bar(pbar, len(dataset), "plan: read", unit="tile") as bar:
+    with _phase(pbar, len(dataset), "plan: read") as bar:
         for t in range(len(dataset)):
             lab = cache.labels(t)
             shape = tuple(int(s) for s in lab.inst_map.shape)
@@ -951,7 +962,7 @@ def plan_balanced_set(
     original_counts = np.sum([o.sum(axis=0) for o in orig], axis=0)
     needs_balance = any(BALANCE in k for k in kinds)
     if needs_balance:
-        pool = cache.pool(balance.border, rare_ids)
+        pool = cache.pool(balance.border, rare_ids, pbar=pbar)
         if not any(pool.count(k) for k in rare_ids):
             warnings.append(
                 f"no nuclei of rare class(es) {[scheme.class_name(k) for k in rare_ids]} at least {balance.border} px "
@@ -963,21 +974,20 @@ def plan_balanced_set(
     rounds_built = 0
 
     def build_round(v: int) -> None:
-        with progress_bar(pbar, len(dataset) * len(kinds), f"plan: variant {v}", unit="tile") as bar:
+        with _phase(pbar, len(dataset) * len(kinds), f"plan: variant {v}") as bar:
             for kind_index, kind in enumerate(kinds):
                 for t in range(len(dataset)):
-                    if not grids[t]:
-                        continue
-                    if BALANCE in kind:
-                        res = cache.balanced(t, _derive_seed(seed, _BALANCE_STREAM, t, v), balance, rare_ids, major_ids)
-                        counts = _patch_counts(res.inst_map, res.inst_types, grids[t], patch_size, c)
-                    else:
-                        counts = orig[t]
-                    cands.add(t, grids[t], kind_index, v, counts)
-                    kind_of.extend([kind_index] * len(grids[t]))
+                    if grids[t]:
+                        if BALANCE in kind:
+                            res = cache.balanced(t, _derive_seed(seed, _BALANCE_STREAM, t, v), balance, rare_ids, major_ids)
+                            counts = _patch_counts(res.inst_map, res.inst_types, grids[t], patch_size, c)
+                        else:
+                            counts = orig[t]
+                        cands.add(t, grids[t], kind_index, v, counts)
+                        kind_of.extend([kind_index] * len(grids[t]))
                     bar.update(1)
 
-    selector = _Selector(original_counts, len(kinds))
+    selector = _Selector(original_counts)
     reached, reason = True, ""
     if target_share is None:
         n_goal = n_orig if patches is None else patches
@@ -1004,16 +1014,17 @@ def plan_balanced_set(
                     reached = False
                     counts = cands.matrix()
                     sh = selector.shares()[stuck - 1]
-                    tot = counts[:, 1:].sum(axis=1)
-                    best = float(np.max(np.divide(counts[:, stuck], tot, out=np.zeros(tot.size), where=tot > 0), initial=0.0))
+                    left = counts[~selector.used]
+                    tot = left[:, 1:].sum(axis=1)
+                    best = float(np.max(np.divide(left[:, stuck], tot, out=np.zeros(tot.size), where=tot > 0), initial=0.0))
                     if not counts[:, stuck].any():
                         why = "it is in no candidate patch" + ("" if stuck in rare_ids else " and is not a rare class that balancing adds")
                     else:
-                        why = f"the richest candidate patch holds {100 * best:.1f} % of it"
+                        why = f"no unused candidate patch holds more than {100 * best:.1f} % of it"
+                    hint = "allow more variants" if stuck in rare_ids else "make it a rare class"
                     reason = (
                         f"class {scheme.class_name(stuck)!r} stops at {100 * sh:.1f} % < {target_share:g} % after "
-                        f"{len(selector.picks)} patches and {rounds_built} variant(s): {why}; lower the target, "
-                        "allow more variants, or make it a rare class"
+                        f"{len(selector.picks)} patches and {rounds_built} variant(s): {why}; lower the target or {hint}"
                     )
                     break
     counts = cands.matrix()

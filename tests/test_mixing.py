@@ -448,3 +448,39 @@ def test_cli_labels_end_to_end(tmp_path, capsys):
     assert "--out is required" in capsys.readouterr().err
     assert main(["labels", str(src), "--out", str(tmp_path / "x"), "--rare", "nope", "--patch-size", "64"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_planner_drives_a_callers_progress_bar_phase_by_phase(dataset):
+    class Bar:
+        def __init__(self):
+            self.n, self.total, self.descs, self.resets = 0, None, [], 0
+
+        def update(self, k=1):
+            self.n += k
+            assert self.total is None or self.n <= self.total
+
+        def reset(self, total=None):
+            self.n, self.total = 0, total
+            self.resets += 1
+
+        def set_description(self, d):
+            self.descs.append(d)
+
+        def close(self):
+            pass
+
+    bar = Bar()
+    mx.plan_balanced_set(dataset, patches=4, maps=["balance", "enlarge"], patch_size=64, stride=32, pbar=bar)
+    assert bar.descs == ["plan: read", "donors", "plan: variant 0"] and bar.n == bar.total == 2 * len(dataset)
+
+
+def test_donor_pool_from_tiles_matches_the_cache_pool(dataset):
+    pool = mx.DonorPool.from_maps(list(dataset), classes=[RARE])
+    cached = mx.MixCache(dataset).pool(30, (RARE,))
+    assert pool.tile_names == tuple(dataset.names) == cached.tile_names
+    np.testing.assert_array_equal(pool.ids, cached.ids)
+    np.testing.assert_array_equal(pool.bank.sources, cached.bank.sources)
+    assert len(pool) == pool.count(RARE) > 0 and set(pool.bank.classes.tolist()) == {RARE}
+    for i in range(len(pool)):
+        tile = dataset[int(pool.bank.sources[i])]
+        np.testing.assert_array_equal(pool.bank.mask(i), local_mask(tile.inst_map, pool.ids[i]))

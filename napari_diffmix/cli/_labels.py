@@ -41,7 +41,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--target-share", type=float, default=None, metavar="PCT",
         help="add patches until every class holds at least PCT %% of the nuclei (default goal: as many patches as the original set)",
     )
-    p.add_argument("--rare", nargs="+", default=None, metavar="CLASS", help="rare class names or ids, rarest first (default: the scheme's)")
+    p.add_argument(
+        "--rare", nargs="+", default=None, metavar="CLASS",
+        help="rare class names or ids (default: the scheme's); several share the targets, rarest first by nuclei count",
+    )
     p.add_argument("--patch-size", type=int, default=256, help="patch size in px (default 256)")
     p.add_argument("--stride", type=int, default=76, help="patch grid stride in px (default 76: 10x10 patches per 1000 px tile)")
     p.add_argument("--seed", type=int, default=0, help="plan seed; the same seed gives identical patches (default 0)")
@@ -133,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
             yield Tile(name, None, inst_map, type_map, source=f"plan item {i}")
 
     if not plan.items:
-        raise DatasetError("the plan has no patches to write (see the table above)")
+        print("nothing to write: the plan has no patches" + ("" if plan.reached else " (the goal cannot be reached)"))
+        return 0 if plan.reached else 1
     with atomic_dir(out) as tmp, progress_bar(None, len(plan.items), "labels", unit="patch") as bar:
         write_generic(tiles(), tmp, scheme=scheme, overwrite=True, pbar=bar)
         write_json(tmp / "provenance.json", {"plan_seed": plan.seed, "patches": records})
