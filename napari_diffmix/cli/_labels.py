@@ -6,7 +6,6 @@ import argparse
 import os
 from pathlib import Path
 
-# CLI flags -> map kinds of the plan.
 _KIND_HELP = (
     "kinds of synthetic patch: --balance (rare-class insertion), --enlarge (nucleus shifts); "
     "both flags make both kinds, as DiffMix does; add --combined to apply both maps to every patch instead. "
@@ -23,7 +22,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "maps, DiffMix enlarging maps), print the class distribution before and after, and write the patches "
             "as a generic dataset folder with per-patch provenance and the plan (plan.json) for image synthesis."
         ),
-        epilog=_KIND_HELP,
     )
     p.add_argument("dataset", help="dataset folder, or 'demo' for the bundled demo tile")
     p.add_argument("--out", type=Path, default=None, help="output folder (required unless --dry-run)")
