@@ -1,0 +1,188 @@
+"""napari reader: napari-diffmix stores, CoNSeP/GLySAC ``.mat`` labels and saved label maps.
+
+* ``*.zarr`` export store (``images`` (N, H, W, 3) uint8, ``inst_maps`` (N, H, W) int32,
+  ``type_maps`` (N, H, W) uint8; ``attrs["scheme"]`` = ``ClassScheme.to_dict()``): the images
+  as an RGB stack, the class maps coloured by the scheme, and the instance maps as outlines.
+  Arrays stay lazy (zarr reads the item on screen only).
+* CoNSeP / GLySAC ``Labels/<stem>.mat``: the tile's image (``Images/<stem>.*`` next to the
+  ``Labels`` folder, or beside the file) and its nuclei, raw types merged by the scheme. The
+  scheme is ``glysac`` when the path names GLySAC (or raw ids beyond CoNSeP's 1..7 occur),
+  otherwise ``consep``.
+* ``*.npz`` label maps written by this plugin's writer (``inst_map``, ``type_map``, ``scheme``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ._widgets._layers import class_layer_data, image_layer_data, nuclei_layer_data
+from .classes import CONSEP, GLYSAC, OKABE_ITO, ClassScheme, load_scheme
+from .errors import DatasetError, SchemeError, StoreError
+
+STORE_ARRAYS = ("images", "inst_maps", "type_maps")
+
+
+def get_reader(path: str | list[str]) -> Callable[[Any], list[tuple]] | None:
+    """npe2 ``get_reader``: a reader for one path this plugin understands, else None."""
+    if isinstance(path, list):
+        if len(path) != 1:
+            return None
+        path = path[0]
+    p = Path(path)
+    if p.suffix.lower() == ".mat" and p.is_file():
+        return read_mat
+    if p.suffix.lower() == ".npz" and p.is_file():
+        return read_npz
+    if p.is_dir() and _is_store(p):
+        return read_store
+    return None
+
+
+def _is_store(p: Path) -> bool:
+    # A zarr v3 group has zarr.json, v2 .zgroup; ours holds inst_maps and type_maps.
+    if not ((p / "zarr.json").is_file() or (p / ".zgroup").is_file()):
+        return False
+    return all((p / name).is_dir() for name in ("inst_maps", "type_maps"))
+
+
+def _one(path: Any) -> Path:
+    return Path(path[0] if isinstance(path, list) else path)
+
+
+# -- zarr stores ---------------------------------------------------------------------------------
+def read_store(path: Any) -> list[tuple]:
+    """Layers of an export store: images, class maps, nuclei outlines (see the module docstring)."""
+    import zarr
+
+    p = _one(path)
+    try:
+        root = zarr.open_group(str(p), mode="r")
+    except Exception as exc:  # zarr raises several types for missing/corrupt metadata
+        raise StoreError(f"{p}: cannot open the zarr store: {exc}") from None
+    names = set(root.array_keys())
+    missing = [n for n in ("inst_maps", "type_maps") if n not in names]
+    if missing:
+        raise StoreError(f"{p}: not a napari-diffmix store, missing array(s) {missing} (found {sorted(names)})")
+    inst_maps, type_maps = root["inst_maps"], root["type_maps"]
+    if inst_maps.ndim != 3 or type_maps.shape != inst_maps.shape:
+        raise StoreError(
+            f"{p}: inst_maps {inst_maps.shape} and type_maps {type_maps.shape} must both be (N, H, W)"
+        )
+    spec = root.attrs.get("scheme")
+    if spec is None:
+        raise StoreError(f"{p}: the store has no 'scheme' attribute; it was not written by napari-diffmix")
+    try:
+        scheme = load_scheme(dict(spec))
+    except SchemeError as exc:
+        raise StoreError(f"{p}: invalid 'scheme' attribute: {exc}") from None
+    stem = p.stem
+    layers = []
+    if "images" in names:
+        images = root["images"]
+        if images.ndim != 4 or images.shape[-1] != 3 or tuple(images.shape[:3]) != tuple(inst_maps.shape):
+            raise StoreError(f"{p}: images {images.shape} must be (N, H, W, 3) matching inst_maps {inst_maps.shape}")
+        layers.append(image_layer_data(images, f"{stem} images", store=str(p)))
+    layers.append(class_layer_data(type_maps, scheme, f"{stem} classes", store=str(p)))
+    meta = {"diffmix": {"role": "store-nuclei", "scheme": scheme.to_dict(), "store": str(p)}}
+    layers.append((inst_maps, {"name": f"{stem} nuclei", "metadata": meta, "visible": False}, "labels"))
+    return layers
+
+
+# -- CoNSeP / GLySAC .mat ------------------------------------------------------------------------
+def _scheme_for_mat(p: Path) -> tuple[ClassScheme, bool]:
+    """(scheme, named_by_path): GLySAC if the path says so, else CoNSeP first."""
+    lowered = [part.lower() for part in p.resolve().parts]
+    if any("glysac" in part for part in lowered):
+        return GLYSAC, True
+    return CONSEP, any("consep" in part for part in lowered)
+
+
+def _image_for_mat(p: Path) -> Path:
+    from .datasets import IMAGE_SUFFIXES
+
+    folders = [p.parent]
+    if p.parent.name.lower() == "labels":
+        folders.insert(0, p.parent.parent / "Images")
+        folders.insert(1, p.parent.parent / "images")
+    for folder in folders:
+        for suffix in IMAGE_SUFFIXES:
+            for candidate in (folder / f"{p.stem}{suffix}", folder / f"{p.stem}{suffix.upper()}"):
+                if candidate.is_file():
+                    return candidate
+    raise DatasetError(
+        f"no image for this label file: looked for {p.stem}.png/.tif in {', '.join(str(f) for f in folders)} "
+        "(CoNSeP/GLySAC keep images in Images/ beside Labels/)",
+        p,
+    )
+
+
+def read_mat(path: Any) -> list[tuple]:
+    """A CoNSeP/GLySAC tile: its image and its nuclei (classes merged by the scheme)."""
+    from .datasets import read_consep_tile
+
+    p = _one(path)
+    image_path = _image_for_mat(p)
+    scheme, named = _scheme_for_mat(p)
+    try:
+        tile = read_consep_tile(image_path, p, scheme)
+    except SchemeError:
+        if named or scheme is GLYSAC:
+            raise
+        # Raw ids beyond CoNSeP's 1..7: GLySAC's 10 raw types.
+        scheme = GLYSAC
+        tile = read_consep_tile(image_path, p, scheme)
+    if not named:
+        from napari.utils.notifications import show_warning
+
+        show_warning(
+            f"{p.name}: read with the {scheme.name!r} class scheme (guessed from the raw type ids); "
+            "put 'consep' or 'glysac' in the path to choose."
+        )
+    return [
+        image_layer_data(tile.image, f"{p.stem} H&E", inst_map=tile.inst_map, type_map=tile.type_map, source=str(p)),
+        nuclei_layer_data(tile.inst_map, tile.inst_types, scheme, f"{p.stem} nuclei", source=str(p)),
+    ]
+
+
+# -- .npz label maps -----------------------------------------------------------------------------
+def _numbered_scheme(num_classes: int) -> ClassScheme:
+    classes = [{"name": f"class {k}", "color": OKABE_ITO[(k - 1) % len(OKABE_ITO)]} for k in range(1, num_classes + 1)]
+    if num_classes > len(OKABE_ITO):
+        raise SchemeError(f"{num_classes} classes and no scheme in the file; save the scheme with the labels")
+    return ClassScheme.from_dict({"name": "unnamed", "classes": classes})
+
+
+def read_npz(path: Any) -> list[tuple]:
+    """A label map saved by this plugin (``inst_map``, ``type_map``, optional ``scheme`` JSON)."""
+    from .nuclei import check_consistency, inst_types_from_maps
+
+    p = _one(path)
+    try:
+        with np.load(p, allow_pickle=False) as data:
+            if "inst_map" not in data.files:
+                raise DatasetError(f"no 'inst_map' array (arrays in file: {sorted(data.files)})", p)
+            inst_map = data["inst_map"]
+            type_map = data["type_map"] if "type_map" in data.files else np.zeros_like(inst_map, dtype=np.uint8)
+            spec = str(data["scheme"]) if "scheme" in data.files else None
+    except DatasetError:
+        raise
+    except Exception as exc:  # zip/npy decoding errors of a damaged file
+        raise DatasetError(f"cannot read label file: {exc}", p) from None
+    if inst_map.ndim != 2 or type_map.shape != inst_map.shape:
+        raise DatasetError(f"inst_map {inst_map.shape} and type_map {type_map.shape} must be one 2-D size", p)
+    inst_map = inst_map.astype(np.int32)
+    type_map = type_map.astype(np.uint8)
+    check_consistency(inst_map, type_map, source=p)
+    if spec is not None:
+        try:
+            scheme = load_scheme(json.loads(spec))
+        except (json.JSONDecodeError, SchemeError) as exc:
+            raise DatasetError(f"invalid 'scheme' entry: {exc}", p) from None
+    else:
+        scheme = _numbered_scheme(max(int(type_map.max()), 1))
+    scheme.check_classes(type_map, source=p)
+    return [nuclei_layer_data(inst_map, inst_types_from_maps(inst_map, type_map), scheme, f"{p.stem} nuclei", source=str(p))]

@@ -1,0 +1,129 @@
+"""Run long jobs off the event loop (napari thread workers), or synchronously on request.
+
+A job is a plain function or a generator function. In a thread, each value a generator
+yields reaches ``on_yield`` on the main thread and ``quit()`` stops it at its next ``yield``;
+the function's return value reaches ``on_return``. Setting ``DIFFMIX_NAPARI_NOTHREADS=1``
+(or ``block=True``) runs the very same job synchronously in the calling thread: the same
+callbacks fire in the same order, which is what debuggers and CI want (as stardist-napari's
+``STARDIST_NAPARI_NOTHREADS``).
+
+User errors (:class:`~napari_diffmix.errors.DiffMixError`) raised by the job reach
+``on_error`` only (a widget shows them as a plain notification). Other exceptions are bugs:
+napari shows them with their traceback, and ``on_error`` still runs so the widget can reset.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Any, Callable, Iterator
+
+from ..errors import DiffMixError
+
+NOTHREADS_ENV = "DIFFMIX_NAPARI_NOTHREADS"
+
+
+def threads_enabled() -> bool:
+    return os.environ.get(NOTHREADS_ENV, "") not in ("1", "true", "yes")
+
+
+class _Failed:
+    """A user error carried out of the worker as a value (so napari does not add a traceback)."""
+
+    def __init__(self, exc: DiffMixError):
+        self.exc = exc
+
+
+def _guarded_gen(func: Callable[[], Any]) -> Iterator[Any]:
+    try:
+        result = func()
+        if inspect.isgenerator(result):
+            result = yield from result
+        return result
+    except DiffMixError as exc:
+        return _Failed(exc)
+
+
+class SyncWorker:
+    """The synchronous stand-in for a napari worker: ``quit`` is honoured between yields."""
+
+    def __init__(self) -> None:
+        self.abort_requested = False
+        self.is_running = False
+
+    def quit(self) -> None:
+        self.abort_requested = True
+
+    def run(self, gen: Iterator[Any], on_yield, on_return, on_error, on_finish) -> None:
+        self.is_running = True
+        result: Any = None
+        try:
+            while True:
+                try:
+                    value = next(gen)
+                except StopIteration as stop:
+                    result = stop.value
+                    break
+                if on_yield:
+                    on_yield(value)
+                if self.abort_requested:
+                    gen.close()
+                    result = None
+                    break
+        except Exception as exc:
+            self.is_running = False
+            if on_error:
+                on_error(exc)
+            if on_finish:
+                on_finish()
+            raise
+        self.is_running = False
+        _deliver(result, on_return, on_error, aborted=self.abort_requested)
+        if on_finish:
+            on_finish()
+
+
+def _deliver(result: Any, on_return, on_error, aborted: bool) -> None:
+    if isinstance(result, _Failed):
+        if on_error:
+            on_error(result.exc)
+    elif on_return and not aborted:
+        on_return(result)
+
+
+def run_in_thread(
+    func: Callable[[], Any],
+    *,
+    on_yield: Callable[[Any], None] | None = None,
+    on_return: Callable[[Any], None] | None = None,
+    on_error: Callable[[BaseException], None] | None = None,
+    on_finish: Callable[[], None] | None = None,
+    block: bool = False,
+) -> Any:
+    """Start ``func`` (see the module docstring); returns the worker (``quit()`` cancels)."""
+    gen = _guarded_gen(func)
+    if block or not threads_enabled():
+        worker = SyncWorker()
+        worker.run(gen, on_yield, on_return, on_error, on_finish)
+        return worker
+    from napari.qt.threading import create_worker
+
+    worker = create_worker(lambda: (yield from gen), _start_thread=False)
+    state = {"result": None}
+
+    def returned(value: Any) -> None:
+        state["result"] = value
+
+    def finished() -> None:
+        _deliver(state["result"], on_return, on_error, aborted=worker.abort_requested)
+        if on_finish:
+            on_finish()
+
+    if on_yield:
+        worker.yielded.connect(on_yield)
+    worker.returned.connect(returned)
+    if on_error:
+        worker.errored.connect(on_error)
+    worker.finished.connect(finished)
+    worker.start()
+    return worker

@@ -1,0 +1,148 @@
+"""The napari reader, writer and sample data as plain functions (no window needed)."""
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+
+from napari_diffmix._reader import get_reader  # noqa: E402
+from napari_diffmix._writer import write_labels  # noqa: E402
+from napari_diffmix.classes import CONSEP, DEMO, GLYSAC  # noqa: E402
+from napari_diffmix.errors import DatasetError, StoreError  # noqa: E402
+
+
+def _by_name(layers):
+    return {kwargs["name"]: (data, kwargs, kind) for data, kwargs, kind in layers}
+
+
+def test_writer_and_reader_round_trip_a_nuclei_layer(tmp_path, disk_map):
+    from napari_diffmix._widgets._layers import nuclei_layer_data
+
+    inst_map, inst_types = disk_map
+    data, kwargs, _ = nuclei_layer_data(inst_map, inst_types, DEMO, "disks")
+    (written,) = write_labels(str(tmp_path / "edited"), data, kwargs)
+    assert written.endswith("edited.npz")
+    with np.load(written) as z:
+        assert np.array_equal(z["type_map"], inst_types[inst_map])
+        assert json.loads(str(z["scheme"]))["name"] == "demo"
+    reader = get_reader(written)
+    assert reader is not None
+    ((back, back_kwargs, kind),) = reader(written)
+    assert kind == "labels" and np.array_equal(back, inst_map)
+    features = back_kwargs["features"]
+    assert features["index"].tolist() == list(range(1, 10))
+    assert features["class"].tolist() == inst_types[1:].tolist()
+    assert back_kwargs["metadata"]["diffmix"]["scheme"]["name"] == "demo"
+
+
+def test_writer_refuses_stacks(tmp_path):
+    from napari_diffmix.errors import LabelError
+
+    with pytest.raises(LabelError, match="2-D"):
+        write_labels(str(tmp_path / "x.npz"), np.zeros((2, 4, 4), np.int32), {})
+
+
+def _store(path, n=2, size=16, scheme=DEMO, images=True):
+    import zarr
+
+    root = zarr.open_group(str(path), mode="w")
+    inst = np.zeros((n, size, size), np.int32)
+    inst[:, 4:8, 4:8] = 1
+    inst[:, 10:14, 9:13] = 2
+    types = np.where(inst == 1, 2, np.where(inst == 2, 3, 0)).astype(np.uint8)
+    if images:
+        root.create_array("images", data=np.full((n, size, size, 3), 200, np.uint8))
+    root.create_array("inst_maps", data=inst)
+    root.create_array("type_maps", data=types)
+    if scheme is not None:
+        root.attrs["scheme"] = scheme.to_dict()
+    return inst, types
+
+
+def test_store_reader_shows_images_classes_and_nuclei(tmp_path):
+    path = tmp_path / "synth.zarr"
+    inst, types = _store(path)
+    reader = get_reader(str(path))
+    assert reader is not None
+    layers = _by_name(reader(str(path)))
+    assert list(layers) == ["synth images", "synth classes", "synth nuclei"]
+    images, image_kwargs, kind = layers["synth images"]
+    assert kind == "image" and image_kwargs["rgb"] and images.shape == (2, 16, 16, 3)
+    classes, class_kwargs, _ = layers["synth classes"]
+    assert np.array_equal(np.asarray(classes[1]), types[1])
+    colors = class_kwargs["colormap"].color_dict
+    assert np.allclose(colors[2][:3], [0, 0x9E / 255, 0x73 / 255], atol=1e-3)  # DEMO epithelial
+    nuclei, nuclei_kwargs, _ = layers["synth nuclei"]
+    assert np.array_equal(np.asarray(nuclei[0]), inst[0])
+    assert nuclei_kwargs["metadata"]["diffmix"]["scheme"]["name"] == "demo"
+
+
+def test_store_reader_errors_are_specific(tmp_path):
+    path = tmp_path / "noscheme.zarr"
+    _store(path, scheme=None)
+    with pytest.raises(StoreError, match="no 'scheme' attribute"):
+        get_reader(str(path))(str(path))
+    other = tmp_path / "other.zarr"
+    import zarr
+
+    zarr.open_group(str(other), mode="w").create_array("x", data=np.zeros(3))
+    assert get_reader(str(other)) is None  # not ours: napari asks the next reader
+    assert get_reader(str(tmp_path / "missing.mat")) is None
+    assert get_reader([str(path), str(other)]) is None
+
+
+def _write_mat(folder, stem, inst_map, raw_inst_type, image):
+    from scipy.io import savemat
+
+    import imageio.v3 as iio
+
+    (folder / "Images").mkdir(parents=True, exist_ok=True)
+    (folder / "Labels").mkdir(parents=True, exist_ok=True)
+    if image is not None:
+        iio.imwrite(folder / "Images" / f"{stem}.png", image)
+    mat = folder / "Labels" / f"{stem}.mat"
+    savemat(mat, {"inst_map": inst_map, "inst_type": np.asarray(raw_inst_type, float).reshape(-1, 1)})
+    return mat
+
+
+def test_mat_reader_merges_raw_types_by_scheme(tmp_path, disk_map):
+    inst_map, _ = disk_map
+    image = np.full((*inst_map.shape, 3), 220, np.uint8)
+    # CoNSeP raw ids: 1 other, 2 inflammatory, 3/4 epithelial, 5/6/7 spindle.
+    raw = [1, 2, 3, 4, 5, 6, 7, 2, 4]
+    mat = _write_mat(tmp_path / "CoNSeP" / "Train", "tile_1", inst_map, raw, image)
+    layers = _by_name(get_reader(str(mat))(str(mat)))
+    image_data, image_kwargs, _ = layers["tile_1 H&E"]
+    assert image_data.shape == (96, 96, 3)
+    _, kwargs, _ = layers["tile_1 nuclei"]
+    assert kwargs["features"]["class"].tolist() == [1, 2, 3, 3, 4, 4, 4, 2, 3]
+    assert kwargs["metadata"]["diffmix"]["scheme"]["name"] == CONSEP.name
+    assert np.array_equal(image_kwargs["metadata"]["diffmix"]["type_map"], CONSEP.merge_lut()[np.r_[0, raw]][inst_map])
+
+
+def test_mat_reader_falls_back_to_glysac_ids_and_needs_the_image(tmp_path, disk_map):
+    inst_map, _ = disk_map
+    image = np.full((*inst_map.shape, 3), 220, np.uint8)
+    raw = [9, 10, 8, 4, 5, 3, 1, 2, 7]  # ids 8..10 exist only in GLySAC
+    mat = _write_mat(tmp_path / "gastric", "g1", inst_map, raw, image)
+    _, kwargs, _ = _by_name(get_reader(str(mat))(str(mat)))["g1 nuclei"]
+    assert kwargs["metadata"]["diffmix"]["scheme"]["name"] == GLYSAC.name
+    assert kwargs["features"]["class"].tolist() == [1, 1, 3, 2, 2, 3, 1, 1, 2]
+    lonely = _write_mat(tmp_path / "lonely", "l1", inst_map, raw, None)
+    with pytest.raises(DatasetError, match="no image for this label file"):
+        get_reader(str(lonely))(str(lonely))
+
+
+def test_sample_data_layers_are_consistent():
+    from napari_diffmix._sample_data import blank_canvas, demo_tile
+    from napari_diffmix._widgets._layers import types_from_features
+
+    (image, image_kwargs, _), (inst_map, kwargs, kind) = demo_tile()
+    assert kind == "labels" and image.shape[:2] == inst_map.shape
+    types = types_from_features(kwargs["features"], int(inst_map.max()) + 1)
+    assert np.array_equal(types[inst_map], image_kwargs["metadata"]["diffmix"]["type_map"])
+    ((blank, blank_kwargs, _),) = blank_canvas()
+    assert blank.shape == (256, 256) and not blank.any()
+    assert blank_kwargs["metadata"]["diffmix"]["scheme"]["name"] == "demo"
