@@ -317,3 +317,24 @@ def test_cli_train_predict_evaluate_compare(tmp_path, phantoms, capsys):
     err = capsys.readouterr().err
     assert "nowhere" in err and "must end in .json or .csv" in err and "needs config.json" in err and "does not exist" in err
     assert "nothing to train on" in err
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes(tmp_path, phantoms):
+    """DDP with gloo: two ranks train in step and rank 0 writes the model."""
+    import os
+    import subprocess
+    import sys
+
+    from napari_diffmix.datasets import write_generic
+
+    write_generic(phantoms, tmp_path / "train")
+    env = {**os.environ, "DIFFMIX_QUIET": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "napari_diffmix", "train-seg", "--data", str(tmp_path / "train"), "--out", str(tmp_path / "m"),
+           "--preset", "tiny", "--steps", "4", "--batch-size", "2", "--crop-size", "64", "--device", "cpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("model saved to") == 1  # rank 0 only
+    model, info = load_seg_model(tmp_path / "m")
+    assert info.training["world_size"] == 2 and info.training["step"] == 4
