@@ -1,0 +1,796 @@
+"""The synthetic store (zarr v3), its downstream formats and the training commands it carries.
+
+Store layout
+------------
+A zarr v3 group (a folder, ``*.zarr``) written by :mod:`napari_diffmix.synthesize`::
+
+    images       (N, H, W, 3) uint8   rendered H&E patches
+    inst_maps    (N, H, W)    int32   nuclei 1..n per patch (contiguous ids), 0 = background
+    type_maps    (N, H, W)    uint8   class per pixel, == inst_types[inst_maps]
+    done         (N,)         bool    True once the item's three arrays and provenance are written
+    provenance   (N,)         string  one JSON object per item (see below)
+    originals/                        optional: the original training patches, same arrays
+    TRAINING.md, train.sh             how to train a segmentation network on original + synthetic
+
+Every array is chunked one item per chunk (``done`` and ``provenance`` too), so items are
+written independently: by several ``torchrun`` ranks at once, or again after a crash. Chunks
+are zstd-compressed with a checksum, so a chunk torn by a crash is detected on read. Readers
+use only items whose ``done`` flag is set (:meth:`SyntheticStore.done_mask`).
+
+Crash safety: an item is written in order images, inst_maps, type_maps, provenance, then
+``done``. zarr >= 3.1.3 writes every chunk through a temporary file and a rename, so a chunk
+is whole or absent; with older zarr (or on other file systems) a crash may tear a chunk, which
+is harmless because an item whose ``done`` flag is unset (or unreadable) is rendered and
+written again on resume. Leftover ``*.partial`` temporaries of killed writes are removed when
+a run resumes.
+
+Store attributes (``zarr.json``): ``format`` / ``format_version``, ``scheme``
+(:meth:`ClassScheme.to_dict`), ``fingerprint`` (sha256 of ``settings``), ``settings`` (plan,
+patch size, model sha256, sampler, steps, guidance, strength, init, seed: everything that
+decides the output), ``model`` (sha256, source, UNet config, diffusion, default guidance),
+``dataset`` (path, layout, tile names), ``originals`` (``mode`` "included" / "referenced" /
+"none", patch origins), ``software`` (versions), ``class_counts`` (``before``, ``planned``,
+``synthetic``, ``after``: nuclei per class indexed by class id, 0 unused), ``status``
+("in progress" / "complete" / "stopped"), ``items_done``, ``created_by`` ("synthesize" /
+"demo").
+
+Provenance (per item JSON): ``index``, ``tile`` (name), ``tile_index``, ``origin`` [y, x],
+``maps`` (edits applied, e.g. ["balance", "enlarge"]), ``seed``, ``sampler``, ``steps``,
+``guidance``, ``strength``, ``init`` ("original" / "noise"), ``nuclei`` (per class, index =
+class id), and what the label planner reports about the item (``label``).
+
+Downstream formats
+------------------
+``hovernet`` (:func:`export_hovernet`): HoVer-Net's training patch folders (github
+vqdang/hover_net): one ``.npy`` per patch, (H, W, 5) int32 = RGB, instance map, type map,
+the layout its ``extract_patches.py`` writes and ``dataloader/train_loader.py`` reads
+(``data[..., :3]`` image, ``data[..., 3]`` instances, ``data[..., 4]`` types). ``train/``
+holds the original and synthetic patches, ``valid/`` held-out patches when given, plus
+``type_info.json`` (class names and colours in HoVer-Net's format).
+
+``pannuke`` (:func:`export_pannuke`): stacked arrays ``images.npy`` (N, H, W, 3) uint8,
+``masks.npy`` (N, H, W, C + 1) int32 in PanNuke's channel convention (channel c holds the
+instance ids of class c + 1, the last channel is 1 on background), and ``inst_maps.npy`` /
+``type_maps.npy`` with ``scheme.json`` so that :func:`napari_diffmix.datasets.open_dataset`
+reads the export back with its classes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from .atomic import atomic_dir, write_json, write_text
+from .classes import ClassScheme, load_scheme
+from .errors import DatasetError, SchemeError, StoreError
+from .progress import progress_bar
+
+FORMAT = "napari-diffmix-synthetic"
+FORMAT_VERSION = 1
+IMAGES, INST_MAPS, TYPE_MAPS, DONE, PROVENANCE = "images", "inst_maps", "type_maps", "done", "provenance"
+ORIGINALS = "originals"
+EXPORT_FORMATS = ("hovernet", "pannuke")
+TRAINING_MD, TRAIN_SH = "TRAINING.md", "train.sh"
+# Level 1 zstd: H&E patches barely compress further and the writer should stay far below the
+# sampling cost; the checksum turns a torn chunk into a read error instead of silent garbage.
+ZSTD_LEVEL = 1
+
+
+def _codec():
+    import zarr
+
+    return zarr.codecs.ZstdCodec(level=ZSTD_LEVEL, checksum=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# creating and writing
+# ---------------------------------------------------------------------------------------------
+def _create_arrays(group: Any, count: int, shape: tuple[int, int], *, provenance: bool) -> None:
+    h, w = shape
+    codec = _codec()
+    group.create_array(IMAGES, shape=(count, h, w, 3), chunks=(1, h, w, 3), dtype="uint8", compressors=codec, fill_value=0)
+    group.create_array(INST_MAPS, shape=(count, h, w), chunks=(1, h, w), dtype="int32", compressors=codec, fill_value=0)
+    group.create_array(TYPE_MAPS, shape=(count, h, w), chunks=(1, h, w), dtype="uint8", compressors=codec, fill_value=0)
+    group.create_array(DONE, shape=(count,), chunks=(1,), dtype="bool", compressors=codec, fill_value=False)
+    if provenance:
+        group.create_array(PROVENANCE, shape=(count,), chunks=(1,), dtype=str, compressors=codec)
+
+
+def create_store(
+    path: str | os.PathLike,
+    *,
+    count: int,
+    shape: tuple[int, int],
+    attrs: Mapping[str, Any],
+    originals: int = 0,
+    overwrite: bool = False,
+) -> Path:
+    """Create an empty store for ``count`` items of ``shape`` (H, W) with root ``attrs``.
+
+    The store appears whole or not at all (built in a temporary folder and renamed), so a crash
+    during creation never leaves a half-made store. ``originals`` > 0 adds the ``originals``
+    group for that many original patches. An existing ``path`` is replaced only with
+    ``overwrite``.
+    """
+    import zarr
+
+    path = Path(path)
+    if count < 1:
+        raise StoreError(f"{path}: nothing to synthesize (the plan has no items)")
+    if path.exists() and not overwrite:
+        raise StoreError(f"{path}: already exists; pass overwrite=True (--overwrite) to replace it")
+    try:
+        with atomic_dir(path) as tmp:
+            group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+            _create_arrays(group, count, shape, provenance=True)
+            if originals:
+                _create_arrays(group.create_group(ORIGINALS), originals, shape, provenance=True)
+            group.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, **_jsonable(attrs)})
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot create the store: {_os_reason(exc)}") from None
+    return path
+
+
+def _jsonable(obj: Any) -> Any:
+    # zarr stores attributes as JSON; numpy scalars/arrays and paths must become plain values.
+    return json.loads(json.dumps(obj, default=_json_default))
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    raise TypeError(f"cannot write {type(obj).__name__} to JSON")
+
+
+def _os_reason(exc: OSError) -> str:
+    import errno
+
+    if exc.errno == errno.ENOSPC:
+        return "no space left on device"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"not writable ({exc.strerror})"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def write_items(
+    group: Any,
+    start: int,
+    images: np.ndarray,
+    inst_maps: np.ndarray,
+    type_maps: np.ndarray,
+    provenance: Sequence[Mapping[str, Any]],
+    *,
+    where: str = "",
+) -> None:
+    """Write items ``start .. start + n - 1`` and only then set their ``done`` flags.
+
+    Raises :class:`StoreError` (the store stays resumable) when the disk is full or the store
+    cannot be written.
+    """
+    n = len(images)
+    sl = slice(start, start + n)
+    try:
+        group[IMAGES][sl] = images
+        group[INST_MAPS][sl] = inst_maps
+        group[TYPE_MAPS][sl] = type_maps
+        group[PROVENANCE][sl] = np.array([json.dumps(p, default=_json_default) for p in provenance], dtype=object)
+        group[DONE][sl] = True
+    except OSError as exc:
+        raise StoreError(
+            f"{where or group.store}: writing items {start}..{start + n - 1} failed: {_os_reason(exc)}. "
+            "Items written before are kept; free space (or fix the problem) and run the same command again to resume."
+        ) from None
+
+
+def read_done(group: Any) -> np.ndarray:
+    """The ``done`` mask; an unreadable (torn) flag counts as not done."""
+    arr = group[DONE]
+    try:
+        return np.asarray(arr[:], dtype=bool)
+    except Exception:  # a torn chunk: decode or checksum error; fall back to item by item
+        out = np.zeros(arr.shape[0], dtype=bool)
+        for i in range(arr.shape[0]):
+            with contextlib.suppress(Exception):
+                out[i] = bool(arr[i])
+        return out
+
+
+def remove_partial_files(path: str | os.PathLike) -> int:
+    """Delete ``*.partial`` temporaries left in the store by killed chunk writes; returns the count.
+
+    Call only while no process writes to the store.
+    """
+    removed = 0
+    for p in Path(path).rglob("*.partial"):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+            removed += 1
+    return removed
+
+
+def update_attrs(path: str | os.PathLike, attrs: Mapping[str, Any]) -> None:
+    import zarr
+
+    try:
+        zarr.open_group(str(path), mode="r+").attrs.update(_jsonable(attrs))
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot update the store attributes: {_os_reason(exc)}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class StoreItem:
+    """One store item (read whole)."""
+
+    index: int
+    image: np.ndarray
+    inst_map: np.ndarray
+    type_map: np.ndarray
+    provenance: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return item_name(self.provenance, self.index)
+
+
+def item_name(provenance: Mapping[str, Any], index: int) -> str:
+    """File-name-safe item name: ``synthetic_000012`` or ``original_<tile>_y<y>_x<x>``."""
+    if provenance.get("kind") == "original":
+        y, x = provenance.get("origin", (0, 0))
+        tile = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(provenance.get("tile_name", index)))
+        return f"original_{tile}_y{y}_x{x}"
+    return f"synthetic_{index:06d}"
+
+
+class SyntheticStore:
+    """A store opened for reading: arrays, attributes, ``done`` mask, items and originals."""
+
+    def __init__(self, path: Path, group: Any, *, kind: str = "synthetic"):
+        self.path = path
+        self.group = group
+        self.kind = kind
+        self.attrs: dict[str, Any] = dict(group.attrs)
+        self._check_layout()
+
+    def _check_layout(self) -> None:
+        g = self.group
+        missing = [k for k in (IMAGES, INST_MAPS, TYPE_MAPS, DONE) if k not in g]
+        if missing:
+            raise StoreError(f"{self.path}: not a napari-diffmix store: missing array(s) {missing}")
+        n, h, w = g[INST_MAPS].shape
+        if g[IMAGES].shape != (n, h, w, 3) or g[TYPE_MAPS].shape != (n, h, w) or g[DONE].shape != (n,):
+            raise StoreError(
+                f"{self.path}: array shapes disagree: images {g[IMAGES].shape}, inst_maps {g[INST_MAPS].shape}, "
+                f"type_maps {g[TYPE_MAPS].shape}, done {g[DONE].shape}"
+            )
+
+    def __len__(self) -> int:
+        return int(self.group[DONE].shape[0])
+
+    @property
+    def patch_shape(self) -> tuple[int, int]:
+        return tuple(self.group[INST_MAPS].shape[1:])  # type: ignore[return-value]
+
+    @property
+    def scheme(self) -> ClassScheme:
+        data = self.attrs.get("scheme")
+        if data is None:
+            raise StoreError(f"{self.path}: the store records no class scheme (attrs['scheme'])")
+        try:
+            return load_scheme(data)
+        except SchemeError as exc:
+            raise StoreError(f"{self.path}: the store's class scheme is invalid: {exc}") from None
+
+    def done_mask(self) -> np.ndarray:
+        return read_done(self.group)
+
+    def provenance(self, i: int) -> dict[str, Any]:
+        if PROVENANCE not in self.group:
+            return {"index": i, "kind": self.kind}
+        text = self.group[PROVENANCE][i]
+        return json.loads(str(text)) if text else {"index": i, "kind": self.kind}
+
+    def item(self, i: int) -> StoreItem:
+        g = self.group
+        return StoreItem(
+            i, np.asarray(g[IMAGES][i]), np.asarray(g[INST_MAPS][i]), np.asarray(g[TYPE_MAPS][i]), self.provenance(i)
+        )
+
+    def items(self, indices: Sequence[int] | None = None) -> Iterator[StoreItem]:
+        """Finished items (``done``) in index order, or the given ``indices``."""
+        for i in np.flatnonzero(self.done_mask()) if indices is None else indices:
+            yield self.item(int(i))
+
+    @property
+    def originals(self) -> "SyntheticStore | None":
+        """The included original patches, or None when the store only references them."""
+        if ORIGINALS not in self.group:
+            return None
+        return SyntheticStore(self.path / ORIGINALS, self.group[ORIGINALS], kind="original")
+
+    def class_counts(self) -> np.ndarray:
+        """Nuclei per class (index = class id, 0 unused) over the finished items, from the maps."""
+        from .datasets import class_counts
+        from .nuclei import inst_types_from_maps
+
+        c = self.scheme.num_classes
+        total = np.zeros(c + 1, np.int64)
+        for item in self.items():
+            total += class_counts(item.inst_map, inst_types_from_maps(item.inst_map, item.type_map), c)
+        return total
+
+
+def open_store(path: str | os.PathLike) -> SyntheticStore:
+    """Open a synthetic store for reading; :class:`StoreError` if it is missing or malformed."""
+    import zarr
+
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(f"{path}: no such store")
+    if not (path / "zarr.json").is_file():
+        raise StoreError(f"{path}: not a zarr v3 store (no zarr.json); expected a folder written by 'diffmix synthesize'")
+    try:
+        group = zarr.open_group(str(path), mode="r")
+    except Exception as exc:  # zarr raises several types for "not a group"; report, not a traceback
+        raise StoreError(f"{path}: not a readable zarr group ({type(exc).__name__}: {exc})") from None
+    return SyntheticStore(path, group)
+
+
+# ---------------------------------------------------------------------------------------------
+# originals
+# ---------------------------------------------------------------------------------------------
+def original_patches(
+    dataset: Sequence[Any], origins: Sequence[Sequence[int]], size: int, *, indices: Sequence[int] | None = None
+) -> Iterator[StoreItem]:
+    """Original patches ``(tile_index, y, x)`` of ``dataset`` as store items (ids remapped 1..n).
+
+    ``indices`` numbers the items (default 0, 1, ...). Consecutive origins of one tile load it once.
+    """
+    from .nuclei import inst_types_from_maps, remap_ids, type_map_from
+
+    names = dataset.scheme.names
+    cached: tuple[int, Any] | None = None
+    for k, (t, y, x) in enumerate(origins):
+        if cached is None or cached[0] != t:
+            cached = (t, dataset[t])
+        tile = cached[1]
+        if tile.image is None:
+            raise DatasetError(f"tile {tile.name!r} has no image; original patches need images", tile.source)
+        crop = tile.crop(int(y), int(x), size, size)
+        inst_map, inst_types = remap_ids(crop.inst_map, inst_types_from_maps(crop.inst_map, crop.type_map))
+        counts = np.bincount(inst_types[1:], minlength=len(names) + 1)
+        index = int(indices[k]) if indices is not None else k
+        prov = {
+            "index": index, "kind": "original", "tile": int(t), "tile_name": tile.name, "origin": [int(y), int(x)],
+            "size": size, "nuclei": {name: int(counts[c]) for c, name in enumerate(names, start=1)},
+        }
+        yield StoreItem(index, crop.image, inst_map, type_map_from(inst_map, inst_types), prov)
+
+
+def referenced_originals(store: SyntheticStore) -> Iterator[StoreItem] | None:
+    """The originals a store references (re-read from its dataset), or None if it records none."""
+    info = store.attrs.get("originals") or {}
+    if info.get("mode") != "referenced":
+        return None
+    from .datasets import open_dataset
+
+    data = store.attrs.get("dataset") or {}
+    try:
+        path = Path(data["path"])
+        if data.get("relative_to_store_folder"):
+            path = store.path.parent / path
+        dataset = open_dataset(path, store.scheme, layout=data.get("layout", "auto"))
+    except KeyError:
+        raise StoreError(f"{store.path}: the store references originals but records no dataset path") from None
+    except DatasetError as exc:
+        raise StoreError(
+            f"{store.path}: cannot read the original patches it references ({exc}); "
+            "re-run synthesis with --include-originals, or export with --originals skip"
+        ) from None
+    if list(dataset.names) != list(data.get("tiles", dataset.names)):
+        raise StoreError(
+            f"{store.path}: the dataset at {data['path']} no longer has the tiles the store was made from "
+            f"(expected {data.get('tiles')[:5]}..., found {dataset.names[:5]}...)"
+        )
+    return original_patches(dataset, info["patches"], store.patch_shape[0])
+
+
+def _originals_for_export(store: SyntheticStore, mode: str) -> tuple[Iterator[StoreItem], int] | None:
+    if mode not in ("auto", "include", "skip"):
+        raise StoreError(f"originals must be auto, include or skip, got {mode!r}")
+    if mode == "skip":
+        return None
+    included = store.originals
+    if included is not None:
+        done = included.done_mask()
+        return included.items(), int(done.sum())
+    ref = referenced_originals(store)
+    if ref is None:
+        if mode == "include":
+            raise StoreError(f"{store.path}: the store neither includes nor references original patches")
+        return None
+    return ref, len((store.attrs.get("originals") or {}).get("patches", []))
+
+
+# ---------------------------------------------------------------------------------------------
+# downstream formats
+# ---------------------------------------------------------------------------------------------
+def hovernet_patch(image: np.ndarray, inst_map: np.ndarray, type_map: np.ndarray) -> np.ndarray:
+    """(H, W, 5) int32: RGB, instance ids, classes: HoVer-Net's training patch."""
+    return np.concatenate([image.astype(np.int32), inst_map[..., None].astype(np.int32), type_map[..., None].astype(np.int32)], axis=-1)
+
+
+def hovernet_type_info(scheme: ClassScheme) -> dict[str, Any]:
+    """HoVer-Net's ``type_info.json``: class id -> [name, [r, g, b]] (0 = background)."""
+    return {str(k): [scheme.class_name(k), list(scheme.color_rgb(k))] for k in range(scheme.num_classes + 1)}
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise StoreError(f"{out}: exists and is not empty; pass --overwrite to replace it")
+
+
+def _valid_items(valid: Any, scheme: ClassScheme, size: int, stride: int | None) -> tuple[Iterator[StoreItem], int]:
+    from .datasets import open_dataset, patch_grid
+
+    dataset = valid if hasattr(valid, "scheme") else open_dataset(valid, scheme)
+    if list(dataset.scheme.names) != list(scheme.names):
+        raise SchemeError(f"the validation data uses classes {list(dataset.scheme.names)}, the store {list(scheme.names)}")
+    origins = []
+    for t, tile in enumerate(dataset):
+        h, w = tile.shape
+        if min(h, w) < size:
+            raise DatasetError(f"tile {tile.name!r} ({h}x{w}) is smaller than the {size} px patches", tile.source)
+        origins += [(t, y, x) for y, x in patch_grid(h, w, size, stride or size, cover=True)]
+    return original_patches(dataset, origins, size), len(origins)
+
+
+def export_hovernet(
+    store: str | os.PathLike | SyntheticStore,
+    out: str | os.PathLike,
+    *,
+    originals: str = "auto",
+    valid: Any = None,
+    valid_stride: int | None = None,
+    overwrite: bool = False,
+    pbar: Any | None = None,
+) -> Path:
+    """Write HoVer-Net training patches: ``out/train/*.npy`` (originals + finished synthetic
+    items), ``out/valid/*.npy`` (patches of the ``valid`` dataset, if given), ``type_info.json``
+    and ``provenance.jsonl`` (one line per training patch). Appears whole or not at all.
+
+    ``originals``: "auto" (those the store includes or references), "include" (error if none)
+    or "skip". ``valid``: a dataset (path or Dataset) cut into store-sized patches
+    (``valid_stride`` px apart, default the patch size, last row/column flush with the edge).
+    """
+    store = store if isinstance(store, SyntheticStore) else open_store(store)
+    out = Path(out)
+    _check_out(out, overwrite)
+    scheme = store.scheme
+    done = store.done_mask()
+    orig = _originals_for_export(store, originals)
+    val = _valid_items(valid, scheme, store.patch_shape[0], valid_stride) if valid is not None else None
+    total = int(done.sum()) + (orig[1] if orig else 0) + (val[1] if val else 0)
+    try:
+        with atomic_dir(out) as tmp, progress_bar(pbar, total, "export hovernet", unit="patch") as bar:
+            (tmp / "train").mkdir()
+            lines = []
+            sources = [orig[0]] if orig else []
+            for item in _chain(*sources, store.items()):
+                np.save(tmp / "train" / f"{item.name}.npy", hovernet_patch(item.image, item.inst_map, item.type_map))
+                lines.append(json.dumps({"file": f"train/{item.name}.npy", **item.provenance}))
+                bar.update(1)
+            if val:
+                (tmp / "valid").mkdir()
+                for item in val[0]:
+                    np.save(tmp / "valid" / f"{item.name}.npy", hovernet_patch(item.image, item.inst_map, item.type_map))
+                    bar.update(1)
+            write_json(tmp / "type_info.json", hovernet_type_info(scheme))
+            write_text(tmp / "provenance.jsonl", "\n".join(lines) + "\n")
+    except OSError as exc:
+        raise StoreError(f"{out}: export failed: {_os_reason(exc)}") from None
+    return out
+
+
+def _chain(*iterables: Iterator[StoreItem]) -> Iterator[StoreItem]:
+    for it in iterables:
+        yield from it
+
+
+def pannuke_masks(inst_map: np.ndarray, type_map: np.ndarray, num_classes: int) -> np.ndarray:
+    """(H, W, C + 1) int32 PanNuke masks: channel c = instance ids of class c + 1, last = background (1)."""
+    channel = type_map.astype(np.int64) - 1  # background -> -1
+    masks = np.zeros((*inst_map.shape, num_classes + 1), dtype=np.int32)
+    fg = inst_map > 0
+    ys, xs = np.nonzero(fg)
+    masks[ys, xs, channel[fg]] = inst_map[fg]
+    masks[..., num_classes] = ~fg
+    return masks
+
+
+def export_pannuke(
+    store: str | os.PathLike | SyntheticStore,
+    out: str | os.PathLike,
+    *,
+    originals: str = "auto",
+    overwrite: bool = False,
+    pbar: Any | None = None,
+) -> Path:
+    """Write stacked arrays (originals first, then the finished synthetic items): ``images.npy``,
+    ``masks.npy`` (PanNuke channels), ``inst_maps.npy``, ``type_maps.npy``, ``scheme.json`` and
+    ``provenance.jsonl`` (row by row). Arrays are written through memory maps, so stores larger
+    than memory export fine. Appears whole or not at all."""
+    from numpy.lib.format import open_memmap
+
+    store = store if isinstance(store, SyntheticStore) else open_store(store)
+    out = Path(out)
+    _check_out(out, overwrite)
+    scheme = store.scheme
+    c = scheme.num_classes
+    h, w = store.patch_shape
+    done = store.done_mask()
+    orig = _originals_for_export(store, originals)
+    n = int(done.sum()) + (orig[1] if orig else 0)
+    if n == 0:
+        raise StoreError(f"{store.path}: no finished items to export; run the synthesis first")
+    try:
+        with atomic_dir(out) as tmp, progress_bar(pbar, n, "export pannuke", unit="patch") as bar:
+            arrays = {
+                "images": open_memmap(tmp / "images.npy", "w+", np.uint8, (n, h, w, 3)),
+                "masks": open_memmap(tmp / "masks.npy", "w+", np.int32, (n, h, w, c + 1)),
+                "inst_maps": open_memmap(tmp / "inst_maps.npy", "w+", np.int32, (n, h, w)),
+                "type_maps": open_memmap(tmp / "type_maps.npy", "w+", np.uint8, (n, h, w)),
+            }
+            lines = []
+            sources = [orig[0]] if orig else []
+            row = 0
+            for item in _chain(*sources, store.items()):
+                arrays["images"][row] = item.image
+                arrays["masks"][row] = pannuke_masks(item.inst_map, item.type_map, c)
+                arrays["inst_maps"][row] = item.inst_map
+                arrays["type_maps"][row] = item.type_map
+                lines.append(json.dumps({"row": row, **item.provenance}))
+                row += 1
+                bar.update(1)
+            if row != n:
+                raise StoreError(f"{store.path}: expected {n} patches but read {row}; the store changed during export")
+            for a in arrays.values():
+                a.flush()
+            del arrays
+            scheme.save(tmp / "scheme.json")
+            write_text(tmp / "provenance.jsonl", "\n".join(lines) + "\n")
+    except OSError as exc:
+        raise StoreError(f"{out}: export failed: {_os_reason(exc)}") from None
+    return out
+
+
+def export_store(store: str | os.PathLike, out: str | os.PathLike, format: str, **kwargs: Any) -> Path:
+    """Export ``store`` to ``format`` (``hovernet`` or ``pannuke``); see the format functions."""
+    if format not in EXPORT_FORMATS:
+        raise StoreError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    fn: Callable[..., Path] = export_hovernet if format == "hovernet" else export_pannuke
+    return fn(store, out, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# training commands carried by the store
+# ---------------------------------------------------------------------------------------------
+# HoVer-Net (github vqdang/hover_net) facts the generated instructions rely on: patches are
+# listed from config.py's train_dir_list / valid_dir_list (glob "*.npy"); nr_type counts the
+# background; "original" mode crops 270 px inputs (patches must be >= 270 px), "fast" mode 256 px;
+# run_train.py takes --gpu=<comma separated ids>; the ImageNet-pretrained Preact-ResNet50 path is
+# set in models/hovernet/opt.py ("pretrained").
+HOVERNET_REPO = "https://github.com/vqdang/hover_net"
+
+
+def hovernet_mode(patch_size: int) -> str | None:
+    """HoVer-Net model mode whose input crop fits ``patch_size`` px patches (None: too small)."""
+    if patch_size >= 270:
+        return "original"
+    if patch_size >= 256:
+        return "fast"
+    return None
+
+
+def training_commands(
+    store_name: str, *, data: str | None, scheme: ClassScheme, patch_size: int, originals: str
+) -> dict[str, list[list[str]]]:
+    """The commands (argument lists) ``train.sh`` runs from the folder holding the store.
+
+    ``data``: the original training dataset (referenced originals), or None. ``originals``:
+    the store's originals mode ("included" / "referenced" / "none"). With included originals
+    the store is exported as stacked arrays (originals + synthetic) and trained on as one
+    dataset; otherwise ``train-seg`` reads the dataset (``--data``) and the store
+    (``--synthetic``).
+    """
+    base = store_name.rstrip("/")
+    scheme_arg = scheme.name if scheme.name in ("consep", "glysac", "demo") else f"{base}/scheme.json"
+    crop = ["--crop-size", str(patch_size)] if patch_size < 256 else []
+    seg: list[list[str]] = []
+    if originals == "included":
+        seg.append(["diffmix", "export", base, "--format", "pannuke", "--out", f"{base}-pannuke", "--overwrite"])
+        seg.append(["diffmix", "train-seg", "--data", f"{base}-pannuke", "--scheme", scheme_arg, *crop,
+                    "--out", f"{base}-seg", "--overwrite"])
+    else:
+        data_arg = ["--data", data] if data else []
+        seg.append(["diffmix", "train-seg", *data_arg, "--synthetic", base, "--scheme", scheme_arg, *crop,
+                    "--out", f"{base}-seg", "--overwrite"])
+    hover = [["diffmix", "export", base, "--format", "hovernet", "--out", f"{base}-hovernet", "--overwrite"]]
+    return {"train_seg": seg, "hovernet_export": hover}
+
+
+def _q(args: Sequence[str]) -> str:
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def write_training_files(
+    path: str | os.PathLike,
+    *,
+    data: str | None,
+    scheme: ClassScheme,
+    patch_size: int,
+    counts: Mapping[str, Sequence[int]],
+    originals: str,
+) -> tuple[Path, Path]:
+    """Write ``TRAINING.md``, ``train.sh`` and ``scheme.json`` into the store folder."""
+    path = Path(path)
+    scheme.save(path / "scheme.json")
+    cmds = training_commands(path.name, data=data, scheme=scheme, patch_size=patch_size, originals=originals)
+    mode = hovernet_mode(patch_size)
+    write_text(path / TRAIN_SH, _train_sh(cmds, mode, scheme.num_classes + 1, path.name))
+    write_text(path / TRAINING_MD, _training_md(cmds, mode, path.name, data, scheme, patch_size, counts, originals))
+    os.chmod(path / TRAIN_SH, 0o755)
+    return path / TRAINING_MD, path / TRAIN_SH
+
+
+def hovernet_config_edits(nr_type: int, mode: str) -> list[tuple[str, str]]:
+    """(regex in HoVer-Net's official config.py, replacement) pairs; ``TRAIN_DIR`` / ``VALID_DIR``
+    stand for the quoted patch folders, filled in by ``train.sh``."""
+    return [
+        (r"nr_type = \d+", f"nr_type = {nr_type}"),
+        (r'model_mode = "\w+"', f'model_mode = "{mode}"'),
+        (r'"train_patches_path"', "TRAIN_DIR"),
+        (r'"valid_patches_path"', "VALID_DIR"),
+    ]
+
+
+# The in-place edit of HoVer-Net's config.py that train.sh runs (argv: config, train dir, valid dir, edits JSON).
+_CONFIG_EDIT = """import json, pathlib, re, sys
+config = pathlib.Path(sys.argv[1])
+text = config.read_text()
+values = {"TRAIN_DIR": repr(sys.argv[2]), "VALID_DIR": repr(sys.argv[3])}
+for pattern, new in json.loads(sys.argv[4]):
+    new = values.get(new, new)
+    text, n = re.subn(pattern, lambda m: new, text, count=1)
+    if n != 1:
+        sys.exit(f"{config}: cannot find {pattern!r}; edit config.py by hand (see TRAINING.md)")
+config.write_text(text)
+"""
+
+
+def _train_sh(cmds: Mapping[str, list[list[str]]], mode: str | None, nr_type: int, store_name: str) -> str:
+    seg = "\n".join(f"run {_q(c)}" for c in cmds["train_seg"])
+    export = "\n".join(f"run {_q(c)}" for c in cmds["hovernet_export"])
+    hovernet = ""
+    if mode is not None:
+        edits = shlex.quote(json.dumps(hovernet_config_edits(nr_type, mode)))
+        hovernet = f"""
+# 3. HoVer-Net's official training ({HOVERNET_REPO}) when HOVERNET_DIR points at a clone:
+#    config.py is edited in place (nr_type = classes + background, model_mode, patch folders;
+#    VALID_DIR = held-out patches, default the training folder), then run_train.py on GPU(s) $GPU.
+if [ -n "${{HOVERNET_DIR:-}}" ]; then
+  TRAIN_DIR="$(pwd)/{store_name}-hovernet/train"
+  VALID_DIR="${{VALID_DIR:-$TRAIN_DIR}}"
+  run python -c {shlex.quote(_CONFIG_EDIT)} "$HOVERNET_DIR/config.py" "$TRAIN_DIR" "$VALID_DIR" {edits}
+  run sh -c 'cd "$HOVERNET_DIR" && exec python run_train.py --gpu="${{GPU:-0}}"'
+fi
+"""
+    return f"""#!/usr/bin/env bash
+# Train a nuclei segmentation + classification network on original + synthetic data.
+# Written by napari-diffmix into the synthetic store {store_name}; see TRAINING.md there.
+# DRY_RUN=1 prints the commands without running them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+run() {{
+  printf '+'; printf ' %q' "$@"; printf '\\n'
+  if [ "${{DRY_RUN:-0}}" != 1 ]; then "$@"; fi
+}}
+
+# 1. This project's downstream network (HoVer-Net architecture) on original + synthetic patches.
+{seg}
+
+# 2. HoVer-Net training patches (.npy, H x W x 5: RGB, instances, types).
+{export}
+{hovernet}"""
+
+
+def _training_md(cmds, mode, store_name: str, data, scheme: ClassScheme, patch_size, counts, originals) -> str:
+    hover_out = f"{store_name}-hovernet"
+    before, after = counts.get("before"), counts.get("after")
+    rows = []
+    for k, name in enumerate(scheme.names, start=1):
+        b = int(before[k]) if before is not None else 0
+        a = int(after[k]) if after is not None else 0
+        rows.append(f"| {name} | {b} | {_share(before, k)} | {a} | {_share(after, k)} |")
+    table = "\n".join(rows)
+    seg = "\n".join(_q(c) for c in cmds["train_seg"])
+    export = "\n".join(_q(c) for c in cmds["hovernet_export"])
+    if originals == "included":
+        where = "The original patches are in the store (`originals/`) and are exported with the synthetic ones."
+    elif originals == "referenced":
+        where = f"The original patches come from the dataset `{data}` (`--data`)."
+    else:
+        where = "The store holds no original patches: add your original training data with `--data DATASET`."
+    if mode is None:
+        hover = (
+            f"HoVer-Net's smallest network input is 256 px ('fast' mode); these {patch_size} px patches are too small "
+            "for its official training code. Synthesize with `--patch-size 256` (or larger) to use it."
+        )
+    else:
+        hover = f"""1. Clone the official code (`git clone {HOVERNET_REPO}`) and install its requirements.
+2. Export the patches (`train/` = original + synthetic in HoVer-Net's `.npy` layout; add `--valid DATASET` for a
+   `valid/` folder of held-out patches):
+
+   ```
+   {export}
+   ```
+3. Edit `config.py` in the HoVer-Net folder:
+   - `nr_type = {scheme.num_classes + 1}` (the {scheme.num_classes} classes of scheme `{scheme.name}` plus background)
+   - `model_mode = "{mode}"` ({patch_size} px patches; "original" mode crops 270 px inputs, "fast" mode 256 px)
+   - `self.train_dir_list = ["<absolute path>/{hover_out}/train"]`
+   - `self.valid_dir_list = ["<absolute path>/{hover_out}/valid"]` (held-out patches)
+   - `self.log_dir`: where checkpoints go
+   and the `"pretrained"` path (ImageNet Preact-ResNet50 weights) in `models/hovernet/opt.py`.
+4. Train: `python run_train.py --gpu=0` (several GPUs: `--gpu=0,1`).
+
+`train.sh` does steps 2-4 when `HOVERNET_DIR` points at the clone (`VALID_DIR`: held-out patches, `GPU`: the
+GPU list). `type_info.json` in the export gives HoVer-Net's inference the class names and colours."""
+    return f"""# Training on original + synthetic data
+
+`{store_name}` holds DiffMix-synthesised patches ({patch_size} x {patch_size} px) of the class scheme
+`{scheme.name}` ({', '.join(scheme.names)}). {where}
+Nuclei per class (per patch, summed over patches):
+
+| class | original | share | original + synthetic | share |
+|---|---|---|---|---|
+{table}
+
+`{store_name}/train.sh` runs the commands below from the folder that holds the store;
+`DRY_RUN=1 bash {store_name}/train.sh` only prints them.
+
+## This project's downstream network
+
+```
+{seg}
+```
+
+## HoVer-Net (official repository)
+
+{hover}
+
+## Other tools
+
+`diffmix export {shlex.quote(store_name)} --format pannuke --out DIR` writes stacked arrays: `images.npy`,
+PanNuke-style `masks.npy`, `inst_maps.npy`, `type_maps.npy` (readable with `diffmix stats DIR`).
+"""
+
+
+def _share(counts: Sequence[int] | None, k: int) -> str:
+    if counts is None:
+        return "-"
+    total = sum(int(v) for v in list(counts)[1:])
+    return f"{100.0 * int(counts[k]) / total:.1f} %" if total else "-"
