@@ -51,7 +51,7 @@ MATCH_IOU = 0.5
 PAIR_RADIUS = 12.0
 INSTANCE_METRICS = ("dice", "aji", "aji_plus", "dq", "sq", "pq")
 # Dense contingency tables up to this many cells; above it the sparse path is cheaper.
-_DENSE_CELLS = 1 << 24
+_DENSE_CELLS = 1 << 22
 
 
 # -- instance maps -------------------------------------------------------------------------

@@ -203,7 +203,10 @@ def _brute(t, p):
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_vectorised_equals_brute_force(seed):
+@pytest.mark.parametrize("dense", [True, False])
+def test_vectorised_equals_brute_force(seed, dense, monkeypatch):
+    if not dense:  # the sparse contingency path used for very many nuclei
+        monkeypatch.setattr(M, "_DENSE_CELLS", 0)
     t = blob_map(seed)
     p = perturbed(t, seed) if seed % 2 else blob_map(seed + 50)
     aji, ajip, dq, sq = _brute(t, p)

@@ -171,6 +171,14 @@ def test_training_decreases_loss_and_checkpoint_round_trips(phantoms, tmp_path):
     first = train_segmentation(phantoms, model_config=SegConfig.preset("tiny", 3), config=SegTrainConfig(steps=5, seed=1, **FAST))
     assert again.history[-1]["loss"] == first.history[-1]["loss"]
 
+    calls = iter(range(100))
+    stopped = train_segmentation(
+        phantoms, model_config=SegConfig.preset("tiny", 3), config=SegTrainConfig(steps=50, **FAST),
+        out_dir=tmp_path / "stopped", should_stop=lambda: next(calls) >= 3,
+    )
+    assert stopped.interrupted and stopped.steps == 3
+    assert load_seg_model(tmp_path / "stopped")[1].training["step"] == 3
+
     with pytest.raises(CheckpointError, match="--overwrite"):
         train_segmentation(phantoms, model_config=SegConfig.preset("tiny", 3), config=SegTrainConfig(steps=1, **FAST), out_dir=tmp_path / "m")
     (tmp_path / "other").mkdir()

@@ -189,8 +189,9 @@ def train_segmentation(
                     loss.backward()
                     opt.step()
                     step += 1
-                    for k, v in terms.items():
-                        window.setdefault(k, []).append(float(v.detach()))
+                    values = torch.stack([v.detach() for v in terms.values()]).tolist()  # one device sync
+                    for k, v in zip(terms, values):
+                        window.setdefault(k, []).append(v)
                     if step % config.log_every == 0 or step == config.steps:
                         row = {"step": step, **{k: float(np.mean(v)) for k, v in window.items()}}
                         row["elapsed_s"] = time.perf_counter() - t0
