@@ -91,6 +91,7 @@ class TrainConfig:
     noise_schedule: str = "linear"
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     grad_checkpointing: bool = False
+    channels_last: bool = False  # NHWC activations: faster convolutions on CPU (oneDNN) and tensor cores
     grad_clip: float = 0.0  # max global grad norm; 0 = off (the published recipe does not clip)
     augment: bool = True  # the 8 flip/rotation symmetries
     seed: int = 0
@@ -101,8 +102,8 @@ class TrainConfig:
     log_every: int = 50
     sample_every: int = 1000  # 0 = never
     num_val_samples: int = 4
-    sample_sampler: str = "ddim"
-    sample_steps: int = 25
+    sample_sampler: str = "dpm++2m"
+    sample_steps: int = 20
     guidance: float = 1.5  # default CFG scale stored with the exported model
     init: str | None = None  # fine-tune from this checkpoint (native or official .pt)
     preset: str | None = None
@@ -175,7 +176,6 @@ def _published(model: str) -> TrainConfig:
         grad_checkpointing=True,
         save_every=500,
         sample_every=1000,
-        sample_steps=50,
         guidance=1.5,
     )
 
@@ -183,24 +183,26 @@ def _published(model: str) -> TrainConfig:
 PRESETS: dict[str, TrainConfig] = {
     "diffmix-consep": _published("diffmix-consep"),
     "diffmix-glysac": _published("diffmix-glysac"),
-    # A 3.5 M-parameter model that learns the demo tile on 2 CPU cores in hours. It needs
-    # guidance ~3 (1.5 is muddy at this size), hence dropout from the start.
+    # A 4.5 M-parameter model that learns the demo tile on one CPU core in a few hours. It
+    # needs guidance ~3 (1.5 is muddy at this size), hence condition dropout from the start.
+    # bf16 autocast + channels_last: 1.6x faster steps on a CPU with avx512_bf16.
     "demo": TrainConfig(
         model="demo",
-        stages=(Stage(8000, 2e-4, 0.15),),
+        stages=(Stage(4500, 2e-4, 0.15), Stage(1500, 5e-5, 0.15)),
         crop_size=64,
         batch_size=12,
         ema_rate=0.999,
         ema_warmup=True,
-        precision="fp32",
+        precision="bf16",
+        channels_last=True,
         grad_clip=1.0,
         save_every=250,
         keep_last=3,
         log_every=50,
-        sample_every=1000,
+        sample_every=500,
         num_val_samples=6,
-        sample_steps=25,
         guidance=3.0,
+        num_threads=1,
     ),
     # For tests and smoke runs.
     "tiny": TrainConfig(
@@ -790,19 +792,14 @@ def export_model(ema_model: torch.nn.Module, path: str | os.PathLike, scheme: Cl
 def render_samples(model: torch.nn.Module, crops: Sequence[Source], scheme: ClassScheme, config: TrainConfig, device: torch.device) -> np.ndarray:
     """uint8 (N, s, s, 3) images rendered by ``model`` for the crops' label maps (fixed seed)."""
     from .model.condition import condition_batch
-    from .model.samplers import sample, to_uint8
+    from .model.samplers import sample
 
-    cond = condition_batch(np.stack([c.inst_map for c in crops]), np.stack([c.type_map for c in crops]), scheme.num_classes).to(device)
+    cond = condition_batch([c.inst_map for c in crops], [c.type_map for c in crops], scheme.num_classes).to(device)
     last = None
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for last in sample(model, cond, sampler=config.sample_sampler, steps=config.sample_steps, guidance=config.guidance,
-                           seed=config.seed, diffusion=_diffusion_settings(config)):
-            pass
-    return to_uint8(last.x_t)
-
-
-def _diffusion_settings(config: TrainConfig) -> dict[str, Any]:
-    return {"num_timesteps": config.num_timesteps, "schedule": config.noise_schedule}
+    for last in sample(model, cond, diffusion=build_diffusion(config, model.config.learn_sigma), sampler=config.sample_sampler,
+                       steps=config.sample_steps, guidance=config.guidance, seed=config.seed):
+        pass
+    return last.images()
 
 
 def label_preview(inst_map: np.ndarray, type_map: np.ndarray, scheme: ClassScheme) -> np.ndarray:
@@ -815,13 +812,15 @@ def label_preview(inst_map: np.ndarray, type_map: np.ndarray, scheme: ClassSchem
 
 
 def sample_grid(crops: Sequence[Source], samples: np.ndarray, scheme: ClassScheme, gap: int = 2) -> np.ndarray:
-    """Rows: label map, model sample, real image; one column per crop."""
+    """Rows: label map, model sample, real image; one column per crop (small crops enlarged)."""
+    zoom = max(1, 128 // samples.shape[1])
     rows = [
         [label_preview(c.inst_map, c.type_map, scheme) for c in crops],
         list(samples),
         [c.image for c in crops],
     ]
-    s = samples.shape[1]
+    rows = [[np.kron(img, np.ones((zoom, zoom, 1), np.uint8)) for img in row] for row in rows]
+    s = samples.shape[1] * zoom
     n = len(crops)
     grid = np.full((3 * s + 2 * gap, n * s + (n - 1) * gap, 3), 255, np.uint8)
     for r, row in enumerate(rows):
@@ -892,6 +891,8 @@ def _run(config, scheme, sources, val_crops, info, device, out_dir, resume, pbar
     torch.manual_seed(config.seed)  # same init on every rank (DDP also broadcasts rank 0's)
     model, model_cfg = build_model(config, scheme)
     model.to(device).train()
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    model.to(memory_format=memory_format)
     diffusion = build_diffusion(config, bool(model_cfg.get("learn_sigma", True)))
     ema_model = copy.deepcopy(model).requires_grad_(False).eval()
     autocast_dtype = resolve_precision(config.precision, device)
@@ -947,11 +948,11 @@ def _run(config, scheme, sources, val_crops, info, device, out_dir, resume, pbar
             for g in opt.param_groups:
                 g["lr"] = stage.lr
             images, insts, types, keep = stream.next(stage.cond_dropout)
-            x0 = to_model_space(images).to(device)
+            x0 = to_model_space(images).to(device, memory_format=memory_format)
             cond = condition_batch(insts, types, scheme.num_classes)
-            cond = (cond * torch.from_numpy(keep.astype(np.float32)).view(-1, 1, 1, 1)).to(device)
+            cond = (cond * torch.from_numpy(keep.astype(np.float32)).view(-1, 1, 1, 1)).to(device, memory_format=memory_format)
             t = torch.randint(0, config.num_timesteps, (x0.shape[0],), generator=noise_gen, device=device)
-            noise = torch.randn(x0.shape, generator=noise_gen, device=device)
+            noise = torch.randn(x0.shape, generator=noise_gen, device=device).contiguous(memory_format=memory_format)
             try:
                 with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
                     losses = diffusion.training_losses(net, x0, t, cond, noise=noise)
