@@ -1,4 +1,5 @@
-"""``diffmix demo-data``: write the bundled demo dataset as a generic folder and print its classes."""
+"""``diffmix demo``: the whole DiffMix pipeline on the bundled demo, and ``diffmix demo-data``:
+write the bundled demo dataset as a generic folder and print its classes."""
 
 from __future__ import annotations
 
@@ -11,8 +12,49 @@ EPILOG = """examples:
   diffmix stats diffmix-demo-data                      # read it back like any generic dataset
 """
 
+DEMO_EPILOG = """examples:
+  diffmix demo                                  # ./diffmix-demo/: demo.zarr, demo-montage.png, data/
+  diffmix demo --patches 32 --patch-size 256    # more and larger patches (slower)
+  napari diffmix-demo/demo.zarr                 # look at the result
+
+Re-running continues an interrupted demo; changed settings replace the previous demo store.
+"""
+
+DEMO_STORE = "demo.zarr"
+DEMO_MONTAGE = "demo-montage.png"
+DEMO_DATA = "data"
+MONTAGE_ROWS = 6
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    d = subparsers.add_parser(
+        "demo",
+        help="run DiffMix on the bundled demo: balanced label maps -> rendered images -> zarr store + montage",
+        description=(
+            "The bundled demo end to end, offline, in a few minutes on a laptop CPU: the demo tile's label maps "
+            "(training split), balancing and enlarging maps that raise the rare class, images rendered by the bundled "
+            "demo model with the fast sampler (SDEdit from the original patches), a zarr store with provenance and "
+            "training instructions, and a PNG montage (original | edited label map | rendered)."
+        ),
+        epilog=DEMO_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    d.add_argument("--out", "-o", type=Path, default=Path("diffmix-demo"), help="output folder (default: ./diffmix-demo)")
+    d.add_argument("--model", "-m", type=Path, help="diffusion model (default: the bundled demo model)")
+    d.add_argument("--patches", type=int, default=12, help="synthetic patches, half balancing, half enlarging (default 12)")
+    d.add_argument("--patch-size", type=int, default=128, help="patch size in px (default 128)")
+    d.add_argument("--stride", type=int, default=64, help="patch grid stride in px (default 64)")
+    d.add_argument("--steps", type=int, default=20, help="DPM-Solver++ steps of the whole schedule (default 20)")
+    d.add_argument("--strength", type=float, default=0.55, help="SDEdit strength (default 0.55)")
+    d.add_argument("--from-noise", action="store_true", help="render from pure noise instead of SDEdit from the original patch")
+    d.add_argument("--guidance", type=float, help="classifier-free guidance (default: the model's)")
+    d.add_argument("--batch-size", type=int, default=4, help="patches per sampler call (default 4)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the plan and the noise (default 0)")
+    d.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    d.add_argument("--threads", type=int, help="CPU threads for PyTorch")
+    d.add_argument("--overwrite", action="store_true", help="replace a non-demo store or data folder in --out")
+    d.set_defaults(func=run_demo)
+
     p = subparsers.add_parser(
         "demo-data",
         help="write the bundled demo dataset (no download) and print its class statistics",
@@ -46,4 +88,150 @@ def run(args: argparse.Namespace) -> int:
     if args.split:
         print()
         print(stats.tile_table())
+    return 0
+
+
+# -- diffmix demo ---------------------------------------------------------------------------------
+DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "resources" / "models" / "demo"
+
+
+def demo_model_path(folder: Path = DEMO_MODEL_DIR) -> Path:
+    """The bundled demo model: the one ``.safetensors`` file in ``resources/models/demo``."""
+    from ..errors import CheckpointError
+
+    found = sorted(folder.glob("*.safetensors"))
+    if len(found) != 1:
+        what = "is missing" if not found else f"is ambiguous ({[p.name for p in found]})"
+        raise CheckpointError(
+            f"{folder}: the bundled demo model {what}; reinstall napari-diffmix, or pass --model with a model "
+            "from 'diffmix train demo --preset demo'"
+        )
+    return found[0]
+
+
+def _demo_data(out: Path, overwrite: bool) -> tuple[Path, Path]:
+    """Write (once) the demo's training and held-out tiles as generic folders under ``out/data``."""
+    from ..classes import DEMO
+    from ..datasets import Dataset, open_dataset, write_generic
+    from ..demo_data import demo_split
+    from ..errors import DatasetError
+
+    split = demo_split()
+    paths = []
+    for tile, name in ((split.train, "train"), (split.held_out, "held-out")):
+        folder = out / DEMO_DATA / name
+        if folder.exists():
+            try:
+                names = open_dataset(folder).names
+            except Exception:  # any unreadable folder is "not the demo's"
+                names = None
+            if names == [tile.name]:
+                paths.append(folder)
+                continue
+            if not overwrite:
+                raise DatasetError(f"exists but does not hold the demo tile {tile.name!r}; pass --overwrite or another --out", folder)
+        write_generic(Dataset([tile], DEMO), folder, overwrite=True)
+        paths.append(folder)
+    return paths[0], paths[1]
+
+
+def _store_owner(path: Path) -> str | None:
+    """``created_by`` of an existing store, None when ``path`` holds none."""
+    if not (path / "zarr.json").is_file():
+        return None
+    import zarr
+
+    try:
+        return str(zarr.open_group(str(path), mode="r").attrs.get("created_by"))
+    except Exception:  # unreadable: treat as foreign
+        return "unknown"
+
+
+def montage(store_path: Path, dataset, rows: int = MONTAGE_ROWS, gap: int = 4):
+    """uint8 RGB montage: one row per item (balancing and enlarging items alternate), columns
+    original patch | edited label map | rendered image."""
+    import numpy as np
+
+    from ..export import open_store
+    from ..train import label_preview
+
+    store = open_store(store_path)
+    scheme = store.scheme
+    done = np.flatnonzero(store.done_mask())
+    by_kind: dict[str, list[int]] = {}
+    for i in done:
+        by_kind.setdefault("+".join(store.provenance(int(i)).get("maps", [])), []).append(int(i))
+    order = [i for group in zip(*by_kind.values()) for i in group] if by_kind else []
+    order += [int(i) for i in done if int(i) not in order]
+    chosen = order[:rows]
+    if not chosen:
+        return None
+    h, w = store.patch_shape
+    grid = np.full((len(chosen) * (h + gap) - gap, 3 * w + 2 * gap, 3), 255, np.uint8)
+    for r, i in enumerate(chosen):
+        item = store.item(i)
+        y, x = item.provenance["origin"]
+        original = dataset[int(item.provenance["tile"])].image[y : y + h, x : x + w]
+        panels = (original, label_preview(item.inst_map, item.type_map, scheme), item.image)
+        for c, panel in enumerate(panels):
+            grid[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = panel
+    return grid
+
+
+def _shares(counts) -> list[float]:
+    total = sum(int(v) for v in counts[1:])
+    return [100.0 * int(v) / total if total else 0.0 for v in counts[1:]]
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    import os
+
+    from ..datasets import open_dataset
+    from ..mixing import MixCache, plan_balanced_set
+    from ..synthesize import SynthesisConfig, SynthesisJob
+    from ..train import write_png
+    from ._synthesize import job_summary
+
+    out: Path = args.out
+    model = args.model if args.model is not None else demo_model_path()
+    train_dir, held_out_dir = _demo_data(out, args.overwrite)
+    dataset = open_dataset(train_dir)
+    cache = MixCache(dataset)
+    plan = plan_balanced_set(
+        dataset, patches=args.patches, maps=("balance", "enlarge"), patch_size=args.patch_size, stride=args.stride,
+        seed=args.seed, cache=cache,
+    )
+    config = SynthesisConfig(
+        steps=args.steps, strength=args.strength, init="noise" if args.from_noise else "original", guidance=args.guidance,
+        seed=args.seed, batch_size=args.batch_size, device=args.device, threads=args.threads, originals="reference",
+    )
+    store = out / DEMO_STORE
+    owner = _store_owner(store)
+    replace = args.overwrite or owner == "demo"
+    job = SynthesisJob(dataset, plan, model, store, config, overwrite=replace, created_by="demo", cache=cache)
+    print(f"diffmix demo: {len(plan)} synthetic {plan.patch_size} px patches from the demo tile's training split; model {model}")
+    result = job.run()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    print(job_summary(job, result))
+    if not result.complete:
+        return 0 if result.stopped else 1
+    grid = montage(store, dataset)
+    montage_path = out / DEMO_MONTAGE
+    write_png(montage_path, grid)
+    names = plan.scheme.names
+    before, after = _shares(result.counts["before"]), _shares(result.counts["after"])
+    width = max(len(n) for n in names)
+    print("\nclass shares of nuclei, original -> original + synthetic:")
+    for k, name in enumerate(names):
+        print(f"  {name:<{width}}  {before[k]:5.1f} % -> {after[k]:5.1f} %")
+    print("\nfiles:")
+    print(f"  {store}  {result.total} synthetic patches (images, inst_maps, type_maps, provenance), TRAINING.md, train.sh")
+    print(f"  {montage_path}  rows of original patch | edited label map | rendered image")
+    print(f"  {train_dir}, {held_out_dir}  the demo's training and held-out tiles")
+    print("\nnext:")
+    print(f"  napari {store}          # open the store (napari-diffmix reader), or File > Open in napari")
+    print(f"  bash {store / 'train.sh'}   # train the segmentation network on original + synthetic data")
+    print(f"  diffmix compare --data {train_dir} --synthetic {store} --test {held_out_dir} --out {out / 'compare'}"
+          f" --crop-size {plan.patch_size}")
     return 0

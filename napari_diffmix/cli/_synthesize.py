@@ -1,0 +1,144 @@
+"""``diffmix synthesize``: a class-balanced synthetic dataset rendered into a resumable zarr store."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+EPILOG = """examples:
+  diffmix synthesize /data/CoNSeP/Train --scheme consep --model consep.safetensors --out consep-synthetic.zarr
+  diffmix synthesize demo --model demo.safetensors --out demo.zarr --patch-size 128 --stride 64 --patches 16
+  diffmix synthesize /data/CoNSeP/Train --scheme consep --model m.safetensors --out s.zarr --target-share 15
+  diffmix synthesize /data/CoNSeP/Train --scheme consep --model m.safetensors --out s.zarr --plan labels/plan.json
+  torchrun --nproc_per_node=4 -m napari_diffmix synthesize /data/CoNSeP/Train --scheme consep --model m.safetensors --out s.zarr
+
+Re-running the same command after Ctrl-C, a crash or a full disk continues where it stopped
+and gives the same store as an uninterrupted run. Then: diffmix export STORE --format hovernet,
+or see STORE/TRAINING.md.
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "synthesize",
+        help="render a class-balanced synthetic set (balancing/enlarging maps -> diffusion images) into a zarr store",
+        description=(
+            "Plan synthetic patches that balance the rare nuclei classes (balancing and enlarging label maps), render "
+            "an H&E image for every label map with the diffusion model (by default DiffMix's SDEdit from the original "
+            "patch, with the fast DPM-Solver++ sampler) and write everything to a resumable zarr store with "
+            "provenance and training instructions (TRAINING.md, train.sh)."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("dataset", help="training dataset folder (CoNSeP/GLySAC, generic, PanNuke) or 'demo'")
+    p.add_argument("--model", "-m", required=True, help="diffusion model (.safetensors from 'diffmix train')")
+    p.add_argument("--out", "-o", required=True, type=Path, help="output store folder, e.g. synthetic.zarr")
+    p.add_argument("--scheme", help="class scheme: consep, glysac, demo or a JSON/YAML file (default: the dataset's)")
+    p.add_argument("--layout", default="auto", choices=("auto", "consep", "generic", "pannuke"), help="dataset layout (default: detect)")
+    g = p.add_argument_group("label plan (see also 'diffmix labels')")
+    g.add_argument("--plan", type=Path, help="use a plan.json written by 'diffmix labels' instead of planning here")
+    g.add_argument("--balance", action="store_true", help="make balancing patches (rare-class insertion)")
+    g.add_argument("--enlarge", action="store_true", help="make enlarging patches (nucleus shifts)")
+    g.add_argument("--combined", action="store_true", help="apply both maps to every patch (default: --balance --enlarge)")
+    goal = g.add_mutually_exclusive_group()
+    goal.add_argument("--patches", type=int, metavar="N", help="number of synthetic patches (default: as many as the original grid)")
+    goal.add_argument("--target-share", type=float, metavar="PCT", help="add patches until every class holds at least PCT %% of the nuclei")
+    g.add_argument("--rare", nargs="+", metavar="CLASS", help="rare class names or ids (default: the scheme's)")
+    g.add_argument("--patch-size", type=int, default=256, help="patch size in px (default 256)")
+    g.add_argument("--stride", type=int, default=76, help="patch grid stride in px (default 76)")
+    g.add_argument("--max-variants", type=int, default=4, help="with --target-share: re-balancings per tile to draw from (default 4)")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--sampler", default="dpm++2m", choices=("dpm++2m", "ddim", "ddpm", "unipc"), help="solver (default dpm++2m)")
+    s.add_argument("--steps", type=int, default=20, help="respaced steps of the whole schedule (default 20)")
+    s.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")
+    s.add_argument("--strength", type=float, default=0.55, help="SDEdit: noise the original patch to this share of the schedule (default 0.55, DiffMix)")
+    s.add_argument("--from-noise", action="store_true", help="sample from pure noise instead of SDEdit from the original patch")
+    s.add_argument("--seed", type=int, default=0, help="seed of the plan (unless --plan) and of every item's noise (default 0)")
+    s.add_argument("--batch-size", type=int, default=8, help="items per sampler call (default 8)")
+    h = p.add_argument_group("hardware")
+    h.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto; under torchrun one GPU per rank)")
+    h.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="network precision (default fp32)")
+    h.add_argument("--threads", type=int, help="CPU threads for PyTorch")
+    o = p.add_argument_group("store")
+    orig = o.add_mutually_exclusive_group()
+    orig.add_argument("--include-originals", dest="originals", action="store_const", const="include",
+                      help="copy the original patches into the store (a self-contained training set)")
+    orig.add_argument("--reference-originals", dest="originals", action="store_const", const="reference",
+                      help="record the dataset the original patches come from (default for datasets on disk)")
+    orig.add_argument("--no-originals", dest="originals", action="store_const", const="none", help="leave the original patches out")
+    o.add_argument("--resume", action="store_true", help="only continue an existing store (error if there is none)")
+    o.add_argument("--overwrite", action="store_true", help="replace a store made with other settings")
+    o.add_argument("--dry-run", action="store_true", help="check the inputs, print the plan and write nothing")
+    p.set_defaults(func=run, originals="auto")
+
+
+def build_plan(args: argparse.Namespace, dataset, *, cache=None):
+    """The plan from ``--plan`` or from the planning flags (shared with ``diffmix demo``)."""
+    from ..mixing import Plan, plan_balanced_set
+    from ._labels import _rare_ids
+
+    if getattr(args, "plan", None) is not None:
+        return Plan.load(args.plan)
+    if args.combined:
+        maps = ["balance+enlarge"]
+    elif args.balance or args.enlarge:
+        maps = [m for m, on in (("balance", args.balance), ("enlarge", args.enlarge)) if on]
+    else:
+        maps = ["balance", "enlarge"]
+    return plan_balanced_set(
+        dataset, patches=args.patches, target_share=args.target_share, maps=maps,
+        rare=_rare_ids(dataset.scheme, args.rare), patch_size=args.patch_size, stride=args.stride, seed=args.seed,
+        max_variants=args.max_variants, cache=cache,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..datasets import open_dataset
+    from ..mixing import MixCache
+    from ..synthesize import SynthesisConfig, SynthesisJob
+
+    rank = int(os.environ.get("RANK", "0"))
+    dataset = open_dataset(args.dataset, args.scheme, args.layout)
+    cache = MixCache(dataset)
+    plan = build_plan(args, dataset, cache=cache)
+    config = SynthesisConfig(
+        sampler=args.sampler, steps=args.steps, guidance=args.guidance, init="noise" if args.from_noise else "original",
+        strength=args.strength, seed=args.seed, batch_size=args.batch_size, device=args.device,
+        precision=args.precision, originals=args.originals, threads=args.threads,
+    )
+    job = SynthesisJob(dataset, plan, args.model, args.out, config, overwrite=args.overwrite, resume=args.resume, cache=cache)
+    if rank == 0:
+        print(f"{args.dataset}: {len(dataset)} tile(s), scheme {dataset.scheme.name}; model {args.model}")
+        print(plan.table())
+        init = f"SDEdit from the original patch, strength {config.strength}" if config.init == "original" else "from noise"
+        print(f"sampling: {config.sampler}, {config.steps} steps, guidance {job.guidance:g}, {init}, seed {config.seed}, "
+              f"batch {config.batch_size}; originals: {job.originals_mode}")
+    if args.dry_run:
+        return 0
+    result = job.run()
+    if rank != 0:
+        return 0
+    print(job_summary(job, result))
+    return 0 if result.complete or result.stopped else 1
+
+
+def job_summary(job, result) -> str:
+    """What a finished (or stopped) run tells the user."""
+    lines = []
+    if job.message:
+        lines.append(job.message)
+    t = result.timings
+    rate = f", {result.items_per_s:.2f} items/s" if result.rendered else ""
+    lines.append(f"rendered {result.rendered} item(s) in {t.get('total', 0):.0f} s{rate}; {result.done} of {result.total} done")
+    if result.counts:
+        import numpy as np
+
+        lines.append(job.plan.table(np.asarray(result.counts["synthetic"])))
+    if result.complete:
+        lines.append(f"store: {result.store}  (training instructions: {result.store / 'TRAINING.md'})")
+        lines.append(f"open it in napari: napari {result.store}")
+    else:
+        lines.append(f"stopped: {result.total - result.done} item(s) left; run the same command again to resume")
+    return "\n".join(lines)

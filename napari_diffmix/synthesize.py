@@ -1,0 +1,715 @@
+"""Batch synthesis: a label plan rendered by the diffusion model into a resumable zarr store.
+
+Pipeline: dataset + class scheme + model -> :class:`~napari_diffmix.mixing.Plan` (balanced set
+planner) -> label maps (:func:`~napari_diffmix.mixing.make_item`: balancing / enlarging per
+item) -> images (batched sampling with the fast sampler; by default DiffMix's SDEdit from the
+original patch, optionally from pure noise) -> the store of :mod:`napari_diffmix.export`.
+
+Driving a job
+-------------
+``job = SynthesisJob(dataset, plan, model, out, config)`` then either
+
+* ``job.run(pbar=None, should_stop=None) -> SynthesisResult``: the CLI way. A tqdm bar (items/s,
+  ETA) or the caller's ``pbar``; Ctrl-C / SIGTERM (main thread only) finish the current batch,
+  write it and return with ``result.stopped`` (a second Ctrl-C aborts at once, the store still
+  resumable); ``should_stop()`` is polled between batches.
+* ``for event in job.events(should_stop=None): ...``: the GUI way (napari's batch export
+  widget drains it in a ``thread_worker``). Events (:class:`SynthesisEvent`): one ``"start"``
+  (totals), ``"step"`` per denoising step of the current batch (with the sampler's
+  :class:`~napari_diffmix.model.samplers.StepRecord` for previews), ``"batch"`` after a batch is
+  written (with its images and label maps), and ``"finished"`` last. Closing the generator
+  (cancel) between events abandons the unwritten batch; the store stays consistent.
+
+Resume and crash safety
+-----------------------
+Items are grouped in fixed batches (``batch_size`` consecutive plan items) whatever the number
+of processes, each item's sampling noise comes from its own seed (derived from ``seed`` and
+the item index) and its label map from the plan alone, so any item renders identically in any
+run. A batch is written item arrays first and ``done`` flags last (see
+:func:`napari_diffmix.export.write_items`); a re-run of the same command finds the store,
+checks that it was made with the same settings (``fingerprint``) and renders only the batches
+that still have unfinished items. A store made with other settings is refused unless
+``overwrite``.
+
+Several processes
+-----------------
+Under ``torchrun --nproc_per_node=N`` (gloo on CPU, NCCL on GPUs; one GPU per rank) rank ``r``
+renders batches ``r, r + N, r + 2N, ...`` and writes its own chunks of the same store (every
+array, ``done`` included, is chunked per item, so ranks never share a chunk). Rank 0 creates
+the store before the others open it and writes the final attributes after all ranks finish.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from . import __version__
+from .classes import ClassScheme
+from .datasets import LAYOUTS, Dataset, patch_grid
+from .errors import CheckpointError, DatasetError, DiffMixError, SchemeError, StoreError
+from .export import (
+    ORIGINALS,
+    create_store,
+    original_patches,
+    read_done,
+    remove_partial_files,
+    update_attrs,
+    write_items,
+    write_training_files,
+)
+from .mixing import MixCache, Plan, make_item
+from .progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+INIT_MODES = ("original", "noise")
+ORIGINALS_MODES = ("auto", "include", "reference", "none")
+# Seed-derivation domain of the sampling noise (the label plan uses its own domains).
+_NOISE_STREAM = 3
+
+
+@dataclass(frozen=True)
+class SynthesisConfig:
+    """How label maps become images, and what the store carries.
+
+    ``sampler``/``steps``: the solver and its respaced steps (default: DPM-Solver++(2M), 20).
+    ``guidance``: CFG scale (None: the model's stored default). ``init``: "original" starts
+    from the original patch noised to ``strength`` of the schedule (DiffMix's SDEdit, 0.55
+    published) and runs ``floor(strength * steps)`` steps; "noise" samples from pure noise.
+    ``seed``: base of the per-item noise seeds. ``batch_size``: items per sampler call (fixed
+    batches of consecutive items). ``originals``: "include" copies the original grid patches
+    into the store, "reference" records the dataset they come from, "auto" references a
+    dataset on disk and includes otherwise, "none" leaves them out.
+    """
+
+    sampler: str = "dpm++2m"
+    steps: int = 20
+    guidance: float | None = None
+    init: str = "original"
+    strength: float = 0.55
+    seed: int = 0
+    batch_size: int = 8
+    device: str = "auto"
+    precision: str = "fp32"
+    originals: str = "auto"
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        from .model.samplers import PRECISIONS, SAMPLERS
+
+        if self.sampler not in SAMPLERS:
+            raise DiffMixError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if self.init not in INIT_MODES:
+            raise DiffMixError(f"init must be 'original' (SDEdit from the original patch) or 'noise', got {self.init!r}")
+        if self.originals not in ORIGINALS_MODES:
+            raise DiffMixError(f"originals must be one of {', '.join(ORIGINALS_MODES)}, got {self.originals!r}")
+        if self.precision not in PRECISIONS:
+            raise DiffMixError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        for name in ("steps", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise DiffMixError(f"{name} must be a positive integer, got {v!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise DiffMixError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if self.init == "original":
+            if not 0.0 < self.strength <= 1.0:
+                raise DiffMixError(f"strength must be in (0, 1], got {self.strength!r}")
+            if math.floor(self.strength * self.steps + 1e-9) < 1:
+                raise DiffMixError(
+                    f"strength {self.strength} of {self.steps} steps leaves no denoising step; raise --steps or --strength"
+                )
+        if self.guidance is not None and not (math.isfinite(self.guidance) and self.guidance >= 0):
+            raise DiffMixError(f"guidance must be a finite number >= 0, got {self.guidance!r}")
+        if self.threads is not None and self.threads < 1:
+            raise DiffMixError(f"threads must be >= 1, got {self.threads}")
+
+
+def item_seed(seed: int, index: int) -> int:
+    """The sampling-noise seed of plan item ``index`` (independent of batches and ranks)."""
+    state = np.random.SeedSequence([int(seed), _NOISE_STREAM, int(index)]).generate_state(1, np.uint64)[0]
+    return int(state >> np.uint64(1))  # torch seeds are signed 64-bit
+
+
+@dataclass
+class SynthesisEvent:
+    """What a running job reports; see the module docstring for the kinds.
+
+    ``done``/``total``: finished items in the store (as this process knows it) / plan items.
+    ``pending``: items this process still had to render when it started. Batch events carry
+    ``indices`` and the written ``images``, ``inst_maps``, ``type_maps``; step events the
+    sampler's ``record`` and ``step``/``steps``.
+    """
+
+    kind: str
+    done: int
+    total: int
+    pending: int = 0
+    indices: tuple[int, ...] = ()
+    step: int = 0
+    steps: int = 0
+    record: Any = None
+    images: np.ndarray | None = None
+    inst_maps: np.ndarray | None = None
+    type_maps: np.ndarray | None = None
+
+
+@dataclass
+class SynthesisResult:
+    """Summary of a run. ``timings`` (seconds, this process): labels (maps, conditions, init
+    crops), sampling, writing, total."""
+
+    store: Path
+    total: int
+    done: int
+    rendered: int
+    stopped: bool
+    complete: bool
+    counts: dict[str, list[int]]
+    timings: dict[str, float] = field(default_factory=dict)
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def items_per_s(self) -> float:
+        return self.rendered / self.timings["total"] if self.timings.get("total") else 0.0
+
+
+class _StopSignals:
+    """Ctrl-C / SIGTERM ask the job to stop after the current batch; a second Ctrl-C aborts.
+
+    Handlers are installed only from the main thread (napari workers pass ``should_stop``).
+    """
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        log.warning("%s: finishing the current batch, then stopping (Ctrl-C again aborts; the store stays resumable)", self.requested)
+
+
+class _Tiles:
+    """Dataset view that keeps the last few tiles loaded (plan items come grouped by tile)."""
+
+    def __init__(self, dataset: Sequence[Any], keep: int = 4):
+        self.dataset = dataset
+        self.keep = keep
+        self._lru: OrderedDict[int, Any] = OrderedDict()
+
+    def __getitem__(self, t: int) -> Any:
+        if t in self._lru:
+            self._lru.move_to_end(t)
+            return self._lru[t]
+        tile = self.dataset[t]
+        self._lru[t] = tile
+        while len(self._lru) > self.keep:
+            self._lru.popitem(last=False)
+        return tile
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def _sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if isinstance(a, Mapping) and isinstance(b, Mapping) and key != "plan":
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif key == "plan":
+            out.append(f"{prefix}plan (other items or label settings)")
+        else:
+            out.append(f"{prefix}{key}: store has {a!r}, this run {b!r}")
+    return out
+
+
+def original_origins(plan: Plan) -> list[tuple[int, int, int]]:
+    """``(tile, y, x)`` of the original grid patches the plan counted (tiles too small skipped)."""
+    out = []
+    for t, (h, w) in enumerate(plan.tile_shapes):
+        if h >= plan.patch_size and w >= plan.patch_size:
+            out += [(t, y, x) for y, x in patch_grid(h, w, plan.patch_size, plan.stride)]
+    return out
+
+
+def dataset_reference(dataset: Any, relative_to: str | os.PathLike | None = None) -> dict[str, Any] | None:
+    """How to reopen ``dataset`` with :func:`~napari_diffmix.datasets.open_dataset`, or None.
+
+    The path is relative to ``relative_to`` (the store's folder) when the dataset lies inside
+    it, so a folder holding both can be moved; otherwise absolute.
+    """
+    layout = getattr(dataset, "layout", None)
+    root = getattr(dataset, "root", None)
+    if layout not in LAYOUTS or root is None or not Path(root).is_dir():
+        return None
+    root = Path(root).resolve()
+    if relative_to is not None:
+        base = Path(relative_to).resolve()
+        if base in root.parents:
+            return {"path": os.path.relpath(root, base), "layout": layout, "relative_to_store_folder": True}
+    return {"path": str(root), "layout": layout}
+
+
+class SynthesisJob:
+    """Render every item of ``plan`` into the store at ``out``; see the module docstring.
+
+    ``dataset``: the :class:`~napari_diffmix.datasets.Dataset` the plan was made from (its
+    images seed SDEdit and the original patches). ``model``: a model file path (loaded with
+    :func:`~napari_diffmix.model.checkpoint.load_model`) or a ``(SDMUNet, ModelInfo)`` pair.
+    ``overwrite`` replaces a store made with other settings (a store with the same settings is
+    always resumed: its finished items are exactly what a fresh run would write); ``resume``
+    insists on continuing an existing store (an error if there is none). ``created_by`` is
+    recorded in the store; ``cache``: the :class:`~napari_diffmix.mixing.MixCache` the plan was
+    made with, so that tiles and donors are not read again.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        plan: Plan,
+        model: str | os.PathLike | tuple[Any, Any],
+        out: str | os.PathLike,
+        config: SynthesisConfig | None = None,
+        *,
+        overwrite: bool = False,
+        resume: bool = False,
+        created_by: str = "synthesize",
+        cache: MixCache | None = None,
+    ):
+        self.dataset = dataset
+        self.cache = cache if cache is not None else MixCache(dataset)
+        self.plan = plan
+        self.out = Path(out)
+        self.config = config or SynthesisConfig()
+        self.overwrite = overwrite
+        self.resume = resume
+        self.created_by = created_by
+        self.model = None
+        self._model_path = None
+        if isinstance(model, tuple):
+            self.model, self.info = model
+        else:
+            from .model.checkpoint import read_info
+
+            self._model_path = Path(model)
+            self.info = read_info(model)
+        self.result: SynthesisResult | None = None
+        self._check_inputs()
+        self._check_model()
+
+    # -- validation ----------------------------------------------------------------------------
+    def _check_inputs(self) -> None:
+        plan, scheme = self.plan, self.dataset.scheme
+        if list(plan.scheme.names) != list(scheme.names):
+            raise SchemeError(f"the plan uses classes {list(plan.scheme.names)} but the dataset {list(scheme.names)}")
+        if len(plan) == 0:
+            raise DatasetError("the plan has no items: nothing to synthesize" + ("" if plan.reached else f" ({plan.reason})"))
+        names = list(getattr(self.dataset, "names", []))
+        if names != list(plan.tile_names):
+            raise DatasetError(f"the plan was made for tiles {list(plan.tile_names)[:5]}..., the dataset has {names[:5]}...")
+        self.scheme: ClassScheme = scheme
+        mode = self.config.originals
+        self.reference = dataset_reference(self.dataset, self.out.parent)
+        if mode == "auto":
+            mode = "reference" if self.reference is not None else "include"
+        if mode == "reference" and self.reference is None:
+            raise DatasetError(
+                "the original patches can only be referenced for a dataset folder on disk; use originals='include' "
+                "(--include-originals) or 'none'"
+            )
+        self.originals_mode = mode
+        needs_images = self.config.init == "original" or mode == "include"
+        first = self.dataset[plan.items[0].tile]
+        if needs_images and first.image is None:
+            why = "SDEdit starts from the original patches" if self.config.init == "original" else "included originals need images"
+            raise DatasetError(
+                f"tile {first.name!r} has no image, but {why}; give a dataset with images, or sample from noise "
+                "(--from-noise) and leave the originals out or referenced", first.source,
+            )
+
+    def _check_model(self) -> None:
+        model_names, names = list(self.info.scheme.names), list(self.scheme.names)
+        if model_names != names:
+            raise SchemeError(
+                f"model {self.info.source} was trained on scheme {self.info.scheme.name!r} with classes {model_names}, "
+                f"but the dataset uses scheme {self.scheme.name!r} with classes {names}; use a model trained on this "
+                "dataset's classes (or open the dataset with the model's scheme)"
+            )
+        factor = 2 ** (len(self.info.config.channel_mult) - 1)
+        if self.plan.patch_size % factor:
+            raise CheckpointError(
+                f"{self.info.source}: the model halves the resolution {len(self.info.config.channel_mult) - 1} times, "
+                f"so patches must be a multiple of {factor} px; the plan's patches are {self.plan.patch_size} px"
+            )
+
+    @property
+    def guidance(self) -> float:
+        if self.config.guidance is not None:
+            return float(self.config.guidance)
+        return float(self.info.default_guidance)
+
+    def settings(self) -> dict[str, Any]:
+        """Everything that decides the store's content (its ``fingerprint`` is their hash)."""
+        c = self.config
+        return {
+            "plan": self.plan.to_dict(),
+            "patch_size": self.plan.patch_size,
+            "scheme": self.scheme.to_dict(),
+            "model_sha256": self.info.sha256,
+            "sampling": {
+                "sampler": c.sampler, "steps": c.steps, "guidance": self.guidance, "init": c.init,
+                "strength": c.strength if c.init == "original" else None, "seed": c.seed, "cfg": "batched",
+            },
+            "originals": self.originals_mode,
+        }
+
+    # -- store ---------------------------------------------------------------------------------
+    def _attrs(self, settings: Mapping[str, Any], fingerprint: str) -> dict[str, Any]:
+        import torch
+        import zarr
+
+        info = self.info
+        origins = original_origins(self.plan)
+        return {
+            "scheme": self.scheme.to_dict(),
+            "fingerprint": fingerprint,
+            "settings": dict(settings),
+            "model": {
+                "sha256": info.sha256, "source": info.source, "format": info.format, "config": info.config.to_dict(),
+                "diffusion": info.diffusion, "default_guidance": info.default_guidance,
+            },
+            "dataset": {
+                **(self.reference or {}), "tiles": list(self.plan.tile_names),
+                "scheme": self.scheme.name, "root": str(getattr(self.dataset, "root", "") or ""),
+            },
+            "originals": {
+                "mode": {"include": "included", "reference": "referenced", "none": "none"}[self.originals_mode],
+                "patches": [list(o) for o in origins], "patch_size": self.plan.patch_size, "stride": self.plan.stride,
+            },
+            "software": {"napari_diffmix": __version__, "torch": torch.__version__, "zarr": zarr.__version__},
+            "class_counts": {
+                "classes": ["background", *self.scheme.names],
+                "before": [int(v) for v in self.plan.original_counts],
+                "planned": [int(v) for v in self.plan.planned_counts],
+            },
+            "status": "in progress",
+            "items_done": 0,
+            "created_by": self.created_by,
+        }
+
+    def _open_or_create(self) -> str:
+        """Rank 0: create the store or check it for resuming. Returns a message for the log."""
+        import zarr
+
+        settings = self.settings()
+        fingerprint = _sha256_json(settings)
+        if self.out.exists():
+            try:
+                attrs = dict(zarr.open_group(str(self.out), mode="r").attrs)
+            except Exception:  # not a zarr group at all
+                attrs = None
+            if attrs is None or attrs.get("format") is None:
+                if not self.overwrite:
+                    raise StoreError(f"{self.out}: exists and is not a napari-diffmix store; choose another --out or pass --overwrite")
+            elif attrs.get("fingerprint") == fingerprint:
+                removed = remove_partial_files(self.out)
+                done = int(read_done(zarr.open_group(str(self.out), mode="r")).sum())
+                extra = f", removed {removed} partial chunk file(s) of an interrupted write" if removed else ""
+                return f"resuming {self.out}: {done} of {len(self.plan)} items already done{extra}"
+            elif not self.overwrite:
+                diffs = _differences(attrs.get("settings") or {}, settings)
+                raise StoreError(
+                    f"{self.out}: the store was made with other settings ({'; '.join(diffs[:4]) or 'unknown'}); "
+                    "pass --overwrite to replace it, or choose another --out"
+                )
+        elif self.resume:
+            raise StoreError(f"{self.out}: no store to resume; run without --resume to start it")
+        origins = original_origins(self.plan) if self.originals_mode == "include" else []
+        create_store(
+            self.out, count=len(self.plan), shape=(self.plan.patch_size, self.plan.patch_size),
+            attrs=self._attrs(settings, fingerprint), originals=len(origins), overwrite=True,
+        )
+        return f"created {self.out} for {len(self.plan)} items"
+
+    def _write_originals(self, group: Any, should_stop: Callable[[], bool]) -> None:
+        if self.originals_mode != "include":
+            return
+        sub = group[ORIGINALS]
+        done = read_done(sub)
+        if done.all():
+            return
+        origins = original_origins(self.plan)
+        todo = np.flatnonzero(~done)
+        for item in original_patches(self.dataset, [origins[k] for k in todo], self.plan.patch_size, indices=todo):
+            write_items(sub, item.index, item.image[None], item.inst_map[None], item.type_map[None], [item.provenance],
+                        where=str(self.out / ORIGINALS))
+            if should_stop():
+                return
+
+    # -- the run -------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        import torch
+
+        from .train import setup_distributed
+
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        self.dist_info, self.device = setup_distributed(self.config.device)
+        if self.model is None:
+            from .model.checkpoint import load_model
+
+            self.model, self.info = load_model(self._model_path, self.device)
+        self.model.to(self.device).eval()
+
+    def _batches(self, done: np.ndarray) -> list[list[int]]:
+        b, n = self.config.batch_size, len(self.plan)
+        rank, world = self.dist_info.rank, self.dist_info.world_size
+        out = []
+        for k, start in enumerate(range(0, n, b)):
+            idx = list(range(start, min(start + b, n)))
+            if k % world == rank and not done[start : start + len(idx)].all():
+                out.append(idx)
+        return out
+
+    def _labels(self, indices: Sequence[int], cache: MixCache, tiles: _Tiles):
+        from .model.condition import condition_batch
+
+        inst_maps, type_maps, provs, inits = [], [], [], []
+        s = self.plan.patch_size
+        for i in indices:
+            inst_map, type_map, prov = make_item(self.plan, self.dataset, i, cache=cache)
+            inst_maps.append(inst_map)
+            type_maps.append(type_map)
+            provs.append(prov)
+            if self.config.init == "original":
+                tile = tiles[prov["tile"]]
+                if tile.image is None:
+                    raise DatasetError(
+                        f"tile {tile.name!r} has no image; SDEdit starts from the original patch. Give a dataset with "
+                        "images, or sample from noise (--from-noise)", tile.source,
+                    )
+                y, x = prov["origin"]
+                inits.append(tile.image[y : y + s, x : x + s])
+        inst_maps, type_maps = np.stack(inst_maps), np.stack(type_maps)
+        cond = condition_batch(inst_maps, type_maps, self.scheme.num_classes)
+        return inst_maps, type_maps, provs, (np.stack(inits) if inits else None), cond
+
+    def _provenance(self, label_prov: Mapping[str, Any], i: int, seed: int) -> dict[str, Any]:
+        c = self.config
+        out = dict(label_prov)
+        out.update(
+            kind="synthetic", index=i, label_seed=label_prov.get("seed"), seed=seed, sampler=c.sampler, steps=c.steps,
+            guidance=self.guidance, init=c.init, strength=c.strength if c.init == "original" else None,
+        )
+        return out
+
+    def events(self, should_stop: Callable[[], bool] | None = None) -> Iterator[SynthesisEvent]:
+        """Run the job as a generator of :class:`SynthesisEvent` (see the module docstring)."""
+        import torch
+
+        threads = torch.get_num_threads()
+        self.dist_info = None
+        try:
+            yield from self._events(should_stop)
+        finally:
+            # A GUI process keeps running after the job: give back its thread setting and process group.
+            torch.set_num_threads(threads)
+            if self.dist_info is not None and self.dist_info.owns_group and _dist() is not None:
+                _dist().destroy_process_group()
+
+    def _events(self, should_stop: Callable[[], bool] | None) -> Iterator[SynthesisEvent]:
+        import zarr
+
+        from .model.samplers import Sampler, to_uint8
+
+        should_stop = should_stop or (lambda: False)
+        t_start = time.perf_counter()
+        self._setup()
+        info, dist = self.dist_info, _dist()
+        message, error = "", None
+        if info.is_main:
+            try:
+                message = self._open_or_create()
+            except DiffMixError as exc:
+                error = exc
+        if dist is not None:
+            box = [None if error is None else (type(error).__name__, str(error))]
+            dist.broadcast_object_list(box, src=0)
+            if box[0] is not None and error is None:
+                error = StoreError(box[0][1])
+        if error is not None:
+            raise error
+        if message:
+            log.info(message)
+        group = zarr.open_group(str(self.out), mode="r+")
+        if info.is_main:
+            self._write_originals(group, should_stop)
+        if dist is not None:
+            dist.barrier()  # originals and partial-file cleanup finish before any rank writes
+        done = read_done(group)
+        batches = self._batches(done)
+        pending = sum(len(b) for b in batches)
+        n_done, total = int(done.sum()), len(self.plan)
+        self.message = message
+        yield SynthesisEvent("start", n_done, total, pending)
+
+        sampler = Sampler(self.model, info_diffusion(self.info), precision=self.config.precision)
+        cache, tiles = self.cache, _Tiles(self.dataset)
+        c = self.config
+        timings = {"labels": 0.0, "sampling": 0.0, "writing": 0.0}
+        rendered, stopped = 0, False
+        for idx in batches:
+            if should_stop():
+                stopped = True
+                break
+            t0 = time.perf_counter()
+            inst_maps, type_maps, label_provs, init, cond = self._labels(idx, cache, tiles)
+            seeds = [item_seed(c.seed, i) for i in idx]
+            t1 = time.perf_counter()
+            timings["labels"] += t1 - t0
+            kwargs = dict(init_image=init, strength=c.strength) if c.init == "original" else {}
+            last = None
+            t_step = time.perf_counter()
+            for last in sampler.sample(
+                cond, sampler=c.sampler, steps=c.steps, guidance=self.guidance, seed=seeds, **kwargs
+            ):
+                timings["sampling"] += time.perf_counter() - t_step
+                yield SynthesisEvent("step", n_done, total, pending, tuple(idx), last.step, last.total, last)
+                t_step = time.perf_counter()
+            timings["sampling"] += time.perf_counter() - t_step
+            t2 = time.perf_counter()
+            images = to_uint8(last.x_t)
+            provs = [self._provenance(p, i, s) for p, i, s in zip(label_provs, idx, seeds)]
+            write_items(group, idx[0], images, inst_maps, type_maps, provs, where=str(self.out))
+            timings["writing"] += time.perf_counter() - t2
+            newly = int((~done[idx[0] : idx[-1] + 1]).sum())
+            done[idx[0] : idx[-1] + 1] = True
+            n_done += newly
+            rendered += len(idx)
+            yield SynthesisEvent("batch", n_done, total, pending, tuple(idx), images=images, inst_maps=inst_maps, type_maps=type_maps)
+        if dist is not None:
+            dist.barrier()
+        t_fin = time.perf_counter()
+        result = self._finish(group, stopped) if info.is_main else None
+        timings["writing"] += time.perf_counter() - t_fin
+        timings["total"] = time.perf_counter() - t_start
+        if result is None:
+            done_now = read_done(group)
+            result = SynthesisResult(self.out, total, int(done_now.sum()), rendered, stopped, bool(done_now.all()), {})
+        result.rendered, result.stopped, result.timings = rendered, stopped, timings
+        result.rank, result.world_size = info.rank, info.world_size
+        self.result = result
+        yield SynthesisEvent("finished", result.done, total, pending)
+
+    def _finish(self, group: Any, stopped: bool) -> SynthesisResult:
+        """Rank 0, after every rank is done: class counts, status, training files."""
+        done = read_done(group)
+        c = self.scheme.num_classes
+        synthetic = np.zeros(c + 1, np.int64)
+        if done.any():
+            texts = np.asarray(group["provenance"][:])
+            for i in np.flatnonzero(done):
+                nuclei = json.loads(str(texts[i]))["nuclei"]
+                synthetic += [0] + [int(nuclei[name]) for name in self.scheme.names]
+        before = np.asarray(self.plan.original_counts, np.int64)
+        after = synthetic + (before if self.originals_mode != "none" else 0)
+        counts = {
+            "classes": ["background", *self.scheme.names],
+            "before": before.tolist(),
+            "planned": [int(v) for v in self.plan.planned_counts],
+            "synthetic": synthetic.tolist(),
+            "after": after.tolist(),
+        }
+        complete = bool(done.all())
+        status = "complete" if complete else ("stopped" if stopped else "in progress")
+        update_attrs(self.out, {"class_counts": counts, "status": status, "items_done": int(done.sum())})
+        if complete:
+            ref = self.reference["path"] if self.reference and self.originals_mode == "reference" else None
+            write_training_files(
+                self.out, data=ref, scheme=self.scheme, patch_size=self.plan.patch_size, counts=counts,
+                originals={"include": "included", "reference": "referenced", "none": "none"}[self.originals_mode],
+            )
+        return SynthesisResult(self.out, len(self.plan), int(done.sum()), 0, stopped, complete, counts)
+
+    def run(self, pbar: Any | None = None, should_stop: Callable[[], bool] | None = None) -> SynthesisResult:
+        """Run to the end (or a stop request) with a progress bar; returns the result."""
+        with _StopSignals() as signals:
+
+            def stop() -> bool:
+                return signals.requested is not None or bool(should_stop and should_stop())
+
+            events = self.events(stop)
+            bar_cm = contextlib.nullcontext()
+            bar = None
+            try:
+                for event in events:
+                    if event.kind == "start":
+                        desc = "synthesize"
+                        if self.dist_info.world_size > 1:
+                            desc += f" (rank {self.dist_info.rank}/{self.dist_info.world_size})"
+                        bar_cm = progress_bar(pbar, event.pending, desc, unit="item")
+                        bar = bar_cm.__enter__()
+                    elif event.kind == "batch" and bar is not None:
+                        bar.update(len(event.indices))
+            finally:
+                if bar is not None:
+                    bar_cm.__exit__(None, None, None)
+        return self.result
+
+
+def info_diffusion(info: Any) -> dict[str, Any] | None:
+    """The diffusion settings stored with a model (None: the published defaults)."""
+    return dict(info.diffusion) if info is not None and info.diffusion else None
+
+
+def synthesize(
+    dataset: Dataset,
+    plan: Plan,
+    model: str | os.PathLike | tuple[Any, Any],
+    out: str | os.PathLike,
+    config: SynthesisConfig | None = None,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    pbar: Any | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> SynthesisResult:
+    """One call: ``SynthesisJob(dataset, plan, model, out, config, ...).run(pbar, should_stop)``."""
+    job = SynthesisJob(dataset, plan, model, out, config, overwrite=overwrite, resume=resume)
+    return job.run(pbar=pbar, should_stop=should_stop)

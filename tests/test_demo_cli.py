@@ -1,0 +1,89 @@
+"""``diffmix demo`` (and ``diffmix synthesize`` from the command line) with a tiny model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from napari_diffmix.classes import DEMO
+from napari_diffmix.cli import main
+from napari_diffmix.cli._demo import demo_model_path
+from napari_diffmix.errors import CheckpointError
+from napari_diffmix.export import open_store
+from napari_diffmix.model.checkpoint import save_model
+from napari_diffmix.model.unet import SDMUNet, UNetConfig
+
+FAST = ["--patches", "4", "--patch-size", "64", "--stride", "64", "--steps", "4", "--batch-size", "2", "--threads", "1",
+        "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny-demo.safetensors"
+    save_model(SDMUNet(UNetConfig.preset("tiny")), path, scheme=DEMO, default_guidance=3.0)
+    return path
+
+
+def test_demo_end_to_end_then_rerun(tmp_path, model, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--model", str(model), *FAST]) == 0
+    out = capsys.readouterr().out
+    root = tmp_path / "diffmix-demo"  # the default output folder, in the current folder
+    store = open_store(root / "demo.zarr")
+    assert store.attrs["status"] == "complete" and store.attrs["created_by"] == "demo" and len(store) == 4
+    assert store.done_mask().all() and store.scheme == DEMO
+    assert store.attrs["originals"]["mode"] == "referenced" and store.attrs["dataset"]["path"] == "data/train"
+    assert store.attrs["settings"]["sampling"]["guidance"] == 3.0  # the model's default
+    assert {tuple(store.provenance(i)["maps"]) for i in range(4)} == {("balance",), ("enlarge",)}
+    from PIL import Image
+
+    montage = np.asarray(Image.open(root / "demo-montage.png"))
+    assert montage.shape == (4 * 64 + 3 * 4, 3 * 64 + 2 * 4, 3)
+    first = store.item(0)
+    assert np.array_equal(montage[:64, 2 * 68 :], first.image)  # third column: the rendered patch
+    for phrase in ("class shares of nuclei, original -> original + synthetic:", "other ", "napari diffmix-demo/demo.zarr",
+                   "diffmix-demo/demo-montage.png", "diffmix-demo/demo.zarr/train.sh"):
+        assert phrase in out, phrase
+    assert (root / "data" / "train" / "scheme.json").is_file() and (root / "data" / "held-out").is_dir()
+    # train.sh's own downstream command points at the demo's data folder relative to diffmix-demo/
+    assert "--data data/train --synthetic demo.zarr" in (root / "demo.zarr" / "train.sh").read_text()
+
+    assert main(["demo", "--model", str(model), *FAST]) == 0  # same settings: resumed, nothing to render
+    assert "4 of 4 items already done" in capsys.readouterr().out
+    more = [*FAST]
+    more[1] = "6"
+    assert main(["demo", "--model", str(model), *more]) == 0  # other settings replace the demo's own store
+    assert len(open_store(root / "demo.zarr")) == 6
+
+
+def test_demo_refuses_foreign_store(tmp_path, model, capsys):
+    out = tmp_path / "d"
+    (out / "demo.zarr").mkdir(parents=True)
+    zarr.open_group(str(out / "demo.zarr"), mode="w").attrs.update({"format": "napari-diffmix-synthetic", "created_by": "synthesize"})
+    assert main(["demo", "--out", str(out), "--model", str(model), *FAST]) == 2
+    assert "made with other settings" in capsys.readouterr().err
+
+
+def test_demo_model_lookup(tmp_path):
+    with pytest.raises(CheckpointError, match="bundled demo model is missing.*--model"):
+        demo_model_path(tmp_path)
+    (tmp_path / "demo.safetensors").write_bytes(b"")
+    assert demo_model_path(tmp_path) == tmp_path / "demo.safetensors"
+
+
+def test_synthesize_cli_dry_run_and_errors(tmp_path, model, capsys):
+    args = ["synthesize", "demo", "--model", str(model), "--out", str(tmp_path / "s.zarr"), *FAST]
+    assert main([*args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "synthetic patches by maps: 2 balance, 2 enlarge" in out and "guidance 3" in out
+    assert "originals: include" in out  # the bundled demo is not a folder on disk: originals go into the store
+    assert not (tmp_path / "s.zarr").exists()
+    assert main([*args, "--dry-run", "--scheme", "consep"]) == 2
+    assert "demo dataset uses the 'demo' scheme" in capsys.readouterr().err
+    assert main([*args, "--dry-run", "--reference-originals"]) == 2
+    assert "only be referenced for a dataset folder on disk" in capsys.readouterr().err
+    assert main([*args[:-2], "--dry-run", "--steps", "1"]) == 2  # strength 0.55 of 1 step leaves nothing to run
+    assert "leaves no denoising step" in capsys.readouterr().err
