@@ -1,0 +1,187 @@
+"""Sampling speed: the DiffMix reference style against the product's fast default.
+
+Per guided step (one classifier-free-guided network evaluation, CFG 1.5, 256 px), for the
+published config (``diffmix-consep``, 652 M parameters) and the demo config, batch 1 and 4:
+
+  reference      two full forwards (condition, zero condition), SPADE gamma/beta computed inside
+                 every pass: what the DiffMix code does at every step
+  batched        one encoder pass shared by both branches, one decoder pass on a batch of 2N
+  batched+cache  the same with the SPADE cache (product default)
+  forward        one conditional forward (no CFG), SPADE computed inside
+  forward+cache  one conditional forward with the SPADE cache
+
+End to end, seconds per image: DiffMix default (``DIFFMIX_SETTINGS``: 100-step DDIM respacing,
+SDEdit 0.55 = 55 DDIM steps, CFG as two forwards, no cache) against the fast default
+(``FAST_SETTINGS``: DPM-Solver++(2M), 15 steps, batched CFG, SPADE cache). Measured for the demo
+config; for the published config measured with ``--e2e-published``, otherwise estimated from the
+per-step figures (steps x step time + cache fill) and marked "est.".
+
+Targets (2 CPU cores): batched+cache <= 0.5x the reference per step; the fast default takes
+>= 10x fewer seconds per image than the DiffMix default.
+
+Run by hand: ``python benchmarks/bench_sampler.py [--quick] [--threads 2] [--reps 2]``.
+``--quick`` skips batch 4 of the published config (several minutes per step on 2 cores).
+Weights are random: compute does not depend on their values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import torch
+
+from napari_diffmix.model.samplers import DIFFMIX_SETTINGS, FAST_SETTINGS, Sampler
+from napari_diffmix.model.unet import SDMUNet, UNetConfig
+
+TARGET_STEP_RATIO = 0.5
+TARGET_E2E_SPEEDUP = 10.0
+GUIDANCE = 1.5
+MODES = {
+    # name: (cfg mode, guidance, SPADE cache)
+    "reference": ("separate", GUIDANCE, False),
+    "batched": ("batched", GUIDANCE, False),
+    "batched+cache": ("batched", GUIDANCE, True),
+    "forward": ("separate", 1.0, False),
+    "forward+cache": ("batched", 1.0, True),
+}
+
+
+def condition(batch: int, channels: int, size: int, seed: int = 0) -> torch.Tensor:
+    """Random-disc label maps as a condition (background, classes, edges)."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    cond = torch.zeros(batch, channels, size, size)
+    cls_map = torch.zeros(batch, size, size, dtype=torch.long)
+    for b in range(batch):
+        for _ in range(size * size // 600):
+            cy, cx = torch.randint(0, size, (2,), generator=g).float()
+            r = 3 + 5 * torch.rand((), generator=g)
+            cls_map[b][(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = int(torch.randint(1, channels - 1, (), generator=g))
+    cond[:, : channels - 1] = torch.nn.functional.one_hot(cls_map, channels - 1).permute(0, 3, 1, 2).float()
+    edge = torch.zeros(batch, size, size, dtype=torch.bool)
+    edge[:, 1:] |= cls_map[:, 1:] != cls_map[:, :-1]
+    edge[:, :, 1:] |= cls_map[:, :, 1:] != cls_map[:, :, :-1]
+    cond[:, -1] = edge.float()
+    return cond
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def time_steps(model: SDMUNet, batch: int, size: int, reps: int) -> dict[str, dict[str, float]]:
+    """Seconds per guided step for every mode; ``fill``: the first step's extra (cache build)."""
+    cond = condition(batch, model.config.cond_channels, size)
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+    out = {}
+    for name, (cfg, guidance, cache) in MODES.items():
+        runner = Sampler(model, cache=cache)
+        times = []
+        for _ in range(reps + (1 if cache else 0)):  # with a cache the first call also fills it
+            t0 = time.perf_counter()
+            runner.guided_output(x, 500, cond, guidance=guidance, cfg=cfg)
+            times.append(time.perf_counter() - t0)
+        step = min(times[1:]) if cache else min(times)
+        out[name] = {"step": step, "fill": times[0] - step if cache else 0.0}
+        runner.clear_cache()
+    return out
+
+
+def time_end_to_end(model: SDMUNet, size: int, batch: int) -> dict[str, dict[str, float]]:
+    cond = condition(batch, model.config.cond_channels, size, seed=2)
+    init = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    runs = {
+        "DiffMix default": (Sampler(model, cache=False), dict(DIFFMIX_SETTINGS, init_image=init)),
+        "fast default": (Sampler(model, cache=True), dict(FAST_SETTINGS, guidance=GUIDANCE)),
+    }
+    out = {}
+    for name, (runner, kwargs) in runs.items():
+        counts = {"forward": 0, "encoder": 0, "decoder": 0}
+
+        def counter(key):
+            def hook(*_):
+                counts[key] += 1
+            return hook
+
+        hooks = [model.register_forward_pre_hook(counter("forward")),
+                 model.input_blocks[0].register_forward_pre_hook(counter("encoder")),
+                 model.out.register_forward_pre_hook(counter("decoder"))]
+        try:
+            t0 = time.perf_counter()
+            last = runner.generate(cond, seed=0, **kwargs)
+            seconds = time.perf_counter() - t0
+        finally:
+            for h in hooks:
+                h.remove()
+        out[name] = {"s_per_image": seconds / batch, "steps": last.total, "full_forwards": counts["forward"],
+                     "encoder_passes": counts["encoder"], "decoder_passes": counts["decoder"]}
+    return out
+
+
+def estimate_end_to_end(steps: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    diffmix_steps = int(DIFFMIX_SETTINGS["steps"] * DIFFMIX_SETTINGS["strength"])
+    fast_steps = FAST_SETTINGS["steps"]
+    return {
+        "DiffMix default": {"s_per_image": diffmix_steps * steps["reference"]["step"], "steps": diffmix_steps,
+                            "full_forwards": 2 * diffmix_steps, "encoder_passes": 2 * diffmix_steps,
+                            "decoder_passes": 2 * diffmix_steps},
+        "fast default": {"s_per_image": fast_steps * steps["batched+cache"]["step"] + steps["batched+cache"]["fill"],
+                         "steps": fast_steps, "full_forwards": 0, "encoder_passes": fast_steps,
+                         "decoder_passes": fast_steps},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="skip batch 4 of the published config")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=2, help="timed repetitions per step (published config: 1)")
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--presets", default="diffmix-consep,demo")
+    ap.add_argument("--e2e-published", action="store_true", help="also run the published config end to end")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.size} px, CFG {GUIDANCE}")
+
+    for preset in args.presets.split(","):
+        model = SDMUNet(UNetConfig.preset(preset)).eval()
+        published = preset.startswith("diffmix")
+        batches = (1,) if (published and args.quick) else (1, 4)
+        reps = 1 if published else args.reps
+        cache_gib = sum(d["nbytes"] for d in model.spade_layout(args.size, args.size)) / 2**30
+        print(f"\n== {preset}: {model.num_parameters() / 1e6:.1f} M parameters, SPADE cache {cache_gib:.2f} GiB "
+              f"per image at {args.size} px")
+        print(f"{'batch':>5} {'mode':<14} {'s/step':>9} {'ratio':>6} {'cache fill s':>12}")
+        per_step = {}
+        for batch in batches:
+            per_step[batch] = time_steps(model, batch, args.size, reps)
+            ref = per_step[batch]["reference"]["step"]
+            for name, t in per_step[batch].items():
+                fill = f"{t['fill']:12.2f}" if MODES[name][2] else f"{'':12}"
+                print(f"{batch:5d} {name:<14} {t['step']:9.3f} {t['step'] / ref:6.2f} {fill}")
+            ratio = per_step[batch]["batched+cache"]["step"] / ref
+            print(f"      batched+cache / reference = {ratio:.2f} (target <= {TARGET_STEP_RATIO}) "
+                  f"{'OK' if ratio <= TARGET_STEP_RATIO else 'MISSED'}")
+        print(f"peak RSS so far {peak_rss_gib():.1f} GiB")
+
+        for batch in batches:
+            if published and not args.e2e_published:
+                e2e, tag = estimate_end_to_end(per_step[batch]), " (est.)"
+            else:
+                e2e, tag = time_end_to_end(model, args.size, batch), ""
+            print(f"end to end, batch {batch}{tag}:")
+            for name, r in e2e.items():
+                print(f"  {name:<16} {r['s_per_image']:9.2f} s/image  {r['steps']:3d} steps  network passes: "
+                      f"{r['encoder_passes']:3d} encoder, {r['decoder_passes']:3d} decoder "
+                      f"({r['full_forwards']} as full forwards)")
+            speedup = e2e["DiffMix default"]["s_per_image"] / e2e["fast default"]["s_per_image"]
+            print(f"  speed-up {speedup:.1f}x (target >= {TARGET_E2E_SPEEDUP}x) "
+                  f"{'OK' if speedup >= TARGET_E2E_SPEEDUP else 'MISSED'}")
+        del model
+
+
+if __name__ == "__main__":
+    main()
