@@ -180,3 +180,51 @@ def acceptance(
         min_h_fraction=min_h_fraction,
         min_dab_ratio=min_dab_ratio,
     )
+
+
+def render_and_measure(
+    model: Any,
+    tiles: Sequence[Any],
+    scheme: Any,
+    *,
+    ring_classes: tuple[int, int],
+    size: int = 128,
+    sampler: str = "dpm++2m",
+    steps: int = 20,
+    guidance: float = 3.0,
+    diffusion: Any = None,
+    seed: int = 0,
+    pbar: Any = None,
+) -> tuple[QualityReport, list[np.ndarray], list[Any]]:
+    """Render every ``size`` px window of the tiles' label maps and measure them against the
+    tiles' real images. Returns the report, the rendered images and the windows (tiles)."""
+    import torch
+    from tqdm import tqdm
+
+    from .model.condition import condition_batch
+    from .model.samplers import Sampler
+    from .progress import progress_bar
+
+    windows = [
+        t.crop(y, x, size, size)
+        for t in tiles
+        for y in range(0, t.shape[0] - size + 1, size)
+        for x in range(0, t.shape[1] - size + 1, size)
+    ]
+    if not windows:
+        raise LabelError(f"no {size} px window fits in the given tiles")
+    runner = Sampler(model, diffusion)
+    rendered = []
+    with progress_bar(pbar, len(windows), "rendering") as bar:
+        for i, w in enumerate(windows):
+            cond = condition_batch([w.inst_map], [w.type_map], scheme.num_classes).to(runner.device)
+            with torch.inference_mode():
+                last = runner.generate(cond, sampler=sampler, steps=steps, guidance=guidance, seed=seed + i, pbar=tqdm(disable=True))
+            rendered.append(last.images()[0])
+            bar.update(1)
+    report = acceptance(
+        rendered, [w.image for w in windows], [w.inst_map for w in windows], [w.inst_types for w in windows],
+        scheme.num_classes, ring_classes=ring_classes,
+    )
+    return report, rendered, windows
+

@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from .atomic import atomic_path, write_json
 from .classes import ClassScheme, load_scheme
@@ -941,7 +942,7 @@ def _run(config, scheme, sources, val_crops, info, device, out_dir, resume, pbar
     start_step = step
     stopped = False
 
-    with _StopRequests(should_stop) as stop, progress_bar(pbar if info.is_main else _NullBar(), total, "train", unit="step") as bar:
+    with _StopRequests(should_stop) as stop, progress_bar(pbar if info.is_main else tqdm(disable=True), total, "train", unit="step") as bar:
         _set_bar_start(bar, step)
         while step < stop_at:
             _, stage = stage_at(config.stages, step)
@@ -1020,19 +1021,6 @@ def _run(config, scheme, sources, val_crops, info, device, out_dir, resume, pbar
         steps_per_s=(step - start_step) / elapsed if elapsed > 0 else 0.0, history=history,
         model=model, ema_model=ema_model,
     )
-
-
-class _NullBar:
-    total = None
-
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_description(self, desc: str) -> None:
-        pass
-
-    def set_postfix(self, *a: Any, **k: Any) -> None:
-        pass
 
 
 def _set_bar_start(bar: Any, step: int) -> None:
