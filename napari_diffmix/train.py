@@ -961,16 +961,16 @@ def _run(config, scheme, sources, val_crops, info, device, out_dir, resume, pbar
                 loss_value = float(loss.detach())
                 bad, stop_flag = _all_reduce_max([0.0 if math.isfinite(loss_value) else 1.0, float(stop.poll())], info, device)
                 if bad:
-                    raise TrainingError(
-                        f"the loss became {loss_value} at step {step + 1} (stage lr {stage.lr:g}); training stopped. "
-                        + (f"The last good checkpoint is {last_ckpt}. " if last_ckpt else "No checkpoint was written yet. ")
-                        + "Try a lower learning rate, --grad-clip 1, or --precision fp32/bf16 instead of fp16."
-                    )
+                    raise _diverged(f"the loss became {loss_value}", step, stage, last_ckpt)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.unscale_(opt)
                 params = [p for p in model.parameters() if p.grad is not None]
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
+                # fp16's scaler skips steps with overflowing gradients by design; otherwise a
+                # non-finite gradient would poison the weights (gradients are identical on all ranks).
+                if not scaler.is_enabled() and not math.isfinite(float(grad_norm)):
+                    raise _diverged(f"the gradients became {float(grad_norm)}", step, stage, last_ckpt)
                 scaler.step(opt)
                 scaler.update()
             except torch.OutOfMemoryError:
@@ -1020,6 +1020,14 @@ def _run(config, scheme, sources, val_crops, info, device, out_dir, resume, pbar
         model_path=model_path, last_loss=last_loss, elapsed_s=elapsed,
         steps_per_s=(step - start_step) / elapsed if elapsed > 0 else 0.0, history=history,
         model=model, ema_model=ema_model,
+    )
+
+
+def _diverged(what: str, step: int, stage: Stage, last_ckpt: Path | None) -> TrainingError:
+    return TrainingError(
+        f"{what} at step {step + 1} (stage lr {stage.lr:g}); training stopped before updating the weights. "
+        + (f"The last good checkpoint is {last_ckpt}. " if last_ckpt else "No checkpoint was written yet. ")
+        + "Try a lower learning rate, --grad-clip 1, or --precision fp32/bf16 instead of fp16."
     )
 
 

@@ -339,6 +339,27 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data, monkeypat
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
+def test_nan_gradient_stops_before_the_update(tmp_path, data, monkeypatch):
+    import napari_diffmix.train as T
+
+    real = T.build_model
+
+    def poisoned(*a, **k):
+        model, cfg = real(*a, **k)
+        calls = []
+
+        def hook(grad):
+            calls.append(1)
+            return grad * float("nan") if len(calls) == 3 else grad
+
+        model.out[-1].weight.register_hook(hook)
+        return model, cfg
+
+    monkeypatch.setattr(T, "build_model", poisoned)
+    with pytest.raises(TrainingError, match="gradients became nan at step 3.*No checkpoint"):
+        train(tiny(tmp_path), data, scheme=DEMO)
+
+
 def test_out_of_memory_message(tmp_path, data, monkeypatch):
     _sabotage(monkeypatch, 2, "oom")
     with pytest.raises(TrainingError, match="out of memory.*--batch-size.*--grad-checkpointing"):
