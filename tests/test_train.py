@@ -413,7 +413,10 @@ def test_cli_train_resume_export(tmp_path, capsys):
 
     run = tmp_path / "run"
     common = ["--out", str(run), "--threads", "1"]
-    assert main(["train", "demo", "--preset", "tiny", "--steps", "5", "--log-every", "1", "--max-steps", "3", *common]) == 0
+    assert main(["train", "demo", "--preset", "tiny", "--steps", "5", "--log-every", "1", "--sample-every", "3",
+                 "--max-steps", "3", *common]) == 0
+    grid = run / "samples" / "step-0000003.png"
+    assert grid.is_file() and grid.stat().st_size > 1000
     assert "Continue with: diffmix train --resume" in capsys.readouterr().err
     saved = json.loads((run / "config.json").read_text())
     assert saved["preset"] == "tiny" and saved["stages"][0]["steps"] == 5 and saved["scheme"]["name"] == "demo"
@@ -432,6 +435,22 @@ def test_cli_train_resume_export(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["train", "demo", "--stages", "10:fast", "--out", str(tmp_path / "y")]) == 2
     assert "STEPS:LR" in capsys.readouterr().err
+
+
+def test_fine_tune_from_exported_model(tmp_path, data):
+    from napari_diffmix.classes import CONSEP
+    from napari_diffmix.errors import CheckpointError
+    from napari_diffmix.model.checkpoint import load_model, save_model
+    from napari_diffmix.model.unet import SDMUNet, UNetConfig
+
+    torch.manual_seed(3)
+    source = SDMUNet(UNetConfig.preset("tiny"))
+    path = tmp_path / "start.safetensors"
+    save_model(source, path, scheme=DEMO)
+    started = train(tiny(tmp_path, init=str(path)), data, scheme=DEMO, max_steps=0)
+    assert weights_digest(started.model) == weights_digest(load_model(path)[0])
+    with pytest.raises(CheckpointError, match="trained for 3 classes"):
+        train(tiny(tmp_path, "other", init=str(path)), data, scheme=CONSEP, max_steps=0)
 
 
 def test_render_and_measure_runs_on_a_tiny_model(data):
