@@ -6,7 +6,6 @@ tiles, so each takes a few seconds on 2 CPU cores.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal

@@ -41,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="a TrainConfig JSON file (e.g. a run's config.json) to start from")
     g = p.add_argument_group("model and schedule")
     g.add_argument("--model", help="UNet preset name (demo, tiny, diffmix-consep, diffmix-glysac) or a UNet config JSON file")
-    g.add_argument("--init", help="fine-tune from this model (native folder/.safetensors or an official SDM/DiffMix .pt)")
+    g.add_argument("--init", help="fine-tune from this model (a native .safetensors or an official SDM/DiffMix .pt, read with the --model/preset architecture)")
     g.add_argument("--stages", help="stages as STEPS:LR:COND_DROPOUT,... e.g. 5900:1e-4:0,4100:2e-5:0.2")
     g.add_argument("--steps", type=int, help="total steps (stage lengths are scaled to it)")
     g.add_argument("--lr", type=float, help="learning rate for every stage")
@@ -60,6 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     h.add_argument("--threads", dest="num_threads", type=int, help="CPU threads for PyTorch")
     h.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), help="autocast dtype (auto: bf16/fp16 on GPU, fp32 on CPU)")
     h.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, help="recompute activations in backward: less memory")
+    h.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="NHWC activations (faster convolutions on CPUs and tensor cores)")
     h.add_argument("--grad-clip", type=float, help="max gradient norm (0 = off)")
     h.add_argument("--seed", type=int)
     r = p.add_argument_group("checkpoints and monitoring")
@@ -114,13 +115,13 @@ def run(args: argparse.Namespace) -> int:
     overrides = {
         k: getattr(args, k)
         for k in ("batch_size", "crop_size", "weight_decay", "ema_rate", "ema_warmup", "augment", "num_timesteps",
-                  "noise_schedule", "guidance", "device", "num_threads", "precision", "grad_checkpointing", "grad_clip",
+                  "noise_schedule", "guidance", "device", "num_threads", "precision", "grad_checkpointing", "channels_last", "grad_clip",
                   "seed", "save_every", "keep_last", "log_every", "sample_every", "sample_steps", "init")
         if getattr(args, k) is not None
     }
     overrides["out_dir"] = str(out or run_dir or (config.out_dir if saved is not None else Path("runs") / (args.preset or "demo")))
     if args.model:
-        overrides["model"] = json.loads(Path(args.model).read_text()) if args.model.endswith(".json") else args.model
+        overrides["model"] = _read_json(Path(args.model), "UNet config") if args.model.endswith(".json") else args.model
     config = dataclasses.replace(config, **overrides)
     config = dataclasses.replace(config, stages=_stages(config, args))
     config.validate()
@@ -172,15 +173,21 @@ def _stages(config, args):
 
 
 def _read_config(path: Path):
-    from ..train import TrainConfig, TrainingError
+    from ..train import TrainConfig
 
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise TrainingError(f"{path}: cannot read the training config ({exc})") from None
+    data = _read_json(path, "training config")
     for key in ("scheme", "model_config"):
         data.pop(key, None)
     return TrainConfig.from_dict(data)
+
+
+def _read_json(path: Path, what: str):
+    from ..train import TrainingError
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise TrainingError(f"{path}: cannot read the {what} ({exc})") from None
 
 
 def _saved_scheme(out_dir):
