@@ -376,7 +376,7 @@ def validation_crops(sources: Sequence[Source], crop_size: int, count: int, seed
     """
     rng = np.random.default_rng([seed, 7919])
     out = []
-    for i in range(count):
+    for _ in range(count):
         best = None
         for _ in range(8):
             src = sources[int(rng.integers(len(sources)))]
