@@ -577,7 +577,7 @@ def export_pannuke(
     return out
 
 
-def export_store(store: str | os.PathLike, out: str | os.PathLike, format: str, **kwargs: Any) -> Path:
+def export_store(store: str | os.PathLike | SyntheticStore, out: str | os.PathLike, format: str, **kwargs: Any) -> Path:
     """Export ``store`` to ``format`` (``hovernet`` or ``pannuke``); see the format functions."""
     if format not in EXPORT_FORMATS:
         raise StoreError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")

@@ -16,9 +16,11 @@ Driving a job
 * ``for event in job.events(should_stop=None): ...``: the GUI way (napari's batch export
   widget drains it in a ``thread_worker``). Events (:class:`SynthesisEvent`): one ``"start"``
   (totals), ``"step"`` per denoising step of the current batch (with the sampler's
-  :class:`~napari_diffmix.model.samplers.StepRecord` for previews), ``"batch"`` after a batch is
-  written (with its images and label maps), and ``"finished"`` last. Closing the generator
-  (cancel) between events abandons the unwritten batch; the store stays consistent.
+  :class:`~napari_diffmix.model.samplers.StepRecord` for previews), ``"batch"`` when a batch is
+  rendered (with its images and label maps; it is written by a background thread while the
+  next batch samples), and ``"finished"`` once every write has landed. Closing the generator
+  (cancel) abandons the batch being sampled and waits for the one being written; the store
+  stays consistent and resumable.
 
 Resume and crash safety
 -----------------------
@@ -232,6 +234,39 @@ class _Tiles:
         while len(self._lru) > self.keep:
             self._lru.popitem(last=False)
         return tile
+
+
+class _Writer:
+    """Writes one batch in a background thread while the next one samples.
+
+    At most one write is in flight: :meth:`submit` first waits for the previous one (and
+    re-raises its error, e.g. a full disk). Leaving the ``with`` block waits for the last
+    write, so a stopped or cancelled job never leaves a write behind.
+    """
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffmix-store-writer")
+        self._pending = None
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        self.wait()
+        self._pending = self._pool.submit(fn, *args, **kwargs)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def __enter__(self) -> "_Writer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown()
 
 
 def _dist():
@@ -592,37 +627,40 @@ class SynthesisJob:
         sampler = Sampler(self.model, info_diffusion(self.info), precision=self.config.precision)
         cache, tiles = self.cache, _Tiles(self.dataset)
         c = self.config
+        # "writing" counts only the time the loop waits for the writer thread (and the final attributes).
         timings = {"labels": 0.0, "sampling": 0.0, "writing": 0.0}
         rendered, stopped = 0, False
-        for idx in batches:
-            if should_stop():
-                stopped = True
-                break
-            t0 = time.perf_counter()
-            inst_maps, type_maps, label_provs, init, cond = self._labels(idx, cache, tiles)
-            seeds = [item_seed(c.seed, i) for i in idx]
-            t1 = time.perf_counter()
-            timings["labels"] += t1 - t0
-            kwargs = dict(init_image=init, strength=c.strength) if c.init == "original" else {}
-            last = None
-            t_step = time.perf_counter()
-            for last in sampler.sample(
-                cond, sampler=c.sampler, steps=c.steps, guidance=self.guidance, seed=seeds, **kwargs
-            ):
-                timings["sampling"] += time.perf_counter() - t_step
-                yield SynthesisEvent("step", n_done, total, pending, tuple(idx), last.step, last.total, last)
+        with _Writer() as writer:
+            for idx in batches:
+                if should_stop():
+                    stopped = True
+                    break
+                t0 = time.perf_counter()
+                inst_maps, type_maps, label_provs, init, cond = self._labels(idx, cache, tiles)
+                seeds = [item_seed(c.seed, i) for i in idx]
+                timings["labels"] += time.perf_counter() - t0
+                kwargs = dict(init_image=init, strength=c.strength) if c.init == "original" else {}
+                last = None
                 t_step = time.perf_counter()
-            timings["sampling"] += time.perf_counter() - t_step
+                for last in sampler.sample(
+                    cond, sampler=c.sampler, steps=c.steps, guidance=self.guidance, seed=seeds, **kwargs
+                ):
+                    timings["sampling"] += time.perf_counter() - t_step
+                    yield SynthesisEvent("step", n_done, total, pending, tuple(idx), last.step, last.total, last)
+                    t_step = time.perf_counter()
+                images = to_uint8(last.x_t)
+                timings["sampling"] += time.perf_counter() - t_step
+                provs = [self._provenance(p, i, s) for p, i, s in zip(label_provs, idx, seeds)]
+                t2 = time.perf_counter()
+                writer.submit(write_items, group, idx[0], images, inst_maps, type_maps, provs, where=str(self.out))
+                timings["writing"] += time.perf_counter() - t2
+                n_done += int((~done[idx[0] : idx[-1] + 1]).sum())
+                done[idx[0] : idx[-1] + 1] = True
+                rendered += len(idx)
+                yield SynthesisEvent("batch", n_done, total, pending, tuple(idx), images=images, inst_maps=inst_maps, type_maps=type_maps)
             t2 = time.perf_counter()
-            images = to_uint8(last.x_t)
-            provs = [self._provenance(p, i, s) for p, i, s in zip(label_provs, idx, seeds)]
-            write_items(group, idx[0], images, inst_maps, type_maps, provs, where=str(self.out))
+            writer.wait()
             timings["writing"] += time.perf_counter() - t2
-            newly = int((~done[idx[0] : idx[-1] + 1]).sum())
-            done[idx[0] : idx[-1] + 1] = True
-            n_done += newly
-            rendered += len(idx)
-            yield SynthesisEvent("batch", n_done, total, pending, tuple(idx), images=images, inst_maps=inst_maps, type_maps=type_maps)
         if dist is not None:
             dist.barrier()
         t_fin = time.perf_counter()
@@ -669,27 +707,20 @@ class SynthesisJob:
 
     def run(self, pbar: Any | None = None, should_stop: Callable[[], bool] | None = None) -> SynthesisResult:
         """Run to the end (or a stop request) with a progress bar; returns the result."""
-        with _StopSignals() as signals:
+        with _StopSignals() as signals, contextlib.ExitStack() as stack:
 
             def stop() -> bool:
                 return signals.requested is not None or bool(should_stop and should_stop())
 
-            events = self.events(stop)
-            bar_cm = contextlib.nullcontext()
             bar = None
-            try:
-                for event in events:
-                    if event.kind == "start":
-                        desc = "synthesize"
-                        if self.dist_info.world_size > 1:
-                            desc += f" (rank {self.dist_info.rank}/{self.dist_info.world_size})"
-                        bar_cm = progress_bar(pbar, event.pending, desc, unit="item")
-                        bar = bar_cm.__enter__()
-                    elif event.kind == "batch" and bar is not None:
-                        bar.update(len(event.indices))
-            finally:
-                if bar is not None:
-                    bar_cm.__exit__(None, None, None)
+            for event in self.events(stop):
+                if event.kind == "start":
+                    desc = "synthesize"
+                    if self.dist_info.world_size > 1:
+                        desc += f" (rank {self.dist_info.rank}/{self.dist_info.world_size})"
+                    bar = stack.enter_context(progress_bar(pbar, event.pending, desc, unit="item"))
+                elif event.kind == "batch":
+                    bar.update(len(event.indices))
         return self.result
 
 

@@ -87,3 +87,15 @@ def test_synthesize_cli_dry_run_and_errors(tmp_path, model, capsys):
     assert "only be referenced for a dataset folder on disk" in capsys.readouterr().err
     assert main([*args[:-2], "--dry-run", "--steps", "1"]) == 2  # strength 0.55 of 1 step leaves nothing to run
     assert "leaves no denoising step" in capsys.readouterr().err
+
+
+def test_synthesize_cli_takes_a_plan_from_diffmix_labels(tmp_path, model, capsys):
+    labels = tmp_path / "labels"
+    assert main(["labels", "demo", "--out", str(labels), "--patches", "2", "--patch-size", "64", "--stride", "64"]) == 0
+    capsys.readouterr()
+    args = ["synthesize", "demo", "--model", str(model), "--out", str(tmp_path / "s.zarr"), "--plan", str(labels / "plan.json")]
+    assert main([*args, "--dry-run"]) == 0
+    assert "synthetic patches by maps: 1 balance, 1 enlarge" in capsys.readouterr().out
+    assert main([*args, "--dry-run", "--patches", "5"]) == 2
+    assert "--plan gives the label plan; drop --patches" in capsys.readouterr().err
+

@@ -41,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     d.add_argument("--out", "-o", type=Path, default=Path("diffmix-demo"), help="output folder (default: ./diffmix-demo)")
     d.add_argument("--model", "-m", type=Path, help="diffusion model (default: the bundled demo model)")
-    d.add_argument("--patches", type=int, default=12, help="synthetic patches, half balancing, half enlarging (default 12)")
+    d.add_argument("--patches", type=int, default=8, help="synthetic patches, half balancing, half enlarging (default 8)")
     d.add_argument("--patch-size", type=int, default=128, help="patch size in px (default 128)")
     d.add_argument("--stride", type=int, default=64, help="patch grid stride in px (default 64)")
     d.add_argument("--steps", type=int, default=20, help="DPM-Solver++ steps of the whole schedule (default 20)")

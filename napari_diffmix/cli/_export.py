@@ -39,21 +39,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import StoreError
-    from ..export import export_hovernet, export_pannuke, open_store
+    from ..export import export_store, open_store
 
     store = open_store(args.store)
     out = args.out or args.store.with_name(f"{args.store.name.removesuffix('.zarr')}-{args.format}")
+    kwargs = {"originals": args.originals, "overwrite": args.overwrite}
     if args.format == "hovernet":
-        path = export_hovernet(
-            store, out, originals=args.originals, valid=args.valid, valid_stride=args.valid_stride, overwrite=args.overwrite
-        )
+        kwargs.update(valid=args.valid, valid_stride=args.valid_stride)
+    elif args.valid is not None:
+        raise StoreError("--valid applies to --format hovernet only")
+    path = export_store(store, out, args.format, **kwargs)
+    if args.format == "hovernet":
         n = len(list((path / "train").glob("*.npy")))
         extra = f", {len(list((path / 'valid').glob('*.npy')))} in valid/" if (path / "valid").is_dir() else ""
         print(f"wrote {n} training patches to {path / 'train'}{extra} (HoVer-Net layout: RGB, instances, types)")
     else:
-        if args.valid is not None:
-            raise StoreError("--valid applies to --format hovernet only")
-        path = export_pannuke(store, out, originals=args.originals, overwrite=args.overwrite)
         print(f"wrote stacked arrays to {path} (images.npy, masks.npy, inst_maps.npy, type_maps.npy, scheme.json)")
     if store.attrs.get("status") != "complete":
         print(f"note: the store is not complete ({int(store.done_mask().sum())} of {len(store)} items); only finished items were exported")

@@ -80,6 +80,13 @@ def build_plan(args: argparse.Namespace, dataset, *, cache=None):
     from ._labels import _rare_ids
 
     if getattr(args, "plan", None) is not None:
+        given = [f for f, v in (("--balance", args.balance), ("--enlarge", args.enlarge), ("--combined", args.combined),
+                                ("--patches", args.patches is not None), ("--target-share", args.target_share is not None),
+                                ("--rare", args.rare is not None)) if v]
+        if given:
+            from ..errors import DiffMixError
+
+            raise DiffMixError(f"--plan gives the label plan; drop {', '.join(given)} (or plan here without --plan)")
         return Plan.load(args.plan)
     if args.combined:
         maps = ["balance+enlarge"]
