@@ -142,6 +142,7 @@ def test_hovernet_export_layout(tmp_path, data_dir):
     # HoVer-Net's loader: data[..., :3] image, data[..., 3] instances, data[..., 4] types
     assert np.array_equal(patch[..., :3].astype(np.uint8), 255 - items[3].image)
     assert np.array_equal(patch[..., 3], items[3].inst_map) and np.array_equal(patch[..., 4], items[3].type_map)
+    assert np.array_equal(patch, hovernet_patch(255 - items[3].image, items[3].inst_map, items[3].type_map))
     name = items[5].provenance["tile_name"]
     y, x = items[5].provenance["origin"]
     orig = np.load(out / "train" / f"original_{name}_y{y}_x{x}.npy")
