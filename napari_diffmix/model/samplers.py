@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import os
 import random
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -231,6 +232,18 @@ def _resolve_diffusion(diffusion: Any, model: torch.nn.Module) -> GaussianDiffus
     return GaussianDiffusion(config)
 
 
+def _free_bytes(device: torch.device) -> int | None:
+    """Free memory on ``device`` now, or None where it cannot be asked."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu" and hasattr(os, "sysconf"):
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            return None
+    return None
+
+
 def _randn(generators: Sequence[torch.Generator], shape: Sequence[int], device: torch.device) -> torch.Tensor:
     """Standard normal noise, item i drawn from generators[i] on the CPU (device-independent)."""
     return torch.cat([torch.randn((1, *shape), generator=g) for g in generators]).to(device)
@@ -303,6 +316,7 @@ class _Run:
     windows: list[tuple[int, int, int, int]] | None
     overlap: int
     cond_key: str | None
+    spade_budget: int | None  # bytes of SPADE cache per window
 
     @property
     def total(self) -> int:
@@ -318,7 +332,10 @@ class Sampler:
     current condition (per tile when tiling) are computed once and kept until a different
     condition arrives (keyed by :func:`condition_key`); those of the all-zero condition are
     memoised by the model itself. ``cache=False`` recomputes them inside every decoder pass;
-    ``cache_max_bytes`` caps the cache (layers beyond the budget are computed per step).
+    ``cache_max_bytes`` caps the condition's cache, all tiles together (default: half of the
+    device memory free when a run starts); layers beyond the budget are computed at every step,
+    the layers saving the most compute per byte are kept. The zero-condition cache is one
+    image's worth per size (broadcast over the batch).
     ``precision`` "bf16"/"fp16" runs the network under autocast and stores the cache in that
     precision (half the memory); ``compile`` wraps the encoder/decoder in ``torch.compile``.
     """
@@ -473,8 +490,9 @@ class Sampler:
             if len(windows) == 1:
                 windows = None
         cond_key = condition_key(cond) if self.cache and cfg == "batched" and guidance != 0 else None
+        budget = self._spade_budget(len(windows) if windows else 1) if cond_key else None
         return _Run(cond, sampler, int(steps), float(guidance), seeds, init, strength, mask_t, float(eta),
-                    bool(clip_denoised), cfg, windows, overlap, cond_key)
+                    bool(clip_denoised), cfg, windows, overlap, cond_key, budget)
 
     # -- the loop ------------------------------------------------------------------------------
     def _run(self, run: _Run) -> Iterator[StepRecord]:
@@ -513,7 +531,9 @@ class Sampler:
             for k, t in enumerate(timesteps):
                 t_model = base.model_timesteps(torch.full((n,), t, device=device, dtype=torch.long))
                 if run.windows is None:
-                    out = self._guided(x, t_model, run.cond, run.guidance, run.cfg, run.cond_key, (0, 0, height, width))
+                    out = self._guided(
+                        x, t_model, run.cond, run.guidance, run.cfg, run.cond_key, (0, 0, height, width), run.spade_budget
+                    )
                 else:
                     out = self._tiled(x, t_model, run, weights)
                 t_index = torch.full((n,), t, device=device, dtype=torch.long)
@@ -558,7 +578,9 @@ class Sampler:
         for window, weight in zip(run.windows, weights):
             y0, x0, h, w = window
             crop = (slice(None), slice(None), slice(y0, y0 + h), slice(x0, x0 + w))
-            out = self._guided(x[crop], t_model, run.cond[crop], run.guidance, run.cfg, run.cond_key, window)
+            out = self._guided(
+                x[crop], t_model, run.cond[crop], run.guidance, run.cfg, run.cond_key, window, run.spade_budget
+            )
             if total is None:
                 total = torch.zeros(x.shape[0], out.shape[1], *x.shape[-2:], device=x.device)
             total[crop] += out * weight
@@ -575,9 +597,16 @@ class Sampler:
         t = torch.as_tensor(t, device=x.device)
         t_model = self.diffusion.model_timesteps(t.expand(n) if t.ndim == 0 else t)
         key = condition_key(cond) if self.cache and cfg == "batched" else ""
-        return self._guided(x, t_model, cond, guidance, cfg, key, (0, 0, *x.shape[-2:]))
+        return self._guided(x, t_model, cond, guidance, cfg, key, (0, 0, *x.shape[-2:]), self._spade_budget(1))
 
-    def _guided(self, x, t_model, cond, s: float, cfg: str, cond_key: str | None, window) -> torch.Tensor:
+    def _spade_budget(self, windows: int) -> int | None:
+        total = self.cache_max_bytes
+        if total is None:
+            free = _free_bytes(self.device)
+            total = None if free is None else free // 2
+        return None if total is None else total // windows
+
+    def _guided(self, x, t_model, cond, s: float, cfg: str, cond_key: str | None, window, budget) -> torch.Tensor:
         use_cond, use_null = s != 0, s != 1
         null = torch.zeros_like(cond)
         with torch.no_grad():
@@ -586,7 +615,7 @@ class Sampler:
                     out_cond = self._forward(self._layout(x), t_model, self._layout(cond)).float() if use_cond else None
                     out_null = self._forward(self._layout(x), t_model, self._layout(null)).float() if use_null else None
                 return self._combine(out_cond, out_null, s)
-            spade_cond = self._cond_spade(cond, cond_key, window) if use_cond else None
+            spade_cond = self._cond_spade(cond, cond_key, window, budget) if use_cond else None
             spade_null = self._null_spade(cond) if use_null else None
             with self._autocast():
                 state = self._encode(self._layout(x), t_model)
@@ -612,7 +641,7 @@ class Sampler:
         norms = getattr(self.model, "spade_norms", ())
         return tuple((p.data_ptr(), p._version) for norm in norms for p in norm.parameters())
 
-    def _cond_spade(self, cond: torch.Tensor, key: str, window):
+    def _cond_spade(self, cond: torch.Tensor, key: str, window, budget: int | None):
         if not self.cache:
             return None
         key = (key, self._weights_stamp())
@@ -620,7 +649,7 @@ class Sampler:
             self._spade_key, self._spade = key, {}
         if window not in self._spade:
             self._spade[window] = self.model.spade_params(
-                self._layout(cond), max_bytes=self.cache_max_bytes, dtype=PRECISIONS[self.precision]
+                self._layout(cond), max_bytes=budget, dtype=PRECISIONS[self.precision]
             )
         return self._spade[window]
 
@@ -628,8 +657,7 @@ class Sampler:
         if not self.cache:
             return None
         return self.model.null_spade_params(
-            cond.shape[-2], cond.shape[-1], batch=cond.shape[0], max_bytes=self.cache_max_bytes,
-            dtype=PRECISIONS[self.precision],
+            cond.shape[-2], cond.shape[-1], batch=cond.shape[0], dtype=PRECISIONS[self.precision]
         )
 
 
