@@ -5,11 +5,11 @@ the store (zarr chunks, provenance, done flags, final attributes) < 5 % of the t
 
 Runs ``SynthesisJob`` on the bundled demo tile (its training split) with a randomly
 initialised model of the given preset (weights do not change the cost), the product's
-default sampling (DPM-Solver++ 20 steps, SDEdit strength 0.55, batched CFG), and prints the
+default sampling (the fast DPM-Solver++ settings, SDEdit strength 0.55, batched CFG), and prints the
 timings the job records. Run by hand::
 
     python benchmarks/bench_export.py [--preset demo] [--size 128] [--items 16] [--batch-size 8]
-                                      [--device auto] [--steps 20] [--strength 0.55]
+                                      [--device auto] [--steps 15] [--strength 0.55]
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from napari_diffmix.datasets import Dataset, open_dataset, write_generic
 from napari_diffmix.demo_data import demo_split
 from napari_diffmix.mixing import MixCache, plan_balanced_set
 from napari_diffmix.model.checkpoint import save_model
+from napari_diffmix.model.samplers import FAST_SETTINGS
 from napari_diffmix.model.unet import SDMUNet, UNetConfig
 from napari_diffmix.synthesize import SynthesisConfig, SynthesisJob
 
@@ -38,7 +39,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=128, help="patch size in px (default 128)")
     ap.add_argument("--items", type=int, default=16, help="synthetic patches (default 16)")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=FAST_SETTINGS["steps"])
     ap.add_argument("--strength", type=float, default=0.55)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
@@ -65,7 +66,7 @@ def main() -> None:
         t = result.timings
         store_mb = sum(p.stat().st_size for p in (tmp / "bench.zarr").rglob("*") if p.is_file()) / 2**20
 
-    steps_run = int(args.strength * args.steps)
+    steps_run = int(args.strength * args.steps + 1e-9)
     overhead = (t["labels"] + t["writing"]) / t["total"]
     unaccounted = t["total"] - t["labels"] - t["writing"] - t["sampling"]
     print(f"device {job.device}, preset {args.preset} ({sum(p.numel() for p in job.model.parameters()) / 1e6:.2f} M params), "

@@ -10,7 +10,9 @@ A zarr v3 group (a folder, ``*.zarr``) written by :mod:`napari_diffmix.synthesiz
     done         (N,)         bool    True once the item's three arrays and provenance are written
     provenance   (N,)         string  one JSON object per item (see below)
     originals/                        optional: the original training patches, same arrays
-    TRAINING.md, train.sh             how to train a segmentation network on original + synthetic
+    training/                         TRAINING.md, train.sh, scheme.json: how to train a nuclei
+                                      segmentation network on original + synthetic (a zarr group,
+                                      so listing the store meets no foreign files)
 
 Every array is chunked one item per chunk (``done`` and ``provenance`` too), so items are
 written independently: by several ``torchrun`` ranks at once, or again after a crash. Chunks
@@ -77,7 +79,7 @@ FORMAT_VERSION = 1
 IMAGES, INST_MAPS, TYPE_MAPS, DONE, PROVENANCE = "images", "inst_maps", "type_maps", "done", "provenance"
 ORIGINALS = "originals"
 EXPORT_FORMATS = ("hovernet", "pannuke")
-TRAINING_MD, TRAIN_SH = "TRAINING.md", "train.sh"
+TRAINING_DIR, TRAINING_MD, TRAIN_SH = "training", "TRAINING.md", "train.sh"
 # Level 1 zstd: H&E patches barely compress further and the writer should stay far below the
 # sampling cost; the checksum turns a torn chunk into a read error instead of silent garbage.
 ZSTD_LEVEL = 1
@@ -617,7 +619,7 @@ def training_commands(
     (``--synthetic``).
     """
     base = store_name.rstrip("/")
-    scheme_arg = scheme.name if scheme.name in ("consep", "glysac", "demo") else f"{base}/scheme.json"
+    scheme_arg = scheme.name if scheme.name in ("consep", "glysac", "demo") else f"{base}/{TRAINING_DIR}/scheme.json"
     crop = ["--crop-size", str(patch_size)] if patch_size < 256 else []
     seg: list[list[str]] = []
     if originals == "included":
@@ -645,15 +647,21 @@ def write_training_files(
     counts: Mapping[str, Sequence[int]],
     originals: str,
 ) -> tuple[Path, Path]:
-    """Write ``TRAINING.md``, ``train.sh`` and ``scheme.json`` into the store folder."""
+    """Write ``TRAINING.md``, ``train.sh`` and ``scheme.json`` into the store's ``training`` group."""
+    import zarr
+
     path = Path(path)
-    scheme.save(path / "scheme.json")
+    folder = path / TRAINING_DIR
+    zarr.open_group(str(folder), mode="a", zarr_format=3).attrs.update(
+        {"description": "how to train on original + synthetic data", "files": [TRAINING_MD, TRAIN_SH, "scheme.json"]}
+    )
+    scheme.save(folder / "scheme.json")
     cmds = training_commands(path.name, data=data, scheme=scheme, patch_size=patch_size, originals=originals)
     mode = hovernet_mode(patch_size)
-    write_text(path / TRAIN_SH, _train_sh(cmds, mode, scheme.num_classes + 1, path.name))
-    write_text(path / TRAINING_MD, _training_md(cmds, mode, path.name, data, scheme, patch_size, counts, originals))
-    os.chmod(path / TRAIN_SH, 0o755)
-    return path / TRAINING_MD, path / TRAIN_SH
+    write_text(folder / TRAIN_SH, _train_sh(cmds, mode, scheme.num_classes + 1, path.name))
+    write_text(folder / TRAINING_MD, _training_md(cmds, mode, path.name, data, scheme, patch_size, counts, originals))
+    os.chmod(folder / TRAIN_SH, 0o755)
+    return folder / TRAINING_MD, folder / TRAIN_SH
 
 
 def hovernet_config_edits(nr_type: int, mode: str) -> list[tuple[str, str]]:
@@ -700,10 +708,10 @@ fi
 """
     return f"""#!/usr/bin/env bash
 # Train a nuclei segmentation + classification network on original + synthetic data.
-# Written by napari-diffmix into the synthetic store {store_name}; see TRAINING.md there.
-# DRY_RUN=1 prints the commands without running them.
+# Written by napari-diffmix into the synthetic store {store_name}; see TRAINING.md next to it.
+# Runs from the folder that holds the store. DRY_RUN=1 prints the commands without running them.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 run() {{
   printf '+'; printf ' %q' "$@"; printf '\\n'
@@ -769,8 +777,8 @@ Nuclei per class (per patch, summed over patches):
 |---|---|---|---|---|
 {table}
 
-`{store_name}/train.sh` runs the commands below from the folder that holds the store;
-`DRY_RUN=1 bash {store_name}/train.sh` only prints them.
+`{store_name}/{TRAINING_DIR}/train.sh` runs the commands below from the folder that holds the store;
+`DRY_RUN=1 bash {store_name}/{TRAINING_DIR}/train.sh` only prints them.
 
 ## This project's downstream network
 

@@ -74,6 +74,7 @@ from .export import (
     write_training_files,
 )
 from .mixing import MixCache, Plan, make_item
+from .model.samplers import FAST_SETTINGS
 from .progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,8 @@ _NOISE_STREAM = 3
 class SynthesisConfig:
     """How label maps become images, and what the store carries.
 
-    ``sampler``/``steps``: the solver and its respaced steps (default: DPM-Solver++(2M), 20).
+    ``sampler``/``steps``: the solver and its respaced steps (default: the samplers' fast
+    settings, DPM-Solver++(2M) with 15 steps).
     ``guidance``: CFG scale (None: the model's stored default). ``init``: "original" starts
     from the original patch noised to ``strength`` of the schedule (DiffMix's SDEdit, 0.55
     published) and runs ``floor(strength * steps)`` steps; "noise" samples from pure noise.
@@ -98,8 +100,8 @@ class SynthesisConfig:
     dataset on disk and includes otherwise, "none" leaves them out.
     """
 
-    sampler: str = "dpm++2m"
-    steps: int = 20
+    sampler: str = FAST_SETTINGS["sampler"]
+    steps: int = FAST_SETTINGS["steps"]
     guidance: float | None = None
     init: str = "original"
     strength: float = 0.55

@@ -45,11 +45,11 @@ def test_demo_end_to_end_then_rerun(tmp_path, model, capsys, monkeypatch):
     first = store.item(0)
     assert np.array_equal(montage[:64, 2 * 68 :], first.image)  # third column: the rendered patch
     for phrase in ("class shares of nuclei, original -> original + synthetic:", "other ", "napari diffmix-demo/demo.zarr",
-                   "diffmix-demo/demo-montage.png", "diffmix-demo/demo.zarr/train.sh"):
+                   "diffmix-demo/demo-montage.png", "diffmix-demo/demo.zarr/training/train.sh"):
         assert phrase in out, phrase
     assert (root / "data" / "train" / "scheme.json").is_file() and (root / "data" / "held-out").is_dir()
     # train.sh's own downstream command points at the demo's data folder relative to diffmix-demo/
-    assert "--data data/train --synthetic demo.zarr" in (root / "demo.zarr" / "train.sh").read_text()
+    assert "--data data/train --synthetic demo.zarr" in (root / "demo.zarr" / "training" / "train.sh").read_text()
 
     assert main(["demo", "--model", str(model), *FAST]) == 0  # same settings: resumed, nothing to render
     assert "4 of 4 items already done" in capsys.readouterr().out

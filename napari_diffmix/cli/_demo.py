@@ -44,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--patches", type=int, default=8, help="synthetic patches, half balancing, half enlarging (default 8)")
     d.add_argument("--patch-size", type=int, default=128, help="patch size in px (default 128)")
     d.add_argument("--stride", type=int, default=64, help="patch grid stride in px (default 64)")
-    d.add_argument("--steps", type=int, default=20, help="DPM-Solver++ steps of the whole schedule (default 20)")
+    d.add_argument("--steps", type=int, help="DPM-Solver++ steps of the whole schedule (default: the fast sampler's, 15)")
     d.add_argument("--strength", type=float, default=0.55, help="SDEdit strength (default 0.55)")
     d.add_argument("--from-noise", action="store_true", help="render from pure noise instead of SDEdit from the original patch")
     d.add_argument("--guidance", type=float, help="classifier-free guidance (default: the model's)")
@@ -187,6 +187,7 @@ def run_demo(args: argparse.Namespace) -> int:
     import os
 
     from ..datasets import open_dataset
+    from ..export import TRAIN_SH, TRAINING_DIR, TRAINING_MD
     from ..mixing import MixCache, plan_balanced_set
     from ..synthesize import SynthesisConfig, SynthesisJob
     from ..train import write_png
@@ -202,7 +203,7 @@ def run_demo(args: argparse.Namespace) -> int:
         seed=args.seed, cache=cache,
     )
     config = SynthesisConfig(
-        steps=args.steps, strength=args.strength, init="noise" if args.from_noise else "original", guidance=args.guidance,
+        **({} if args.steps is None else {"steps": args.steps}), strength=args.strength, init="noise" if args.from_noise else "original", guidance=args.guidance,
         seed=args.seed, batch_size=args.batch_size, device=args.device, threads=args.threads, originals="reference",
     )
     store = out / DEMO_STORE
@@ -226,12 +227,13 @@ def run_demo(args: argparse.Namespace) -> int:
     for k, name in enumerate(names):
         print(f"  {name:<{width}}  {before[k]:5.1f} % -> {after[k]:5.1f} %")
     print("\nfiles:")
-    print(f"  {store}  {result.total} synthetic patches (images, inst_maps, type_maps, provenance), TRAINING.md, train.sh")
+    print(f"  {store}  {result.total} synthetic patches (images, inst_maps, type_maps, provenance)")
+    print(f"  {store / TRAINING_DIR / TRAINING_MD}  how to train on original + synthetic data ({TRAIN_SH} next to it)")
     print(f"  {montage_path}  rows of original patch | edited label map | rendered image")
     print(f"  {train_dir}, {held_out_dir}  the demo's training and held-out tiles")
     print("\nnext:")
     print(f"  napari {store}          # open the store (napari-diffmix reader), or File > Open in napari")
-    print(f"  bash {store / 'train.sh'}   # train the segmentation network on original + synthetic data")
+    print(f"  bash {store / TRAINING_DIR / TRAIN_SH}   # train the segmentation network on original + synthetic data")
     print(f"  diffmix compare --data {train_dir} --synthetic {store} --test {held_out_dir} --out {out / 'compare'}"
           f" --crop-size {plan.patch_size}")
     return 0

@@ -11,7 +11,7 @@ EPILOG = """examples:
   diffmix export synthetic.zarr --format pannuke --originals skip  # synthetic patches only
 
 hovernet: one .npy per patch, H x W x 5 (RGB, instance ids, class ids), the layout of HoVer-Net's
-extract_patches.py; set config.py's train_dir_list to OUT/train (see STORE/TRAINING.md).
+extract_patches.py; set config.py's train_dir_list to OUT/train (see STORE/training/TRAINING.md).
 pannuke: images.npy, masks.npy (PanNuke channels), inst_maps.npy, type_maps.npy, scheme.json.
 """
 

@@ -15,7 +15,7 @@ EPILOG = """examples:
 
 Re-running the same command after Ctrl-C, a crash or a full disk continues where it stopped
 and gives the same store as an uninterrupted run. Then: diffmix export STORE --format hovernet,
-or see STORE/TRAINING.md.
+or see STORE/training/TRAINING.md.
 """
 
 
@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Plan synthetic patches that balance the rare nuclei classes (balancing and enlarging label maps), render "
             "an H&E image for every label map with the diffusion model (by default DiffMix's SDEdit from the original "
             "patch, with the fast DPM-Solver++ sampler) and write everything to a resumable zarr store with "
-            "provenance and training instructions (TRAINING.md, train.sh)."
+            "provenance and training instructions (training/TRAINING.md, training/train.sh)."
         ),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -50,8 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--stride", type=int, default=76, help="patch grid stride in px (default 76)")
     g.add_argument("--max-variants", type=int, default=4, help="with --target-share: re-balancings per tile to draw from (default 4)")
     s = p.add_argument_group("sampling")
-    s.add_argument("--sampler", default="dpm++2m", choices=("dpm++2m", "ddim", "ddpm", "unipc"), help="solver (default dpm++2m)")
-    s.add_argument("--steps", type=int, default=20, help="respaced steps of the whole schedule (default 20)")
+    s.add_argument("--sampler", choices=("dpm++2m", "ddim", "ddpm", "unipc"), help="solver (default: dpm++2m, the fast sampler)")
+    s.add_argument("--steps", type=int, help="respaced steps of the whole schedule (default: the fast sampler's, 15)")
     s.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")
     s.add_argument("--strength", type=float, default=0.55, help="SDEdit: noise the original patch to this share of the schedule (default 0.55, DiffMix)")
     s.add_argument("--from-noise", action="store_true", help="sample from pure noise instead of SDEdit from the original patch")
@@ -110,10 +110,11 @@ def run(args: argparse.Namespace) -> int:
     dataset = open_dataset(args.dataset, args.scheme, args.layout)
     cache = MixCache(dataset)
     plan = build_plan(args, dataset, cache=cache)
+    given = {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps)) if v is not None}
     config = SynthesisConfig(
-        sampler=args.sampler, steps=args.steps, guidance=args.guidance, init="noise" if args.from_noise else "original",
-        strength=args.strength, seed=args.seed, batch_size=args.batch_size, device=args.device,
-        precision=args.precision, originals=args.originals, threads=args.threads,
+        **given, guidance=args.guidance, init="noise" if args.from_noise else "original", strength=args.strength,
+        seed=args.seed, batch_size=args.batch_size, device=args.device, precision=args.precision,
+        originals=args.originals, threads=args.threads,
     )
     job = SynthesisJob(dataset, plan, args.model, args.out, config, overwrite=args.overwrite, resume=args.resume, cache=cache)
     if rank == 0:
@@ -144,7 +145,7 @@ def job_summary(job, result) -> str:
 
         lines.append(job.plan.table(np.asarray(result.counts["synthetic"])))
     if result.complete:
-        lines.append(f"store: {result.store}  (training instructions: {result.store / 'TRAINING.md'})")
+        lines.append(f"store: {result.store}  (training instructions: {result.store / 'training' / 'TRAINING.md'})")
         lines.append(f"open it in napari: napari {result.store}")
     else:
         lines.append(f"stopped: {result.total - result.done} item(s) left; run the same command again to resume")
