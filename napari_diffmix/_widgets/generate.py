@@ -1,0 +1,642 @@
+"""Generate dock widget: render the current label map into tissue with a live preview.
+
+The model (:func:`napari_diffmix.model.checkpoint.load_model`) and its
+:class:`~napari_diffmix.model.samplers.Sampler` are cached per (file, device): rendering again
+reuses the loaded weights and, while the label map is unchanged, the SPADE modulation of the
+last condition (the sampler keys it by :func:`~napari_diffmix.model.samplers.condition_key`).
+The sampler's generator runs in a napari thread worker: every step the worker sends a small
+preview of the predicted clean image to the main thread, which paints it into a preview layer
+(a new preview is computed only once the last one was shown, so a slow screen never queues up
+frames) and updates the progress bar. Cancel stops the generator at its next step and leaves no
+layer. ``DIFFMIX_NAPARI_NOTHREADS=1`` runs the same generator synchronously.
+
+Modes: from noise; from the chosen image (SDEdit, ``strength`` of the schedule); or re-render
+only the nuclei edited since that image was made (the image layer carries the label map it
+depicts; changed pixels, grown by a margin, are rendered, the rest of the image is kept).
+Canvases larger than the tile size are rendered in overlapping tiles blended at every step.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QRadioButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..classes import ClassScheme
+from ..errors import CheckpointError, DiffMixError, LabelError, SchemeError
+from ._layers import KEY, info_of, role_of, scheme_of, types_from_features
+from ._notify import notify_error, user_errors
+from ._workers import run_in_thread
+
+MODELS_DIR = Path(__file__).resolve().parents[1] / "resources" / "models" / "demo"
+BUNDLED = "bundled demo model"
+DEVICES = {"auto": "auto", "CPU": "cpu", "CUDA": "cuda", "MPS": "mps"}
+MODES = ("noise", "sdedit", "edited")
+PREVIEW_SIDE = 512  # px: previews of larger canvases are subsampled
+PREVIEW_INTERVAL = 0.1  # s: at most this often (each repaint costs the event loop a few ms)
+GENERATE_KEY = "Shift-G"
+EDIT_MARGIN = 4  # px grown around edited nuclei, so their surroundings blend in
+# Canvas-sized float32 tensors a run keeps besides the network's own activations: x_t,
+# pred_x0, noise, the model output and its blend accumulator, init image, mask, condition.
+CANVAS_TENSORS = 24
+
+
+def warm_up_imports() -> None:
+    """Import what a first run would import, now, on the main thread.
+
+    The samplers import diffusers lazily (and through it sympy, torch.distributed, scipy, ...).
+    An import that size inside the worker thread holds the GIL in long stretches and froze the
+    event loop for up to half a second during the first generation; done while the widget
+    opens, it costs a moment once and no run ever pays it.
+    """
+    import diffusers
+
+    for name in ("DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"):
+        getattr(diffusers, name)
+    from ..model import checkpoint, condition, samplers  # noqa: F401
+    from .. import train  # noqa: F401
+
+
+def bundled_model() -> Path | None:
+    """The demo model shipped with the package, if it is installed."""
+    found = sorted(MODELS_DIR.glob("*.safetensors")) if MODELS_DIR.is_dir() else []
+    return found[0] if found else None
+
+
+def edit_mask(ref_inst: np.ndarray, ref_types: np.ndarray, inst_map: np.ndarray, type_map: np.ndarray, margin: int) -> np.ndarray:
+    """Pixels whose nucleus or class changed, grown by ``margin`` px (what a masked re-render redraws)."""
+    from scipy import ndimage
+
+    changed = (np.asarray(ref_inst) != inst_map) | (np.asarray(ref_types) != type_map)
+    if margin > 0 and changed.any():
+        changed = ndimage.binary_dilation(changed, iterations=margin)
+    return changed
+
+
+def available_bytes(device: Any) -> int | None:
+    """Free memory on ``device`` (None when it cannot be known)."""
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+@dataclass
+class Request:
+    """Everything a run needs, captured on the main thread when Generate is pressed."""
+
+    model_path: Path
+    preset: str | None
+    device: str
+    inst_map: np.ndarray
+    type_map: np.ndarray
+    scheme: ClassScheme
+    sampler: str
+    steps: int
+    guidance: float
+    seed: int
+    mode: str
+    strength: float | None
+    image: np.ndarray | None
+    image_name: str | None
+    mask: np.ndarray | None
+    tile: int | None
+    labels_name: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Status:
+    text: str
+
+
+@dataclass
+class Step:
+    step: int
+    total: int
+    elapsed: float
+    preview: np.ndarray | None
+    stride: int
+
+
+@dataclass
+class Result:
+    image: np.ndarray
+    provenance: dict[str, Any]
+
+
+class GenerateWidget(QWidget):
+    """Model, device, sampler, steps, guidance, seed and mode; Generate / Cancel with a live preview."""
+
+    def __init__(self, napari_viewer: Any, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self._runners: dict[tuple, tuple[Any, Any]] = {}
+        self._last_condition: str | None = None
+        self._preview_pending = False
+        self.worker: Any = None
+        self._running = False
+        self.preview_layer: Any = None
+        self.previews_shown = 0
+        self.last_result: Any = None
+        warm_up_imports()
+        self._build()
+        for emitter in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
+            emitter.connect(self._refresh_layers)
+        self._refresh_layers()
+        self._on_model_changed()
+
+    # -- layout --------------------------------------------------------------------------------------
+    def _build(self) -> None:
+        root = QVBoxLayout(self)
+        form = QFormLayout()
+        root.addLayout(form)
+
+        self.model_combo = QComboBox()
+        self.model_combo.addItem(BUNDLED)
+        self.model_combo.setToolTip("A napari-diffmix .safetensors model or an official DiffMix/SDM .pt checkpoint")
+        self.model_combo.currentIndexChanged.connect(lambda *_: self._on_model_changed())
+        browse = QPushButton("Browse…")
+        browse.setToolTip("Choose a model file (.safetensors, .pt)")
+        browse.clicked.connect(lambda *_: user_errors(self._browse_model)())
+        row = QHBoxLayout()
+        row.addWidget(self.model_combo, 1)
+        row.addWidget(browse)
+        form.addRow("Model", row)
+        self.preset_combo = QComboBox()
+        from ..model.unet import UNetConfig
+
+        self.preset_combo.addItems(list(UNetConfig.preset_names()))
+        self.preset_combo.setToolTip("Architecture of an official .pt checkpoint (it carries no configuration)")
+        form.addRow("Official .pt preset", self.preset_combo)
+        self.model_info = QLabel()
+        self.model_info.setWordWrap(True)
+        form.addRow(self.model_info)
+
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(list(DEVICES))
+        self.device_combo.setToolTip("auto: CUDA, else Apple MPS, else CPU")
+        form.addRow("Device", self.device_combo)
+
+        self.labels_combo = QComboBox()
+        self.labels_combo.setToolTip("The nuclei layer to render (classes from its features)")
+        form.addRow("Labels", self.labels_combo)
+
+        modes = QVBoxLayout()
+        self.mode_buttons = {
+            "noise": QRadioButton("from noise"),
+            "sdedit": QRadioButton("from the image (SDEdit)"),
+            "edited": QRadioButton("re-render edited nuclei only"),
+        }
+        self.mode_buttons["noise"].setChecked(True)
+        self.mode_buttons["sdedit"].setToolTip("Start from the image noised to 'strength' of the schedule")
+        self.mode_buttons["edited"].setToolTip(
+            "Render only where the labels differ from the ones the image was made from; keep the rest"
+        )
+        for b in self.mode_buttons.values():
+            modes.addWidget(b)
+            b.toggled.connect(lambda *_: self._update_enabled())
+        form.addRow("Mode", modes)
+        self.image_combo = QComboBox()
+        self.image_combo.setToolTip("The RGB image to start from (SDEdit) or to edit")
+        form.addRow("Image", self.image_combo)
+        self.strength = QDoubleSpinBox()
+        self.strength.setRange(0.05, 1.0)
+        self.strength.setSingleStep(0.05)
+        self.strength.setValue(0.55)
+        self.strength.setToolTip("Share of the schedule re-run from the noised image (DiffMix: 0.55)")
+        form.addRow("Strength", self.strength)
+
+        from ..model.samplers import FAST_SETTINGS, SAMPLERS
+
+        self.sampler_combo = QComboBox()
+        self.sampler_combo.addItems(list(SAMPLERS))
+        self.sampler_combo.setCurrentText(FAST_SETTINGS["sampler"])
+        self.sampler_combo.setToolTip("dpm++2m / unipc: good images in ~20 steps; ddim: DiffMix's published sampler")
+        form.addRow("Sampler", self.sampler_combo)
+        self.steps = QSpinBox()
+        self.steps.setRange(2, 1000)
+        self.steps.setValue(FAST_SETTINGS["steps"])
+        form.addRow("Steps", self.steps)
+        self.guidance = QDoubleSpinBox()
+        self.guidance.setRange(0.0, 20.0)
+        self.guidance.setSingleStep(0.25)
+        self.guidance.setValue(3.0)
+        self.guidance.setToolTip("Classifier-free guidance scale (1 = plain conditional model)")
+        form.addRow("Guidance", self.guidance)
+        self.seed = QSpinBox()
+        self.seed.setRange(0, 2**31 - 1)
+        self.seed.setValue(0)
+        self.seed.setToolTip("Same seed and settings give the same image")
+        dice = QPushButton("Random")
+        dice.setToolTip("Roll a new seed")
+        dice.clicked.connect(lambda *_: self.roll_seed())
+        row = QHBoxLayout()
+        row.addWidget(self.seed, 1)
+        row.addWidget(dice)
+        form.addRow("Seed", row)
+        self.tile = QSpinBox()
+        self.tile.setRange(0, 4096)
+        self.tile.setSpecialValueText("off")
+        self.tile.setSuffix(" px")
+        self.tile.setToolTip(
+            "Canvases larger than this are rendered in overlapping tiles blended at every step (bounds memory); "
+            "default: the model's training size"
+        )
+        form.addRow("Tile size", self.tile)
+
+        row = QHBoxLayout()
+        self.generate_button = QPushButton("Generate")
+        self.generate_button.setToolTip("Render the labels (Shift+G in the viewer)")
+        self.generate_button.clicked.connect(lambda *_: user_errors(self.generate)())
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setToolTip("Stop after the current step; nothing is added")
+        self.cancel_button.clicked.connect(lambda *_: self.cancel())
+        row.addWidget(self.generate_button)
+        row.addWidget(self.cancel_button)
+        root.addLayout(row)
+        self.progress = QProgressBar()
+        self.progress.setFormat("idle")
+        root.addWidget(self.progress)
+        self.status = QLabel()
+        self.status.setWordWrap(True)
+        root.addWidget(self.status)
+        root.addStretch(1)
+        self.viewer.bind_key(GENERATE_KEY, lambda viewer: user_errors(self.generate)(), overwrite=True)
+        self._update_enabled()
+
+    # -- choices --------------------------------------------------------------------------------------
+    def roll_seed(self) -> int:
+        self.seed.setValue(int(np.random.default_rng().integers(2**31 - 1)))
+        return self.seed.value()
+
+    def _browse_model(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Model", "", "Models (*.safetensors *.pt *.pth);;All files (*)")
+        if path:
+            self.set_model(path)
+
+    def set_model(self, path: str | os.PathLike, preset: str | None = None) -> None:
+        """Choose a model file (added to the list); ``preset`` for official .pt files."""
+        path = str(path)
+        index = self.model_combo.findText(path)
+        if index < 0:
+            self.model_combo.addItem(path)
+            index = self.model_combo.count() - 1
+        if preset is not None:
+            self.preset_combo.setCurrentText(preset)
+        if index == self.model_combo.currentIndex():
+            self._on_model_changed()
+        else:
+            self.model_combo.setCurrentIndex(index)  # -> _on_model_changed
+
+    def model_path(self) -> Path:
+        choice = self.model_combo.currentText()
+        if choice == BUNDLED:
+            path = bundled_model()
+            if path is None:
+                raise CheckpointError(
+                    f"the bundled demo model is not installed (no .safetensors in {MODELS_DIR}); "
+                    "choose a model file with Browse…"
+                )
+            return path
+        return Path(choice)
+
+    def _is_native(self, path: Path) -> bool:
+        return path.suffix.lower() == ".safetensors"
+
+    def _on_model_changed(self) -> None:
+        self.preset_combo.setEnabled(False)
+        try:
+            path = self.model_path()
+        except CheckpointError as exc:
+            self.model_info.setText(str(exc))
+            return
+        if not self._is_native(path):
+            self.preset_combo.setEnabled(True)
+            self.model_info.setText(f"{path.name}: official checkpoint; pick its preset below")
+            return
+        from ..model.checkpoint import read_info
+
+        try:
+            info = read_info(path)
+        except CheckpointError as exc:  # shown here; Generate reports it again if it is pressed
+            self.model_info.setText(str(exc))
+            return
+        cfg = info.config
+        self.model_info.setText(
+            f"{path.name}: scheme {info.scheme.name!r} ({', '.join(info.scheme.names)}), trained at "
+            f"{cfg.image_size} px, default guidance {info.default_guidance:g}"
+        )
+        self.guidance.setValue(info.default_guidance)
+        self.tile.setValue(cfg.image_size)
+
+    def _refresh_layers(self, event: Any = None) -> None:
+        from napari.layers import Image, Labels
+
+        for combo, layers in (
+            (self.labels_combo, [l for l in self.viewer.layers if isinstance(l, Labels) and role_of(l) == "nuclei"]),
+            (self.image_combo, [l for l in self.viewer.layers if isinstance(l, Image) and l.rgb and role_of(l) != "preview"]),
+        ):
+            current = combo.currentText()
+            combo.clear()
+            combo.addItems([layer.name for layer in layers])
+            if current in [layer.name for layer in layers]:
+                combo.setCurrentText(current)
+            elif layers:
+                combo.setCurrentIndex(len(layers) - 1 if combo is self.labels_combo else 0)
+
+    def mode(self) -> str:
+        return next(m for m, b in self.mode_buttons.items() if b.isChecked())
+
+    def set_mode(self, mode: str) -> None:
+        self.mode_buttons[mode].setChecked(True)
+
+    def _update_enabled(self) -> None:
+        running = self._running
+        self.generate_button.setEnabled(not running)
+        self.cancel_button.setEnabled(running)
+        needs_image = self.mode() != "noise"
+        self.image_combo.setEnabled(needs_image)
+        self.strength.setEnabled(self.mode() == "sdedit")
+
+    # -- request --------------------------------------------------------------------------------------
+    def _labels(self) -> tuple[Any, np.ndarray, np.ndarray, ClassScheme]:
+        name = self.labels_combo.currentText()
+        if not name:
+            raise LabelError("no nuclei layer to render: open the demo tile or paint on a new canvas (Nuclei editor)")
+        layer = self.viewer.layers[name]
+        inst_map = np.array(layer.data, dtype=np.int32)
+        if inst_map.ndim != 2:
+            raise LabelError(f"layer {name!r} is {inst_map.ndim}-D; render one 2-D label map")
+        scheme = scheme_of(layer)
+        types = types_from_features(layer.features, int(inst_map.max(initial=0)) + 1)
+        scheme.check_classes(types, source=f"layer {name!r}")
+        from ..nuclei import type_map_from
+
+        return layer, inst_map, type_map_from(inst_map, types), scheme
+
+    def _image(self, shape: tuple[int, int]) -> Any:
+        name = self.image_combo.currentText()
+        if not name:
+            raise LabelError("this mode starts from an image: add or choose an RGB image layer")
+        layer = self.viewer.layers[name]
+        image = np.asarray(layer.data)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise LabelError(f"image {name!r} must be an RGB uint8 image (H, W, 3), got {image.dtype} {image.shape}")
+        if image.shape[:2] != shape:
+            raise LabelError(f"image {name!r} is {image.shape[:2]} but the label map is {shape}; they must match")
+        return layer, image
+
+    def request(self) -> Request:
+        """The run the current settings describe (validated on the main thread)."""
+        layer, inst_map, type_map, scheme = self._labels()
+        mode = self.mode()
+        image = mask = None
+        image_name = None
+        if mode != "noise":
+            image_layer, image = self._image(inst_map.shape)
+            image_name = image_layer.name
+            if mode == "edited":
+                info = info_of(image_layer)
+                if info.get("inst_map") is None or info.get("type_map") is None:
+                    raise LabelError(
+                        f"image {image_name!r} does not record the label map it shows, so edits cannot be found; "
+                        "use 'from the image (SDEdit)' or render it here first"
+                    )
+                mask = edit_mask(info["inst_map"], info["type_map"], inst_map, type_map, EDIT_MARGIN)
+                if not mask.any():
+                    raise LabelError(f"no nucleus differs from the labels of {image_name!r}: nothing to re-render")
+        path = self.model_path()
+        return Request(
+            model_path=path,
+            preset=None if self._is_native(path) else self.preset_combo.currentText(),
+            device=DEVICES[self.device_combo.currentText()],
+            inst_map=inst_map,
+            type_map=type_map,
+            scheme=scheme,
+            sampler=self.sampler_combo.currentText(),
+            steps=self.steps.value(),
+            guidance=self.guidance.value(),
+            seed=self.seed.value(),
+            mode=mode,
+            strength=self.strength.value() if mode == "sdedit" else None,
+            image=image,
+            image_name=image_name,
+            mask=mask,
+            tile=self.tile.value() or None,
+            labels_name=layer.name,
+        )
+
+    # -- the run ------------------------------------------------------------------------------------
+    def _runner(self, req: Request) -> tuple[Any, Any, bool]:
+        """(Sampler, ModelInfo, reused) for the request's model and device, loading it once."""
+        from ..model.checkpoint import load_model
+        from ..model.samplers import Sampler
+        from ..train import resolve_device
+
+        device = resolve_device(req.device)
+        stamp = req.model_path.stat().st_mtime_ns if req.model_path.exists() else None
+        key = (str(req.model_path), stamp, req.preset, str(device))
+        if key in self._runners:
+            return (*self._runners[key], True)
+        self._runners.clear()  # one model in memory at a time
+        model, info = load_model(req.model_path, device, preset=req.preset)
+        runner = Sampler(model, info.diffusion or None)
+        self._runners[key] = (runner, info)
+        return runner, info, False
+
+    def _job(self, req: Request):
+        import torch
+
+        from ..model.condition import make_condition
+        from ..model.samplers import condition_key, preview
+
+        yield Status(f"loading {req.model_path.name}…")
+        runner, info, reused_model = self._runner(req)
+        if info.scheme.names != req.scheme.names:
+            raise SchemeError(
+                f"the model was trained on classes {list(info.scheme.names)} (scheme {info.scheme.name!r}) but "
+                f"layer {req.labels_name!r} uses {list(req.scheme.names)} (scheme {req.scheme.name!r}); "
+                "choose a model of that scheme"
+            )
+        h, w = req.inst_map.shape
+        need = h * w * 4 * (CANVAS_TENSORS + info.scheme.condition_channels)
+        free = available_bytes(runner.device)
+        if free is not None and need > free:
+            raise LabelError(
+                f"the {h}x{w} label map is too large for memory: it needs about {_size(need)} on {runner.device} "
+                f"but only {_size(free)} are free; render a smaller region"
+            )
+        cond = make_condition(req.inst_map, req.type_map, info.scheme)
+        key = condition_key(cond)
+        reused_spade = reused_model and key == self._last_condition and runner.cache
+        self._last_condition = key
+        what = "cached model" if reused_model else "model loaded"
+        yield Status(f"{what}; label map {'unchanged, SPADE features reused' if reused_spade else 'encoded'}")
+        stride = max(1, math.ceil(max(h, w) / PREVIEW_SIDE))
+        start = time.perf_counter()
+        shown = -math.inf
+        last = None
+        try:
+            for record in runner.sample(
+                cond, sampler=req.sampler, steps=req.steps, guidance=req.guidance, seed=req.seed,
+                init_image=req.image, strength=req.strength, mask=req.mask, tile_size=req.tile,
+            ):
+                last = record
+                picture = None
+                now = time.perf_counter()
+                if not self._preview_pending and now - shown >= PREVIEW_INTERVAL and not record.done:
+                    self._preview_pending = True
+                    shown = now
+                    picture = preview(record, max_side=PREVIEW_SIDE)
+                yield Step(record.step, record.total, time.perf_counter() - start, picture, stride)
+        except torch.cuda.OutOfMemoryError:
+            raise LabelError(
+                f"out of memory on {runner.device} rendering {h}x{w}: lower the tile size, or use the CPU"
+            ) from None
+        except RuntimeError as exc:
+            if "out of memory" in str(exc).lower() or "can't allocate memory" in str(exc).lower():
+                raise LabelError(f"out of memory on {runner.device} rendering {h}x{w}: lower the tile size") from None
+            raise
+        image = last.images()[0]
+        provenance = {
+            "model": str(req.model_path), "model_sha256": info.sha256, "scheme": info.scheme.name,
+            "device": str(runner.device), "sampler": req.sampler, "steps": req.steps, "guidance": req.guidance,
+            "seed": int(last.seeds[0]), "mode": req.mode, "strength": req.strength, "image": req.image_name,
+            "edited_pixels": int(req.mask.sum()) if req.mask is not None else None, "tile": req.tile,
+            "labels": req.labels_name, "seconds": round(time.perf_counter() - start, 3),
+            "reused_model": reused_model, "reused_spade": bool(reused_spade),
+        }
+        return Result(image, provenance)
+
+    def generate(self, *, block: bool = False) -> Any:
+        """Start rendering (``block=True`` or DIFFMIX_NAPARI_NOTHREADS=1: synchronously)."""
+        if self._running:
+            raise DiffMixError("a generation is already running; cancel it first")
+        req = self.request()
+        self.previews_shown = 0
+        self._preview_pending = False
+        self.progress.setRange(0, req.steps)
+        self.progress.setValue(0)
+        self.progress.setFormat("starting…")
+        self._make_preview_layer(req)
+        self._running = True
+        self._update_enabled()
+        worker = run_in_thread(
+            lambda: self._job(req),
+            on_yield=self._on_yield,
+            on_return=lambda result: self._on_result(result, req),
+            on_error=self._on_error,
+            on_finish=self._on_finish,
+            block=block,
+        )
+        if self._running:  # a thread worker: it finishes later, on the event loop
+            self.worker = worker
+        return worker
+
+    def cancel(self) -> None:
+        """Stop the running generation at its next step; nothing is added."""
+        if self.worker is not None:
+            self.status.setText("cancelling…")
+            self.worker.quit()
+
+    def _make_preview_layer(self, req: Request) -> None:
+        h, w = req.inst_map.shape
+        base = req.image if req.image is not None else np.full((h, w, 3), 255, np.uint8)
+        stride = max(1, math.ceil(max(h, w) / PREVIEW_SIDE))
+        self.preview_layer = self.viewer.add_image(
+            np.array(base[::stride, ::stride]), name="rendering…", rgb=True, scale=(stride, stride),
+            metadata={KEY: {"role": "preview"}},
+        )
+
+    def _on_yield(self, item: Any) -> None:
+        if isinstance(item, Status):
+            self.status.setText(item.text)
+            return
+        layer = self.preview_layer
+        if item.preview is not None and layer is not None:
+            if layer.data.shape == item.preview.shape:
+                # In place: cheaper than a new data array (no dims update), the repaint is the cost.
+                layer.data[...] = item.preview
+                layer.refresh()
+            else:
+                layer.data = item.preview
+            self.previews_shown += 1
+        self._preview_pending = False
+        eta = item.elapsed / item.step * (item.total - item.step)
+        # QProgressBar.setValue repaints synchronously, and in napari's window that repaints the
+        # OpenGL canvas too (tens of ms per step): suppress it and let Qt paint on its own time.
+        self.progress.setUpdatesEnabled(False)
+        self.progress.setRange(0, item.total)
+        self.progress.setValue(item.step)
+        self.progress.setFormat(f"step {item.step}/{item.total} · ETA {eta:.0f} s")
+        self.progress.setUpdatesEnabled(True)
+        self.progress.update()
+
+    def _on_result(self, result: Result, req: Request) -> None:
+        p = result.provenance
+        name = f"render seed {p['seed']} {p['sampler']}×{p['steps']} cfg {p['guidance']:g}"
+        if req.mode == "sdedit":
+            name += f" sdedit {req.strength:g}"
+        elif req.mode == "edited":
+            name += " edit"
+        meta = {KEY: {"role": "image", "inst_map": req.inst_map, "type_map": req.type_map, "provenance": p}}
+        # The preview layer becomes the result: creating a layer is what would stall the event loop.
+        layer, self.preview_layer = self.preview_layer, None
+        layer.data = result.image
+        layer.scale = (1, 1)
+        layer.metadata = meta
+        layer.name = name
+        self.last_result = layer
+        self._refresh_layers()
+        reused = " (cached model" + (", SPADE features reused)" if p["reused_spade"] else ")") if p["reused_model"] else ""
+        self.status.setText(f"done in {p['seconds']:.1f} s on {p['device']}{reused}: {name}")
+
+    def _on_error(self, exc: BaseException) -> None:
+        self.status.setText("failed")
+        if isinstance(exc, DiffMixError):
+            notify_error(exc)
+
+    def _on_finish(self) -> None:
+        if self.preview_layer is not None and self.preview_layer in self.viewer.layers:
+            self.viewer.layers.remove(self.preview_layer)
+        self.preview_layer = None
+        if self.status.text() == "cancelling…":
+            self.status.setText("cancelled")
+            self.progress.setFormat("cancelled")
+        self.worker = None
+        self._running = False
+        self._update_enabled()
+
+    def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt)
+        self.cancel()
+        self.viewer.bind_key(GENERATE_KEY, None, overwrite=True)
+        super().closeEvent(event)

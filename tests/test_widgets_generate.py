@@ -1,0 +1,217 @@
+"""The Generate widget in a real napari window (Xvfb) with a tiny random-weight model."""
+
+import time
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gui
+
+CROP = (slice(200, 264), slice(160, 224))  # a 64 x 64 window of the demo tile
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A 32 px SDM UNet with random weights, saved as a native model of the demo scheme."""
+    import torch
+
+    from napari_diffmix.classes import DEMO
+    from napari_diffmix.model.checkpoint import save_model
+    from napari_diffmix.model.unet import SDMUNet, UNetConfig
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    save_model(SDMUNet(UNetConfig.preset("tiny")), path, scheme=DEMO, default_guidance=2.0)
+    return path
+
+
+@pytest.fixture
+def generate(make_napari_viewer, tiny_model):
+    """(viewer, widget) with a 64 px crop of the demo tile (image + nuclei) and the tiny model chosen."""
+    from napari_diffmix._widgets._layers import image_layer_data, nuclei_layer_data
+    from napari_diffmix._widgets.generate import GenerateWidget
+    from napari_diffmix.classes import DEMO
+    from napari_diffmix.demo_data import load_demo_tile
+    from napari_diffmix.nuclei import remap_ids
+
+    tile = load_demo_tile()
+    inst_map, inst_types = remap_ids(tile.inst_map[CROP], tile.inst_types)
+    type_map = inst_types[inst_map].astype(np.uint8)
+    viewer = make_napari_viewer(show=True)
+    image, kwargs, _ = image_layer_data(tile.image[CROP].copy(), "crop H&E", inst_map=inst_map, type_map=type_map)
+    viewer.add_image(image, **kwargs)
+    data, kwargs, _ = nuclei_layer_data(inst_map, inst_types, DEMO, "crop nuclei")
+    viewer.add_labels(data, **kwargs)
+    widget = GenerateWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.set_model(tiny_model)
+    widget.device_combo.setCurrentText("CPU")
+    widget.steps.setValue(6)
+    widget.tile.setValue(32)
+    assert widget.labels_combo.currentText() == "crop nuclei"
+    assert widget.guidance.value() == 2.0  # the model's stored default
+    return viewer, widget
+
+
+@pytest.fixture
+def errors(monkeypatch):
+    import napari.utils.notifications as notifications
+
+    shown = []
+    monkeypatch.setattr(notifications, "show_error", lambda message: shown.append(str(message)))
+    return shown
+
+
+def _renders(viewer):
+    return [layer for layer in viewer.layers if layer.name.startswith("render")]
+
+
+def test_generate_streams_previews_keeps_ui_responsive_and_adds_a_layer(generate, qtbot):
+    from qtpy.QtCore import QElapsedTimer, QTimer
+
+    viewer, widget = generate
+    widget.steps.setValue(20)
+    widget.seed.setValue(7)
+    # Measure the event loop while the worker renders: a 10 ms timer records its largest gap.
+    clock, gaps = QElapsedTimer(), []
+    ticker = QTimer()
+    ticker.setInterval(10)
+
+    def tick():
+        gaps.append(clock.restart())
+
+    ticker.timeout.connect(tick)
+    worker = widget.generate()
+    clock.start()
+    ticker.start()
+    assert widget.preview_layer is not None and widget.cancel_button.isEnabled()
+    with qtbot.waitSignal(worker.finished, timeout=120_000):
+        pass
+    ticker.stop()
+    qtbot.waitUntil(lambda: not widget._running)
+    stall = max(gaps[1:])
+    print(f"event-loop stall while generating: max {stall} ms over {len(gaps)} ticks")
+    assert stall < 100, f"the UI froze for {stall} ms"
+    assert widget.previews_shown >= 2
+    (result,) = _renders(viewer)
+    assert result.name == "render seed 7 dpm++2m×20 cfg 2"
+    assert result.data.shape == (64, 64, 3) and result.data.dtype == np.uint8
+    provenance = result.metadata["diffmix"]["provenance"]
+    assert provenance["seed"] == 7 and provenance["steps"] == 20 and provenance["device"] == "cpu"
+    assert np.array_equal(result.metadata["diffmix"]["inst_map"], viewer.layers["crop nuclei"].data)
+    assert all(layer.name != "rendering…" for layer in viewer.layers)  # the preview layer is gone
+    assert widget.progress.value() == 20 and widget.progress.format().startswith("step 20/20")
+
+
+def test_cancel_stops_within_a_step_and_adds_nothing(generate, qtbot):
+    viewer, widget = generate
+    widget.steps.setValue(400)
+    n_layers = len(viewer.layers)
+    steps = []
+    worker = widget.generate()
+    worker.yielded.connect(lambda item: steps.append(getattr(item, "step", 0)))
+    qtbot.waitUntil(lambda: max(steps, default=0) >= 2, timeout=60_000)
+    widget.cancel()
+    cancelled_at = max(steps)
+    t0 = time.perf_counter()
+    with qtbot.waitSignal(worker.finished, timeout=30_000):
+        pass
+    qtbot.waitUntil(lambda: not widget._running)
+    assert time.perf_counter() - t0 < 5
+    assert max(steps) <= cancelled_at + 1
+    assert len(viewer.layers) == n_layers and not _renders(viewer)
+    assert widget.status.text() == "cancelled" and widget.generate_button.isEnabled()
+
+
+def test_synchronous_mode_modes_and_caches(generate, monkeypatch):
+    from napari_diffmix._widgets._canvas import NucleiCanvas
+    from napari_diffmix._widgets._workers import NOTHREADS_ENV, SyncWorker
+
+    viewer, widget = generate
+    monkeypatch.setenv(NOTHREADS_ENV, "1")
+    assert isinstance(widget.generate(), SyncWorker)
+    first = _renders(viewer)[-1]
+    assert widget.previews_shown >= 2
+    runner, _ = next(iter(widget._runners.values()))
+    calls = []
+    original = runner.model.spade_params
+    monkeypatch.setattr(runner.model, "spade_params", lambda *a, **k: calls.append(1) or original(*a, **k))
+    widget.seed.setValue(1)
+    widget.generate()
+    assert next(iter(widget._runners.values()))[0] is runner  # the model stayed loaded
+    second = _renders(viewer)[-1].metadata["diffmix"]["provenance"]
+    assert calls == [] and second["reused_model"] and second["reused_spade"]
+    assert "SPADE features reused" in widget.status.text()
+    # SDEdit from the first render.
+    widget.set_mode("sdedit")
+    widget.image_combo.setCurrentText(first.name)
+    widget.strength.setValue(0.5)
+    widget.generate()
+    sdedit = _renders(viewer)[-1]
+    assert sdedit.name.endswith("sdedit 0.5") and sdedit.metadata["diffmix"]["provenance"]["mode"] == "sdedit"
+    # Move one nucleus, then re-render only that edit: the rest of the image is kept exactly.
+    layer = viewer.layers["crop nuclei"]
+    canvas = NucleiCanvas(viewer, layer)
+    nid = int(layer.features["index"].iloc[len(layer.features) // 2])
+    canvas.select(nid)
+    canvas.move(0, 3)
+    widget.set_mode("edited")
+    widget.image_combo.setCurrentText(first.name)
+    widget.generate()
+    edited = _renders(viewer)[-1]
+    assert edited.name.endswith(" edit")
+    changed = np.any(edited.data != first.data, axis=-1)
+    from napari_diffmix._widgets.generate import EDIT_MARGIN, edit_mask
+
+    info = first.metadata["diffmix"]
+    mask = edit_mask(info["inst_map"], info["type_map"], canvas.inst_map, canvas.type_map, EDIT_MARGIN)
+    assert changed.any() and not changed[~mask].any()
+    assert edited.metadata["diffmix"]["provenance"]["edited_pixels"] == int(mask.sum())
+    canvas.detach()
+
+
+def test_errors_reach_the_user_as_notifications(generate, errors, monkeypatch, tmp_path):
+    import torch
+
+    from napari_diffmix._widgets import generate as generate_module
+    from napari_diffmix._widgets._layers import nuclei_layer_data
+    from napari_diffmix._widgets._workers import NOTHREADS_ENV
+    from napari_diffmix.classes import CONSEP
+
+    viewer, widget = generate
+    monkeypatch.setenv(NOTHREADS_ENV, "1")
+    n_layers = len(viewer.layers)
+    # No checkpoint.
+    widget.set_model(tmp_path / "missing.safetensors")
+    widget.generate_button.click()
+    assert "no such model file" in errors[-1]
+    monkeypatch.setattr(generate_module, "bundled_model", lambda: None)
+    widget.model_combo.setCurrentText(generate_module.BUNDLED)
+    widget.generate_button.click()
+    assert "bundled demo model is not installed" in errors[-1]
+    widget.model_combo.setCurrentIndex(widget.model_combo.count() - 2)  # the tiny model
+    # Scheme mismatch between the model and the labels.
+    data, kwargs, _ = nuclei_layer_data(np.zeros((64, 64), np.int32), np.zeros(1, np.int32), CONSEP, "consep nuclei")
+    viewer.add_labels(data, **kwargs)
+    widget.labels_combo.setCurrentText("consep nuclei")
+    widget.generate_button.click()
+    assert "trained on classes ['other', 'epithelial', 'stromal']" in errors[-1] and "consep" in errors[-1]
+    widget.labels_combo.setCurrentText("crop nuclei")
+    # A label map too large for the memory left.
+    with monkeypatch.context() as patch:
+        patch.setattr(generate_module, "available_bytes", lambda device: 100_000)
+        widget.generate_button.click()
+    assert "too large for memory" in errors[-1] and "only 0.1 MiB are free" in errors[-1]
+    # CUDA asked for, none present.
+    if not torch.cuda.is_available():
+        widget.device_combo.setCurrentText("CUDA")
+        widget.generate_button.click()
+        assert "CUDA" in errors[-1]
+        widget.device_combo.setCurrentText("CPU")
+    # Masked edit without edits.
+    widget.set_mode("edited")
+    widget.image_combo.setCurrentText("crop H&E")
+    widget.generate_button.click()
+    assert "nothing to re-render" in errors[-1]
+    assert len(viewer.layers) == n_layers + 1  # only the consep layer was added; no preview left behind
+    assert not widget._running and widget.generate_button.isEnabled()
