@@ -94,15 +94,14 @@ def _codec():
 # ---------------------------------------------------------------------------------------------
 # creating and writing
 # ---------------------------------------------------------------------------------------------
-def _create_arrays(group: Any, count: int, shape: tuple[int, int], *, provenance: bool) -> None:
+def _create_arrays(group: Any, count: int, shape: tuple[int, int]) -> None:
     h, w = shape
     codec = _codec()
     group.create_array(IMAGES, shape=(count, h, w, 3), chunks=(1, h, w, 3), dtype="uint8", compressors=codec, fill_value=0)
     group.create_array(INST_MAPS, shape=(count, h, w), chunks=(1, h, w), dtype="int32", compressors=codec, fill_value=0)
     group.create_array(TYPE_MAPS, shape=(count, h, w), chunks=(1, h, w), dtype="uint8", compressors=codec, fill_value=0)
     group.create_array(DONE, shape=(count,), chunks=(1,), dtype="bool", compressors=codec, fill_value=False)
-    if provenance:
-        group.create_array(PROVENANCE, shape=(count,), chunks=(1,), dtype=str, compressors=codec)
+    group.create_array(PROVENANCE, shape=(count,), chunks=(1,), dtype=str, compressors=codec)
 
 
 def create_store(
@@ -131,9 +130,9 @@ def create_store(
     try:
         with atomic_dir(path) as tmp:
             group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-            _create_arrays(group, count, shape, provenance=True)
+            _create_arrays(group, count, shape)
             if originals:
-                _create_arrays(group.create_group(ORIGINALS), originals, shape, provenance=True)
+                _create_arrays(group.create_group(ORIGINALS), originals, shape)
             group.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, **_jsonable(attrs)})
     except OSError as exc:
         raise StoreError(f"{path}: cannot create the store: {_os_reason(exc)}") from None
@@ -397,7 +396,7 @@ def referenced_originals(store: SyntheticStore) -> Iterator[StoreItem] | None:
         dataset = open_dataset(path, store.scheme, layout=data.get("layout", "auto"))
     except KeyError:
         raise StoreError(f"{store.path}: the store references originals but records no dataset path") from None
-    except DatasetError as exc:
+    except (DatasetError, SchemeError) as exc:
         raise StoreError(
             f"{store.path}: cannot read the original patches it references ({exc}); "
             "re-run synthesis with --include-originals, or export with --originals skip"
