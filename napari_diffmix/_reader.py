@@ -1,9 +1,10 @@
 """napari reader: napari-diffmix stores, CoNSeP/GLySAC ``.mat`` labels and saved label maps.
 
-* ``*.zarr`` export store (``images`` (N, H, W, 3) uint8, ``inst_maps`` (N, H, W) int32,
-  ``type_maps`` (N, H, W) uint8; ``attrs["scheme"]`` = ``ClassScheme.to_dict()``): the images
-  as an RGB stack, the class maps coloured by the scheme, and the instance maps as outlines.
-  Arrays stay lazy (zarr reads the item on screen only).
+* ``*.zarr`` export store (:mod:`napari_diffmix.export`: ``images`` (N, H, W, 3) uint8,
+  ``inst_maps`` (N, H, W) int32, ``type_maps`` (N, H, W) uint8, ``done``; ``attrs["scheme"]``):
+  the images as an RGB stack, the class maps coloured by the scheme and the instance maps
+  (hidden); included original patches as hidden layers. Arrays stay lazy (zarr reads the item
+  on screen only); a store with unfinished items opens with a warning.
 * CoNSeP / GLySAC ``Labels/<stem>.mat``: the tile's image (``Images/<stem>.*`` next to the
   ``Labels`` folder, or beside the file) and its nuclei, raw types merged by the scheme. The
   scheme is ``glysac`` when the path names GLySAC (or raw ids beyond CoNSeP's 1..7 occur),
@@ -21,9 +22,7 @@ import numpy as np
 
 from ._widgets._layers import class_layer_data, image_layer_data, nuclei_layer_data
 from .classes import CONSEP, GLYSAC, OKABE_ITO, ClassScheme, load_scheme
-from .errors import DatasetError, SchemeError, StoreError
-
-STORE_ARRAYS = ("images", "inst_maps", "type_maps")
+from .errors import DatasetError, SchemeError
 
 
 def get_reader(path: str | list[str]) -> Callable[[Any], list[tuple]] | None:
@@ -54,41 +53,37 @@ def _one(path: Any) -> Path:
 
 
 # -- zarr stores ---------------------------------------------------------------------------------
+def _store_layers(store: Any, scheme: ClassScheme, stem: str, visible: bool) -> list[tuple]:
+    from .export import IMAGES, INST_MAPS, TYPE_MAPS
+
+    g, where = store.group, str(store.path)
+    meta = {"diffmix": {"role": "store-nuclei", "scheme": scheme.to_dict(), "store": where}}
+    image = image_layer_data(g[IMAGES], f"{stem} images", store=where)
+    image[1]["visible"] = visible
+    classes = class_layer_data(g[TYPE_MAPS], scheme, f"{stem} classes", store=where)
+    classes[1]["visible"] = visible
+    return [image, classes, (g[INST_MAPS], {"name": f"{stem} nuclei", "metadata": meta, "visible": False}, "labels")]
+
+
 def read_store(path: Any) -> list[tuple]:
-    """Layers of an export store: images, class maps, nuclei outlines (see the module docstring)."""
-    import zarr
+    """Layers of an export store: images, class maps, nuclei (and the included originals, hidden)."""
+    from .export import open_store
 
     p = _one(path)
-    try:
-        root = zarr.open_group(str(p), mode="r")
-    except Exception as exc:  # zarr raises several types for missing/corrupt metadata
-        raise StoreError(f"{p}: cannot open the zarr store: {exc}") from None
-    names = set(root.array_keys())
-    missing = [n for n in ("inst_maps", "type_maps") if n not in names]
-    if missing:
-        raise StoreError(f"{p}: not a napari-diffmix store, missing array(s) {missing} (found {sorted(names)})")
-    inst_maps, type_maps = root["inst_maps"], root["type_maps"]
-    if inst_maps.ndim != 3 or type_maps.shape != inst_maps.shape:
-        raise StoreError(
-            f"{p}: inst_maps {inst_maps.shape} and type_maps {type_maps.shape} must both be (N, H, W)"
+    store = open_store(p)
+    done = store.done_mask()
+    if not done.all():
+        from napari.utils.notifications import show_warning
+
+        show_warning(
+            f"{p.name}: {int(done.sum())} of {done.size} items are finished (the others are blank); "
+            "run the same synthesis again to complete the store"
         )
-    spec = root.attrs.get("scheme")
-    if spec is None:
-        raise StoreError(f"{p}: the store has no 'scheme' attribute; it was not written by napari-diffmix")
-    try:
-        scheme = load_scheme(dict(spec))
-    except SchemeError as exc:
-        raise StoreError(f"{p}: invalid 'scheme' attribute: {exc}") from None
-    stem = p.stem
-    layers = []
-    if "images" in names:
-        images = root["images"]
-        if images.ndim != 4 or images.shape[-1] != 3 or tuple(images.shape[:3]) != tuple(inst_maps.shape):
-            raise StoreError(f"{p}: images {images.shape} must be (N, H, W, 3) matching inst_maps {inst_maps.shape}")
-        layers.append(image_layer_data(images, f"{stem} images", store=str(p)))
-    layers.append(class_layer_data(type_maps, scheme, f"{stem} classes", store=str(p)))
-    meta = {"diffmix": {"role": "store-nuclei", "scheme": scheme.to_dict(), "store": str(p)}}
-    layers.append((inst_maps, {"name": f"{stem} nuclei", "metadata": meta, "visible": False}, "labels"))
+    scheme = store.scheme
+    layers = _store_layers(store, scheme, p.stem, visible=True)
+    originals = store.originals
+    if originals is not None:
+        layers += _store_layers(originals, scheme, f"{p.stem} originals", visible=False)
     return layers
 
 

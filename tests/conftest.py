@@ -84,3 +84,18 @@ def editor(make_napari_viewer, disk_map):
     viewer.add_labels(data, **kwargs)
     assert widget.canvas is not None and widget.canvas.layer.name == "disks"
     return viewer, widget
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A 32 px SDM UNet with random weights, saved as a native model of the demo scheme."""
+    import torch
+
+    from napari_diffmix.classes import DEMO
+    from napari_diffmix.model.checkpoint import save_model
+    from napari_diffmix.model.unet import SDMUNet, UNetConfig
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    save_model(SDMUNet(UNetConfig.preset("tiny")), path, scheme=DEMO, default_guidance=2.0)
+    return path

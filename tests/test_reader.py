@@ -44,20 +44,20 @@ def test_writer_refuses_stacks(tmp_path):
         write_labels(str(tmp_path / "x.npz"), np.zeros((2, 4, 4), np.int32), {})
 
 
-def _store(path, n=2, size=16, scheme=DEMO, images=True):
+def _store(path, n=2, size=16, scheme=DEMO, finished=None):
     import zarr
 
-    root = zarr.open_group(str(path), mode="w")
+    from napari_diffmix.export import create_store, write_items
+
+    attrs = {} if scheme is None else {"scheme": scheme.to_dict()}
+    create_store(path, count=n, shape=(size, size), attrs=attrs, originals=1)
     inst = np.zeros((n, size, size), np.int32)
     inst[:, 4:8, 4:8] = 1
     inst[:, 10:14, 9:13] = 2
     types = np.where(inst == 1, 2, np.where(inst == 2, 3, 0)).astype(np.uint8)
-    if images:
-        root.create_array("images", data=np.full((n, size, size, 3), 200, np.uint8))
-    root.create_array("inst_maps", data=inst)
-    root.create_array("type_maps", data=types)
-    if scheme is not None:
-        root.attrs["scheme"] = scheme.to_dict()
+    images = np.full((n, size, size, 3), 200, np.uint8)
+    k = n if finished is None else finished
+    write_items(zarr.open_group(str(path), mode="r+"), 0, images[:k], inst[:k], types[:k], [{"index": i} for i in range(k)])
     return inst, types
 
 
@@ -67,7 +67,10 @@ def test_store_reader_shows_images_classes_and_nuclei(tmp_path):
     reader = get_reader(str(path))
     assert reader is not None
     layers = _by_name(reader(str(path)))
-    assert list(layers) == ["synth images", "synth classes", "synth nuclei"]
+    assert list(layers) == [
+        "synth images", "synth classes", "synth nuclei",
+        "synth originals images", "synth originals classes", "synth originals nuclei",
+    ]
     images, image_kwargs, kind = layers["synth images"]
     assert kind == "image" and image_kwargs["rgb"] and images.shape == (2, 16, 16, 3)
     classes, class_kwargs, _ = layers["synth classes"]
@@ -77,12 +80,24 @@ def test_store_reader_shows_images_classes_and_nuclei(tmp_path):
     nuclei, nuclei_kwargs, _ = layers["synth nuclei"]
     assert np.array_equal(np.asarray(nuclei[0]), inst[0])
     assert nuclei_kwargs["metadata"]["diffmix"]["scheme"]["name"] == "demo"
+    assert layers["synth originals images"][1]["visible"] is False
+
+
+def test_store_reader_warns_about_unfinished_items(tmp_path, monkeypatch):
+    import napari.utils.notifications as notifications
+
+    warned = []
+    monkeypatch.setattr(notifications, "show_warning", lambda message: warned.append(message))
+    path = tmp_path / "partial.zarr"
+    _store(path, n=3, finished=1)
+    get_reader(str(path))(str(path))
+    assert "1 of 3 items are finished" in warned[-1]
 
 
 def test_store_reader_errors_are_specific(tmp_path):
     path = tmp_path / "noscheme.zarr"
     _store(path, scheme=None)
-    with pytest.raises(StoreError, match="no 'scheme' attribute"):
+    with pytest.raises(StoreError, match="records no class scheme"):
         get_reader(str(path))(str(path))
     other = tmp_path / "other.zarr"
     import zarr

@@ -228,7 +228,7 @@ def test_user_errors_become_notifications(editor, errors, make_napari_viewer):
     with pytest.raises(LabelError, match="3-D"):
         NucleiCanvas(viewer, stack, CONSEP)
     # Balancing a map with unclassed nuclei names them.
-    layer = viewer.add_labels(np.pad(np.ones((4, 4), np.int32), 40), name="plain")
+    viewer.add_labels(np.pad(np.ones((4, 4), np.int32), 40), name="plain")
     widget.scheme_combo.setCurrentText("demo")
     widget.layer_combo.setCurrentText("plain")
     widget._adopt_current()

@@ -10,21 +10,6 @@ pytestmark = pytest.mark.gui
 CROP = (slice(200, 264), slice(160, 224))  # a 64 x 64 window of the demo tile
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A 32 px SDM UNet with random weights, saved as a native model of the demo scheme."""
-    import torch
-
-    from napari_diffmix.classes import DEMO
-    from napari_diffmix.model.checkpoint import save_model
-    from napari_diffmix.model.unet import SDMUNet, UNetConfig
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    save_model(SDMUNet(UNetConfig.preset("tiny")), path, scheme=DEMO, default_guidance=2.0)
-    return path
-
-
 @pytest.fixture
 def generate(make_napari_viewer, tiny_model):
     """(viewer, widget) with a 64 px crop of the demo tile (image + nuclei) and the tiny model chosen."""
@@ -45,7 +30,7 @@ def generate(make_napari_viewer, tiny_model):
     widget = GenerateWidget(viewer)
     viewer.window.add_dock_widget(widget)
     widget.set_model(tiny_model)
-    widget.device_combo.setCurrentText("CPU")
+    widget.picker.device_combo.setCurrentText("CPU")
     widget.steps.setValue(6)
     widget.tile.setValue(32)
     assert widget.labels_combo.currentText() == "crop nuclei"
@@ -173,7 +158,7 @@ def test_synchronous_mode_modes_and_caches(generate, monkeypatch):
 def test_errors_reach_the_user_as_notifications(generate, errors, monkeypatch, tmp_path):
     import torch
 
-    from napari_diffmix._widgets import generate as generate_module
+    from napari_diffmix._widgets import _model_picker, generate as generate_module
     from napari_diffmix._widgets._layers import nuclei_layer_data
     from napari_diffmix._widgets._workers import NOTHREADS_ENV
     from napari_diffmix.classes import CONSEP
@@ -185,11 +170,11 @@ def test_errors_reach_the_user_as_notifications(generate, errors, monkeypatch, t
     widget.set_model(tmp_path / "missing.safetensors")
     widget.generate_button.click()
     assert "no such model file" in errors[-1]
-    monkeypatch.setattr(generate_module, "bundled_model", lambda: None)
-    widget.model_combo.setCurrentText(generate_module.BUNDLED)
+    monkeypatch.setattr(_model_picker, "bundled_model", lambda: None)
+    widget.picker.combo.setCurrentText(_model_picker.BUNDLED)
     widget.generate_button.click()
     assert "bundled demo model is not installed" in errors[-1]
-    widget.model_combo.setCurrentIndex(widget.model_combo.count() - 2)  # the tiny model
+    widget.picker.combo.setCurrentIndex(widget.picker.combo.count() - 2)  # the tiny model
     # Scheme mismatch between the model and the labels.
     data, kwargs, _ = nuclei_layer_data(np.zeros((64, 64), np.int32), np.zeros(1, np.int32), CONSEP, "consep nuclei")
     viewer.add_labels(data, **kwargs)
@@ -204,10 +189,10 @@ def test_errors_reach_the_user_as_notifications(generate, errors, monkeypatch, t
     assert "too large for memory" in errors[-1] and "only 0.1 MiB are free" in errors[-1]
     # CUDA asked for, none present.
     if not torch.cuda.is_available():
-        widget.device_combo.setCurrentText("CUDA")
+        widget.picker.device_combo.setCurrentText("CUDA")
         widget.generate_button.click()
         assert "CUDA" in errors[-1]
-        widget.device_combo.setCurrentText("CPU")
+        widget.picker.device_combo.setCurrentText("CPU")
     # Masked edit without edits.
     widget.set_mode("edited")
     widget.image_combo.setCurrentText("crop H&E")

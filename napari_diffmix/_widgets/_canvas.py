@@ -367,7 +367,7 @@ class NucleiCanvas:
 
     def _beside(self, nid: int) -> tuple[float, float]:
         props = nuclei.nuclei_props(np.where(self.inst_map == nid, nid, 0))
-        (cy, cx), (y0, x0, y1, x1) = props.centroids[0], props.bboxes[0]
+        (cy, cx), (_, x0, _, x1) = props.centroids[0], props.bboxes[0]
         width = x1 - x0 + 2
         w = self.inst_map.shape[1]
         return (cy, cx + width) if cx + width + width / 2 < w else (cy, cx - width)

@@ -27,10 +27,8 @@ from typing import Any
 
 import numpy as np
 from qtpy.QtWidgets import (
-    QCheckBox,
     QComboBox,
     QDoubleSpinBox,
-    QFileDialog,
     QFormLayout,
     QHBoxLayout,
     QLabel,
@@ -43,14 +41,12 @@ from qtpy.QtWidgets import (
 )
 
 from ..classes import ClassScheme
-from ..errors import CheckpointError, DiffMixError, LabelError, SchemeError
+from ..errors import DiffMixError, LabelError, SchemeError
 from ._layers import KEY, info_of, role_of, scheme_of, types_from_features
+from ._model_picker import BUNDLED, ModelPicker
 from ._notify import notify_error, user_errors
 from ._workers import run_in_thread
 
-MODELS_DIR = Path(__file__).resolve().parents[1] / "resources" / "models" / "demo"
-BUNDLED = "bundled demo model"
-DEVICES = {"auto": "auto", "CPU": "cpu", "CUDA": "cuda", "MPS": "mps"}
 MODES = ("noise", "sdedit", "edited")
 PREVIEW_SIDE = 512  # px: previews of larger canvases are subsampled
 PREVIEW_INTERVAL = 0.1  # s: at most this often (each repaint costs the event loop a few ms)
@@ -73,14 +69,8 @@ def warm_up_imports() -> None:
 
     for name in ("DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"):
         getattr(diffusers, name)
+    from .. import train  # noqa: F401  (its device helper; imports the model modules)
     from ..model import checkpoint, condition, samplers  # noqa: F401
-    from .. import train  # noqa: F401
-
-
-def bundled_model() -> Path | None:
-    """The demo model shipped with the package, if it is installed."""
-    found = sorted(MODELS_DIR.glob("*.safetensors")) if MODELS_DIR.is_dir() else []
-    return found[0] if found else None
 
 
 def edit_mask(ref_inst: np.ndarray, ref_types: np.ndarray, inst_map: np.ndarray, type_map: np.ndarray, margin: int) -> np.ndarray:
@@ -172,7 +162,7 @@ class GenerateWidget(QWidget):
         for emitter in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
             emitter.connect(self._refresh_layers)
         self._refresh_layers()
-        self._on_model_changed()
+        self.picker.set_model(BUNDLED)
 
     # -- layout --------------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -180,31 +170,9 @@ class GenerateWidget(QWidget):
         form = QFormLayout()
         root.addLayout(form)
 
-        self.model_combo = QComboBox()
-        self.model_combo.addItem(BUNDLED)
-        self.model_combo.setToolTip("A napari-diffmix .safetensors model or an official DiffMix/SDM .pt checkpoint")
-        self.model_combo.currentIndexChanged.connect(lambda *_: self._on_model_changed())
-        browse = QPushButton("Browse…")
-        browse.setToolTip("Choose a model file (.safetensors, .pt)")
-        browse.clicked.connect(lambda *_: user_errors(self._browse_model)())
-        row = QHBoxLayout()
-        row.addWidget(self.model_combo, 1)
-        row.addWidget(browse)
-        form.addRow("Model", row)
-        self.preset_combo = QComboBox()
-        from ..model.unet import UNetConfig
-
-        self.preset_combo.addItems(list(UNetConfig.preset_names()))
-        self.preset_combo.setToolTip("Architecture of an official .pt checkpoint (it carries no configuration)")
-        form.addRow("Official .pt preset", self.preset_combo)
-        self.model_info = QLabel()
-        self.model_info.setWordWrap(True)
-        form.addRow(self.model_info)
-
-        self.device_combo = QComboBox()
-        self.device_combo.addItems(list(DEVICES))
-        self.device_combo.setToolTip("auto: CUDA, else Apple MPS, else CPU")
-        form.addRow("Device", self.device_combo)
+        self.picker = ModelPicker()
+        self.picker.changed.connect(self._on_model_changed)
+        form.addRow(self.picker)
 
         self.labels_combo = QComboBox()
         self.labels_combo.setToolTip("The nuclei layer to render (classes from its features)")
@@ -298,65 +266,14 @@ class GenerateWidget(QWidget):
         self.seed.setValue(int(np.random.default_rng().integers(2**31 - 1)))
         return self.seed.value()
 
-    def _browse_model(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Model", "", "Models (*.safetensors *.pt *.pth);;All files (*)")
-        if path:
-            self.set_model(path)
-
     def set_model(self, path: str | os.PathLike, preset: str | None = None) -> None:
-        """Choose a model file (added to the list); ``preset`` for official .pt files."""
-        path = str(path)
-        index = self.model_combo.findText(path)
-        if index < 0:
-            self.model_combo.addItem(path)
-            index = self.model_combo.count() - 1
-        if preset is not None:
-            self.preset_combo.setCurrentText(preset)
-        if index == self.model_combo.currentIndex():
-            self._on_model_changed()
-        else:
-            self.model_combo.setCurrentIndex(index)  # -> _on_model_changed
+        """Choose a model file; see :meth:`ModelPicker.set_model`."""
+        self.picker.set_model(path, preset)
 
-    def model_path(self) -> Path:
-        choice = self.model_combo.currentText()
-        if choice == BUNDLED:
-            path = bundled_model()
-            if path is None:
-                raise CheckpointError(
-                    f"the bundled demo model is not installed (no .safetensors in {MODELS_DIR}); "
-                    "choose a model file with Browse…"
-                )
-            return path
-        return Path(choice)
-
-    def _is_native(self, path: Path) -> bool:
-        return path.suffix.lower() == ".safetensors"
-
-    def _on_model_changed(self) -> None:
-        self.preset_combo.setEnabled(False)
-        try:
-            path = self.model_path()
-        except CheckpointError as exc:
-            self.model_info.setText(str(exc))
-            return
-        if not self._is_native(path):
-            self.preset_combo.setEnabled(True)
-            self.model_info.setText(f"{path.name}: official checkpoint; pick its preset below")
-            return
-        from ..model.checkpoint import read_info
-
-        try:
-            info = read_info(path)
-        except CheckpointError as exc:  # shown here; Generate reports it again if it is pressed
-            self.model_info.setText(str(exc))
-            return
-        cfg = info.config
-        self.model_info.setText(
-            f"{path.name}: scheme {info.scheme.name!r} ({', '.join(info.scheme.names)}), trained at "
-            f"{cfg.image_size} px, default guidance {info.default_guidance:g}"
-        )
-        self.guidance.setValue(info.default_guidance)
-        self.tile.setValue(cfg.image_size)
+    def _on_model_changed(self, info: Any) -> None:
+        if info is not None:  # a native model: start from its stored guidance and training size
+            self.guidance.setValue(info.default_guidance)
+            self.tile.setValue(info.config.image_size)
 
     def _refresh_layers(self, event: Any = None) -> None:
         from napari.layers import Image, Labels
@@ -434,11 +351,10 @@ class GenerateWidget(QWidget):
                 mask = edit_mask(info["inst_map"], info["type_map"], inst_map, type_map, EDIT_MARGIN)
                 if not mask.any():
                     raise LabelError(f"no nucleus differs from the labels of {image_name!r}: nothing to re-render")
-        path = self.model_path()
         return Request(
-            model_path=path,
-            preset=None if self._is_native(path) else self.preset_combo.currentText(),
-            device=DEVICES[self.device_combo.currentText()],
+            model_path=self.picker.path(),
+            preset=self.picker.preset(),
+            device=self.picker.device(),
             inst_map=inst_map,
             type_map=type_map,
             scheme=scheme,

@@ -1,0 +1,121 @@
+"""Model and device choice shared by the Generate and Batch export widgets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from qtpy.QtCore import Signal
+from qtpy.QtWidgets import QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QPushButton, QWidget
+
+from ..errors import CheckpointError
+
+MODELS_DIR = Path(__file__).resolve().parents[1] / "resources" / "models" / "demo"
+BUNDLED = "bundled demo model"
+DEVICES = {"auto": "auto", "CPU": "cpu", "CUDA": "cuda", "MPS": "mps"}
+
+
+def bundled_model() -> Path | None:
+    """The demo model shipped with the package, if it is installed."""
+    found = sorted(MODELS_DIR.glob("*.safetensors")) if MODELS_DIR.is_dir() else []
+    return found[0] if found else None
+
+
+class ModelPicker(QWidget):
+    """Model file (bundled demo by default, any native ``.safetensors`` or official ``.pt``), its
+    preset for official files, and the device. ``changed`` fires with the model's info (or None)."""
+
+    changed = Signal(object)
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        form = QFormLayout(self)
+        form.setContentsMargins(0, 0, 0, 0)
+        self.combo = QComboBox()
+        self.combo.addItem(BUNDLED)
+        self.combo.setToolTip("A napari-diffmix .safetensors model or an official DiffMix/SDM .pt checkpoint")
+        self.combo.currentIndexChanged.connect(lambda *_: self._on_changed())
+        browse = QPushButton("Browse…")
+        browse.setToolTip("Choose a model file (.safetensors, .pt); nothing is downloaded")
+        browse.clicked.connect(lambda *_: self._browse())
+        row = QHBoxLayout()
+        row.addWidget(self.combo, 1)
+        row.addWidget(browse)
+        form.addRow("Model", row)
+        from ..model.unet import UNetConfig
+
+        self.preset_combo = QComboBox()
+        self.preset_combo.addItems(list(UNetConfig.preset_names()))
+        self.preset_combo.setToolTip("Architecture of an official .pt checkpoint (it carries no configuration)")
+        form.addRow("Official .pt preset", self.preset_combo)
+        self.info_label = QLabel()
+        self.info_label.setWordWrap(True)
+        form.addRow(self.info_label)
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(list(DEVICES))
+        self.device_combo.setToolTip("auto: CUDA, else Apple MPS, else CPU")
+        form.addRow("Device", self.device_combo)
+        self.info: Any = None
+
+    def _browse(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Model", "", "Models (*.safetensors *.pt *.pth);;All files (*)")
+        if path:
+            self.set_model(path)
+
+    def set_model(self, path: str | os.PathLike, preset: str | None = None) -> None:
+        """Choose a model file (added to the list); ``preset`` for official .pt files."""
+        path = str(path)
+        index = self.combo.findText(path)
+        if index < 0:
+            self.combo.addItem(path)
+            index = self.combo.count() - 1
+        if preset is not None:
+            self.preset_combo.setCurrentText(preset)
+        if index == self.combo.currentIndex():
+            self._on_changed()
+        else:
+            self.combo.setCurrentIndex(index)  # -> _on_changed
+
+    def path(self) -> Path:
+        choice = self.combo.currentText()
+        if choice == BUNDLED:
+            path = bundled_model()
+            if path is None:
+                raise CheckpointError(
+                    f"the bundled demo model is not installed (no .safetensors in {MODELS_DIR}); "
+                    "choose a model file with Browse…"
+                )
+            return path
+        return Path(choice)
+
+    def is_native(self, path: Path | None = None) -> bool:
+        return (path or self.path()).suffix.lower() == ".safetensors"
+
+    def preset(self) -> str | None:
+        """The preset of an official checkpoint (None for native models, which carry their config)."""
+        return None if self.is_native() else self.preset_combo.currentText()
+
+    def device(self) -> str:
+        return DEVICES[self.device_combo.currentText()]
+
+    def _on_changed(self) -> None:
+        self.info = None
+        self.preset_combo.setEnabled(False)
+        try:
+            path = self.path()
+            if not self.is_native(path):
+                self.preset_combo.setEnabled(True)
+                self.info_label.setText(f"{path.name}: official checkpoint; pick its preset below")
+            else:
+                from ..model.checkpoint import read_info
+
+                info = read_info(path)
+                self.info_label.setText(
+                    f"{path.name}: scheme {info.scheme.name!r} ({', '.join(info.scheme.names)}), trained at "
+                    f"{info.config.image_size} px, default guidance {info.default_guidance:g}"
+                )
+                self.info = info
+        except CheckpointError as exc:  # shown here; running reports it again as a notification
+            self.info_label.setText(str(exc))
+        self.changed.emit(self.info)

@@ -1,0 +1,370 @@
+"""Batch export dock widget: the napari face of ``diffmix synthesize``.
+
+Pick a dataset (and its class scheme), a model, what to balance and how many patches, and the
+output store. The widget plans with :func:`napari_diffmix.mixing.plan_balanced_set` and runs
+:class:`napari_diffmix.synthesize.SynthesisJob` (its event generator) in a thread worker:
+progress in items with items/s and ETA, Cancel between denoising steps (the store keeps every
+finished batch), and running the same settings again resumes where it stopped. A finished
+store opens in the viewer through this plugin's reader.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QRadioButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..classes import BUILTIN_SCHEMES
+from ..errors import DiffMixError
+from ._model_picker import BUNDLED, ModelPicker
+from ._notify import notify_error, user_errors
+from ._workers import run_in_thread
+
+DATASET_SCHEME = "the dataset's"
+MAPS = {"balance and enlarge": ["balance", "enlarge"], "balance": ["balance"], "enlarge": ["enlarge"],
+        "both on every patch": ["balance+enlarge"]}
+
+
+class BatchExportWidget(QWidget):
+    """Plan and render a class-balanced synthetic set into a resumable zarr store."""
+
+    def __init__(self, napari_viewer: Any, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.worker: Any = None
+        self._running = False
+        self.result: Any = None
+        self.plan: Any = None
+        self._build()
+        self.picker.set_model(BUNDLED)
+
+    # -- layout --------------------------------------------------------------------------------------
+    def _build(self) -> None:
+        root = QVBoxLayout(self)
+
+        data = QGroupBox("Dataset")
+        form = QFormLayout(data)
+        self.dataset_edit = QLineEdit("demo")
+        self.dataset_edit.setToolTip("A CoNSeP/GLySAC folder (e.g. CoNSeP/Train), a generic or PanNuke folder, or 'demo'")
+        browse = QPushButton("Browse…")
+        browse.clicked.connect(lambda *_: self._browse_dataset())
+        row = QHBoxLayout()
+        row.addWidget(self.dataset_edit, 1)
+        row.addWidget(browse)
+        form.addRow("Folder", row)
+        self.scheme_combo = QComboBox()
+        self.scheme_combo.addItems([DATASET_SCHEME, *BUILTIN_SCHEMES])
+        self.scheme_combo.setToolTip("Class scheme the labels are read with (default: the folder's scheme.json)")
+        form.addRow("Class scheme", self.scheme_combo)
+        root.addWidget(data)
+
+        model = QGroupBox("Model")
+        layout = QVBoxLayout(model)
+        self.picker = ModelPicker()
+        layout.addWidget(self.picker)
+        root.addWidget(model)
+
+        plan = QGroupBox("Balancing")
+        form = QFormLayout(plan)
+        self.maps_combo = QComboBox()
+        self.maps_combo.addItems(list(MAPS))
+        self.maps_combo.setToolTip("Kinds of synthetic patch: rare-class insertion (balance), nucleus shifts (enlarge)")
+        form.addRow("Label maps", self.maps_combo)
+        goal = QVBoxLayout()
+        self.goal_patches = QRadioButton("patches")
+        self.goal_share = QRadioButton("until every class holds")
+        self.goal_grid = QRadioButton("as many as the original grid")
+        self.goal_patches.setChecked(True)
+        self.patches = QSpinBox()
+        self.patches.setRange(1, 1_000_000)
+        self.patches.setValue(16)
+        self.share = QDoubleSpinBox()
+        self.share.setRange(0.5, 100)
+        self.share.setValue(15)
+        self.share.setSuffix(" % of nuclei")
+        for button, spin in ((self.goal_patches, self.patches), (self.goal_share, self.share), (self.goal_grid, None)):
+            row = QHBoxLayout()
+            row.addWidget(button)
+            if spin is not None:
+                row.addWidget(spin)
+            goal.addLayout(row)
+        form.addRow("Target", goal)
+        self.patch_size = QSpinBox()
+        self.patch_size.setRange(16, 4096)
+        self.patch_size.setValue(256)
+        self.patch_size.setSuffix(" px")
+        self.stride = QSpinBox()
+        self.stride.setRange(1, 4096)
+        self.stride.setValue(76)
+        self.stride.setSuffix(" px")
+        row = QHBoxLayout()
+        row.addWidget(self.patch_size)
+        row.addWidget(QLabel("stride"))
+        row.addWidget(self.stride)
+        form.addRow("Patches", row)
+        root.addWidget(plan)
+
+        sampling = QGroupBox("Sampling")
+        form = QFormLayout(sampling)
+        from ..model.samplers import FAST_SETTINGS, SAMPLERS
+
+        self.sampler_combo = QComboBox()
+        self.sampler_combo.addItems(list(SAMPLERS))
+        self.sampler_combo.setCurrentText(FAST_SETTINGS["sampler"])
+        self.steps = QSpinBox()
+        self.steps.setRange(2, 1000)
+        self.steps.setValue(FAST_SETTINGS["steps"])
+        row = QHBoxLayout()
+        row.addWidget(self.sampler_combo)
+        row.addWidget(QLabel("steps"))
+        row.addWidget(self.steps)
+        form.addRow("Sampler", row)
+        self.from_noise = QCheckBox("from noise (default: SDEdit from the original patch)")
+        form.addRow(self.from_noise)
+        self.strength = QDoubleSpinBox()
+        self.strength.setRange(0.05, 1.0)
+        self.strength.setSingleStep(0.05)
+        self.strength.setValue(0.55)
+        self.strength.setToolTip("SDEdit: noise the original patch to this share of the schedule (DiffMix: 0.55)")
+        form.addRow("Strength", self.strength)
+        self.from_noise.toggled.connect(lambda on: self.strength.setEnabled(not on))
+        self.seed = QSpinBox()
+        self.seed.setRange(0, 2**31 - 1)
+        self.batch = QSpinBox()
+        self.batch.setRange(1, 256)
+        self.batch.setValue(8)
+        self.batch.setToolTip("Items rendered together (memory grows with it)")
+        row = QHBoxLayout()
+        row.addWidget(self.seed)
+        row.addWidget(QLabel("batch"))
+        row.addWidget(self.batch)
+        form.addRow("Seed", row)
+        root.addWidget(sampling)
+
+        store = QGroupBox("Output store")
+        form = QFormLayout(store)
+        self.out_edit = QLineEdit()
+        self.out_edit.setPlaceholderText("synthetic.zarr")
+        browse = QPushButton("Browse…")
+        browse.clicked.connect(lambda *_: self._browse_out())
+        row = QHBoxLayout()
+        row.addWidget(self.out_edit, 1)
+        row.addWidget(browse)
+        form.addRow("Folder", row)
+        self.overwrite = QCheckBox("replace a store made with other settings")
+        self.resume_only = QCheckBox("only resume (error if there is no store)")
+        self.open_when_done = QCheckBox("open the store when finished")
+        self.open_when_done.setChecked(True)
+        for box in (self.overwrite, self.resume_only, self.open_when_done):
+            form.addRow(box)
+        root.addWidget(store)
+
+        row = QHBoxLayout()
+        self.plan_button = QPushButton("Plan")
+        self.plan_button.setToolTip("Check the inputs and show the plan (nothing is written)")
+        self.plan_button.clicked.connect(lambda *_: user_errors(self.start)(dry_run=True))
+        self.start_button = QPushButton("Start / resume")
+        self.start_button.setToolTip("Render the plan into the store; the same settings again continue a stopped run")
+        self.start_button.clicked.connect(lambda *_: user_errors(self.start)())
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setToolTip("Stop after the current denoising step; finished batches stay in the store")
+        self.cancel_button.clicked.connect(lambda *_: self.cancel())
+        for b in (self.plan_button, self.start_button, self.cancel_button):
+            row.addWidget(b)
+        root.addLayout(row)
+        self.progress = QProgressBar()
+        self.progress.setFormat("idle")
+        root.addWidget(self.progress)
+        self.status = QLabel()
+        self.status.setWordWrap(True)
+        root.addWidget(self.status)
+        self.plan_label = QLabel()
+        self.plan_label.setWordWrap(True)
+        self.plan_label.setStyleSheet("font-family: monospace")
+        root.addWidget(self.plan_label)
+        root.addStretch(1)
+        self._update_enabled()
+
+    def _browse_dataset(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Dataset folder")
+        if path:
+            self.dataset_edit.setText(path)
+
+    def _browse_out(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Output store", "synthetic.zarr", "zarr store (*.zarr)")
+        if path:
+            self.out_edit.setText(path)
+
+    def _update_enabled(self) -> None:
+        self.start_button.setEnabled(not self._running)
+        self.plan_button.setEnabled(not self._running)
+        self.cancel_button.setEnabled(self._running)
+
+    # -- the job ------------------------------------------------------------------------------------
+    def settings(self) -> dict[str, Any]:
+        """The choices, read on the main thread."""
+        out = self.out_edit.text().strip()
+        if not out:
+            raise DiffMixError("choose an output store folder (e.g. synthetic.zarr)")
+        scheme = self.scheme_combo.currentText()
+        return {
+            "dataset": self.dataset_edit.text().strip() or "demo",
+            "scheme": None if scheme == DATASET_SCHEME else scheme,
+            "model": self.picker.path(),
+            "preset": self.picker.preset(),
+            "device": self.picker.device(),
+            "maps": MAPS[self.maps_combo.currentText()],
+            "patches": self.patches.value() if self.goal_patches.isChecked() else None,
+            "target_share": self.share.value() if self.goal_share.isChecked() else None,
+            "patch_size": self.patch_size.value(),
+            "stride": self.stride.value(),
+            "sampler": self.sampler_combo.currentText(),
+            "steps": self.steps.value(),
+            "init": "noise" if self.from_noise.isChecked() else "original",
+            "strength": self.strength.value(),
+            "seed": self.seed.value(),
+            "batch_size": self.batch.value(),
+            "out": Path(out),
+            "overwrite": self.overwrite.isChecked(),
+            "resume": self.resume_only.isChecked(),
+        }
+
+    def _job(self, s: dict[str, Any], dry_run: bool):
+        from ..datasets import open_dataset
+        from ..mixing import MixCache, plan_balanced_set
+        from ..synthesize import SynthesisConfig, SynthesisJob
+
+        yield ("status", f"opening {s['dataset']}…")
+        dataset = open_dataset(s["dataset"], s["scheme"])
+        cache = MixCache(dataset)
+        yield ("status", f"planning on {len(dataset)} tile(s)…")
+        plan = plan_balanced_set(
+            dataset, patches=s["patches"], target_share=s["target_share"], maps=s["maps"],
+            patch_size=s["patch_size"], stride=s["stride"], seed=s["seed"], cache=cache,
+        )
+        yield ("plan", plan)
+        model: Any = s["model"]
+        if s["preset"] is not None:  # official checkpoints carry no config: load them with theirs
+            from ..model.checkpoint import load_model
+
+            model = load_model(s["model"], "cpu", preset=s["preset"])
+        config = SynthesisConfig(
+            sampler=s["sampler"], steps=s["steps"], init=s["init"], strength=s["strength"], seed=s["seed"],
+            batch_size=s["batch_size"], device=s["device"],
+        )
+        job = SynthesisJob(
+            dataset, plan, model, s["out"], config, overwrite=s["overwrite"], resume=s["resume"],
+            created_by="napari-diffmix batch export", cache=cache,
+        )
+        if dry_run:
+            return ("dry-run", job)
+        start = time.perf_counter()
+        first_done = None
+        for event in job.events():
+            if event.kind == "start":
+                first_done = event.done
+            rate = (event.done - (first_done or 0)) / max(time.perf_counter() - start, 1e-9)
+            yield ("event", event, rate)
+        return ("finished", job)
+
+    def start(self, dry_run: bool = False, *, block: bool = False) -> Any:
+        """Plan (``dry_run``) or run the export; ``block=True`` or DIFFMIX_NAPARI_NOTHREADS=1 runs it here."""
+        if self._running:
+            raise DiffMixError("an export is already running; cancel it first")
+        s = self.settings()
+        self.result = None
+        self._running = True
+        self._update_enabled()
+        self.progress.setRange(0, 0)
+        self.progress.setFormat("starting…")
+        worker = run_in_thread(
+            lambda: self._job(s, dry_run),
+            on_yield=self._on_yield,
+            on_return=self._on_return,
+            on_error=self._on_error,
+            on_finish=self._on_finish,
+            block=block,
+        )
+        if self._running:
+            self.worker = worker
+        return worker
+
+    def cancel(self) -> None:
+        """Stop at the next denoising step; the store keeps every finished batch and can be resumed."""
+        if self.worker is not None:
+            self.status.setText("cancelling…")
+            self.worker.quit()
+
+    # -- main-thread callbacks -------------------------------------------------------------------------
+    def _on_yield(self, item: tuple) -> None:
+        kind = item[0]
+        if kind == "status":
+            self.status.setText(item[1])
+        elif kind == "plan":
+            self.plan = item[1]
+            self.plan_label.setText(self.plan.table())
+        elif kind == "event":
+            _, event, rate = item
+            left = event.total - event.done
+            eta = f" · ETA {left / rate:.0f} s" if rate > 0 else ""
+            self.progress.setUpdatesEnabled(False)  # see GenerateWidget: no synchronous repaint per event
+            self.progress.setRange(0, event.total)
+            self.progress.setValue(event.done)
+            step = f" · step {event.step}/{event.steps}" if event.kind == "step" else ""
+            self.progress.setFormat(f"{event.done}/{event.total} items · {rate:.2f} items/s{eta}{step}")
+            self.progress.setUpdatesEnabled(True)
+            self.progress.update()
+            if event.kind == "start":
+                self.status.setText(f"rendering {event.pending} item(s) into {self.out_edit.text()}")
+
+    def _on_return(self, value: tuple) -> None:
+        kind, job = value
+        if kind == "dry-run":
+            init = "SDEdit" if job.config.init == "original" else "from noise"
+            self.status.setText(
+                f"plan of {len(job.plan)} patch(es) checked; {job.config.sampler} × {job.config.steps} steps, "
+                f"guidance {job.guidance:g}, {init}; nothing written"
+            )
+            return
+        self.result = result = job.result
+        if result.complete:
+            self.status.setText(f"done: {result.done} items in {result.store} ({result.rendered} rendered now)")
+            if self.open_when_done.isChecked():
+                self.viewer.open(str(result.store), plugin="napari-diffmix")
+        else:
+            self.status.setText(f"stopped: {result.total - result.done} item(s) left; Start again to resume")
+
+    def _on_error(self, exc: BaseException) -> None:
+        self.status.setText("failed")
+        if isinstance(exc, DiffMixError):
+            notify_error(exc)
+
+    def _on_finish(self) -> None:
+        if self.status.text() == "cancelling…":
+            self.status.setText("cancelled: finished batches are in the store; Start again to resume")
+        self.progress.setRange(0, max(self.progress.maximum(), 1))
+        self.worker = None
+        self._running = False
+        self._update_enabled()
+
+    def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt)
+        self.cancel()
+        super().closeEvent(event)
