@@ -9,6 +9,9 @@ maps and compared with the same measure on real tissue:
 * **ring DAB ratio**: mean DAB in a thin ring around nuclei of one class / around nuclei of
   another (for the bundled IHC demo: epithelial vs stromal, the brown epithelium). It tests
   that the model learned class-dependent surroundings, not just "dark blob here".
+* **high-frequency ratio**: pixel noise of the rendered images / of the real ones (standard
+  deviation of image minus its Gaussian blur, sigma 1 px). Both stain measures are ratios of
+  means, which an image drowned in colour noise can still pass; this one cannot.
 
 Ring means are per nucleus (each background pixel within ``width`` px belongs to its nearest
 nucleus, ``skimage.segmentation.expand_labels``), then averaged over the nuclei of a class,
@@ -120,6 +123,21 @@ def ring_ratio(
     return float(num / max(den, 1e-12))
 
 
+def high_frequency(images: Sequence[np.ndarray] | np.ndarray, sigma: float = 1.0) -> float:
+    """Mean over images and RGB channels of std(image - gaussian(image, sigma)), in grey levels."""
+    from scipy import ndimage
+
+    if isinstance(images, np.ndarray) and images.ndim == 3:
+        images = [images]
+    values = []
+    for img in images:
+        img = np.asarray(img, dtype=np.float64)
+        values += [float(np.std(img[..., c] - ndimage.gaussian_filter(img[..., c], sigma))) for c in range(img.shape[-1])]
+    if not values:
+        raise LabelError("no images to measure")
+    return float(np.mean(values))
+
+
 @dataclass
 class QualityReport:
     """Rendered vs real figures and whether the rendered set passes the thresholds."""
@@ -128,27 +146,37 @@ class QualityReport:
     h_contrast_real: float
     dab_ratio: float
     dab_ratio_real: float
+    hf: float
+    hf_real: float
     n_images: int
     n_nuclei: int
     min_h_fraction: float = 0.7
     min_dab_ratio: float = 2.0
+    max_hf_ratio: float = 1.5
 
     @property
     def h_fraction(self) -> float:
         return self.h_contrast / self.h_contrast_real
 
     @property
+    def hf_ratio(self) -> float:
+        return self.hf / self.hf_real
+
+    @property
     def passed(self) -> bool:
-        return self.h_fraction >= self.min_h_fraction and self.dab_ratio >= self.min_dab_ratio
+        return (self.h_fraction >= self.min_h_fraction and self.dab_ratio >= self.min_dab_ratio
+                and self.hf_ratio <= self.max_hf_ratio)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "h_fraction": self.h_fraction, "passed": self.passed}
+        return {**asdict(self), "h_fraction": self.h_fraction, "hf_ratio": self.hf_ratio, "passed": self.passed}
 
     def table(self) -> str:
         rows = [
             ("hematoxylin in/out nuclei", f"{self.h_contrast:.2f}", f"{self.h_contrast_real:.2f}",
              f">= {self.min_h_fraction:g} x real ({self.h_fraction:.2f} x)"),
             ("ring DAB epithelial/stromal", f"{self.dab_ratio:.2f}", f"{self.dab_ratio_real:.2f}", f">= {self.min_dab_ratio:g}"),
+            ("high-frequency noise (grey levels)", f"{self.hf:.1f}", f"{self.hf_real:.1f}",
+             f"<= {self.max_hf_ratio:g} x real ({self.hf_ratio:.2f} x)"),
         ]
         lines = ["| measure | rendered | real | required |", "|---|---|---|---|"]
         lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
@@ -167,6 +195,7 @@ def acceptance(
     width: int = 5,
     min_h_fraction: float = 0.7,
     min_dab_ratio: float = 2.0,
+    max_hf_ratio: float = 1.5,
 ) -> QualityReport:
     """Compare images rendered for label maps with the real images of the same label maps."""
     kw = dict(stain=DAB, width=width)
@@ -175,10 +204,13 @@ def acceptance(
         h_contrast_real=hematoxylin_contrast(real, inst_maps),
         dab_ratio=ring_ratio(rendered, inst_maps, inst_types, num_classes, *ring_classes, **kw),
         dab_ratio_real=ring_ratio(real, inst_maps, inst_types, num_classes, *ring_classes, **kw),
+        hf=high_frequency(rendered),
+        hf_real=high_frequency(real),
         n_images=len(rendered),
         n_nuclei=int(sum(len(np.unique(m)) - (1 if (np.asarray(m) == 0).any() else 0) for m in inst_maps)),
         min_h_fraction=min_h_fraction,
         min_dab_ratio=min_dab_ratio,
+        max_hf_ratio=max_hf_ratio,
     )
 
 

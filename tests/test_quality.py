@@ -59,6 +59,13 @@ def test_ring_means_are_per_nucleus():
     assert counts[1] > 0 and counts[2] > 0 and counts[0] == 0
 
 
+def test_high_frequency_sees_noise(tile):
+    real = quality.high_frequency(tile.image)
+    noisy = np.clip(tile.image + np.random.default_rng(0).normal(0, 20, tile.image.shape), 0, 255).astype(np.uint8)
+    assert quality.high_frequency(noisy) > 2 * real
+    assert quality.high_frequency(_blurred(tile.image)) < 0.5 * real
+
+
 def test_acceptance_report(tile):
     types = tile.inst_types
     crops = [(slice(0, 256), slice(0, 256)), (slice(256, 512), slice(256, 512))]
@@ -67,7 +74,7 @@ def test_acceptance_report(tile):
     good = quality.acceptance(real, real, insts, [types] * 2, 3, ring_classes=(EPI, STROMA))
     assert good.passed and good.h_fraction == pytest.approx(1.0)
     bad = quality.acceptance([_shuffled(r) for r in real], real, insts, [types] * 2, 3, ring_classes=(EPI, STROMA))
-    assert not bad.passed and bad.h_fraction < 0.5
+    assert not bad.passed and bad.h_fraction < 0.5 and bad.hf_ratio > 1.5
     assert "FAIL" in bad.table() and "PASS" in good.table()
     assert good.to_dict()["passed"] is True
 
