@@ -240,6 +240,9 @@ def test_user_errors_become_notifications(editor, errors, make_napari_viewer):
 def test_plugin_opens_from_the_manifest_with_the_demo_sample(make_napari_viewer):
     viewer = make_napari_viewer(show=True)
     viewer.open_sample("napari-diffmix", "demo")
+    _, generate = viewer.window.add_plugin_dock_widget("napari-diffmix", "Generate tissue")
+    _, batch = viewer.window.add_plugin_dock_widget("napari-diffmix", "Batch export")
+    assert generate.labels_combo.currentText() == "demo nuclei" and batch.dataset_edit.text() == "demo"
     _, widget = viewer.window.add_plugin_dock_widget("napari-diffmix", "Nuclei editor")
     assert widget.canvas is not None and widget.canvas.layer.name == "demo nuclei"
     names = [layer.name for layer in viewer.layers]
@@ -247,3 +250,32 @@ def test_plugin_opens_from_the_manifest_with_the_demo_sample(make_napari_viewer)
     assert widget.canvas.counts().sum() == len(widget.canvas.layer.features)
     viewer.open_sample("napari-diffmix", "blank")
     assert viewer.layers[-1].data.shape == (256, 256)
+
+
+def test_dataset_bank_feeds_insert_and_balancing(editor, tmp_path):
+    from napari_diffmix.classes import DEMO
+    from napari_diffmix.datasets import write_generic
+    from napari_diffmix.phantom import make_phantom_dataset
+
+    viewer, widget = editor
+    folder = write_generic(make_phantom_dataset(2, 128, class_probs=(0.5, 0.25, 0.25), seed=4), tmp_path / "phantoms", scheme=DEMO)
+    widget.load_dataset_bank(str(folder), block=True)
+    assert widget.bank_label.text().startswith("phantoms: ")
+    c = widget.canvas
+    others = int(np.count_nonzero(c.bank.classes == 1))
+    assert others > 5 and f"other {others}" in widget.bank_label.text()
+    new = c.insert((85, 65), cls=1)
+    assert c.inst_types[new] == 1
+    # A large epithelial nucleus in the centre: the only nucleus 30 px from this small map's border,
+    # so the only balancing target. This map has no rare donor that far inside; the dataset has.
+    from napari_diffmix.nuclei import paste_mask
+
+    yy, xx = np.mgrid[-12:13, -12:13]
+    big, types = paste_mask(c.inst_map, c.inst_types, yy**2 + xx**2 <= 144, (48, 48), 2)
+    c.apply(big, types, "big centre nucleus")
+    before = c.counts()
+    widget.target_fraction.setValue(1.0)
+    widget.balance_button.click()
+    after = c.counts()
+    assert c.history[-1] == "balance (1 of 1 targets replaced)"
+    assert after[1] == before[1] + 1 and after[2] == before[2] - 1

@@ -63,7 +63,7 @@ class NucleiEditorWidget(QWidget):
         self.viewer = napari_viewer
         self.canvas: NucleiCanvas | None = None
         self._banks: dict[tuple, Any] = {}
-        self._pools: dict[tuple, Any] = {}
+        self._donor_maps: dict[tuple, list] = {}  # bank source -> its label maps (balancing donors)
         self._bank_key: tuple | None = None
         self._bank_worker = None
         self._adopting = False
@@ -190,7 +190,7 @@ class NucleiEditorWidget(QWidget):
         self.map_seed.setToolTip("Seed of the balancing/enlarging draws (same seed, same map)")
         row = QHBoxLayout()
         row.addWidget(self.map_seed)
-        row.addWidget(_button("🎲", "Random seed", lambda: self.map_seed.setValue(int(np.random.default_rng().integers(2**31)))))
+        row.addWidget(_button("Random", "Roll a new seed", lambda: self.map_seed.setValue(int(np.random.default_rng().integers(2**31 - 1)))))
         form.addRow("Seed", row)
         self.target_fraction = QDoubleSpinBox()
         self.target_fraction.setRange(0.0, 1.0)
@@ -463,9 +463,12 @@ class NucleiEditorWidget(QWidget):
         self.bank_label.setText(f"reading {len(dataset)} tiles of {Path(path).name}…")
 
         def job():
-            return nuclei.NucleiBank.from_maps(dataset, border=BANK_BORDER)
+            # The label maps are kept (without images) as balancing donors: balance then reads nothing.
+            maps = [(tile.inst_map, tile.inst_types) for tile in dataset]
+            return nuclei.NucleiBank.from_maps(maps, border=BANK_BORDER), maps
 
-        def done(bank):
+        def done(value):
+            bank, self._donor_maps[key] = value
             self._banks[key] = bank
             self._set_bank(key, bank, Path(path).name)
 
@@ -495,18 +498,11 @@ class NucleiEditorWidget(QWidget):
             return None, None
         if key[0] == "file":
             raise LabelError("balancing needs donors from whole label maps; choose the demo set, this map or a dataset")
-        pool_key = (key, rare, border)
-        if pool_key not in self._pools:
-            if key[0] == "demo":
-                from ..demo_data import load_demo_tile
+        if key not in self._donor_maps:  # the demo set (dataset banks keep their maps when loaded)
+            from ..demo_data import load_demo_tile
 
-                maps = [load_demo_tile()]
-            else:
-                from ..datasets import open_dataset
-
-                maps = list(open_dataset(key[1], c.scheme))
-            self._pools[pool_key] = maps
-        maps = self._pools[pool_key]
+            self._donor_maps[key] = [load_demo_tile()]
+        maps = self._donor_maps[key]
         pool = DonorPool.from_maps([(c.inst_map, c.inst_types), *maps], border=border, classes=rare)
         return pool, 0
 

@@ -1,0 +1,76 @@
+"""A real render of the demo labels with the bundled demo model, checked on napari's screenshot.
+
+The screenshot is saved as ``render.png`` in the test's tmp dir. Set
+``DIFFMIX_PLUGIN_SCREENSHOT=docs/images/plugin_screenshot.png`` to render the whole demo tile
+instead of a crop and also save the full window (docks included) there: that is how the
+README's screenshot is made.
+"""
+
+import os
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gui
+
+CROP = (slice(192, 320), slice(160, 288))  # 128 x 128 of the 512 x 512 demo tile
+
+
+def test_render_of_the_demo_labels_looks_like_tissue(make_napari_viewer, tmp_path):
+    import imageio.v3 as iio
+
+    from napari_diffmix._widgets._layers import image_layer_data, nuclei_layer_data
+    from napari_diffmix._widgets._model_picker import bundled_model
+    from napari_diffmix._widgets.editor import NucleiEditorWidget
+    from napari_diffmix._widgets.generate import GenerateWidget
+    from napari_diffmix.classes import DEMO
+    from napari_diffmix.demo_data import load_demo_tile
+    from napari_diffmix.nuclei import remap_ids
+
+    if bundled_model() is None:
+        pytest.skip("the bundled demo model (napari_diffmix/resources/models/demo/*.safetensors) is not installed")
+    docs_shot = os.environ.get("DIFFMIX_PLUGIN_SCREENSHOT")
+    tile = load_demo_tile()
+    window = (slice(None), slice(None)) if docs_shot else CROP
+    inst_map, inst_types = remap_ids(tile.inst_map[window], tile.inst_types)
+    type_map = inst_types[inst_map].astype(np.uint8)
+    original = tile.image[window].copy()
+
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1500, 950)
+    data, kwargs, _ = image_layer_data(original, "demo H&E", inst_map=inst_map, type_map=type_map)
+    viewer.add_image(data, **kwargs)
+    data, kwargs, _ = nuclei_layer_data(inst_map, inst_types, DEMO, "demo nuclei")
+    viewer.add_labels(data, **kwargs)
+    editor = NucleiEditorWidget(viewer)
+    viewer.window.add_dock_widget(editor, name="Nuclei editor")
+    generate = GenerateWidget(viewer)
+    viewer.window.add_dock_widget(generate, name="Generate tissue")
+    assert generate.picker.info is not None and generate.picker.info.scheme.names == DEMO.names
+    generate.seed.setValue(3)
+    generate.generate(block=True)
+    result = generate.last_result
+    assert result is not None and result.data.shape == original.shape
+
+    # What the user sees: the render alone on the canvas.
+    for layer in viewer.layers:
+        layer.visible = layer is result
+    viewer.reset_view()
+    shot = viewer.screenshot(canvas_only=True, flash=False)
+    iio.imwrite(tmp_path / "render.png", shot)
+    rgb = shot[..., :3].reshape(-1, 3).astype(float)
+    tissue = rgb[rgb.max(axis=1) > 8]  # drop the canvas's black margin
+    assert tissue.shape[0] > 0.2 * rgb.shape[0], "the render is not on the canvas"
+    assert tissue.std(axis=0).min() > 12, "the render is (nearly) flat"
+    reference = original.reshape(-1, 3).astype(float)
+    assert np.abs(tissue.mean(axis=0) - reference.mean(axis=0)).max() < 45, (tissue.mean(axis=0), reference.mean(axis=0))
+    # Label-conditioned: the painted nuclei come out darker than their surroundings, as in the tile.
+    gray = result.data.astype(float).mean(axis=-1)
+    assert gray[inst_map > 0].mean() < gray[inst_map == 0].mean() - 8
+
+    if docs_shot:
+        for layer in viewer.layers:
+            layer.visible = layer.name in (result.name, "demo nuclei")
+        viewer.layers.selection.active = viewer.layers["demo nuclei"]
+        viewer.reset_view()
+        iio.imwrite(docs_shot, viewer.screenshot(canvas_only=False, flash=False))
