@@ -12,7 +12,8 @@ published config (``diffmix-consep``, 652 M parameters) and the demo config, bat
 
 End to end, seconds per image: DiffMix default (``DIFFMIX_SETTINGS``: 100-step DDIM respacing,
 SDEdit 0.55 = 55 DDIM steps, CFG as two forwards, no cache) against the fast default
-(``FAST_SETTINGS``: DPM-Solver++(2M), 15 steps, batched CFG, SPADE cache). Measured for the demo
+(``FAST_SETTINGS``: DPM-Solver++(2M), 15 steps, batched CFG, SPADE cache; in float32 and with
+bf16 autocast, which is fast on CPUs with avx512_bf16/AMX and on GPUs). Measured for the demo
 config; for the published config measured with ``--e2e-published``, otherwise estimated from the
 per-step figures (steps x step time + cache fill) and marked "est.".
 
@@ -39,12 +40,13 @@ TARGET_STEP_RATIO = 0.5
 TARGET_E2E_SPEEDUP = 10.0
 GUIDANCE = 1.5
 MODES = {
-    # name: (cfg mode, guidance, SPADE cache)
-    "reference": ("separate", GUIDANCE, False),
-    "batched": ("batched", GUIDANCE, False),
-    "batched+cache": ("batched", GUIDANCE, True),
-    "forward": ("separate", 1.0, False),
-    "forward+cache": ("batched", 1.0, True),
+    # name: (cfg mode, guidance, SPADE cache, precision)
+    "reference": ("separate", GUIDANCE, False, "fp32"),
+    "batched": ("batched", GUIDANCE, False, "fp32"),
+    "batched+cache": ("batched", GUIDANCE, True, "fp32"),
+    "batched+cache bf16": ("batched", GUIDANCE, True, "bf16"),
+    "forward": ("separate", 1.0, False, "fp32"),
+    "forward+cache": ("batched", 1.0, True, "fp32"),
 }
 
 
@@ -71,30 +73,31 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def time_steps(model: SDMUNet, batch: int, size: int, reps: int) -> dict[str, dict[str, float]]:
+def time_steps(model: SDMUNet, batch: int, size: int, reps: int, clock) -> dict[str, dict[str, float]]:
     """Seconds per guided step for every mode; ``fill``: the first step's extra (cache build)."""
     cond = condition(batch, model.config.cond_channels, size)
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
     out = {}
-    for name, (cfg, guidance, cache) in MODES.items():
-        runner = Sampler(model, cache=cache)
+    for name, (cfg, guidance, cache, precision) in MODES.items():
+        runner = Sampler(model, cache=cache, precision=precision)
         times = []
         for _ in range(reps + (1 if cache else 0)):  # with a cache the first call also fills it
-            t0 = time.perf_counter()
+            t0 = clock()
             runner.guided_output(x, 500, cond, guidance=guidance, cfg=cfg)
-            times.append(time.perf_counter() - t0)
+            times.append(clock() - t0)
         step = min(times[1:]) if cache else min(times)
         out[name] = {"step": step, "fill": times[0] - step if cache else 0.0}
         runner.clear_cache()
     return out
 
 
-def time_end_to_end(model: SDMUNet, size: int, batch: int) -> dict[str, dict[str, float]]:
+def time_end_to_end(model: SDMUNet, size: int, batch: int, clock) -> dict[str, dict[str, float]]:
     cond = condition(batch, model.config.cond_channels, size, seed=2)
     init = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(3)) * 2 - 1
     runs = {
         "DiffMix default": (Sampler(model, cache=False), dict(DIFFMIX_SETTINGS, init_image=init)),
         "fast default": (Sampler(model, cache=True), dict(FAST_SETTINGS, guidance=GUIDANCE)),
+        "fast, bf16": (Sampler(model, cache=True, precision="bf16"), dict(FAST_SETTINGS, guidance=GUIDANCE)),
     }
     out = {}
     for name, (runner, kwargs) in runs.items():
@@ -109,9 +112,9 @@ def time_end_to_end(model: SDMUNet, size: int, batch: int) -> dict[str, dict[str
                  model.input_blocks[0].register_forward_pre_hook(counter("encoder")),
                  model.out.register_forward_pre_hook(counter("decoder"))]
         try:
-            t0 = time.perf_counter()
+            t0 = clock()
             last = runner.generate(cond, seed=0, **kwargs)
-            seconds = time.perf_counter() - t0
+            seconds = clock() - t0
         finally:
             for h in hooks:
                 h.remove()
@@ -123,14 +126,15 @@ def time_end_to_end(model: SDMUNet, size: int, batch: int) -> dict[str, dict[str
 def estimate_end_to_end(steps: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
     diffmix_steps = int(DIFFMIX_SETTINGS["steps"] * DIFFMIX_SETTINGS["strength"])
     fast_steps = FAST_SETTINGS["steps"]
-    return {
+    out = {
         "DiffMix default": {"s_per_image": diffmix_steps * steps["reference"]["step"], "steps": diffmix_steps,
                             "full_forwards": 2 * diffmix_steps, "encoder_passes": 2 * diffmix_steps,
                             "decoder_passes": 2 * diffmix_steps},
-        "fast default": {"s_per_image": fast_steps * steps["batched+cache"]["step"] + steps["batched+cache"]["fill"],
-                         "steps": fast_steps, "full_forwards": 0, "encoder_passes": fast_steps,
-                         "decoder_passes": fast_steps},
     }
+    for name, mode in (("fast default", "batched+cache"), ("fast, bf16", "batched+cache bf16")):
+        out[name] = {"s_per_image": fast_steps * steps[mode]["step"] + steps[mode]["fill"], "steps": fast_steps,
+                     "full_forwards": 0, "encoder_passes": fast_steps, "decoder_passes": fast_steps}
+    return out
 
 
 def main() -> None:
@@ -141,10 +145,16 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--presets", default="diffmix-consep,demo")
     ap.add_argument("--e2e-published", action="store_true", help="also run the published config end to end")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: this process's CPU time (steadier on a shared machine; use with --threads 1)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.size} px, CFG {GUIDANCE}")
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    bf16 = "native" if caps.get("avx512_bf16") or caps.get("amx_bf16") else "emulated (slow)"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.size} px, CFG {GUIDANCE}, "
+          f"{args.clock} clock, CPU bf16 {bf16}")
 
     for preset in args.presets.split(","):
         model = SDMUNet(UNetConfig.preset(preset)).eval()
@@ -154,32 +164,34 @@ def main() -> None:
         cache_gib = sum(d["nbytes"] for d in model.spade_layout(args.size, args.size)) / 2**30
         print(f"\n== {preset}: {model.num_parameters() / 1e6:.1f} M parameters, SPADE cache {cache_gib:.2f} GiB "
               f"per image at {args.size} px")
-        print(f"{'batch':>5} {'mode':<14} {'s/step':>9} {'ratio':>6} {'cache fill s':>12}")
+        print(f"{'batch':>5} {'mode':<19} {'s/step':>9} {'ratio':>6} {'cache fill s':>12}")
         per_step = {}
         for batch in batches:
-            per_step[batch] = time_steps(model, batch, args.size, reps)
+            per_step[batch] = time_steps(model, batch, args.size, reps, clock)
             ref = per_step[batch]["reference"]["step"]
             for name, t in per_step[batch].items():
                 fill = f"{t['fill']:12.2f}" if MODES[name][2] else f"{'':12}"
-                print(f"{batch:5d} {name:<14} {t['step']:9.3f} {t['step'] / ref:6.2f} {fill}")
-            ratio = per_step[batch]["batched+cache"]["step"] / ref
-            print(f"      batched+cache / reference = {ratio:.2f} (target <= {TARGET_STEP_RATIO}) "
-                  f"{'OK' if ratio <= TARGET_STEP_RATIO else 'MISSED'}")
+                print(f"{batch:5d} {name:<19} {t['step']:9.3f} {t['step'] / ref:6.2f} {fill}")
+            for mode in ("batched+cache", "batched+cache bf16"):
+                ratio = per_step[batch][mode]["step"] / ref
+                print(f"      {mode} / reference = {ratio:.2f} (target <= {TARGET_STEP_RATIO}) "
+                      f"{'OK' if ratio <= TARGET_STEP_RATIO else 'MISSED'}")
         print(f"peak RSS so far {peak_rss_gib():.1f} GiB")
 
         for batch in batches:
             if published and not args.e2e_published:
                 e2e, tag = estimate_end_to_end(per_step[batch]), " (est.)"
             else:
-                e2e, tag = time_end_to_end(model, args.size, batch), ""
+                e2e, tag = time_end_to_end(model, args.size, batch, clock), ""
             print(f"end to end, batch {batch}{tag}:")
             for name, r in e2e.items():
                 print(f"  {name:<16} {r['s_per_image']:9.2f} s/image  {r['steps']:3d} steps  network passes: "
                       f"{r['encoder_passes']:3d} encoder, {r['decoder_passes']:3d} decoder "
                       f"({r['full_forwards']} as full forwards)")
-            speedup = e2e["DiffMix default"]["s_per_image"] / e2e["fast default"]["s_per_image"]
-            print(f"  speed-up {speedup:.1f}x (target >= {TARGET_E2E_SPEEDUP}x) "
-                  f"{'OK' if speedup >= TARGET_E2E_SPEEDUP else 'MISSED'}")
+            for name in ("fast default", "fast, bf16"):
+                speedup = e2e["DiffMix default"]["s_per_image"] / e2e[name]["s_per_image"]
+                print(f"  {name}: speed-up {speedup:.1f}x (target >= {TARGET_E2E_SPEEDUP}x) "
+                      f"{'OK' if speedup >= TARGET_E2E_SPEEDUP else 'MISSED'}")
         del model
 
 

@@ -409,7 +409,12 @@ class Sampler:
         with ``init_image``: local edit; outside the mask the result is ``init_image`` exactly
         and, at every step, the image noised to that step's level. ``tile_size``: render canvases
         larger than this in overlapping square windows (``tile_overlap`` px, default a quarter),
-        blending the model outputs at every step.
+        blending the model outputs at every step. ``clip_denoised``: clamp the x0 prediction to
+        [-1, 1] at every step (and use the epsilon consistent with it), as the reference does.
+        ``cfg``: "batched" (shared encoder pass, one decoder batch, SPADE cache) or "separate"
+        (two full forwards per step, no cache: the reference behaviour).
+
+        Arguments are checked when this is called; the work happens while iterating.
         """
         return self._run(self._validate(
             cond, sampler=sampler, steps=steps, guidance=guidance, seed=seed, init_image=init_image,
