@@ -32,13 +32,29 @@ def get_reader(path: str | list[str]) -> Callable[[Any], list[tuple]] | None:
             return None
         path = path[0]
     p = Path(path)
-    if p.suffix.lower() == ".mat" and p.is_file():
+    if p.suffix.lower() == ".mat" and p.is_file() and _holds_inst_map(p):
         return read_mat
-    if p.suffix.lower() == ".npz" and p.is_file():
+    if p.suffix.lower() == ".npz" and p.is_file() and _holds_inst_map(p):
         return read_npz
     if p.is_dir() and _is_store(p):
         return read_store
     return None
+
+
+def _holds_inst_map(p: Path) -> bool:
+    """Whether a .mat / .npz file has an ``inst_map`` (else it is not ours; napari asks others)."""
+    try:
+        if p.suffix.lower() == ".mat":
+            from scipy.io import whosmat
+
+            try:
+                return any(name == "inst_map" for name, _, _ in whosmat(p))
+            except NotImplementedError:  # MATLAB v7.3: reading it says how to re-save it
+                return True
+        with np.load(p, allow_pickle=False) as data:  # lazy: reads the archive's directory only
+            return "inst_map" in data.files
+    except Exception:  # unreadable here; not this reader's file
+        return False
 
 
 def _is_store(p: Path) -> bool:

@@ -105,6 +105,8 @@ def test_store_reader_errors_are_specific(tmp_path):
     zarr.open_group(str(other), mode="w").create_array("x", data=np.zeros(3))
     assert get_reader(str(other)) is None  # not ours: napari asks the next reader
     assert get_reader(str(tmp_path / "missing.mat")) is None
+    np.savez(tmp_path / "features.npz", x=np.zeros(3))
+    assert get_reader(str(tmp_path / "features.npz")) is None
     assert get_reader([str(path), str(other)]) is None
 
 
