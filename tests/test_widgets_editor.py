@@ -16,6 +16,28 @@ def _process():
     QApplication.processEvents()
 
 
+def _canvas_point(viewer, y, x):
+    """Where data pixel (y, x) of a 2-D view is on the canvas widget."""
+    from qtpy.QtCore import QPoint
+
+    canvas = viewer.window._qt_viewer.canvas
+    px = (canvas.view.transform * canvas.view.scene.transform).map([x, y])[:2]
+    return QPoint(int(round(px[0])), int(round(px[1])))
+
+
+def _drag(qtbot, viewer, points):
+    """A left-button mouse drag on the canvas through data points [(y, x), ...]."""
+    from qtpy.QtCore import Qt
+
+    native = viewer.window._qt_viewer.canvas.native
+    first, *rest = [_canvas_point(viewer, y, x) for y, x in points]
+    qtbot.mousePress(native, Qt.MouseButton.LeftButton, pos=first)
+    for point in rest:
+        qtbot.mouseMove(native, point)
+    qtbot.mouseRelease(native, Qt.MouseButton.LeftButton, pos=rest[-1] if rest else first)
+    _process()
+
+
 @pytest.fixture
 def errors(monkeypatch):
     """Messages shown as napari error notifications."""
@@ -64,6 +86,15 @@ def test_paint_stroke_makes_a_new_nucleus_of_the_active_class(editor, qtbot):
     # Undo removes the stroke and its feature row.
     assert c.undo()
     assert first + 1 not in set(layer.features["index"]) and not np.any(layer.data == first + 1)
+    # A real mouse stroke on the canvas: one new nucleus of the active class.
+    viewer.reset_view()
+    _process()
+    stroke = layer.selected_label
+    _drag(qtbot, viewer, [(60, 35), (62, 37), (64, 39)])
+    rows = layer.features.set_index("index")
+    assert rows.loc[stroke, "class"] == 3 and c.history[-1] == "brush stroke"
+    assert layer.data[62, 37] == stroke and c.classes.data[62, 37] == 3
+    assert layer.selected_label == stroke + 1
 
 
 def test_erasing_a_nucleus_drops_its_row(editor):
@@ -120,7 +151,7 @@ def test_verbs_round_trip_and_undo(editor, disk_map):
 
 
 def test_shortcuts_drag_and_ctrl_z_on_the_canvas(editor, qtbot):
-    from qtpy.QtCore import QPoint, Qt
+    from qtpy.QtCore import Qt
 
     viewer, widget = editor
     c = widget.canvas
@@ -148,20 +179,9 @@ def test_shortcuts_drag_and_ctrl_z_on_the_canvas(editor, qtbot):
     # Drag nucleus 1 with the select tool: press on it, move, release.
     viewer.reset_view()
     _process()
-    transform = canvas.view.transform * canvas.view.scene.transform
-
-    def to_canvas(y, x):
-        px = transform.map([x, y])[:2]
-        return QPoint(int(round(px[0])), int(round(px[1])))
-
     zoom = viewer.scene.camera.zoom
     before = _centroid(layer, 1)
-    a, b = to_canvas(20, 20), to_canvas(20 + 12, 20 + 6)
-    qtbot.mousePress(native, Qt.MouseButton.LeftButton, pos=a)
-    qtbot.mouseMove(native, QPoint((a.x() + b.x()) // 2, (a.y() + b.y()) // 2))
-    qtbot.mouseMove(native, b)
-    qtbot.mouseRelease(native, Qt.MouseButton.LeftButton, pos=b)
-    _process()
+    _drag(qtbot, viewer, [(20, 20), (26, 23), (32, 26)])
     moved = _centroid(layer, 1) - before
     assert np.allclose(moved, (12, 6), atol=1.5 / min(zoom, 1) + 0.5), moved
     assert c.selected == 1 and c.history[-1].startswith("move #1")
