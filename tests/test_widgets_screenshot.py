@@ -1,9 +1,10 @@
 """A real render of the demo labels with the bundled demo model, checked on napari's screenshot.
 
-The screenshot is saved as ``render.png`` in the test's tmp dir. Set
-``DIFFMIX_PLUGIN_SCREENSHOT=docs/images/plugin_screenshot.png`` to render the whole demo tile
-instead of a crop and also save the full window (docks included) there: that is how the
-README's screenshot is made.
+The screenshot is saved as ``render.png`` in the test's tmp dir. The crop is the model's
+training size (64 px, one window: ~10 s on two CPU cores). Set
+``DIFFMIX_PLUGIN_SCREENSHOT=docs/images/plugin_screenshot.png`` to render a 256 px region
+instead and also save the full window (docks included) there: that is how the README's
+screenshot is made.
 """
 
 import os
@@ -13,7 +14,8 @@ import pytest
 
 pytestmark = pytest.mark.gui
 
-CROP = (slice(192, 320), slice(160, 288))  # 128 x 128 of the 512 x 512 demo tile
+CROP = (slice(224, 288), slice(192, 256))  # 64 x 64 of the 512 x 512 demo tile
+DOCS_CROP = (slice(128, 384), slice(128, 384))
 
 
 def test_render_of_the_demo_labels_looks_like_tissue(make_napari_viewer, tmp_path):
@@ -31,7 +33,7 @@ def test_render_of_the_demo_labels_looks_like_tissue(make_napari_viewer, tmp_pat
         pytest.skip("the bundled demo model (napari_diffmix/resources/models/demo/*.safetensors) is not installed")
     docs_shot = os.environ.get("DIFFMIX_PLUGIN_SCREENSHOT")
     tile = load_demo_tile()
-    window = (slice(None), slice(None)) if docs_shot else CROP
+    window = DOCS_CROP if docs_shot else CROP
     inst_map, inst_types = remap_ids(tile.inst_map[window], tile.inst_types)
     type_map = inst_types[inst_map].astype(np.uint8)
     original = tile.image[window].copy()
@@ -64,8 +66,15 @@ def test_render_of_the_demo_labels_looks_like_tissue(make_napari_viewer, tmp_pat
     assert tissue.std(axis=0).min() > 12, "the render is (nearly) flat"
     reference = original.reshape(-1, 3).astype(float)
     assert np.abs(tissue.mean(axis=0) - reference.mean(axis=0)).max() < 45, (tissue.mean(axis=0), reference.mean(axis=0))
-    # Label-conditioned: the painted nuclei come out darker than their surroundings, as in the tile.
+    # Stain colours only (brown DAB, blue hematoxylin, white): no green (noise has plenty).
+    green = (tissue[:, 1] > tissue[:, 0] + 10) & (tissue[:, 1] > tissue[:, 2] + 10)
+    assert green.mean() < 0.02, f"{green.mean():.1%} green pixels"
+    # Smooth like tissue, not speckled like noise: neighbour differences are small next to the
+    # image's contrast (the demo tile: 0.17; the same model half-trained: 0.77).
     gray = result.data.astype(float).mean(axis=-1)
+    rough = (np.abs(np.diff(gray, axis=0)).mean() + np.abs(np.diff(gray, axis=1)).mean()) / 2 / gray.std()
+    assert rough < 0.4, f"roughness {rough:.2f}"
+    # Label-conditioned: the painted nuclei come out darker than their surroundings, as in the tile.
     assert gray[inst_map > 0].mean() < gray[inst_map == 0].mean() - 8
 
     if docs_shot:
