@@ -155,6 +155,24 @@ def test_synchronous_mode_modes_and_caches(generate, monkeypatch):
     canvas.detach()
 
 
+def test_official_guided_diffusion_checkpoint_with_a_preset(generate, monkeypatch, tiny_model, tmp_path):
+    import torch
+
+    from napari_diffmix._widgets._workers import NOTHREADS_ENV
+    from napari_diffmix.model.checkpoint import load_model
+
+    viewer, widget = generate
+    monkeypatch.setenv(NOTHREADS_ENV, "1")
+    model, _ = load_model(tiny_model)
+    official = tmp_path / "ema_0.9999_000100.pt"
+    torch.save(model.state_dict(), official)  # what guided-diffusion writes: a bare state dict
+    widget.set_model(official, preset="tiny")
+    assert widget.picker.preset_combo.isEnabled() and "official checkpoint" in widget.picker.info_label.text()
+    widget.generate()
+    provenance = _renders(viewer)[-1].metadata["diffmix"]["provenance"]
+    assert provenance["model"] == str(official) and provenance["scheme"] == "demo"
+
+
 def test_errors_reach_the_user_as_notifications(generate, errors, monkeypatch, tmp_path):
     import torch
 

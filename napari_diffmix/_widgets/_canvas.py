@@ -175,6 +175,7 @@ class NucleiCanvas:
         name = f"{self.layer.name} classes"
         for other in self.viewer.layers:
             if info_of(other).get("role") == "classes" and info_of(other).get("nuclei") == self.layer.name:
+                other.data = self.type_map  # the labels may have changed while nobody edited them here
                 return other
         data, kwargs, _ = class_layer_data(self.type_map, self.scheme, name, nuclei=self.layer.name)
         selected = list(self.viewer.layers.selection)
