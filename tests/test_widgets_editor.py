@@ -257,7 +257,9 @@ def test_user_errors_become_notifications(editor, errors, make_napari_viewer):
     assert "class 0" in errors[-1]
 
 
-def test_plugin_opens_from_the_manifest_with_the_demo_sample(make_napari_viewer):
+def test_plugin_opens_from_the_manifest_with_the_demo_sample(make_napari_viewer, tmp_path):
+    import napari
+
     viewer = make_napari_viewer(show=True)
     viewer.open_sample("napari-diffmix", "demo")
     _, generate = viewer.window.add_plugin_dock_widget("napari-diffmix", "Generate tissue")
@@ -268,6 +270,11 @@ def test_plugin_opens_from_the_manifest_with_the_demo_sample(make_napari_viewer)
     names = [layer.name for layer in viewer.layers]
     assert names == ["demo H&E", "demo nuclei classes", "demo nuclei"]
     assert widget.canvas.counts().sum() == len(widget.canvas.layer.features)
+    # File > Save with the plugin's writer, and open it again with its reader.
+    (path,) = napari.save_layers(str(tmp_path / "edited.npz"), [widget.canvas.layer], plugin="napari-diffmix")
+    (reopened,) = viewer.open(path, plugin="napari-diffmix")
+    assert np.array_equal(reopened.data, widget.canvas.layer.data)
+    assert reopened.features["class"].tolist() == widget.canvas.layer.features["class"].tolist()
     viewer.open_sample("napari-diffmix", "blank")
     assert viewer.layers[-1].data.shape == (256, 256)
 
