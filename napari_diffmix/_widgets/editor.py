@@ -24,7 +24,6 @@ from qtpy.QtWidgets import (
     QLabel,
     QPushButton,
     QSpinBox,
-    QToolButton,
     QVBoxLayout,
     QWidget,
 )
@@ -105,15 +104,14 @@ class NucleiEditorWidget(QWidget):
 
         tools = QGroupBox("Tools")
         row = QHBoxLayout(tools)
-        self.tool_buttons: dict[str, QToolButton] = {}
+        self.tool_buttons: dict[str, QPushButton] = {}
         for mode, text, tip in (
             ("paint", "Paint", "Brush (P): every stroke paints a new nucleus of the active class"),
             ("pick", "Select / move", "Select (L): click a nucleus to select it, drag it to move it"),
             ("erase", "Erase", "Eraser (E)"),
             ("pan_zoom", "Pan", "Pan and zoom (Z)"),
         ):
-            b = QToolButton()
-            b.setText(text)
+            b = QPushButton(text)  # napari's theme shows a checked push button, not a tool button
             b.setToolTip(tip)
             b.setCheckable(True)
             b.clicked.connect(lambda *_, m=mode: user_errors(self.set_mode)(m))
