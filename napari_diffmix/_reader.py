@@ -6,9 +6,9 @@
   (hidden); included original patches as hidden layers. Arrays stay lazy (zarr reads the item
   on screen only); a store with unfinished items opens with a warning.
 * CoNSeP / GLySAC ``Labels/<stem>.mat``: the tile's image (``Images/<stem>.*`` next to the
-  ``Labels`` folder, or beside the file) and its nuclei, raw types merged by the scheme. The
-  scheme is ``glysac`` when the path names GLySAC (or raw ids beyond CoNSeP's 1..7 occur),
-  otherwise ``consep``.
+  ``Labels`` folder, or beside the file; when there is none, the nuclei open alone) and its
+  nuclei, raw types merged by the scheme. The scheme is ``glysac`` when the path names GLySAC
+  (or raw ids beyond CoNSeP's 1..7 occur), otherwise ``consep``.
 * ``*.npz`` label maps written by this plugin's writer (``inst_map``, ``type_map``, ``scheme``).
 """
 
@@ -112,27 +112,30 @@ def _scheme_for_mat(p: Path) -> tuple[ClassScheme, bool]:
     return CONSEP, any("consep" in part for part in lowered)
 
 
-def _image_for_mat(p: Path) -> Path:
-    from .datasets import IMAGE_SUFFIXES
-
+def _image_folders(p: Path) -> list[Path]:
     folders = [p.parent]
     if p.parent.name.lower() == "labels":
         folders.insert(0, p.parent.parent / "Images")
         folders.insert(1, p.parent.parent / "images")
-    for folder in folders:
+    return folders
+
+
+def _image_for_mat(p: Path) -> Path | None:
+    """The tile image of a label file (CoNSeP/GLySAC keep images in Images/ beside Labels/), or None."""
+    from .datasets import IMAGE_SUFFIXES
+
+    for folder in _image_folders(p):
         for suffix in IMAGE_SUFFIXES:
             for candidate in (folder / f"{p.stem}{suffix}", folder / f"{p.stem}{suffix.upper()}"):
                 if candidate.is_file():
                     return candidate
-    raise DatasetError(
-        f"no image for this label file: looked for {p.stem}.png/.tif in {', '.join(str(f) for f in folders)} "
-        "(CoNSeP/GLySAC keep images in Images/ beside Labels/)",
-        p,
-    )
+    return None
 
 
 def read_mat(path: Any) -> list[tuple]:
-    """A CoNSeP/GLySAC tile: its image and its nuclei (classes merged by the scheme)."""
+    """A CoNSeP/GLySAC tile: its image (when found) and its nuclei (classes merged by the scheme)."""
+    from napari.utils.notifications import show_info, show_warning
+
     from .datasets import read_consep_tile
 
     p = _one(path)
@@ -147,16 +150,19 @@ def read_mat(path: Any) -> list[tuple]:
         scheme = GLYSAC
         tile = read_consep_tile(image_path, p, scheme)
     if not named:
-        from napari.utils.notifications import show_warning
-
         show_warning(
             f"{p.name}: read with the {scheme.name!r} class scheme (guessed from the raw type ids); "
             "put 'consep' or 'glysac' in the path to choose."
         )
-    return [
-        image_layer_data(tile.image, f"{p.stem} H&E", inst_map=tile.inst_map, type_map=tile.type_map, source=str(p)),
-        nuclei_layer_data(tile.inst_map, tile.inst_types, scheme, f"{p.stem} nuclei", source=str(p)),
-    ]
+    layers = [nuclei_layer_data(tile.inst_map, tile.inst_types, scheme, f"{p.stem} nuclei", source=str(p))]
+    if image_path is None:
+        show_info(
+            f"{p.name}: no image {p.stem}.png/.tif in {', '.join(str(f) for f in _image_folders(p))}; "
+            "opened the nuclei only (CoNSeP/GLySAC keep images in Images/ beside Labels/)"
+        )
+        return layers
+    image = image_layer_data(tile.image, f"{p.stem} H&E", inst_map=tile.inst_map, type_map=tile.type_map, source=str(p))
+    return [image, *layers]
 
 
 # -- .npz label maps -----------------------------------------------------------------------------

@@ -141,7 +141,8 @@ class Tile:
 
 
 class Dataset(Sequence[Tile]):
-    """Named tiles sharing one class scheme. ``dataset[i]`` loads tile ``i`` (lazily for files).
+    """Named tiles sharing one class scheme. ``dataset[i]`` loads tile ``i`` (lazily for files);
+    :meth:`labels` loads only its label maps (no image is decoded).
 
     ``Dataset(tiles, scheme)`` wraps tiles in memory; readers use :meth:`lazy`.
     """
@@ -153,7 +154,7 @@ class Dataset(Sequence[Tile]):
             if not isinstance(t, Tile):
                 raise DatasetError(f"Dataset holds Tile objects, got {type(t).__name__}")
             self.scheme.check_classes(t.type_map, source=t.source or t.name)
-        self._init(list(t.name for t in tiles), tiles.__getitem__, root, layout)
+        self._init(list(t.name for t in tiles), tiles.__getitem__, lambda i: _without_image(tiles[i]), root, layout)
 
     @classmethod
     def lazy(
@@ -162,21 +163,29 @@ class Dataset(Sequence[Tile]):
         loader: Callable[[int], Tile],
         scheme: Any,
         *,
+        labels_loader: Callable[[int], Tile] | None = None,
         root: str | os.PathLike | None = None,
         layout: str,
     ) -> "Dataset":
-        """A dataset whose tile ``i`` is read by ``loader(i)`` on access."""
+        """A dataset whose tile ``i`` is read by ``loader(i)`` on access.
+
+        ``labels_loader(i)``: tile ``i`` without its image (``image`` None), read without
+        decoding the image; default ``loader(i)`` with the image dropped.
+        """
         ds = cls.__new__(cls)
         ds.scheme = load_scheme(scheme)
-        ds._init(list(names), loader, root, layout)
+        ds._init(list(names), loader, labels_loader or (lambda i: _without_image(loader(i))), root, layout)
         return ds
 
-    def _init(self, names: list[str], loader: Callable[[int], Tile], root: Any, layout: str) -> None:
+    def _init(
+        self, names: list[str], loader: Callable[[int], Tile], labels_loader: Callable[[int], Tile], root: Any, layout: str
+    ) -> None:
         dupes = sorted({n for n in names if names.count(n) > 1}) if len(set(names)) != len(names) else []
         if dupes:
             raise DatasetError(f"tile names must be unique; repeated: {dupes[:10]}", root)
         self._names = names
         self._loader = loader
+        self._labels_loader = labels_loader
         self.root = None if root is None else Path(root)
         self.layout = layout
 
@@ -187,6 +196,13 @@ class Dataset(Sequence[Tile]):
     def __len__(self) -> int:
         return len(self._names)
 
+    def _index(self, i: int) -> int:
+        n = len(self)
+        k = int(i)
+        if not -n <= k < n:
+            raise IndexError(f"tile index {i} out of range for a dataset of {n} tiles")
+        return k % n
+
     @overload
     def __getitem__(self, i: int) -> Tile: ...
     @overload
@@ -194,11 +210,11 @@ class Dataset(Sequence[Tile]):
     def __getitem__(self, i: int | slice) -> Tile | list[Tile]:
         if isinstance(i, slice):
             return [self[k] for k in range(*i.indices(len(self)))]
-        n = len(self)
-        k = int(i)
-        if not -n <= k < n:
-            raise IndexError(f"tile index {i} out of range for a dataset of {n} tiles")
-        return self._loader(k % n)
+        return self._loader(self._index(i))
+
+    def labels(self, i: int) -> Tile:
+        """Tile ``i`` with its label maps only (``image`` None): planning and statistics need no pixels."""
+        return self._labels_loader(self._index(i))
 
     def __iter__(self) -> Iterator[Tile]:
         for k in range(len(self)):
@@ -207,6 +223,15 @@ class Dataset(Sequence[Tile]):
     def __repr__(self) -> str:
         where = f" at {self.root}" if self.root else ""
         return f"Dataset({len(self)} tiles, layout {self.layout!r}, scheme {self.scheme.name!r}{where})"
+
+
+def _without_image(tile: Tile) -> Tile:
+    return tile if tile.image is None else Tile(tile.name, None, tile.inst_map, tile.type_map, tile.source)
+
+
+def tile_labels(tiles: Sequence[Tile], i: int) -> Tile:
+    """Tile ``i``'s label maps: :meth:`Dataset.labels` (no image decoded) for a Dataset, else ``tiles[i]``."""
+    return tiles.labels(i) if isinstance(tiles, Dataset) else tiles[i]
 
 
 # -- file helpers --------------------------------------------------------------------------------
@@ -306,9 +331,13 @@ def _loadmat(path: Path) -> dict[str, Any]:
         raise DatasetError(f"cannot read .mat file: {exc}", path) from None
 
 
-def read_consep_tile(image_path: str | os.PathLike, mat_path: str | os.PathLike, scheme: Any, name: str | None = None) -> Tile:
-    """One CoNSeP/GLySAC tile with raw types merged by ``scheme`` (exactly once)."""
-    image_path, mat_path = Path(image_path), Path(mat_path)
+def read_consep_labels(mat_path: str | os.PathLike, scheme: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``(inst_map int32, type_map uint8)`` of a CoNSeP/GLySAC ``.mat``, raw types merged by ``scheme`` (exactly once).
+
+    ``inst_type`` decides each nucleus's class; a ``type_map`` in the file is cross-checked
+    against it (or, without ``inst_type``, gives each nucleus its majority class).
+    """
+    mat_path = Path(mat_path)
     scheme = load_scheme(scheme)
     where = os.fspath(mat_path)
     mat = _loadmat(mat_path)
@@ -359,9 +388,21 @@ def read_consep_tile(image_path: str | os.PathLike, mat_path: str | os.PathLike,
     else:
         merged = scheme.merge_raw(raw_type_map, source=mat_path)
         type_map = type_map_from(inst_map, inst_types_from_maps(inst_map, merged))
-    image = read_image(image_path)
-    _check_pair_shapes(image, image_path, inst_map, mat_path)
-    return Tile(name or mat_path.stem, image, inst_map, type_map, source=where)
+    return inst_map, type_map
+
+
+def read_consep_tile(
+    image_path: str | os.PathLike | None, mat_path: str | os.PathLike, scheme: Any, name: str | None = None
+) -> Tile:
+    """One CoNSeP/GLySAC tile (labels by :func:`read_consep_labels`); ``image_path`` None reads the labels only."""
+    mat_path = Path(mat_path)
+    inst_map, type_map = read_consep_labels(mat_path, scheme)
+    image = None
+    if image_path is not None:
+        image_path = Path(image_path)
+        image = read_image(image_path)
+        _check_pair_shapes(image, image_path, inst_map, mat_path)
+    return Tile(name or mat_path.stem, image, inst_map, type_map, source=os.fspath(mat_path))
 
 
 def read_consep(root: str | os.PathLike, scheme: Any) -> Dataset:
@@ -377,11 +418,11 @@ def read_consep(root: str | os.PathLike, scheme: Any) -> Dataset:
         raise DatasetError(f"no images ({'/'.join(IMAGE_SUFFIXES)}) in {img_dir.name} and no .mat labels in {lab_dir.name}", root)
     names = _pair({img_dir.name: images, lab_dir.name: labels}, root)
 
-    def load(i: int) -> Tile:
+    def load(i: int, with_image: bool = True) -> Tile:
         name = names[i]
-        return read_consep_tile(images[name], labels[name], scheme, name)
+        return read_consep_tile(images[name] if with_image else None, labels[name], scheme, name)
 
-    return Dataset.lazy(names, load, scheme, root=root, layout="consep")
+    return Dataset.lazy(names, load, scheme, labels_loader=lambda i: load(i, False), root=root, layout="consep")
 
 
 # -- generic folders -----------------------------------------------------------------------------
@@ -427,9 +468,9 @@ def read_generic(root: str | os.PathLike, scheme: Any) -> Dataset:
         raise DatasetError(f"no tiles: the folders {sorted(groups)} are empty", root)
     names = _pair(groups, root)
 
-    def load(i: int) -> Tile:
+    def load(i: int, with_image: bool = True) -> Tile:
         name = names[i]
-        image_path = images[name] if images is not None else None
+        image_path = images[name] if images is not None and with_image else None
         image = None if image_path is None else read_image(image_path)
         if inst_dir:
             ip, tp = groups[inst_dir.name][name], groups[type_dir.name][name]
@@ -447,7 +488,7 @@ def read_generic(root: str | os.PathLike, scheme: Any) -> Dataset:
             raise DatasetError(f"cannot read label file: {exc}", path) from None
         return _generic_tile(name, image, image_path, inst_map, type_map, path, scheme)
 
-    return Dataset.lazy(names, load, scheme, root=root, layout="generic")
+    return Dataset.lazy(names, load, scheme, labels_loader=lambda i: load(i, False), root=root, layout="generic")
 
 
 def write_generic(
@@ -590,9 +631,11 @@ def read_pannuke(root: str | os.PathLike, scheme: Any) -> Dataset:
         raise DatasetError(f"{label_file.name} holds no tiles", root)
     names = [f"{i:05d}" for i in range(n)]
 
-    def load(i: int) -> Tile:
+    def load(i: int, with_image: bool = True) -> Tile:
         where = f"{label_file}[{i}]"
-        image = None if images is None else _as_rgb(_stack_image(images, i, images_path), f"{images_path}[{i}]")
+        image = None
+        if images is not None and with_image:
+            image = _as_rgb(_stack_image(images, i, images_path), f"{images_path}[{i}]")
         if masks_path is None:
             return _generic_tile(names[i], image, images_path, inst_maps[i], type_maps[i], Path(where), scheme)
         m = np.asarray(masks[i])
@@ -602,7 +645,7 @@ def read_pannuke(root: str | os.PathLike, scheme: Any) -> Dataset:
         inst_types = scheme.merge_raw(raw, source=where).astype(np.int32)
         return Tile(names[i], image, inst_map, type_map_from(inst_map, inst_types), source=where)
 
-    return Dataset.lazy(names, load, scheme, root=root, layout="pannuke")
+    return Dataset.lazy(names, load, scheme, labels_loader=lambda i: load(i, False), root=root, layout="pannuke")
 
 
 # -- opening -------------------------------------------------------------------------------------
@@ -824,8 +867,8 @@ def dataset_stats(dataset: Sequence[Tile], *, scheme: Any = None, pbar: Any | No
     scheme = load_scheme(scheme if scheme is not None else getattr(dataset, "scheme", None) or _no_scheme())
     per_tile = []
     with progress_bar(pbar, len(dataset), "stats", unit="tile") as bar:
-        for tile in dataset:
-            per_tile.append(tile_stats(tile, scheme))
+        for i in range(len(dataset)):
+            per_tile.append(tile_stats(tile_labels(dataset, i), scheme))
             bar.update(1)
     c = scheme.num_classes
     nuclei = np.sum([s.nuclei for s in per_tile], axis=0) if per_tile else np.zeros(c + 1, np.int64)

@@ -445,13 +445,14 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 
 def _valid_items(valid: Any, scheme: ClassScheme, size: int, stride: int | None) -> tuple[Iterator[StoreItem], int]:
-    from .datasets import open_dataset, patch_grid
+    from .datasets import open_dataset, patch_grid, tile_labels
 
     dataset = valid if hasattr(valid, "scheme") else open_dataset(valid, scheme)
     if list(dataset.scheme.names) != list(scheme.names):
         raise SchemeError(f"the validation data uses classes {list(dataset.scheme.names)}, the store {list(scheme.names)}")
     origins = []
-    for t, tile in enumerate(dataset):
+    for t in range(len(dataset)):
+        tile = tile_labels(dataset, t)
         h, w = tile.shape
         if min(h, w) < size:
             raise DatasetError(f"tile {tile.name!r} ({h}x{w}) is smaller than the {size} px patches", tile.source)

@@ -500,6 +500,7 @@ def evaluate(
     ``type_map``), e.g. :class:`napari_diffmix.datasets.Dataset`. Every ground-truth tile
     needs a prediction; predictions without ground truth are listed in ``ignored``.
     """
+    from .datasets import tile_labels
     from .progress import progress_bar
 
     pred_index = {_tile_name(t, i): i for i, t in enumerate(_names(pred))}
@@ -517,7 +518,7 @@ def evaluate(
     results = []
     with progress_bar(pbar, len(truth_names), "evaluate", unit="tile") as bar:
         for i, name in enumerate(truth_names):
-            t, p = truth[i], pred[pred_index[name]]
+            t, p = tile_labels(truth, i), tile_labels(pred, pred_index[name])
             try:
                 results.append(
                     evaluate_image(

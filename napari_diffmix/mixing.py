@@ -61,7 +61,7 @@ from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 from .classes import ClassScheme, load_scheme, rank_by_scarcity
-from .datasets import patch_grid
+from .datasets import patch_grid, tile_labels
 from .errors import DatasetError, LabelError, SchemeError
 from .nuclei import (
     NucleiBank,
@@ -710,11 +710,11 @@ class MixCache:
             self._bytes -= n
 
     def labels(self, t: int) -> _TileLabels:
-        """Label maps and nuclei properties of tile ``t`` (images are not kept)."""
+        """Label maps and nuclei properties of tile ``t`` (images are not read)."""
         key = ("labels", t)
         hit = self._get(key)
         if hit is None:
-            tile = self.dataset[t]
+            tile = tile_labels(self.dataset, t)
             where = getattr(tile, "source", None) or getattr(tile, "name", f"tile {t}")
             types = np.asarray(tile.inst_types, dtype=np.int32)
             hit = _TileLabels(tile.inst_map, types, _classed_props(tile.inst_map, types, where))

@@ -102,6 +102,57 @@ def test_consep_round_trip_merges_once_pairs_by_stem_and_counts(tmp_path):
     json.dumps(out)
 
 
+def test_labels_read_without_decoding_images(tmp_path, monkeypatch):
+    raw = consep_folder(tmp_path)
+    full = ds.open_dataset(tmp_path, "consep")
+    tiles = list(full)
+    inst_map, type_map = ds.read_consep_labels(tmp_path / "Labels" / "train_2.mat", "consep")
+    np.testing.assert_array_equal(inst_map, tiles[1].inst_map)
+    np.testing.assert_array_equal(type_map, tiles[1].type_map)
+    assert inst_map.dtype == np.int32 and type_map.dtype == np.uint8
+
+    def no_images(path):
+        raise AssertionError(f"decoded {path}")
+
+    monkeypatch.setattr(ds, "read_image", no_images)
+    for i, tile in enumerate(tiles):
+        labels = full.labels(i)
+        assert labels.image is None and labels.name == tile.name and labels.source == tile.source
+        np.testing.assert_array_equal(labels.type_map, tile.type_map)
+    bare = ds.read_consep_tile(None, tmp_path / "Labels" / "train_10.mat", CONSEP)
+    assert bare.image is None and bare.name == "train_10" and len(bare.inst_types) == len(raw["train_10"]) + 1
+    # statistics and balanced-set planning need label maps only
+    np.testing.assert_array_equal(ds.dataset_stats(full).total.nuclei, [0, 2, 3, 6, 5])
+    from napari_diffmix.mixing import make_item, plan_balanced_set
+
+    plan = plan_balanced_set(full, patches=3, patch_size=16, stride=16, maps=["balance", "enlarge"], seed=0)
+    assert len(plan) == 3 and make_item(plan, full, 0)[0].shape == (16, 16)
+    with pytest.raises(AssertionError, match="decoded"):
+        full[0]
+    with pytest.raises(IndexError):
+        full.labels(3)
+
+
+def test_labels_only_for_generic_pannuke_and_memory(tmp_path, monkeypatch):
+    tiles = make_tiles(2)
+    ds.write_generic(tiles, tmp_path / "generic", scheme="glysac")
+    masks = np.zeros((2, H, W, 4), np.int32)
+    masks[:, 2:8, 2:8, 0] = 1
+    masks[..., 3] = masks[..., 0] == 0
+    (tmp_path / "pannuke").mkdir()
+    np.save(tmp_path / "pannuke" / "images.npy", np.zeros((2, H, W, 3), np.uint8))
+    np.save(tmp_path / "pannuke" / "masks.npy", masks)
+    generic, pannuke = ds.open_dataset(tmp_path / "generic"), ds.open_dataset(tmp_path / "pannuke", "glysac")
+    monkeypatch.setattr(ds, "read_image", lambda path: pytest.fail(f"decoded {path}"))
+    monkeypatch.setattr(ds, "_stack_image", lambda *a: pytest.fail("decoded a stacked image"))
+    for d, count in ((generic, 2), (pannuke, 2), (ds.Dataset(tiles, "glysac"), 2)):
+        got = [d.labels(i) for i in range(len(d))]
+        assert len(got) == count and all(t.image is None for t in got)
+    np.testing.assert_array_equal(generic.labels(1).inst_map, tiles[1].inst_map)
+    assert pannuke.labels(0).inst_types.tolist() == [0, 1]
+    assert ds.tile_labels(tiles, 0) is tiles[0]  # a plain list of tiles has no labels-only path
+
+
 def test_glysac_tif_round_trip(tmp_path):
     raw_types = list(range(1, 11))
     inst, _, _ = square_tile(raw_types)

@@ -139,7 +139,7 @@ def test_mat_reader_merges_raw_types_by_scheme(tmp_path, disk_map):
     assert np.array_equal(image_kwargs["metadata"]["diffmix"]["type_map"], CONSEP.merge_lut()[np.r_[0, raw]][inst_map])
 
 
-def test_mat_reader_falls_back_to_glysac_ids_and_needs_the_image(tmp_path, disk_map):
+def test_mat_reader_falls_back_to_glysac_ids_and_opens_labels_without_image(tmp_path, disk_map, monkeypatch):
     inst_map, _ = disk_map
     image = np.full((*inst_map.shape, 3), 220, np.uint8)
     raw = [9, 10, 8, 4, 5, 3, 1, 2, 7]  # ids 8..10 exist only in GLySAC
@@ -147,9 +147,15 @@ def test_mat_reader_falls_back_to_glysac_ids_and_needs_the_image(tmp_path, disk_
     _, kwargs, _ = _by_name(get_reader(str(mat))(str(mat)))["g1 nuclei"]
     assert kwargs["metadata"]["diffmix"]["scheme"]["name"] == GLYSAC.name
     assert kwargs["features"]["class"].tolist() == [1, 1, 3, 2, 2, 3, 1, 1, 2]
-    lonely = _write_mat(tmp_path / "lonely", "l1", inst_map, raw, None)
-    with pytest.raises(DatasetError, match="no image for this label file"):
-        get_reader(str(lonely))(str(lonely))
+    import napari.utils.notifications as notifications
+
+    told = []
+    monkeypatch.setattr(notifications, "show_info", told.append)
+    lonely = _write_mat(tmp_path / "glysac" / "lonely", "l1", inst_map, raw, None)
+    ((data, kwargs, kind),) = get_reader(str(lonely))(str(lonely))
+    assert kind == "labels" and kwargs["name"] == "l1 nuclei" and np.array_equal(data, inst_map)
+    assert kwargs["features"]["class"].tolist() == [1, 1, 3, 2, 2, 3, 1, 1, 2]
+    assert "no image l1.png/.tif" in told[-1] and "opened the nuclei only" in told[-1]
 
 
 def test_sample_data_layers_are_consistent():

@@ -462,7 +462,7 @@ class NucleiEditorWidget(QWidget):
 
         def job():
             # The label maps are kept (without images) as balancing donors: balance then reads nothing.
-            maps = [(tile.inst_map, tile.inst_types) for tile in dataset]
+            maps = [(tile.inst_map, tile.inst_types) for tile in map(dataset.labels, range(len(dataset)))]
             return nuclei.NucleiBank.from_maps(maps, border=BANK_BORDER), maps
 
         def done(value):
