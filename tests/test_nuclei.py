@@ -76,6 +76,26 @@ def test_instance_edges_marks_both_sides():
     assert not edges[4, 0] and not edges[0, 5]
 
 
+def test_changed_mask_finds_moved_and_retyped_nuclei_grown_by_the_margin():
+    inst, types = make_maps(seed=3, overlap=False)
+    type_map = nu.type_map_from(inst, types)
+    assert not nu.changed_mask(inst, type_map, inst, type_map, margin=4).any()
+    moved, moved_types = nu.move_nucleus(inst, types, 2, 0, 3)
+    retyped, retyped_types = nu.retype_nucleus(moved, moved_types, 5, types[5] % 3 + 1)
+    new_types = nu.type_map_from(retyped, retyped_types)
+    exact = nu.changed_mask(inst, type_map, retyped, new_types)
+    expected = ((inst == 2) ^ (retyped == 2)) | (inst == 5)  # pixels inside both old and new position kept
+    np.testing.assert_array_equal(exact, expected)
+    grown = nu.changed_mask(inst, type_map, retyped, new_types, margin=2)
+    # grown by 2 px in 4-connected steps: the city-block distance to a changed pixel is at most 2
+    distance = ndimage.distance_transform_cdt(~expected, metric="taxicab")
+    np.testing.assert_array_equal(grown, distance <= 2)
+    with pytest.raises(LabelError, match="one shape"):
+        nu.changed_mask(inst, type_map, retyped[:-1], new_types[:-1])
+    with pytest.raises(LabelError, match="margin"):
+        nu.changed_mask(inst, type_map, retyped, new_types, margin=-1)
+
+
 def test_inst_types_majority_and_type_map_round_trip():
     inst, types = make_maps(seed=1)
     tm = nu.type_map_from(inst, types)

@@ -146,10 +146,11 @@ def test_synchronous_mode_modes_and_caches(generate, monkeypatch):
     edited = _renders(viewer)[-1]
     assert edited.name.endswith(" edit")
     changed = np.any(edited.data != first.data, axis=-1)
-    from napari_diffmix._widgets.generate import EDIT_MARGIN, edit_mask
+    from napari_diffmix._widgets.generate import EDIT_MARGIN
+    from napari_diffmix.nuclei import changed_mask
 
     info = first.metadata["diffmix"]
-    mask = edit_mask(info["inst_map"], info["type_map"], canvas.inst_map, canvas.type_map, EDIT_MARGIN)
+    mask = changed_mask(info["inst_map"], info["type_map"], canvas.inst_map, canvas.type_map, EDIT_MARGIN)
     assert changed.any() and not changed[~mask].any()
     assert edited.metadata["diffmix"]["provenance"]["edited_pixels"] == int(mask.sum())
     canvas.detach()

@@ -42,6 +42,7 @@ from qtpy.QtWidgets import (
 
 from ..classes import ClassScheme
 from ..errors import DiffMixError, LabelError, SchemeError
+from ..nuclei import changed_mask, type_map_from
 from ._layers import KEY, info_of, role_of, scheme_of, types_from_features
 from ._model_picker import BUNDLED, ModelPicker
 from ._notify import notify_error, user_errors
@@ -71,16 +72,6 @@ def warm_up_imports() -> None:
         getattr(diffusers, name)
     from .. import train  # noqa: F401  (its device helper; imports the model modules)
     from ..model import checkpoint, condition, samplers  # noqa: F401
-
-
-def edit_mask(ref_inst: np.ndarray, ref_types: np.ndarray, inst_map: np.ndarray, type_map: np.ndarray, margin: int) -> np.ndarray:
-    """Pixels whose nucleus or class changed, grown by ``margin`` px (what a masked re-render redraws)."""
-    from scipy import ndimage
-
-    changed = (np.asarray(ref_inst) != inst_map) | (np.asarray(ref_types) != type_map)
-    if margin > 0 and changed.any():
-        changed = ndimage.binary_dilation(changed, iterations=margin)
-    return changed
 
 
 def available_bytes(device: Any) -> int | None:
@@ -316,8 +307,6 @@ class GenerateWidget(QWidget):
         scheme = scheme_of(layer)
         types = types_from_features(layer.features, int(inst_map.max(initial=0)) + 1)
         scheme.check_classes(types, source=f"layer {name!r}")
-        from ..nuclei import type_map_from
-
         return layer, inst_map, type_map_from(inst_map, types), scheme
 
     def _image(self, shape: tuple[int, int]) -> Any:
@@ -348,7 +337,7 @@ class GenerateWidget(QWidget):
                         f"image {image_name!r} does not record the label map it shows, so edits cannot be found; "
                         "use 'from the image (SDEdit)' or render it here first"
                     )
-                mask = edit_mask(info["inst_map"], info["type_map"], inst_map, type_map, EDIT_MARGIN)
+                mask = changed_mask(info["inst_map"], info["type_map"], inst_map, type_map, EDIT_MARGIN)
                 if not mask.any():
                     raise LabelError(f"no nucleus differs from the labels of {image_name!r}: nothing to re-render")
         return Request(
