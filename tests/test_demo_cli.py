@@ -9,7 +9,6 @@ import zarr
 
 from napari_diffmix.classes import DEMO
 from napari_diffmix.cli import main
-from napari_diffmix.cli._demo import demo_model_path
 from napari_diffmix.errors import CheckpointError
 from napari_diffmix.export import open_store
 from napari_diffmix.model.checkpoint import save_model
@@ -67,11 +66,35 @@ def test_demo_refuses_foreign_store(tmp_path, model, capsys):
     assert "made with other settings" in capsys.readouterr().err
 
 
-def test_demo_model_lookup(tmp_path):
-    with pytest.raises(CheckpointError, match="bundled demo model is missing.*--model"):
-        demo_model_path(tmp_path)
+def test_bundled_model_lookup(tmp_path):
+    from napari_diffmix.model.checkpoint import bundled_model_path, require_bundled_model
+
+    assert bundled_model_path(tmp_path) is None and bundled_model_path(tmp_path / "absent") is None
+    with pytest.raises(CheckpointError, match="bundled demo model is not installed.*train one with "
+                                              "scripts/train_demo_model.py or pass --model"):
+        require_bundled_model(folder=tmp_path)
+    (tmp_path / ".demo.safetensors.x1.tmp.safetensors").write_bytes(b"")  # a model being written
     (tmp_path / "demo.safetensors").write_bytes(b"")
-    assert demo_model_path(tmp_path) == tmp_path / "demo.safetensors"
+    assert bundled_model_path(tmp_path) == require_bundled_model(folder=tmp_path) == tmp_path / "demo.safetensors"
+    (tmp_path / "other.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="ambiguous"):
+        bundled_model_path(tmp_path)
+
+
+def test_commands_without_model_use_the_bundled_one(tmp_path, model, capsys, monkeypatch):
+    import napari_diffmix.model.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "BUNDLED_MODEL_DIR", tmp_path / "none")
+    assert main(["demo", "--out", str(tmp_path / "d"), *FAST]) == 2
+    assert main(["synthesize", "demo", "--out", str(tmp_path / "s.zarr"), "--dry-run", *FAST]) == 2
+    err = capsys.readouterr().err
+    assert err.count("the bundled demo model is not installed") == 2 and "or pass --model" in err
+    bundled = tmp_path / "bundled"
+    bundled.mkdir()
+    (bundled / "demo.safetensors").write_bytes(model.read_bytes())
+    monkeypatch.setattr(checkpoint, "BUNDLED_MODEL_DIR", bundled)
+    assert main(["synthesize", "demo", "--out", str(tmp_path / "s.zarr"), "--dry-run", *FAST]) == 0
+    assert f"model {bundled / 'demo.safetensors'}" in capsys.readouterr().out
 
 
 def test_synthesize_cli_dry_run_and_errors(tmp_path, model, capsys):

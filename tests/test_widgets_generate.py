@@ -189,10 +189,12 @@ def test_errors_reach_the_user_as_notifications(generate, errors, monkeypatch, t
     widget.set_model(tmp_path / "missing.safetensors")
     widget.generate_button.click()
     assert "no such model file" in errors[-1]
-    monkeypatch.setattr(_model_picker, "bundled_model", lambda: None)
+    from napari_diffmix.model import checkpoint
+
+    monkeypatch.setattr(checkpoint, "BUNDLED_MODEL_DIR", tmp_path / "no-bundled-model")
     widget.picker.combo.setCurrentText(_model_picker.BUNDLED)
     widget.generate_button.click()
-    assert "bundled demo model is not installed" in errors[-1]
+    assert "bundled demo model is not installed" in errors[-1] and "Browse…" in errors[-1]
     widget.picker.combo.setCurrentIndex(widget.picker.combo.count() - 2)  # the tiny model
     # Scheme mismatch between the model and the labels.
     data, kwargs, _ = nuclei_layer_data(np.zeros((64, 64), np.int32), np.zeros(1, np.int32), CONSEP, "consep nuclei")

@@ -22,14 +22,14 @@ def test_render_of_the_demo_labels_looks_like_tissue(make_napari_viewer, tmp_pat
     import imageio.v3 as iio
 
     from napari_diffmix._widgets._layers import image_layer_data, nuclei_layer_data
-    from napari_diffmix._widgets._model_picker import bundled_model
     from napari_diffmix._widgets.editor import NucleiEditorWidget
     from napari_diffmix._widgets.generate import GenerateWidget
     from napari_diffmix.classes import DEMO
     from napari_diffmix.demo_data import load_demo_tile
+    from napari_diffmix.model.checkpoint import bundled_model_path
     from napari_diffmix.nuclei import remap_ids
 
-    if bundled_model() is None:
+    if bundled_model_path() is None:
         pytest.skip("the bundled demo model (napari_diffmix/resources/models/demo/*.safetensors) is not installed")
     docs_shot = os.environ.get("DIFFMIX_PLUGIN_SCREENSHOT")
     tile = load_demo_tile()

@@ -11,15 +11,8 @@ from qtpy.QtWidgets import QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLa
 
 from ..errors import CheckpointError
 
-MODELS_DIR = Path(__file__).resolve().parents[1] / "resources" / "models" / "demo"
 BUNDLED = "bundled demo model"
 DEVICES = {"auto": "auto", "CPU": "cpu", "CUDA": "cuda", "MPS": "mps"}
-
-
-def bundled_model() -> Path | None:
-    """The demo model shipped with the package, if it is installed."""
-    found = sorted(MODELS_DIR.glob("*.safetensors")) if MODELS_DIR.is_dir() else []
-    return found[0] if found else None
 
 
 class ModelPicker(QWidget):
@@ -80,13 +73,9 @@ class ModelPicker(QWidget):
     def path(self) -> Path:
         choice = self.combo.currentText()
         if choice == BUNDLED:
-            path = bundled_model()
-            if path is None:
-                raise CheckpointError(
-                    f"the bundled demo model is not installed (no .safetensors in {MODELS_DIR}); "
-                    "choose a model file with Browse…"
-                )
-            return path
+            from ..model.checkpoint import require_bundled_model
+
+            return require_bundled_model("choose a model file with Browse…")
         return Path(choice)
 
     def is_native(self, path: Path | None = None) -> bool:

@@ -92,23 +92,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 # -- diffmix demo ---------------------------------------------------------------------------------
-DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "resources" / "models" / "demo"
-
-
-def demo_model_path(folder: Path = DEMO_MODEL_DIR) -> Path:
-    """The bundled demo model: the one ``.safetensors`` file in ``resources/models/demo``."""
-    from ..errors import CheckpointError
-
-    found = sorted(folder.glob("*.safetensors"))
-    if len(found) != 1:
-        what = "is missing" if not found else f"is ambiguous ({[p.name for p in found]})"
-        raise CheckpointError(
-            f"{folder}: the bundled demo model {what}; reinstall napari-diffmix, or pass --model with a model "
-            "from 'diffmix train demo --preset demo'"
-        )
-    return found[0]
-
-
 def _demo_data(out: Path, overwrite: bool) -> tuple[Path, Path]:
     """Write (once) the demo's training and held-out tiles as generic folders under ``out/data``."""
     from ..classes import DEMO
@@ -193,8 +176,10 @@ def run_demo(args: argparse.Namespace) -> int:
     from ..train import write_png
     from ._synthesize import job_summary
 
+    from ..model.checkpoint import require_bundled_model
+
     out: Path = args.out
-    model = args.model if args.model is not None else demo_model_path()
+    model = args.model if args.model is not None else require_bundled_model("pass --model")
     train_dir, held_out_dir = _demo_data(out, args.overwrite)
     dataset = open_dataset(train_dir)
     cache = MixCache(dataset)

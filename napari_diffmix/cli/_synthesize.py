@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("dataset", help="training dataset folder (CoNSeP/GLySAC, generic, PanNuke) or 'demo'")
-    p.add_argument("--model", "-m", required=True, help="diffusion model (.safetensors from 'diffmix train')")
+    p.add_argument("--model", "-m", type=Path, help="diffusion model (.safetensors from 'diffmix train'; default: the bundled demo model)")
     p.add_argument("--out", "-o", required=True, type=Path, help="output store folder, e.g. synthetic.zarr")
     p.add_argument("--scheme", help="class scheme: consep, glysac, demo or a JSON/YAML file (default: the dataset's)")
     p.add_argument("--layout", default="auto", choices=("auto", "consep", "generic", "pannuke"), help="dataset layout (default: detect)")
@@ -106,7 +106,10 @@ def run(args: argparse.Namespace) -> int:
     from ..mixing import MixCache
     from ..synthesize import SynthesisConfig, SynthesisJob
 
+    from ..model.checkpoint import require_bundled_model
+
     rank = int(os.environ.get("RANK", "0"))
+    model = args.model if args.model is not None else require_bundled_model("pass --model")
     dataset = open_dataset(args.dataset, args.scheme, args.layout)
     cache = MixCache(dataset)
     plan = build_plan(args, dataset, cache=cache)
@@ -116,9 +119,9 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed, batch_size=args.batch_size, device=args.device, precision=args.precision,
         originals=args.originals, threads=args.threads,
     )
-    job = SynthesisJob(dataset, plan, args.model, args.out, config, overwrite=args.overwrite, resume=args.resume, cache=cache)
+    job = SynthesisJob(dataset, plan, model, args.out, config, overwrite=args.overwrite, resume=args.resume, cache=cache)
     if rank == 0:
-        print(f"{args.dataset}: {len(dataset)} tile(s), scheme {dataset.scheme.name}; model {args.model}")
+        print(f"{args.dataset}: {len(dataset)} tile(s), scheme {dataset.scheme.name}; model {model}")
         print(plan.table())
         init = f"SDEdit from the original patch, strength {config.strength}" if config.init == "original" else "from noise"
         print(f"sampling: {config.sampler}, {config.steps} steps, guidance {job.guidance:g}, {init}, seed {config.seed}, "

@@ -22,6 +22,12 @@ The published DiffMix / SDM models are guided-diffusion ``.pt`` state dicts (EMA
 with ``torch.load(weights_only=True)``; a file that contains pickled Python objects is refused.
 Key names equal ours, so no key map is involved; a checkpoint that does not fit the config is
 reported with the first mismatched tensors and what the file's shapes say about its config.
+
+Bundled demo model
+------------------
+The package ships (at most) one native model in :data:`BUNDLED_MODEL_DIR`
+(``resources/models/demo``); :func:`bundled_model_path` finds it and
+:func:`require_bundled_model` says how to get one when it is not installed.
 """
 
 from __future__ import annotations
@@ -44,7 +50,8 @@ from ..errors import CheckpointError, DiffMixError
 from .unet import PRESET_SCHEMES, SDMUNet, UNetConfig
 
 __all__ = ["ModelInfo", "save_model", "load_model", "read_info", "check_state_dict", "infer_config_fields",
-           "PUBLISHED_DIFFUSION", "PUBLISHED_GUIDANCE"]
+           "bundled_model_path", "require_bundled_model", "BUNDLED_MODEL_DIR", "PUBLISHED_DIFFUSION",
+           "PUBLISHED_GUIDANCE"]
 
 FORMAT = "napari-diffmix-model"
 FORMAT_VERSION = 1
@@ -53,6 +60,7 @@ METADATA_KEY = "napari_diffmix"
 # DiffMix / SDM: 1000 linear-beta steps, learned sigma; sampling with CFG scale 1.5.
 PUBLISHED_DIFFUSION: dict[str, Any] = {"num_timesteps": 1000, "schedule": "linear", "learn_sigma": True}
 PUBLISHED_GUIDANCE = 1.5
+BUNDLED_MODEL_DIR = Path(__file__).resolve().parents[1] / "resources" / "models" / "demo"
 
 
 @dataclass(frozen=True)
@@ -67,6 +75,34 @@ class ModelInfo:
     source: str
     format: str  # "native" or "guided-diffusion"
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# the bundled demo model
+# ---------------------------------------------------------------------------------------------
+def bundled_model_path(folder: str | os.PathLike | None = None) -> Path | None:
+    """The bundled demo model, the one ``.safetensors`` file in ``folder`` (default
+    :data:`BUNDLED_MODEL_DIR`); None when it is not installed."""
+    folder = BUNDLED_MODEL_DIR if folder is None else Path(folder)
+    # Hidden names are the temporaries of a model being written (atomic_path).
+    found = sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith(".")) if folder.is_dir() else []
+    if len(found) > 1:
+        raise CheckpointError(
+            f"{folder}: the bundled demo model is ambiguous ({[p.name for p in found]}); keep one .safetensors file there"
+        )
+    return found[0] if found else None
+
+
+def require_bundled_model(instead: str = "pass --model", folder: str | os.PathLike | None = None) -> Path:
+    """:func:`bundled_model_path`, or a :class:`CheckpointError` saying how to get a model (``instead``:
+    the caller's alternative, e.g. "pass --model")."""
+    path = bundled_model_path(folder)
+    if path is None:
+        raise CheckpointError(
+            f"the bundled demo model is not installed (no .safetensors in {folder or BUNDLED_MODEL_DIR}); train one with "
+            f"scripts/train_demo_model.py or {instead}"
+        )
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
