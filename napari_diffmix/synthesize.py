@@ -328,7 +328,8 @@ class SynthesisJob:
 
     ``dataset``: the :class:`~napari_diffmix.datasets.Dataset` the plan was made from (its
     images seed SDEdit and the original patches). ``model``: a model file path (loaded with
-    :func:`~napari_diffmix.model.checkpoint.load_model`) or a ``(SDMUNet, ModelInfo)`` pair.
+    :func:`~napari_diffmix.model.checkpoint.load_model`; an official guided-diffusion ``.pt``
+    needs its architecture ``preset``) or a ``(SDMUNet, ModelInfo)`` pair.
     ``overwrite`` replaces a store made with other settings (a store with the same settings is
     always resumed: its finished items are exactly what a fresh run would write); ``resume``
     insists on continuing an existing store (an error if there is none). ``created_by`` is
@@ -348,6 +349,7 @@ class SynthesisJob:
         resume: bool = False,
         created_by: str = "synthesize",
         cache: MixCache | None = None,
+        preset: str | None = None,
     ):
         self.dataset = dataset
         self.cache = cache if cache is not None else MixCache(dataset)
@@ -359,13 +361,16 @@ class SynthesisJob:
         self.created_by = created_by
         self.model = None
         self._model_path = None
+        self.preset = preset
         if isinstance(model, tuple):
+            if preset is not None:
+                raise CheckpointError("preset is for an official .pt model file; a loaded model carries its config")
             self.model, self.info = model
         else:
             from .model.checkpoint import read_info
 
             self._model_path = Path(model)
-            self.info = read_info(model)
+            self.info = read_info(model, preset=preset)
         self.result: SynthesisResult | None = None
         self._check_inputs()
         self._check_model()
@@ -531,7 +536,7 @@ class SynthesisJob:
         if self.model is None:
             from .model.checkpoint import load_model
 
-            self.model, self.info = load_model(self._model_path, self.device)
+            self.model, self.info = load_model(self._model_path, self.device, preset=self.preset)
         self.model.to(self.device).eval()
 
     def _batches(self, done: np.ndarray) -> list[list[int]]:
@@ -740,9 +745,10 @@ def synthesize(
     *,
     overwrite: bool = False,
     resume: bool = False,
+    preset: str | None = None,
     pbar: Any | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> SynthesisResult:
     """One call: ``SynthesisJob(dataset, plan, model, out, config, ...).run(pbar, should_stop)``."""
-    job = SynthesisJob(dataset, plan, model, out, config, overwrite=overwrite, resume=resume)
+    job = SynthesisJob(dataset, plan, model, out, config, overwrite=overwrite, resume=resume, preset=preset)
     return job.run(pbar=pbar, should_stop=should_stop)

@@ -19,10 +19,10 @@ import zarr
 
 from napari_diffmix.classes import CONSEP
 from napari_diffmix.datasets import Dataset, open_dataset, write_generic
-from napari_diffmix.errors import DatasetError, SchemeError, StoreError
+from napari_diffmix.errors import CheckpointError, DatasetError, SchemeError, StoreError
 from napari_diffmix.export import open_store
 from napari_diffmix.mixing import make_item, plan_balanced_set
-from napari_diffmix.model.checkpoint import save_model
+from napari_diffmix.model.checkpoint import load_model, save_model
 from napari_diffmix.model.unet import SDMUNet, UNetConfig
 from napari_diffmix.nuclei import inst_types_from_maps, type_map_from
 from napari_diffmix.phantom import make_phantom_dataset
@@ -121,6 +121,34 @@ def test_rerun_resumes_and_other_settings_are_refused(setup, tmp_path):
         SynthesisJob(ds, other_plan, model, tmp_path / "taken", CONFIG).run()
     replaced = SynthesisJob(ds, other_plan, model, tmp_path / "taken", CONFIG, overwrite=True).run()
     assert replaced.complete and not (tmp_path / "taken" / "notes.txt").exists()
+
+
+def test_official_pt_checkpoint_with_a_preset(setup, tmp_path, capsys):
+    from napari_diffmix.cli import main
+
+    official = tmp_path / "ema_0.9999_000100.pt"
+    torch.save(load_model(setup["model"])[0].state_dict(), official)  # what guided-diffusion writes: a bare state dict
+    ds, plan = setup["dataset"], setup["plan"]
+    with pytest.raises(CheckpointError, match="carries no model config: pass preset= / --preset"):
+        SynthesisJob(ds, plan, official, tmp_path / "x.zarr", CONFIG)
+    with pytest.raises(CheckpointError, match="carries its own config"):
+        SynthesisJob(ds, plan, setup["model"], tmp_path / "x.zarr", CONFIG, preset="tiny")
+    same_guidance = SynthesisConfig(steps=4, strength=0.5, batch_size=2, threads=1, device="cpu", guidance=2.0)
+    out = tmp_path / "official.zarr"
+    job = SynthesisJob(ds, plan, official, out, same_guidance, preset="tiny")
+    assert job.info.format == "guided-diffusion" and job.info.extra == {"preset": "tiny"}
+    assert job.run().complete
+    store = open_store(out)
+    assert store.attrs["model"]["format"] == "guided-diffusion" and store.attrs["model"]["source"] == str(official)
+    # the same weights, guidance and seeds as the native model render the same images
+    reference = open_store(setup["ref"])
+    assert np.array_equal(store.group["images"][:], reference.group["images"][:])
+
+    args = ["synthesize", str(setup["data"]), "--model", str(official), "--out", str(tmp_path / "cli.zarr"), *CLI, "--dry-run"]
+    assert main(args) == 2
+    assert "pass preset=" in capsys.readouterr().err
+    assert main([*args, "--preset", "tiny"]) == 0
+    assert f"model {official}" in capsys.readouterr().out
 
 
 def test_model_scheme_mismatch_and_missing_images(setup, tmp_path):

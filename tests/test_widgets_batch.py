@@ -33,6 +33,19 @@ def test_plan_only_writes_nothing(batch, tmp_path, qtbot):
     assert not (tmp_path / "demo-synthetic.zarr").exists()
 
 
+def test_official_checkpoint_with_a_preset(batch, tmp_path, tiny_model):
+    import torch
+
+    from napari_diffmix.model.checkpoint import load_model
+
+    viewer, widget = batch
+    official = tmp_path / "ema_0.9999_000100.pt"
+    torch.save(load_model(tiny_model)[0].state_dict(), official)
+    widget.picker.set_model(official, preset="tiny")
+    widget.start(dry_run=True, block=True)
+    assert "plan of 4 patch(es) checked" in widget.status.text() and "guidance 1.5" in widget.status.text()
+
+
 def test_cancel_then_resume_completes_and_opens_the_store(batch, tmp_path, qtbot):
     from napari_diffmix.export import open_store
 

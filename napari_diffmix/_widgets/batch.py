@@ -261,18 +261,13 @@ class BatchExportWidget(QWidget):
             patch_size=s["patch_size"], stride=s["stride"], seed=s["seed"], cache=cache,
         )
         yield ("plan", plan)
-        model: Any = s["model"]
-        if s["preset"] is not None:  # official checkpoints carry no config: load them with theirs
-            from ..model.checkpoint import load_model
-
-            model = load_model(s["model"], "cpu", preset=s["preset"])
         config = SynthesisConfig(
             sampler=s["sampler"], steps=s["steps"], init=s["init"], strength=s["strength"], seed=s["seed"],
             batch_size=s["batch_size"], device=s["device"],
         )
         job = SynthesisJob(
-            dataset, plan, model, s["out"], config, overwrite=s["overwrite"], resume=s["resume"],
-            created_by="napari-diffmix batch export", cache=cache,
+            dataset, plan, s["model"], s["out"], config, overwrite=s["overwrite"], resume=s["resume"],
+            created_by="napari-diffmix batch export", cache=cache, preset=s["preset"],
         )
         if dry_run:
             return ("dry-run", job)

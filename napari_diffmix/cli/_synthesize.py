@@ -11,6 +11,7 @@ EPILOG = """examples:
   diffmix synthesize demo --model demo.safetensors --out demo.zarr --patch-size 128 --stride 64 --patches 16
   diffmix synthesize /data/CoNSeP/Train --scheme consep --model m.safetensors --out s.zarr --target-share 15
   diffmix synthesize /data/CoNSeP/Train --scheme consep --model m.safetensors --out s.zarr --plan labels/plan.json
+  diffmix synthesize /data/CoNSeP/Train --scheme consep --model ema_0.9999_010000.pt --preset diffmix-consep --out s.zarr
   torchrun --nproc_per_node=4 -m napari_diffmix synthesize /data/CoNSeP/Train --scheme consep --model m.safetensors --out s.zarr
 
 Re-running the same command after Ctrl-C, a crash or a full disk continues where it stopped
@@ -34,6 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("dataset", help="training dataset folder (CoNSeP/GLySAC, generic, PanNuke) or 'demo'")
     p.add_argument("--model", "-m", type=Path, help="diffusion model (.safetensors from 'diffmix train'; default: the bundled demo model)")
+    p.add_argument("--preset", help="architecture of an official guided-diffusion .pt checkpoint, e.g. diffmix-consep, diffmix-glysac")
     p.add_argument("--out", "-o", required=True, type=Path, help="output store folder, e.g. synthetic.zarr")
     p.add_argument("--scheme", help="class scheme: consep, glysac, demo or a JSON/YAML file (default: the dataset's)")
     p.add_argument("--layout", default="auto", choices=("auto", "consep", "generic", "pannuke"), help="dataset layout (default: detect)")
@@ -119,7 +121,9 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed, batch_size=args.batch_size, device=args.device, precision=args.precision,
         originals=args.originals, threads=args.threads,
     )
-    job = SynthesisJob(dataset, plan, model, args.out, config, overwrite=args.overwrite, resume=args.resume, cache=cache)
+    job = SynthesisJob(
+        dataset, plan, model, args.out, config, overwrite=args.overwrite, resume=args.resume, cache=cache, preset=args.preset,
+    )
     if rank == 0:
         print(f"{args.dataset}: {len(dataset)} tile(s), scheme {dataset.scheme.name}; model {model}")
         print(plan.table())

@@ -211,12 +211,7 @@ def load_model(
     ``device`` with parameters in ``dtype``.
     """
     path = Path(path)
-    if _sniff(path) == "native":
-        if preset is not None or config is not None or scheme is not None:
-            raise CheckpointError(
-                f"{path}: a napari-diffmix model file carries its own config and class scheme; "
-                "preset/config/scheme are only for official guided-diffusion .pt files"
-            )
+    if _sniff(path, preset, config, scheme) == "native":
         info = _native_info(path, _native_metadata(path))
         model = _empty_model(info.config, device, dtype)
         _load_native_weights(model, path)
@@ -243,15 +238,36 @@ def _shapes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]
     return {k: tuple(v.shape) for k, v in state_dict.items()}
 
 
-def read_info(path: str | os.PathLike) -> ModelInfo:
-    """A native model's :class:`ModelInfo` without building the network."""
+def read_info(
+    path: str | os.PathLike,
+    *,
+    preset: str | None = None,
+    config: UNetConfig | None = None,
+    scheme: ClassScheme | str | None = None,
+) -> ModelInfo:
+    """A model's :class:`ModelInfo` without building the network.
+
+    Official ``.pt`` files need ``preset`` (or ``config`` + ``scheme``) as in :func:`load_model`;
+    their tensors are memory-mapped to check the shapes, not loaded.
+    """
     path = Path(path)
-    if _sniff(path) != "native":
-        raise CheckpointError(f"{path}: not a napari-diffmix .safetensors model (official .pt files carry no info)")
-    return _native_info(path, _native_metadata(path))
+    if _sniff(path, preset, config, scheme) == "native":
+        return _native_info(path, _native_metadata(path))
+    return _official_info(path, _read_official(path), preset, config, scheme)
 
 
-def _sniff(path: Path) -> str:
+def _sniff(path: Path, preset: str | None = None, config: UNetConfig | None = None, scheme: Any = None) -> str:
+    """"native" or "official"; a native file refuses ``preset``/``config``/``scheme`` (it carries its own)."""
+    kind = _file_kind(path)
+    if kind == "native" and (preset is not None or config is not None or scheme is not None):
+        raise CheckpointError(
+            f"{path}: a napari-diffmix model file carries its own config and class scheme; "
+            "preset/config/scheme are only for official guided-diffusion .pt files"
+        )
+    return kind
+
+
+def _file_kind(path: Path) -> str:
     if path.is_dir():
         raise CheckpointError(f"{path}: is a folder; a napari-diffmix model is one .safetensors file")
     if not path.is_file():
@@ -422,7 +438,7 @@ def _official_info(
         matches = _matching_presets(inferred)
         hint = f"; its tensor shapes match preset {matches[0]!r}" if len(matches) == 1 else ""
         raise CheckpointError(
-            f"{path}: an official guided-diffusion checkpoint carries no model config: pass preset= "
+            f"{path}: an official guided-diffusion checkpoint carries no model config: pass preset= / --preset "
             f"({', '.join(UNetConfig.preset_names())}) or config= and scheme= (inferred from the file: "
             f"{described}{hint})"
         )
