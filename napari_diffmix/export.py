@@ -271,6 +271,15 @@ class SyntheticStore:
         missing = [k for k in (IMAGES, INST_MAPS, TYPE_MAPS, DONE) if k not in g]
         if missing:
             raise StoreError(f"{self.path}: not a napari-diffmix store: missing array(s) {missing}")
+        kinds = {IMAGES: "u", INST_MAPS: "iu", TYPE_MAPS: "iu", DONE: "b"}
+        wrong = [f"{k} {g[k].dtype}" for k, kind in kinds.items() if g[k].dtype.kind not in kind]
+        if g[IMAGES].dtype.itemsize != 1 or wrong:
+            raise StoreError(
+                f"{self.path}: wrong array types ({', '.join(wrong) or f'images {g[IMAGES].dtype}'}); expected images "
+                "uint8, inst_maps and type_maps integers, done bool"
+            )
+        if g[INST_MAPS].ndim != 3:
+            raise StoreError(f"{self.path}: inst_maps must be (N, H, W), got shape {g[INST_MAPS].shape}")
         n, h, w = g[INST_MAPS].shape
         if g[IMAGES].shape != (n, h, w, 3) or g[TYPE_MAPS].shape != (n, h, w) or g[DONE].shape != (n,):
             raise StoreError(

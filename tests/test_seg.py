@@ -225,15 +225,16 @@ def test_segment_returns_valid_maps():
 # -- synthetic store --------------------------------------------------------------------------
 
 
-def write_store(path, tiles, done=None, scheme=None, drop=None):
+def write_store(path, tiles, done=None, scheme=None, drop=None, dtypes=None):
     import zarr
 
     n, (h, w) = len(tiles), tiles[0].inst_map.shape
     g = zarr.open_group(str(path), mode="w")
+    dtypes = {"images": "uint8", "inst_maps": "int32", "type_maps": "uint8", **(dtypes or {})}
     arrays = {
-        "images": ((n, h, w, 3), "uint8", [t.image for t in tiles]),
-        "inst_maps": ((n, h, w), "int32", [t.inst_map for t in tiles]),
-        "type_maps": ((n, h, w), "uint8", [t.type_map for t in tiles]),
+        "images": ((n, h, w, 3), dtypes["images"], [t.image for t in tiles]),
+        "inst_maps": ((n, h, w), dtypes["inst_maps"], [t.inst_map for t in tiles]),
+        "type_maps": ((n, h, w), dtypes["type_maps"], [t.type_map for t in tiles]),
     }
     for key, (shape, dtype, data) in arrays.items():
         if key == drop:
@@ -253,13 +254,17 @@ def test_synthetic_store_reader(tmp_path, phantoms):
     assert store.tile(0).image.shape == (96, 96, 3)
     ds = open_tiles(tmp_path / "s.zarr")
     assert ds.scheme == phantoms.scheme and len(ds) == 2
+    assert ds.labels(1).image is None and np.array_equal(ds.labels(1).type_map, tiles[2].type_map)
+    np.testing.assert_array_equal(ds[1].image, tiles[2].image)
 
     with pytest.raises(StoreError, match="no finished items"):
         open_synthetic_store(write_store(tmp_path / "e.zarr", tiles, done=[False] * 3))
-    with pytest.raises(StoreError, match="no 'type_maps' array"):
+    with pytest.raises(StoreError, match=r"missing array\(s\) \['type_maps'\]"):
         open_synthetic_store(write_store(tmp_path / "m.zarr", tiles, drop="type_maps"))
-    with pytest.raises(StoreError, match="does not exist"):
+    with pytest.raises(StoreError, match="no such store"):
         open_synthetic_store(tmp_path / "missing.zarr")
+    with pytest.raises(StoreError, match=r"wrong array types \(inst_maps float32\)"):
+        open_synthetic_store(write_store(tmp_path / "f.zarr", tiles, dtypes={"inst_maps": "float32"}))
     with pytest.raises(SchemeError, match="synthetic store uses classes"):
         open_synthetic_store(tmp_path / "s.zarr", "consep")
 

@@ -1,10 +1,8 @@
 """Training data for the segmentation network: dataset tiles plus an optional synthetic store.
 
-The synthetic store is the zarr (v3) group the export step writes: arrays ``images``
-(N, H, W, 3) uint8, ``inst_maps`` (N, H, W) int32, ``type_maps`` (N, H, W) uint8 and ``done``
-(N,) bool (only finished items are used). :func:`open_synthetic_store` is the one place that
-knows this layout, so it can be swapped for the export module's reader. Items are read
-lazily, crop by crop, so a store larger than memory is fine.
+The synthetic store is opened with :func:`napari_diffmix.export.open_store`, which knows its
+layout; only finished items (``done``) are used. Items are read lazily, crop by crop, so a
+store larger than memory is fine.
 """
 
 from __future__ import annotations
@@ -18,8 +16,7 @@ import numpy as np
 
 from ..classes import ClassScheme, load_scheme
 from ..errors import SchemeError, StoreError
-
-STORE_ARRAYS = {"images": (4, np.uint8), "inst_maps": (3, None), "type_maps": (3, None), "done": (1, np.bool_)}
+from ..export import IMAGES, INST_MAPS, TYPE_MAPS, SyntheticStore, open_store
 
 
 class _ItemView:
@@ -45,14 +42,18 @@ class SyntheticItem:
     type_map: _ItemView
 
 
-class SyntheticStore(Sequence[SyntheticItem]):
-    """The finished items of a synthetic zarr store, named ``synthetic_<index>``."""
+class SyntheticItems(Sequence[SyntheticItem]):
+    """The finished items of a synthetic store, named ``synthetic_<index>``."""
 
-    def __init__(self, path: Path, arrays: dict[str, Any], indices: np.ndarray, scheme: ClassScheme | None):
-        self.path = path
-        self.arrays = arrays
+    def __init__(self, store: SyntheticStore, indices: np.ndarray, scheme: ClassScheme | None):
+        self.store = store
+        self.path = store.path
         self.indices = indices
         self.scheme = scheme
+
+    @property
+    def patch_shape(self) -> tuple[int, int]:
+        return self.store.patch_shape
 
     @property
     def names(self) -> list[str]:
@@ -63,77 +64,37 @@ class SyntheticStore(Sequence[SyntheticItem]):
 
     def __getitem__(self, k: int) -> SyntheticItem:  # type: ignore[override]
         i = int(self.indices[k])
-        a = self.arrays
-        return SyntheticItem(f"synthetic_{i:06d}", _ItemView(a["images"], i), _ItemView(a["inst_maps"], i), _ItemView(a["type_maps"], i))
+        g = self.store.group
+        return SyntheticItem(f"synthetic_{i:06d}", _ItemView(g[IMAGES], i), _ItemView(g[INST_MAPS], i), _ItemView(g[TYPE_MAPS], i))
 
-    def tile(self, k: int):
+    def tile(self, k: int, with_image: bool = True):
         """Item ``k`` fully read, as a :class:`napari_diffmix.datasets.Tile` (for evaluation)."""
         from ..datasets import Tile
 
-        item = self[k]
-        sl = (slice(None), slice(None))
-        return Tile(item.name, item.image[sl], item.inst_map[sl], item.type_map[sl], source=f"{self.path}[{self.indices[k]}]")
+        i = int(self.indices[k])
+        g = self.store.group
+        image = np.asarray(g[IMAGES][i]) if with_image else None
+        return Tile(f"synthetic_{i:06d}", image, np.asarray(g[INST_MAPS][i]), np.asarray(g[TYPE_MAPS][i]), source=f"{self.path}[{i}]")
 
 
-def _read_done(done: Any) -> np.ndarray:
-    try:
-        return np.asarray(done[:], dtype=bool)
-    except Exception:  # a chunk torn by a crashed writer: read flag by flag, unreadable = not done
-        out = np.zeros(done.shape[0], dtype=bool)
-        for i in range(done.shape[0]):
-            try:
-                out[i] = bool(done[i])
-            except Exception:
-                pass
-        return out
-
-
-def open_synthetic_store(path: str | os.PathLike, scheme: Any = None) -> SyntheticStore:
-    """Open a synthetic store for reading; StoreError if it is missing, malformed or empty.
+def open_synthetic_store(path: str | os.PathLike, scheme: Any = None) -> SyntheticItems:
+    """The finished items of a synthetic store; StoreError if it is missing, malformed or has none.
 
     If the store records a class scheme (``attrs["scheme"]``) it must name the same classes
     as ``scheme``.
     """
-    import zarr
-
-    path = Path(path)
-    if not path.exists():
-        raise StoreError(f"{path}: synthetic store does not exist")
-    try:
-        group = zarr.open_group(str(path), mode="r")
-    except Exception as exc:  # zarr raises several types for "not a group"; report, not a traceback
-        raise StoreError(f"{path}: not a readable zarr store ({type(exc).__name__}: {exc})") from None
-    arrays = {}
-    for key, (ndim, dtype) in STORE_ARRAYS.items():
-        if key not in group:
-            raise StoreError(f"{path}: the store has no '{key}' array (found {sorted(group.array_keys())}); expected {sorted(STORE_ARRAYS)}")
-        arr = group[key]
-        if arr.ndim != ndim or (dtype is not None and arr.dtype != dtype) or (dtype is None and arr.dtype.kind not in "iu"):
-            raise StoreError(f"{path}: '{key}' is {arr.dtype} with shape {arr.shape}; expected {ndim} dims of {dtype or 'integers'}")
-        arrays[key] = arr
-    n, h, w = arrays["inst_maps"].shape
-    if arrays["images"].shape != (n, h, w, 3) or arrays["type_maps"].shape != (n, h, w) or arrays["done"].shape != (n,):
-        raise StoreError(
-            f"{path}: array shapes disagree: images {arrays['images'].shape}, inst_maps {arrays['inst_maps'].shape}, "
-            f"type_maps {arrays['type_maps'].shape}, done {arrays['done'].shape}"
-        )
-    indices = np.flatnonzero(_read_done(arrays["done"]))
+    store = open_store(path)
+    indices = np.flatnonzero(store.done_mask())
     if indices.size == 0:
-        raise StoreError(f"{path}: no finished items in the store (done is all False); run the synthesis first")
-    stored = group.attrs.get("scheme")
-    store_scheme = None
-    if stored is not None:
-        try:
-            store_scheme = load_scheme(stored)
-        except SchemeError as exc:
-            raise StoreError(f"{path}: the store's class scheme is invalid: {exc}") from None
+        raise StoreError(f"{store.path}: no finished items in the store (done is all False); run the synthesis first")
+    store_scheme = store.scheme if "scheme" in store.attrs else None
     if scheme is not None and store_scheme is not None:
         wanted = load_scheme(scheme)
         if wanted.names != store_scheme.names:
             raise SchemeError(
-                f"{path}: the synthetic store uses classes {list(store_scheme.names)}, the training data {list(wanted.names)}"
+                f"{store.path}: the synthetic store uses classes {list(store_scheme.names)}, the training data {list(wanted.names)}"
             )
-    return SyntheticStore(path, arrays, indices, store_scheme)
+    return SyntheticItems(store, indices, store_scheme)
 
 
 def is_synthetic_store(path: str | os.PathLike) -> bool:
@@ -156,7 +117,7 @@ def open_tiles(path: str | os.PathLike, scheme: Any = None, layout: str = "auto"
         use = store.scheme if scheme is None else load_scheme(scheme)
         if use is None:
             raise SchemeError(f"{path}: the store records no class scheme; pass --scheme")
-        return Dataset.lazy(store.names, store.tile, use, root=path, layout="zarr")
+        return Dataset.lazy(store.names, store.tile, use, labels_loader=lambda k: store.tile(k, False), root=path, layout="zarr")
     if allow_images:
         files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else []
         if files and files[0].suffix.lower() in IMAGE_SUFFIXES:

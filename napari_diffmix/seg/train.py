@@ -23,7 +23,7 @@ from ..classes import ClassScheme, load_scheme
 from ..errors import DatasetError, LabelError
 from ..progress import progress_bar
 from .checkpoint import check_output_dir, save_seg_model
-from .data import SyntheticStore, open_synthetic_store
+from .data import SyntheticItems, open_synthetic_store
 from .loss import LossWeights, hovernet_loss
 from .model import HoVerNet, SegConfig
 from .targets import seg_targets
@@ -80,8 +80,8 @@ def build_sources(data: Any, scheme: ClassScheme, crop_size: int, synthetic: Any
 
     sources = [] if data is None else collect_sources(data, scheme, crop_size)
     if synthetic is not None:
-        store = synthetic if isinstance(synthetic, SyntheticStore) else open_synthetic_store(synthetic, scheme)
-        h, w = store.arrays["inst_maps"].shape[1:]
+        store = synthetic if isinstance(synthetic, SyntheticItems) else open_synthetic_store(synthetic, scheme)
+        h, w = store.patch_shape
         if min(h, w) < crop_size:
             raise DatasetError(f"synthetic items are {w}x{h} px, smaller than the {crop_size} px crop; pass a smaller --crop-size", store.path)
         sources += [Source(it.name, it.image, it.inst_map, it.type_map) for it in store]
