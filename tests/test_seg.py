@@ -336,8 +336,9 @@ def test_cli_train_predict_evaluate_compare(tmp_path, phantoms, capsys):
 def test_torchrun_two_cpu_processes(tmp_path, phantoms):
     """DDP with gloo: two ranks train in step and rank 0 writes the model."""
     import os
-    import subprocess
     import sys
+
+    from _subprocess import run_group
 
     from napari_diffmix.datasets import write_generic
 
@@ -346,7 +347,7 @@ def test_torchrun_two_cpu_processes(tmp_path, phantoms):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "napari_diffmix", "train-seg", "--data", str(tmp_path / "train"), "--out", str(tmp_path / "m"),
            "--preset", "tiny", "--steps", "4", "--batch-size", "2", "--crop-size", "64", "--device", "cpu"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    proc = run_group(cmd, timeout=120, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("model saved to") == 1  # rank 0 only
     model, info = load_seg_model(tmp_path / "m")

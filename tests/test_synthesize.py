@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from _subprocess import process_group, run_group
 
 from napari_diffmix.classes import CONSEP
 from napari_diffmix.datasets import Dataset, open_dataset, write_generic
@@ -59,9 +60,8 @@ def _same_store(a: Path, b: Path) -> None:
     assert ga.attrs["fingerprint"] == gb.attrs["fingerprint"] and gb.attrs["status"] == "complete"
 
 
-def _cli(args, env=None, **kw):
-    env = {**os.environ, "DIFFMIX_QUIET": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+CLI_ENV = {**os.environ, "DIFFMIX_QUIET": "1", "OMP_NUM_THREADS": "1"}
+CLI_OUTPUT = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def test_end_to_end_store(setup):
@@ -238,20 +238,20 @@ def test_disk_full_then_resume(setup, tmp_path, monkeypatch):
 def test_sigkill_mid_run_then_same_command_resumes_identically(setup, tmp_path):
     out = tmp_path / "killed.zarr"
     args = ["-m", "napari_diffmix", "synthesize", str(setup["data"]), "--model", str(setup["model"]), "--out", str(out), *CLI]
-    proc = _cli(args)
-    deadline = time.monotonic() + 240
-    done_dir = out / "done" / "c"
-    while time.monotonic() < deadline and proc.poll() is None:
-        if done_dir.is_dir() and len(list(done_dir.iterdir())) >= 2:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, f"the run ended before it could be killed:\n{proc.stdout.read()}"
+    with process_group([sys.executable, *args], env=CLI_ENV, **CLI_OUTPUT) as proc:
+        deadline = time.monotonic() + 240
+        done_dir = out / "done" / "c"
+        while time.monotonic() < deadline and proc.poll() is None:
+            if done_dir.is_dir() and len(list(done_dir.iterdir())) >= 2:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.02)
+        proc.wait(timeout=60)
+        assert proc.returncode == -signal.SIGKILL, f"the run ended before it could be killed:\n{proc.stdout.read()}"
     n_done = int(open_store(out).done_mask().sum())
     assert 2 <= n_done < ITEMS
-    again = _cli(args)
-    output = again.communicate(timeout=300)[0]
+    again = run_group([sys.executable, *args], timeout=300, env=CLI_ENV, **CLI_OUTPUT)
+    output = again.stdout
     assert again.returncode == 0, output
     assert f"{n_done} of {ITEMS} items already done" in output
     assert not list(out.rglob("*.partial"))
@@ -262,9 +262,8 @@ def test_torchrun_two_ranks_equal_one_process(setup, tmp_path):
     out = tmp_path / "ranks.zarr"
     args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "napari_diffmix", "synthesize",
             str(setup["data"]), "--model", str(setup["model"]), "--out", str(out), *CLI]
-    proc = _cli(args)
-    output = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 0, output
+    proc = run_group([sys.executable, *args], timeout=300, env=CLI_ENV, **CLI_OUTPUT)
+    assert proc.returncode == 0, proc.stdout
     provs = [open_store(out).provenance(i) for i in range(ITEMS)]
     assert [p["index"] for p in provs] == list(range(ITEMS))
     _same_store(setup["ref"], out)
