@@ -25,7 +25,6 @@ COMMAND_MODULES = (
     "train",
     "synthesize",
     "export",
-    "sample",
     "evaluate",
     "segmentation",
 )
@@ -39,13 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"napari-diffmix {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"{__name__}._{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"{__name__}._{name}":
-                continue  # command not built yet in this checkout
-            raise
-        module.register(sub)
+        importlib.import_module(f"{__name__}._{name}").register(sub)
     return parser
 
 
