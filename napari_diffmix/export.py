@@ -69,7 +69,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from .atomic import atomic_dir, write_json, write_text
+from .atomic import atomic_dir, json_default, write_json, write_text
 from .classes import ClassScheme, load_scheme
 from .errors import DatasetError, SchemeError, StoreError
 from .progress import progress_bar
@@ -141,17 +141,7 @@ def create_store(
 
 def _jsonable(obj: Any) -> Any:
     # zarr stores attributes as JSON; numpy scalars/arrays and paths must become plain values.
-    return json.loads(json.dumps(obj, default=_json_default))
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    raise TypeError(f"cannot write {type(obj).__name__} to JSON")
+    return json.loads(json.dumps(obj, default=json_default))
 
 
 def _os_reason(exc: OSError) -> str:
@@ -185,7 +175,7 @@ def write_items(
         group[IMAGES][sl] = images
         group[INST_MAPS][sl] = inst_maps
         group[TYPE_MAPS][sl] = type_maps
-        group[PROVENANCE][sl] = np.array([json.dumps(p, default=_json_default) for p in provenance], dtype=object)
+        group[PROVENANCE][sl] = np.array([json.dumps(p, default=json_default) for p in provenance], dtype=object)
         group[DONE][sl] = True
     except OSError as exc:
         raise StoreError(
