@@ -5,8 +5,9 @@ published config (``diffmix-consep``, 652 M parameters) and the demo config, bat
 
   reference      two full forwards (condition, zero condition), SPADE gamma/beta computed inside
                  every pass: what the DiffMix code does at every step
-  batched        one encoder pass shared by both branches, one decoder pass on a batch of 2N
-  batched+cache  the same with the SPADE cache (product default)
+  batched        one encoder pass shared by both branches; the decoder as two passes of N on
+                 CPUs (measured faster there), one pass on a batch of 2N elsewhere ("joint")
+  batched+cache  the same with the SPADE cache (product default); also "joint" and bf16
   forward        one conditional forward (no CFG), SPADE computed inside
   forward+cache  one conditional forward with the SPADE cache
 
@@ -40,13 +41,14 @@ TARGET_STEP_RATIO = 0.5
 TARGET_E2E_SPEEDUP = 10.0
 GUIDANCE = 1.5
 MODES = {
-    # name: (cfg mode, guidance, SPADE cache, precision)
-    "reference": ("separate", GUIDANCE, False, "fp32"),
-    "batched": ("batched", GUIDANCE, False, "fp32"),
-    "batched+cache": ("batched", GUIDANCE, True, "fp32"),
-    "batched+cache bf16": ("batched", GUIDANCE, True, "bf16"),
-    "forward": ("separate", 1.0, False, "fp32"),
-    "forward+cache": ("batched", 1.0, True, "fp32"),
+    # name: (cfg mode, guidance, SPADE cache, precision, decoder passes under batched CFG)
+    "reference": ("separate", GUIDANCE, False, "fp32", "auto"),
+    "batched": ("batched", GUIDANCE, False, "fp32", "auto"),
+    "batched+cache": ("batched", GUIDANCE, True, "fp32", "auto"),
+    "batched+cache joint": ("batched", GUIDANCE, True, "fp32", "joint"),
+    "batched+cache bf16": ("batched", GUIDANCE, True, "bf16", "auto"),
+    "forward": ("separate", 1.0, False, "fp32", "auto"),
+    "forward+cache": ("batched", 1.0, True, "fp32", "auto"),
 }
 
 
@@ -78,8 +80,8 @@ def time_steps(model: SDMUNet, batch: int, size: int, reps: int, clock) -> dict[
     cond = condition(batch, model.config.cond_channels, size)
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
     out = {}
-    for name, (cfg, guidance, cache, precision) in MODES.items():
-        runner = Sampler(model, cache=cache, precision=precision)
+    for name, (cfg, guidance, cache, precision, decoder) in MODES.items():
+        runner = Sampler(model, cache=cache, precision=precision, cfg_decoder=decoder)
         times = []
         for _ in range(reps + (1 if cache else 0)):  # with a cache the first call also fills it
             t0 = clock()
@@ -164,14 +166,14 @@ def main() -> None:
         cache_gib = sum(d["nbytes"] for d in model.spade_layout(args.size, args.size)) / 2**30
         print(f"\n== {preset}: {model.num_parameters() / 1e6:.1f} M parameters, SPADE cache {cache_gib:.2f} GiB "
               f"per image at {args.size} px")
-        print(f"{'batch':>5} {'mode':<19} {'s/step':>9} {'ratio':>6} {'cache fill s':>12}")
+        print(f"{'batch':>5} {'mode':<20} {'s/step':>9} {'ratio':>6} {'cache fill s':>12}")
         per_step = {}
         for batch in batches:
             per_step[batch] = time_steps(model, batch, args.size, reps, clock)
             ref = per_step[batch]["reference"]["step"]
             for name, t in per_step[batch].items():
                 fill = f"{t['fill']:12.2f}" if MODES[name][2] else f"{'':12}"
-                print(f"{batch:5d} {name:<19} {t['step']:9.3f} {t['step'] / ref:6.2f} {fill}")
+                print(f"{batch:5d} {name:<20} {t['step']:9.3f} {t['step'] / ref:6.2f} {fill}")
             for mode in ("batched+cache", "batched+cache bf16"):
                 ratio = per_step[batch][mode]["step"] / ref
                 print(f"      {mode} / reference = {ratio:.2f} (target <= {TARGET_STEP_RATIO}) "

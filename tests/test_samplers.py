@@ -166,10 +166,10 @@ def test_guidance_one_is_the_conditional_model(model):
     assert (guided - plain).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("name", ["ddim", "dpm++2m"])
-def test_batched_cfg_equals_two_separate_forwards(model, name):
+@pytest.mark.parametrize("name,decoder", [("ddim", "joint"), ("dpm++2m", "joint"), ("dpm++2m", "split")])
+def test_batched_cfg_equals_two_separate_forwards(model, name, decoder):
     kwargs = dict(sampler=name, steps=5, seed=1, guidance=2.5)
-    batched = list(Sampler(model).sample(COND, cfg="batched", **kwargs))
+    batched = list(Sampler(model, cfg_decoder=decoder).sample(COND, cfg="batched", **kwargs))
     recorder = Recorder(model)
     separate = list(Sampler(recorder).sample(COND, cfg="separate", **kwargs))
     assert len(recorder.calls) == 10  # two full forwards per step, the second with the zero condition
@@ -187,8 +187,9 @@ def test_guided_output_batched_equals_separate_forwards(model):
         x = torch.randn(2, 3, SIZE, SIZE, generator=g)
         separate = Sampler(model).guided_output(x, t, COND, guidance=2.5, cfg="separate")
         for cache in (True, False):
-            batched = Sampler(model, cache=cache).guided_output(x, t, COND, guidance=2.5)
-            torch.testing.assert_close(batched, separate, atol=1e-5, rtol=0)
+            for decoder in ("joint", "split"):
+                batched = Sampler(model, cache=cache, cfg_decoder=decoder).guided_output(x, t, COND, guidance=2.5)
+                torch.testing.assert_close(batched, separate, atol=1e-5, rtol=0)
         with torch.no_grad():
             conditional = model(x, torch.full((2,), t), COND)
             unconditional = model(x, torch.full((2,), t), torch.zeros_like(COND))
