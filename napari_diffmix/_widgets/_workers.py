@@ -10,6 +10,9 @@ callbacks fire in the same order, which is what debuggers and CI want (as stardi
 User errors (:class:`~napari_diffmix.errors.DiffMixError`) raised by the job reach
 ``on_error`` only (a widget shows them as a plain notification). Other exceptions are bugs:
 napari shows them with their traceback, and ``on_error`` still runs so the widget can reset.
+
+:class:`JobWidget` is the bookkeeping of a dock widget that runs one such job at a time
+(start, Cancel, errors, reset), and :func:`show_progress` updates its progress bar.
 """
 
 from __future__ import annotations
@@ -127,3 +130,69 @@ def run_in_thread(
     worker.finished.connect(finished)
     worker.start()
     return worker
+
+
+CANCELLING = "cancelling…"
+
+
+class JobWidget:
+    """Mixin for a dock widget that runs one job at a time in a worker.
+
+    The widget provides a ``status`` label and ``_update_enabled()`` (its buttons follow
+    ``_running``). :meth:`cancel` stops the job at its next yield, user errors become
+    notifications, and the widget's ``on_finish`` calls :meth:`_job_finished` to reset.
+    """
+
+    busy_message = "a job is already running; cancel it first"
+    worker: Any = None
+    _running = False
+
+    def _check_idle(self) -> None:
+        if self._running:
+            raise DiffMixError(self.busy_message)
+
+    def _start_job(self, job: Callable[[], Any], *, on_yield, on_return, on_finish, block: bool) -> Any:
+        self._running = True
+        self._update_enabled()
+        worker = run_in_thread(
+            job, on_yield=on_yield, on_return=on_return, on_error=self._on_error, on_finish=on_finish, block=block
+        )
+        if self._running:  # a thread worker: it finishes later, on the event loop
+            self.worker = worker
+        return worker
+
+    def cancel(self) -> None:
+        """Stop the running job at its next step."""
+        if self.worker is not None:
+            self.status.setText(CANCELLING)
+            self.worker.quit()
+
+    def _on_error(self, exc: BaseException) -> None:
+        from ._notify import notify_error
+
+        self.status.setText("failed")
+        if isinstance(exc, DiffMixError):
+            notify_error(exc)
+
+    def _job_finished(self) -> bool:
+        """Back to idle; True when the job ended because it was cancelled."""
+        cancelled = self.status.text() == CANCELLING
+        self.worker = None
+        self._running = False
+        self._update_enabled()
+        return cancelled
+
+
+def show_progress(bar: Any, value: int, total: int, text: str) -> None:
+    """Set a QProgressBar without repainting it on the spot.
+
+    ``setValue`` repaints synchronously, and in napari's window that repaints the OpenGL canvas
+    too (tens of ms per update): updates are suppressed while it changes and Qt paints it on
+    its own time.
+    """
+    bar.setUpdatesEnabled(False)
+    bar.setRange(0, total)
+    bar.setValue(value)
+    bar.setFormat(text)
+    bar.setUpdatesEnabled(True)
+    bar.update()

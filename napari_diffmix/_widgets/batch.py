@@ -35,22 +35,22 @@ from qtpy.QtWidgets import (
 from ..classes import BUILTIN_SCHEMES
 from ..errors import DiffMixError
 from ._model_picker import BUNDLED, ModelPicker
-from ._notify import notify_error, user_errors
-from ._workers import run_in_thread
+from ._notify import user_errors
+from ._workers import JobWidget, show_progress
 
 DATASET_SCHEME = "the dataset's"
 MAPS = {"balance and enlarge": ["balance", "enlarge"], "balance": ["balance"], "enlarge": ["enlarge"],
         "both on every patch": ["balance+enlarge"]}
 
 
-class BatchExportWidget(QWidget):
+class BatchExportWidget(JobWidget, QWidget):
     """Plan and render a class-balanced synthetic set into a resumable zarr store."""
+
+    busy_message = "an export is already running; cancel it first"
 
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None):
         super().__init__(parent)
         self.viewer = napari_viewer
-        self.worker: Any = None
-        self._running = False
         self.result: Any = None
         self.plan: Any = None
         self._build()
@@ -282,31 +282,15 @@ class BatchExportWidget(QWidget):
 
     def start(self, dry_run: bool = False, *, block: bool = False) -> Any:
         """Plan (``dry_run``) or run the export; ``block=True`` or DIFFMIX_NAPARI_NOTHREADS=1 runs it here."""
-        if self._running:
-            raise DiffMixError("an export is already running; cancel it first")
+        self._check_idle()
         s = self.settings()
         self.result = None
-        self._running = True
-        self._update_enabled()
         self.progress.setRange(0, 0)
         self.progress.setFormat("starting…")
-        worker = run_in_thread(
-            lambda: self._job(s, dry_run),
-            on_yield=self._on_yield,
-            on_return=self._on_return,
-            on_error=self._on_error,
-            on_finish=self._on_finish,
+        return self._start_job(
+            lambda: self._job(s, dry_run), on_yield=self._on_yield, on_return=self._on_return, on_finish=self._on_finish,
             block=block,
         )
-        if self._running:
-            self.worker = worker
-        return worker
-
-    def cancel(self) -> None:
-        """Stop at the next denoising step; the store keeps every finished batch and can be resumed."""
-        if self.worker is not None:
-            self.status.setText("cancelling…")
-            self.worker.quit()
 
     # -- main-thread callbacks -------------------------------------------------------------------------
     def _on_yield(self, item: tuple) -> None:
@@ -320,13 +304,8 @@ class BatchExportWidget(QWidget):
             _, event, rate = item
             left = event.total - event.done
             eta = f" · ETA {left / rate:.0f} s" if rate > 0 else ""
-            self.progress.setUpdatesEnabled(False)  # see GenerateWidget: no synchronous repaint per event
-            self.progress.setRange(0, event.total)
-            self.progress.setValue(event.done)
             step = f" · step {event.step}/{event.steps}" if event.kind == "step" else ""
-            self.progress.setFormat(f"{event.done}/{event.total} items · {rate:.2f} items/s{eta}{step}")
-            self.progress.setUpdatesEnabled(True)
-            self.progress.update()
+            show_progress(self.progress, event.done, event.total, f"{event.done}/{event.total} items · {rate:.2f} items/s{eta}{step}")
             if event.kind == "start":
                 self.status.setText(f"rendering {event.pending} item(s) into {self.out_edit.text()}")
 
@@ -347,18 +326,10 @@ class BatchExportWidget(QWidget):
         else:
             self.status.setText(f"stopped: {result.total - result.done} item(s) left; Start again to resume")
 
-    def _on_error(self, exc: BaseException) -> None:
-        self.status.setText("failed")
-        if isinstance(exc, DiffMixError):
-            notify_error(exc)
-
     def _on_finish(self) -> None:
-        if self.status.text() == "cancelling…":
-            self.status.setText("cancelled: finished batches are in the store; Start again to resume")
         self.progress.setRange(0, max(self.progress.maximum(), 1))
-        self.worker = None
-        self._running = False
-        self._update_enabled()
+        if self._job_finished():  # cancelled between denoising steps
+            self.status.setText("cancelled: finished batches are in the store; Start again to resume")
 
     def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt)
         self.cancel()

@@ -41,12 +41,12 @@ from qtpy.QtWidgets import (
 )
 
 from ..classes import ClassScheme
-from ..errors import DiffMixError, LabelError, SchemeError
+from ..errors import LabelError, SchemeError
 from ..nuclei import changed_mask, type_map_from
 from ._layers import KEY, info_of, role_of, scheme_of, types_from_features
 from ._model_picker import BUNDLED, ModelPicker
-from ._notify import notify_error, user_errors
-from ._workers import run_in_thread
+from ._notify import user_errors
+from ._workers import JobWidget, show_progress
 
 MODES = ("noise", "sdedit", "edited")
 PREVIEW_SIDE = 512  # px: previews of larger canvases are subsampled
@@ -134,8 +134,10 @@ class Result:
     provenance: dict[str, Any]
 
 
-class GenerateWidget(QWidget):
+class GenerateWidget(JobWidget, QWidget):
     """Model, device, sampler, steps, guidance, seed and mode; Generate / Cancel with a live preview."""
+
+    busy_message = "a generation is already running; cancel it first"
 
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None):
         super().__init__(parent)
@@ -143,8 +145,6 @@ class GenerateWidget(QWidget):
         self._runners: dict[tuple, tuple[Any, Any]] = {}
         self._last_condition: str | None = None
         self._preview_pending = False
-        self.worker: Any = None
-        self._running = False
         self.preview_layer: Any = None
         self.previews_shown = 0
         self.last_result: Any = None
@@ -444,8 +444,7 @@ class GenerateWidget(QWidget):
 
     def generate(self, *, block: bool = False) -> Any:
         """Start rendering (``block=True`` or DIFFMIX_NAPARI_NOTHREADS=1: synchronously)."""
-        if self._running:
-            raise DiffMixError("a generation is already running; cancel it first")
+        self._check_idle()
         req = self.request()
         self.previews_shown = 0
         self._preview_pending = False
@@ -453,25 +452,13 @@ class GenerateWidget(QWidget):
         self.progress.setValue(0)
         self.progress.setFormat("starting…")
         self._make_preview_layer(req)
-        self._running = True
-        self._update_enabled()
-        worker = run_in_thread(
+        return self._start_job(
             lambda: self._job(req),
             on_yield=self._on_yield,
             on_return=lambda result: self._on_result(result, req),
-            on_error=self._on_error,
             on_finish=self._on_finish,
             block=block,
         )
-        if self._running:  # a thread worker: it finishes later, on the event loop
-            self.worker = worker
-        return worker
-
-    def cancel(self) -> None:
-        """Stop the running generation at its next step; nothing is added."""
-        if self.worker is not None:
-            self.status.setText("cancelling…")
-            self.worker.quit()
 
     def _make_preview_layer(self, req: Request) -> None:
         h, w = req.inst_map.shape
@@ -497,14 +484,7 @@ class GenerateWidget(QWidget):
             self.previews_shown += 1
         self._preview_pending = False
         eta = item.elapsed / item.step * (item.total - item.step)
-        # QProgressBar.setValue repaints synchronously, and in napari's window that repaints the
-        # OpenGL canvas too (tens of ms per step): suppress it and let Qt paint on its own time.
-        self.progress.setUpdatesEnabled(False)
-        self.progress.setRange(0, item.total)
-        self.progress.setValue(item.step)
-        self.progress.setFormat(f"step {item.step}/{item.total} · ETA {eta:.0f} s")
-        self.progress.setUpdatesEnabled(True)
-        self.progress.update()
+        show_progress(self.progress, item.step, item.total, f"step {item.step}/{item.total} · ETA {eta:.0f} s")
 
     def _on_result(self, result: Result, req: Request) -> None:
         p = result.provenance
@@ -525,21 +505,13 @@ class GenerateWidget(QWidget):
         reused = " (cached model" + (", SPADE features reused)" if p["reused_spade"] else ")") if p["reused_model"] else ""
         self.status.setText(f"done in {p['seconds']:.1f} s on {p['device']}{reused}: {name}")
 
-    def _on_error(self, exc: BaseException) -> None:
-        self.status.setText("failed")
-        if isinstance(exc, DiffMixError):
-            notify_error(exc)
-
     def _on_finish(self) -> None:
         if self.preview_layer is not None and self.preview_layer in self.viewer.layers:
             self.viewer.layers.remove(self.preview_layer)
         self.preview_layer = None
-        if self.status.text() == "cancelling…":
+        if self._job_finished():  # cancelled: nothing is added
             self.status.setText("cancelled")
             self.progress.setFormat("cancelled")
-        self.worker = None
-        self._running = False
-        self._update_enabled()
 
     def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt)
         self.cancel()
