@@ -59,3 +59,23 @@ def test_help_stays_light():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["stats", "demo", "--layout", "tiff"],
+        ["labels", "demo", "--layout", "tiff"],
+        ["synthesize", "demo", "--out", "x.zarr", "--layout", "tiff"],
+        ["train-seg", "--out", "m", "--layout", "tiff"],
+        ["predict", "m", "t", "--out", "p", "--layout", "tiff"],
+        ["compare", "--data", "d", "--synthetic", "s", "--test", "t", "--out", "c", "--test-layout", "tiff"],
+        ["evaluate", "p", "g", "--gt-layout", "tiff"],
+    ],
+)
+def test_shared_layout_option_takes_only_known_layouts(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'tiff'" in err and all(layout in err for layout in ("auto", "consep", "generic", "pannuke"))

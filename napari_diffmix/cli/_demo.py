@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ._common import add_device_arguments
+
 EPILOG = """examples:
   diffmix demo-data --out diffmix-demo-data            # the 512x512 IHC tile + labels, class table
   diffmix demo-data --out demo-split --split           # train (x < 384) and held-out (x >= 384) crops
@@ -50,8 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--guidance", type=float, help="classifier-free guidance (default: the model's)")
     d.add_argument("--batch-size", type=int, default=4, help="patches per sampler call (default 4)")
     d.add_argument("--seed", type=int, default=0, help="seed of the plan and the noise (default 0)")
-    d.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
-    d.add_argument("--threads", type=int, help="CPU threads for PyTorch")
+    add_device_arguments(d)
     d.add_argument("--overwrite", action="store_true", help="replace a non-demo store or data folder in --out")
     d.set_defaults(func=run_demo)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ._common import add_layout_argument
+
 EPILOG = """examples:
   diffmix evaluate runs/pred /data/CoNSeP/Test --scheme consep --out results.json --out results.csv
   diffmix evaluate synthetic.zarr reference.zarr --scheme consep
@@ -25,8 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("pred", help="predictions: a dataset folder (e.g. from 'diffmix predict') or a zarr store")
     p.add_argument("gt", help="ground truth: a dataset folder (CoNSeP/GLySAC, generic, PanNuke) or a zarr store")
     p.add_argument("--scheme", help="class scheme: consep, glysac, demo or a JSON/YAML file (default: GT's scheme.json, else PRED's)")
-    p.add_argument("--pred-layout", default="auto", help="layout of PRED (default: auto)")
-    p.add_argument("--gt-layout", default="auto", help="layout of GT (default: auto)")
+    add_layout_argument(p, "--pred-layout", of="PRED")
+    add_layout_argument(p, "--gt-layout", of="GT")
     p.add_argument("--out", "-o", action="append", default=[], help="write results to .json or .csv (repeatable)")
     p.add_argument("--iou", type=float, default=0.5, help="IoU above which instances match for DQ/SQ/PQ (default: 0.5)")
     p.add_argument("--radius", type=float, default=12.0, help="centroid pairing radius in px for F_d / F1 (default: 12)")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from ._common import SCHEME_HELP, add_device_arguments, add_layout_argument
+
 TRAIN_EPILOG = """examples:
   diffmix train-seg --data /data/CoNSeP/Train --scheme consep --out models/hovernet --steps 20000
   diffmix train-seg --data /data/CoNSeP/Train --scheme consep --synthetic synthetic.zarr --out models/hovernet+syn
@@ -38,9 +40,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default: 1e-4)")
     g.add_argument("--seed", type=int, default=0, help="seed for weights and crops (default: 0)")
     g.add_argument("--checkpoint-every", type=int, default=500, help="save the model every N steps (default: 500)")
-    h = p.add_argument_group("hardware")
-    h.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
-    h.add_argument("--threads", type=int, help="CPU threads for PyTorch")
+    add_device_arguments(p.add_argument_group("hardware"))
 
 
 def _predict_args(p: argparse.ArgumentParser) -> None:
@@ -59,8 +59,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     t.add_argument("--data", help="training dataset folder (CoNSeP/GLySAC, generic, PanNuke) or 'demo'")
-    t.add_argument("--scheme", help="class scheme: consep, glysac, demo or a JSON/YAML file (default: the dataset's)")
-    t.add_argument("--layout", default="auto", help="dataset layout (default: auto)")
+    t.add_argument("--scheme", help=SCHEME_HELP)
+    add_layout_argument(t, of="--data")
     t.add_argument("--synthetic", help="synthetic zarr store to add to the training pool (alone if --data is not given)")
     t.add_argument("--out", "-o", required=True, help="model folder to write (model.safetensors + config.json)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
@@ -78,9 +78,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("tiles", help="dataset folder, zarr store, image file or folder of images")
     p.add_argument("--out", "-o", required=True, help="output folder (images/, inst_maps/, type_maps/, scheme.json)")
     p.add_argument("--scheme", help="class scheme to parse labels in TILES with, if any (default: the folder's, else the model's)")
-    p.add_argument("--layout", default="auto", help="dataset layout of TILES (default: auto)")
+    add_layout_argument(p, of="TILES")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    add_device_arguments(p, threads=False)
     _predict_args(p)
     p.set_defaults(func=run_predict)
 
@@ -95,8 +95,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--synthetic", required=True, help="synthetic zarr store added in the second run")
     c.add_argument("--test", required=True, help="test dataset folder with ground truth")
     c.add_argument("--scheme", help="class scheme (default: the training dataset's)")
-    c.add_argument("--layout", default="auto", help="layout of --data (default: auto)")
-    c.add_argument("--test-layout", default="auto", help="layout of --test (default: auto)")
+    add_layout_argument(c, of="--data")
+    add_layout_argument(c, "--test-layout", of="--test")
     c.add_argument("--out", "-o", required=True, help="folder for both models, predictions and results")
     c.add_argument("--overwrite", action="store_true", help="replace runs already in --out")
     _model_args(c)

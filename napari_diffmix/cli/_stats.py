@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ._common import add_dataset_arguments
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -15,13 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "and print nuclei and pixel shares per class, merged by the class scheme."
         ),
     )
-    p.add_argument("dataset", help="dataset folder, or 'demo' for the bundled demo tile")
-    p.add_argument(
-        "--scheme",
-        default=None,
-        help="class scheme: consep, glysac, demo or a JSON/YAML file (default: the folder's scheme.json)",
-    )
-    p.add_argument("--layout", default="auto", choices=("auto", "consep", "generic", "pannuke"), help="dataset layout (default: detect)")
+    add_dataset_arguments(p)
     p.add_argument("--per-tile", action="store_true", help="also print nuclei per class for every tile")
     p.add_argument("--json", metavar="OUT", type=Path, default=None, help="also write the statistics as JSON to OUT")
     p.set_defaults(func=run)

@@ -6,6 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
+from ._common import add_dataset_arguments, add_device_arguments, add_plan_arguments, plan_kwargs
+
 EPILOG = """examples:
   diffmix synthesize /data/CoNSeP/Train --scheme consep --model consep.safetensors --out consep-synthetic.zarr
   diffmix synthesize demo --model demo.safetensors --out demo.zarr --patch-size 128 --stride 64 --patches 16
@@ -33,24 +35,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("dataset", help="training dataset folder (CoNSeP/GLySAC, generic, PanNuke) or 'demo'")
+    add_dataset_arguments(p, "training dataset folder (CoNSeP/GLySAC, generic, PanNuke) or 'demo'")
     p.add_argument("--model", "-m", type=Path, help="diffusion model (.safetensors from 'diffmix train'; default: the bundled demo model)")
     p.add_argument("--preset", help="architecture of an official guided-diffusion .pt checkpoint, e.g. diffmix-consep, diffmix-glysac")
     p.add_argument("--out", "-o", required=True, type=Path, help="output store folder, e.g. synthetic.zarr")
-    p.add_argument("--scheme", help="class scheme: consep, glysac, demo or a JSON/YAML file (default: the dataset's)")
-    p.add_argument("--layout", default="auto", choices=("auto", "consep", "generic", "pannuke"), help="dataset layout (default: detect)")
-    g = p.add_argument_group("label plan (see also 'diffmix labels')")
-    g.add_argument("--plan", type=Path, help="use a plan.json written by 'diffmix labels' instead of planning here")
-    g.add_argument("--balance", action="store_true", help="make balancing patches (rare-class insertion)")
-    g.add_argument("--enlarge", action="store_true", help="make enlarging patches (nucleus shifts)")
-    g.add_argument("--combined", action="store_true", help="apply both maps to every patch (default: --balance --enlarge)")
-    goal = g.add_mutually_exclusive_group()
-    goal.add_argument("--patches", type=int, metavar="N", help="number of synthetic patches (default: as many as the original grid)")
-    goal.add_argument("--target-share", type=float, metavar="PCT", help="add patches until every class holds at least PCT %% of the nuclei")
-    g.add_argument("--rare", nargs="+", metavar="CLASS", help="rare class names or ids (default: the scheme's)")
-    g.add_argument("--patch-size", type=int, default=256, help="patch size in px (default 256)")
-    g.add_argument("--stride", type=int, default=76, help="patch grid stride in px (default 76)")
-    g.add_argument("--max-variants", type=int, default=4, help="with --target-share: re-balancings per tile to draw from (default 4)")
+    p.add_argument("--plan", type=Path, help="use a plan.json written by 'diffmix labels' instead of planning here")
+    add_plan_arguments(p)
     s = p.add_argument_group("sampling")
     s.add_argument("--sampler", choices=("dpm++2m", "ddim", "ddpm", "unipc"), help="solver (default: dpm++2m, the fast sampler)")
     s.add_argument("--steps", type=int, help="respaced steps of the whole schedule (default: the fast sampler's, 15)")
@@ -60,9 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--seed", type=int, default=0, help="seed of the plan (unless --plan) and of every item's noise (default 0)")
     s.add_argument("--batch-size", type=int, default=8, help="items per sampler call (default 8)")
     h = p.add_argument_group("hardware")
-    h.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto; under torchrun one GPU per rank)")
+    add_device_arguments(h, torchrun=True)
     h.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="network precision (default fp32)")
-    h.add_argument("--threads", type=int, help="CPU threads for PyTorch")
     o = p.add_argument_group("store")
     orig = o.add_mutually_exclusive_group()
     orig.add_argument("--include-originals", dest="originals", action="store_const", const="include",
@@ -77,11 +66,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def build_plan(args: argparse.Namespace, dataset, *, cache=None):
-    """The plan from ``--plan`` or from the planning flags (shared with ``diffmix demo``)."""
+    """The plan from ``--plan`` or from the planning flags."""
     from ..mixing import Plan, plan_balanced_set
-    from ._labels import _rare_ids
 
-    if getattr(args, "plan", None) is not None:
+    if args.plan is not None:
         given = [f for f, v in (("--balance", args.balance), ("--enlarge", args.enlarge), ("--combined", args.combined),
                                 ("--patches", args.patches is not None), ("--target-share", args.target_share is not None),
                                 ("--rare", args.rare is not None)) if v]
@@ -90,17 +78,7 @@ def build_plan(args: argparse.Namespace, dataset, *, cache=None):
 
             raise DiffMixError(f"--plan gives the label plan; drop {', '.join(given)} (or plan here without --plan)")
         return Plan.load(args.plan)
-    if args.combined:
-        maps = ["balance+enlarge"]
-    elif args.balance or args.enlarge:
-        maps = [m for m, on in (("balance", args.balance), ("enlarge", args.enlarge)) if on]
-    else:
-        maps = ["balance", "enlarge"]
-    return plan_balanced_set(
-        dataset, patches=args.patches, target_share=args.target_share, maps=maps,
-        rare=_rare_ids(dataset.scheme, args.rare), patch_size=args.patch_size, stride=args.stride, seed=args.seed,
-        max_variants=args.max_variants, cache=cache,
-    )
+    return plan_balanced_set(dataset, **plan_kwargs(args, dataset.scheme), cache=cache)
 
 
 def run(args: argparse.Namespace) -> int:

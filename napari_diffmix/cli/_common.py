@@ -1,0 +1,91 @@
+"""Arguments several ``diffmix`` commands share, defined once (no command of its own)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Sequence
+
+# datasets.LAYOUTS plus "auto"; spelled out so that building the parser imports no numpy/scipy.
+LAYOUT_CHOICES = ("auto", "consep", "generic", "pannuke")
+SCHEME_HELP = "class scheme: consep, glysac, demo or a JSON/YAML file (default: the dataset's scheme.json)"
+
+_MAPS_HELP = (
+    "kinds of synthetic patch: --balance (rare-class insertion), --enlarge (nucleus shifts); "
+    "both flags make both kinds, as DiffMix does; add --combined to apply both maps to every patch instead. "
+    "Default: --balance --enlarge"
+)
+
+
+def add_layout_argument(p: Any, flag: str = "--layout", of: str = "the dataset") -> None:
+    p.add_argument(flag, default="auto", choices=LAYOUT_CHOICES, help=f"layout of {of} (default: auto, detected)")
+
+
+def add_dataset_arguments(
+    p: argparse.ArgumentParser, dataset_help: str = "dataset folder (CoNSeP/GLySAC, generic, PanNuke), or 'demo' for the bundled demo tile"
+) -> None:
+    """The positional ``dataset`` with ``--scheme`` and ``--layout`` (what ``open_dataset`` takes)."""
+    p.add_argument("dataset", help=dataset_help)
+    p.add_argument("--scheme", help=SCHEME_HELP)
+    add_layout_argument(p)
+
+
+def add_device_arguments(group: Any, *, threads: bool = True, torchrun: bool = False) -> None:
+    """``--device`` (and ``--threads``) in an argument group."""
+    per_rank = "; under torchrun one GPU per rank" if torchrun else ""
+    group.add_argument("--device", default="auto", help=f"auto, cpu, cuda, cuda:N or mps (default: auto{per_rank})")
+    if threads:
+        group.add_argument("--threads", type=int, help="CPU threads for PyTorch")
+
+
+def add_plan_arguments(p: argparse.ArgumentParser) -> None:
+    """The label-plan options of :func:`napari_diffmix.mixing.plan_balanced_set` (read back by :func:`plan_kwargs`)."""
+    kinds = p.add_argument_group("label maps", _MAPS_HELP)
+    kinds.add_argument("--balance", action="store_true", help="make balancing patches")
+    kinds.add_argument("--enlarge", action="store_true", help="make enlarging patches")
+    kinds.add_argument("--combined", action="store_true", help="apply balancing and enlarging to every patch")
+    g = p.add_argument_group("plan")
+    goal = g.add_mutually_exclusive_group()
+    goal.add_argument("--patches", type=int, metavar="N", help="number of synthetic patches (default: as many as the original grid)")
+    goal.add_argument("--target-share", type=float, metavar="PCT", help="add patches until every class holds at least PCT %% of the nuclei")
+    g.add_argument(
+        "--rare", nargs="+", metavar="CLASS",
+        help="rare class names or ids (default: the scheme's); several share the targets, rarest first by nuclei count",
+    )
+    g.add_argument("--patch-size", type=int, default=256, help="patch size in px (default 256)")
+    g.add_argument("--stride", type=int, default=76, help="patch grid stride in px (default 76: 10x10 patches per 1000 px tile)")
+    g.add_argument("--max-variants", type=int, default=4, help="with --target-share: re-balancings of each tile to draw from (default 4)")
+
+
+def plan_maps(args: argparse.Namespace) -> list[str]:
+    """The ``maps`` of a plan from --balance / --enlarge / --combined."""
+    if args.combined:
+        return ["balance+enlarge"]
+    if args.balance or args.enlarge:
+        return [m for m, on in (("balance", args.balance), ("enlarge", args.enlarge)) if on]
+    return ["balance", "enlarge"]
+
+
+def plan_kwargs(args: argparse.Namespace, scheme: Any) -> dict[str, Any]:
+    """:func:`~napari_diffmix.mixing.plan_balanced_set` keywords from :func:`add_plan_arguments`'s options and --seed."""
+    return dict(
+        patches=args.patches, target_share=args.target_share, maps=plan_maps(args), rare=rare_ids(scheme, args.rare),
+        patch_size=args.patch_size, stride=args.stride, seed=args.seed, max_variants=args.max_variants,
+    )
+
+
+def rare_ids(scheme: Any, values: Sequence[str] | None) -> list[int] | None:
+    """Class ids from --rare names or ids (None: the scheme's own rare classes)."""
+    from ..errors import SchemeError
+
+    if values is None:
+        return None
+    ids = []
+    for v in values:
+        if v.isdigit():
+            k = int(v)
+            if not 1 <= k <= scheme.num_classes:
+                raise SchemeError(f"--rare {v}: class ids of scheme {scheme.name!r} are 1..{scheme.num_classes}")
+            ids.append(k)
+        else:
+            ids.append(scheme.class_id(v))
+    return ids
