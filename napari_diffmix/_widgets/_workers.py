@@ -138,14 +138,25 @@ CANCELLING = "cancelling…"
 class JobWidget:
     """Mixin for a dock widget that runs one job at a time in a worker.
 
-    The widget provides a ``status`` label and ``_update_enabled()`` (its buttons follow
-    ``_running``). :meth:`cancel` stops the job at its next yield, user errors become
-    notifications, and the widget's ``on_finish`` calls :meth:`_job_finished` to reset.
+    The widget adds its ``progress`` bar and ``status`` line with :meth:`_add_job_status` and
+    provides ``_update_enabled()`` (its buttons follow ``_running``). :meth:`cancel` stops the
+    job at its next yield, user errors become notifications, and the widget's ``on_finish``
+    calls :meth:`_job_finished` to reset.
     """
 
     busy_message = "a job is already running; cancel it first"
     worker: Any = None
     _running = False
+
+    def _add_job_status(self, layout: Any) -> None:
+        from qtpy.QtWidgets import QLabel, QProgressBar
+
+        self.progress = QProgressBar()
+        self.progress.setFormat("idle")
+        layout.addWidget(self.progress)
+        self.status = QLabel()
+        self.status.setWordWrap(True)
+        layout.addWidget(self.status)
 
     def _check_idle(self) -> None:
         if self._running:

@@ -24,7 +24,6 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QLineEdit,
-    QProgressBar,
     QPushButton,
     QRadioButton,
     QSpinBox,
@@ -36,6 +35,7 @@ from ..classes import BUILTIN_SCHEMES
 from ..errors import DiffMixError
 from ._model_picker import BUNDLED, ModelPicker
 from ._notify import user_errors
+from ._sampling import sampler_controls, seed_spin, strength_spin
 from ._workers import JobWidget, show_progress
 
 DATASET_SCHEME = "the dataset's"
@@ -124,14 +124,7 @@ class BatchExportWidget(JobWidget, QWidget):
 
         sampling = QGroupBox("Sampling")
         form = QFormLayout(sampling)
-        from ..model.samplers import FAST_SETTINGS, SAMPLERS
-
-        self.sampler_combo = QComboBox()
-        self.sampler_combo.addItems(list(SAMPLERS))
-        self.sampler_combo.setCurrentText(FAST_SETTINGS["sampler"])
-        self.steps = QSpinBox()
-        self.steps.setRange(2, 1000)
-        self.steps.setValue(FAST_SETTINGS["steps"])
+        self.sampler_combo, self.steps = sampler_controls()
         row = QHBoxLayout()
         row.addWidget(self.sampler_combo)
         row.addWidget(QLabel("steps"))
@@ -139,15 +132,10 @@ class BatchExportWidget(JobWidget, QWidget):
         form.addRow("Sampler", row)
         self.from_noise = QCheckBox("from noise (default: SDEdit from the original patch)")
         form.addRow(self.from_noise)
-        self.strength = QDoubleSpinBox()
-        self.strength.setRange(0.05, 1.0)
-        self.strength.setSingleStep(0.05)
-        self.strength.setValue(0.55)
-        self.strength.setToolTip("SDEdit: noise the original patch to this share of the schedule (DiffMix: 0.55)")
+        self.strength = strength_spin("SDEdit: noise the original patch to this share of the schedule")
         form.addRow("Strength", self.strength)
         self.from_noise.toggled.connect(lambda on: self.strength.setEnabled(not on))
-        self.seed = QSpinBox()
-        self.seed.setRange(0, 2**31 - 1)
+        self.seed = seed_spin()
         self.batch = QSpinBox()
         self.batch.setRange(1, 256)
         self.batch.setValue(8)
@@ -190,12 +178,7 @@ class BatchExportWidget(JobWidget, QWidget):
         for b in (self.plan_button, self.start_button, self.cancel_button):
             row.addWidget(b)
         root.addLayout(row)
-        self.progress = QProgressBar()
-        self.progress.setFormat("idle")
-        root.addWidget(self.progress)
-        self.status = QLabel()
-        self.status.setWordWrap(True)
-        root.addWidget(self.status)
+        self._add_job_status(root)
         self.plan_label = QLabel()
         self.plan_label.setWordWrap(True)
         self.plan_label.setStyleSheet("font-family: monospace")

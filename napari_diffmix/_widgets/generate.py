@@ -31,8 +31,6 @@ from qtpy.QtWidgets import (
     QDoubleSpinBox,
     QFormLayout,
     QHBoxLayout,
-    QLabel,
-    QProgressBar,
     QPushButton,
     QRadioButton,
     QSpinBox,
@@ -46,6 +44,7 @@ from ..nuclei import changed_mask, type_map_from
 from ._layers import KEY, info_of, role_of, scheme_of, types_from_features
 from ._model_picker import BUNDLED, ModelPicker
 from ._notify import user_errors
+from ._sampling import sampler_controls, seed_spin, strength_spin
 from ._workers import JobWidget, show_progress
 
 MODES = ("noise", "sdedit", "edited")
@@ -187,23 +186,11 @@ class GenerateWidget(JobWidget, QWidget):
         self.image_combo = QComboBox()
         self.image_combo.setToolTip("The RGB image to start from (SDEdit) or to edit")
         form.addRow("Image", self.image_combo)
-        self.strength = QDoubleSpinBox()
-        self.strength.setRange(0.05, 1.0)
-        self.strength.setSingleStep(0.05)
-        self.strength.setValue(0.55)
-        self.strength.setToolTip("Share of the schedule re-run from the noised image (DiffMix: 0.55)")
+        self.strength = strength_spin("Share of the schedule re-run from the noised image")
         form.addRow("Strength", self.strength)
 
-        from ..model.samplers import FAST_SETTINGS, SAMPLERS
-
-        self.sampler_combo = QComboBox()
-        self.sampler_combo.addItems(list(SAMPLERS))
-        self.sampler_combo.setCurrentText(FAST_SETTINGS["sampler"])
-        self.sampler_combo.setToolTip("dpm++2m / unipc: good images in ~20 steps; ddim: DiffMix's published sampler")
+        self.sampler_combo, self.steps = sampler_controls()
         form.addRow("Sampler", self.sampler_combo)
-        self.steps = QSpinBox()
-        self.steps.setRange(2, 1000)
-        self.steps.setValue(FAST_SETTINGS["steps"])
         form.addRow("Steps", self.steps)
         self.guidance = QDoubleSpinBox()
         self.guidance.setRange(0.0, 20.0)
@@ -211,10 +198,7 @@ class GenerateWidget(JobWidget, QWidget):
         self.guidance.setValue(3.0)
         self.guidance.setToolTip("Classifier-free guidance scale (1 = plain conditional model)")
         form.addRow("Guidance", self.guidance)
-        self.seed = QSpinBox()
-        self.seed.setRange(0, 2**31 - 1)
-        self.seed.setValue(0)
-        self.seed.setToolTip("Same seed and settings give the same image")
+        self.seed = seed_spin()
         dice = QPushButton("Random")
         dice.setToolTip("Roll a new seed")
         dice.clicked.connect(lambda *_: self.roll_seed())
@@ -242,12 +226,7 @@ class GenerateWidget(JobWidget, QWidget):
         row.addWidget(self.generate_button)
         row.addWidget(self.cancel_button)
         root.addLayout(row)
-        self.progress = QProgressBar()
-        self.progress.setFormat("idle")
-        root.addWidget(self.progress)
-        self.status = QLabel()
-        self.status.setWordWrap(True)
-        root.addWidget(self.status)
+        self._add_job_status(root)
         root.addStretch(1)
         self.viewer.bind_key(GENERATE_KEY, lambda viewer: user_errors(self.generate)(), overwrite=True)
         self._update_enabled()
