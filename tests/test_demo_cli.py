@@ -4,38 +4,27 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 import zarr
 
 from napari_diffmix.classes import DEMO
 from napari_diffmix.cli import main
 from napari_diffmix.errors import CheckpointError
 from napari_diffmix.export import open_store
-from napari_diffmix.model.checkpoint import save_model
-from napari_diffmix.model.unet import SDMUNet, UNetConfig
 
 FAST = ["--patches", "4", "--patch-size", "64", "--stride", "64", "--steps", "4", "--batch-size", "2", "--threads", "1",
         "--device", "cpu"]
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny-demo.safetensors"
-    save_model(SDMUNet(UNetConfig.preset("tiny")), path, scheme=DEMO, default_guidance=3.0)
-    return path
-
-
-def test_demo_end_to_end_then_rerun(tmp_path, model, capsys, monkeypatch):
+def test_demo_end_to_end_then_rerun(tmp_path, tiny_model, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert main(["demo", "--model", str(model), *FAST]) == 0
+    assert main(["demo", "--model", str(tiny_model), *FAST]) == 0
     out = capsys.readouterr().out
     root = tmp_path / "diffmix-demo"  # the default output folder, in the current folder
     store = open_store(root / "demo.zarr")
     assert store.attrs["status"] == "complete" and store.attrs["created_by"] == "demo" and len(store) == 4
     assert store.done_mask().all() and store.scheme == DEMO
     assert store.attrs["originals"]["mode"] == "referenced" and store.attrs["dataset"]["path"] == "data/train"
-    assert store.attrs["settings"]["sampling"]["guidance"] == 3.0  # the model's default
+    assert store.attrs["settings"]["sampling"]["guidance"] == 2.0  # the model's default
     assert {tuple(store.provenance(i)["maps"]) for i in range(4)} == {("balance",), ("enlarge",)}
     from PIL import Image
 
@@ -50,19 +39,19 @@ def test_demo_end_to_end_then_rerun(tmp_path, model, capsys, monkeypatch):
     # train.sh's own downstream command points at the demo's data folder relative to diffmix-demo/
     assert "--data data/train --synthetic demo.zarr" in (root / "demo.zarr" / "training" / "train.sh").read_text()
 
-    assert main(["demo", "--model", str(model), *FAST]) == 0  # same settings: resumed, nothing to render
+    assert main(["demo", "--model", str(tiny_model), *FAST]) == 0  # same settings: resumed, nothing to render
     assert "4 of 4 items already done" in capsys.readouterr().out
     more = [*FAST]
     more[1] = "6"
-    assert main(["demo", "--model", str(model), *more]) == 0  # other settings replace the demo's own store
+    assert main(["demo", "--model", str(tiny_model), *more]) == 0  # other settings replace the demo's own store
     assert len(open_store(root / "demo.zarr")) == 6
 
 
-def test_demo_refuses_foreign_store(tmp_path, model, capsys):
+def test_demo_refuses_foreign_store(tmp_path, tiny_model, capsys):
     out = tmp_path / "d"
     (out / "demo.zarr").mkdir(parents=True)
     zarr.open_group(str(out / "demo.zarr"), mode="w").attrs.update({"format": "napari-diffmix-synthetic", "created_by": "synthesize"})
-    assert main(["demo", "--out", str(out), "--model", str(model), *FAST]) == 2
+    assert main(["demo", "--out", str(out), "--model", str(tiny_model), *FAST]) == 2
     assert "made with other settings" in capsys.readouterr().err
 
 
@@ -81,7 +70,7 @@ def test_bundled_model_lookup(tmp_path):
         bundled_model_path(tmp_path)
 
 
-def test_commands_without_model_use_the_bundled_one(tmp_path, model, capsys, monkeypatch):
+def test_commands_without_model_use_the_bundled_one(tmp_path, tiny_model, capsys, monkeypatch):
     import napari_diffmix.model.checkpoint as checkpoint
 
     monkeypatch.setattr(checkpoint, "BUNDLED_MODEL_DIR", tmp_path / "none")
@@ -91,17 +80,17 @@ def test_commands_without_model_use_the_bundled_one(tmp_path, model, capsys, mon
     assert err.count("the bundled demo model is not installed") == 2 and "or pass --model" in err
     bundled = tmp_path / "bundled"
     bundled.mkdir()
-    (bundled / "demo.safetensors").write_bytes(model.read_bytes())
+    (bundled / "demo.safetensors").write_bytes(tiny_model.read_bytes())
     monkeypatch.setattr(checkpoint, "BUNDLED_MODEL_DIR", bundled)
     assert main(["synthesize", "demo", "--out", str(tmp_path / "s.zarr"), "--dry-run", *FAST]) == 0
     assert f"model {bundled / 'demo.safetensors'}" in capsys.readouterr().out
 
 
-def test_synthesize_cli_dry_run_and_errors(tmp_path, model, capsys):
-    args = ["synthesize", "demo", "--model", str(model), "--out", str(tmp_path / "s.zarr"), *FAST]
+def test_synthesize_cli_dry_run_and_errors(tmp_path, tiny_model, capsys):
+    args = ["synthesize", "demo", "--model", str(tiny_model), "--out", str(tmp_path / "s.zarr"), *FAST]
     assert main([*args, "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "synthetic patches by maps: 2 balance, 2 enlarge" in out and "guidance 3" in out
+    assert "synthetic patches by maps: 2 balance, 2 enlarge" in out and "guidance 2" in out
     assert "originals: include" in out  # the bundled demo is not a folder on disk: originals go into the store
     assert not (tmp_path / "s.zarr").exists()
     assert main([*args, "--dry-run", "--scheme", "consep"]) == 2
@@ -112,11 +101,11 @@ def test_synthesize_cli_dry_run_and_errors(tmp_path, model, capsys):
     assert "leaves no denoising step" in capsys.readouterr().err
 
 
-def test_synthesize_cli_takes_a_plan_from_diffmix_labels(tmp_path, model, capsys):
+def test_synthesize_cli_takes_a_plan_from_diffmix_labels(tmp_path, tiny_model, capsys):
     labels = tmp_path / "labels"
     assert main(["labels", "demo", "--out", str(labels), "--patches", "2", "--patch-size", "64", "--stride", "64"]) == 0
     capsys.readouterr()
-    args = ["synthesize", "demo", "--model", str(model), "--out", str(tmp_path / "s.zarr"), "--plan", str(labels / "plan.json")]
+    args = ["synthesize", "demo", "--model", str(tiny_model), "--out", str(tmp_path / "s.zarr"), "--plan", str(labels / "plan.json")]
     assert main([*args, "--dry-run"]) == 0
     assert "synthetic patches by maps: 1 balance, 1 enlarge" in capsys.readouterr().out
     assert main([*args, "--dry-run", "--patches", "5"]) == 2
