@@ -1,18 +1,26 @@
-"""Progress reporting that works the same from the CLI, tests and napari.
+"""Progress reporting and stop requests that work the same from the CLI, tests and napari.
 
 Long functions take ``pbar``: any tqdm-like object (``update``, ``total``,
 ``set_description``, ``close``). napari's ``napari.utils.progress`` is a tqdm subclass, so
 widgets pass one in and the core never imports napari. ``None`` gives a tqdm bar on stderr,
 silenced when ``DIFFMIX_QUIET=1``.
+
+They stop at their next safe point when :class:`StopRequests` says so: on Ctrl-C / SIGTERM
+from the command line, or when a GUI's ``should_stop()`` returns True.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-from typing import Any, Iterator
+import signal
+import threading
+from typing import Any, Callable, Iterator
 
 from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -30,3 +38,42 @@ def progress_bar(pbar: Any | None, total: int | None, desc: str = "", unit: str 
         yield bar
     finally:
         bar.close()
+
+
+class StopRequests:
+    """Ctrl-C / SIGTERM, or ``should_stop()``, ask long work to stop at its next safe point;
+    a second Ctrl-C aborts at once (KeyboardInterrupt).
+
+    Signal handlers are installed only from the main thread (a napari worker passes
+    ``should_stop`` instead) and restored on exit. ``stopping`` is what the log says the work
+    does when asked, e.g. "finishing the current batch". Poll with :meth:`poll`.
+    """
+
+    def __init__(self, should_stop: Callable[[], bool] | None = None, stopping: str = "stopping after the current step"):
+        self.should_stop = should_stop
+        self.stopping = stopping
+        self.requested: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        log.warning("%s received: %s", self.requested, self.stopping)
+
+    def poll(self) -> bool:
+        """Whether the work should stop now."""
+        if self.requested is None and self.should_stop is not None and self.should_stop():
+            self.requested = "stop request"
+        return self.requested is not None

@@ -49,8 +49,6 @@ import json
 import logging
 import math
 import os
-import signal
-import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -75,7 +73,7 @@ from .export import (
 )
 from .mixing import MixCache, Plan, make_item
 from .model.samplers import FAST_SETTINGS
-from .progress import progress_bar
+from .progress import StopRequests, progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -190,33 +188,6 @@ class SynthesisResult:
     @property
     def items_per_s(self) -> float:
         return self.rendered / self.timings["total"] if self.timings.get("total") else 0.0
-
-
-class _StopSignals:
-    """Ctrl-C / SIGTERM ask the job to stop after the current batch; a second Ctrl-C aborts.
-
-    Handlers are installed only from the main thread (napari workers pass ``should_stop``).
-    """
-
-    def __init__(self) -> None:
-        self.requested: str | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> "_StopSignals":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
-        log.warning("%s: finishing the current batch, then stopping (Ctrl-C again aborts; the store stays resumable)", self.requested)
 
 
 class _Tiles:
@@ -714,13 +685,10 @@ class SynthesisJob:
 
     def run(self, pbar: Any | None = None, should_stop: Callable[[], bool] | None = None) -> SynthesisResult:
         """Run to the end (or a stop request) with a progress bar; returns the result."""
-        with _StopSignals() as signals, contextlib.ExitStack() as stack:
-
-            def stop() -> bool:
-                return signals.requested is not None or bool(should_stop and should_stop())
-
+        stopping = "finishing the current batch, then stopping (Ctrl-C again aborts; the store stays resumable)"
+        with StopRequests(should_stop, stopping) as requests, contextlib.ExitStack() as stack:
             bar = None
-            for event in self.events(stop):
+            for event in self.events(requests.poll):
                 if event.kind == "start":
                     desc = "synthesize"
                     if self.dist_info.world_size > 1:
