@@ -72,7 +72,7 @@ from .export import (
     write_training_files,
 )
 from .mixing import MixCache, Plan, make_item
-from .model.samplers import FAST_SETTINGS
+from .model.samplers import DIFFMIX_SETTINGS, FAST_SETTINGS
 from .progress import StopRequests, progress_bar
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ class SynthesisConfig:
     steps: int = FAST_SETTINGS["steps"]
     guidance: float | None = None
     init: str = "original"
-    strength: float = 0.55
+    strength: float = DIFFMIX_SETTINGS["strength"]
     seed: int = 0
     batch_size: int = 8
     device: str = "auto"

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QSpinBox
 
-SDEDIT_STRENGTH = 0.55  # DiffMix's published share of the schedule re-run from the noised image
-
-
 def sampler_controls() -> tuple[QComboBox, QSpinBox]:
     """The solver and its respaced steps, both defaulting to the samplers' fast settings."""
     from ..model.samplers import FAST_SETTINGS, SAMPLERS
@@ -23,12 +20,14 @@ def sampler_controls() -> tuple[QComboBox, QSpinBox]:
 
 
 def strength_spin(tooltip: str) -> QDoubleSpinBox:
-    """SDEdit strength in (0, 1], DiffMix's 0.55 by default."""
+    """SDEdit strength in (0, 1], DiffMix's published value by default."""
+    from ..model.samplers import DIFFMIX_SETTINGS
+
     spin = QDoubleSpinBox()
     spin.setRange(0.05, 1.0)
     spin.setSingleStep(0.05)
-    spin.setValue(SDEDIT_STRENGTH)
-    spin.setToolTip(f"{tooltip} (DiffMix: {SDEDIT_STRENGTH})")
+    spin.setValue(DIFFMIX_SETTINGS["strength"])
+    spin.setToolTip(f"{tooltip} (DiffMix: {DIFFMIX_SETTINGS['strength']})")
     return spin
 
 

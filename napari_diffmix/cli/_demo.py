@@ -47,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--patch-size", type=int, default=128, help="patch size in px (default 128)")
     d.add_argument("--stride", type=int, default=64, help="patch grid stride in px (default 64)")
     d.add_argument("--steps", type=int, help="DPM-Solver++ steps of the whole schedule (default: the fast sampler's, 15)")
-    d.add_argument("--strength", type=float, default=0.55, help="SDEdit strength (default 0.55)")
+    d.add_argument("--strength", type=float, help="SDEdit strength (default 0.55, DiffMix)")
     d.add_argument("--from-noise", action="store_true", help="render from pure noise instead of SDEdit from the original patch")
     d.add_argument("--guidance", type=float, help="classifier-free guidance (default: the model's)")
     d.add_argument("--batch-size", type=int, default=4, help="patches per sampler call (default 4)")
@@ -189,7 +189,8 @@ def run_demo(args: argparse.Namespace) -> int:
         seed=args.seed, cache=cache,
     )
     config = SynthesisConfig(
-        **({} if args.steps is None else {"steps": args.steps}), strength=args.strength, init="noise" if args.from_noise else "original", guidance=args.guidance,
+        **{k: v for k, v in (("steps", args.steps), ("strength", args.strength)) if v is not None},
+        init="noise" if args.from_noise else "original", guidance=args.guidance,
         seed=args.seed, batch_size=args.batch_size, device=args.device, threads=args.threads, originals="reference",
     )
     store = out / DEMO_STORE

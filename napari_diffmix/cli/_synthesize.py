@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--sampler", choices=("dpm++2m", "ddim", "ddpm", "unipc"), help="solver (default: dpm++2m, the fast sampler)")
     s.add_argument("--steps", type=int, help="respaced steps of the whole schedule (default: the fast sampler's, 15)")
     s.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")
-    s.add_argument("--strength", type=float, default=0.55, help="SDEdit: noise the original patch to this share of the schedule (default 0.55, DiffMix)")
+    s.add_argument("--strength", type=float, help="SDEdit: noise the original patch to this share of the schedule (default 0.55, DiffMix)")
     s.add_argument("--from-noise", action="store_true", help="sample from pure noise instead of SDEdit from the original patch")
     s.add_argument("--seed", type=int, default=0, help="seed of the plan (unless --plan) and of every item's noise (default 0)")
     s.add_argument("--batch-size", type=int, default=8, help="items per sampler call (default 8)")
@@ -93,9 +93,9 @@ def run(args: argparse.Namespace) -> int:
     dataset = open_dataset(args.dataset, args.scheme, args.layout)
     cache = MixCache(dataset)
     plan = build_plan(args, dataset, cache=cache)
-    given = {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps)) if v is not None}
+    given = {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps), ("strength", args.strength)) if v is not None}
     config = SynthesisConfig(
-        **given, guidance=args.guidance, init="noise" if args.from_noise else "original", strength=args.strength,
+        **given, guidance=args.guidance, init="noise" if args.from_noise else "original",
         seed=args.seed, batch_size=args.batch_size, device=args.device, precision=args.precision,
         originals=args.originals, threads=args.threads,
     )
