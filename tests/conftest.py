@@ -1,4 +1,5 @@
 import functools
+import importlib
 import os
 import subprocess
 import sys
@@ -17,8 +18,8 @@ os.environ.setdefault("DIFFMIX_QUIET", "1")
 def _display_problem() -> str | None:
     """Why GUI tests cannot run here, or None when they can."""
     try:
-        import napari  # noqa: F401
-        import qtpy  # noqa: F401
+        for module in ("napari", "qtpy"):
+            importlib.import_module(module)
     except Exception as exc:  # ImportError, or a Qt binding that fails to load
         return f"napari/Qt not importable ({exc}); install the 'testing' extra"
     if os.environ.get("QT_QPA_PLATFORM", "").lower() == "offscreen":

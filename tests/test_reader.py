@@ -10,7 +10,7 @@ pytest.importorskip("napari")
 from napari_diffmix._reader import get_reader  # noqa: E402
 from napari_diffmix._writer import write_labels  # noqa: E402
 from napari_diffmix.classes import CONSEP, DEMO, GLYSAC  # noqa: E402
-from napari_diffmix.errors import DatasetError, StoreError  # noqa: E402
+from napari_diffmix.errors import StoreError  # noqa: E402
 
 
 def _by_name(layers):

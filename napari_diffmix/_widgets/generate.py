@@ -65,12 +65,15 @@ def warm_up_imports() -> None:
     event loop for up to half a second during the first generation; done while the widget
     opens, it costs a moment once and no run ever pays it.
     """
+    import importlib
+
     import diffusers
 
     for name in ("DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"):
         getattr(diffusers, name)
-    from .. import train  # noqa: F401  (its device helper; imports the model modules)
-    from ..model import checkpoint, condition, samplers  # noqa: F401
+    # train for its device helper (it imports the model modules too)
+    for module in ("train", "model.checkpoint", "model.condition", "model.samplers"):
+        importlib.import_module(f"napari_diffmix.{module}")
 
 
 def available_bytes(device: Any) -> int | None:
