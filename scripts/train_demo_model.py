@@ -161,7 +161,7 @@ travel inside the file.
 | diffusion | 1000 linear-beta steps, hybrid loss (epsilon MSE + VLB for sigma) |
 | default guidance | {guidance:g} (classifier-free; 1.5, the published value for the large model, is muddy at this size) |
 | weights | EMA (0.999 with warm-up), float32, {size_mb:.1f} MB, sha256 `{sha256}` |
-| trained | {step} steps, {stages}; batch 12 random 64 px crops with the 8 flips/rotations; AdamW, grad clip 1, bf16 autocast, seed 0; about {hours:.1f} h on one shared CPU core |
+| trained | {step} steps, {stages}; batch 12 random 64 px crops with the 8 flips/rotations; offset noise 0.1; AdamW, grad clip 1, bf16 autocast, seed 0; about {hours:.1f} h on one shared CPU core |
 | loss | {first_loss:.3f} at the first log row, {final_loss:.4f} mean over the last 500 steps (epsilon MSE {final_mse:.4f}) |
 | code | napari-diffmix commit {commit}; reproduce with `python scripts/train_demo_model.py --out RUN --ship` |
 

@@ -161,8 +161,8 @@ def test_resume_is_bit_for_bit(tmp_path, data):
     resume point so the schedule is exercised too.
     """
     stages = (Stage(15, 1e-3, 0.0), Stage(9, 4e-4, 0.3))
-    one = train(tiny(tmp_path, "one", stages=stages, ema_rate=0.99), data, scheme=DEMO)
-    cfg = tiny(tmp_path, "two", stages=stages, ema_rate=0.99, save_every=5)
+    one = train(tiny(tmp_path, "one", stages=stages, ema_rate=0.99, offset_noise=0.1), data, scheme=DEMO)
+    cfg = tiny(tmp_path, "two", stages=stages, ema_rate=0.99, offset_noise=0.1, save_every=5)
     first = train(cfg, data, scheme=DEMO, max_steps=12)
     assert first.interrupted and first.step == 12 and first.checkpoint.name == "step-0000012.pt"
     second = train(cfg, data, scheme=DEMO, resume="auto")
