@@ -79,6 +79,8 @@ def time_steps(model: SDMUNet, batch: int, size: int, reps: int, clock) -> dict[
     """Seconds per guided step for every mode; ``fill``: the first step's extra (cache build)."""
     cond = condition(batch, model.config.cond_channels, size)
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # warm-up (allocator, oneDNN kernels) so that no mode pays for it
+        model(x, torch.full((batch,), 500), cond)
     out = {}
     for name, (cfg, guidance, cache, precision, decoder) in MODES.items():
         runner = Sampler(model, cache=cache, precision=precision, cfg_decoder=decoder)

@@ -24,7 +24,7 @@ forwards per step with no cache, exactly as the DiffMix reference code does.
 Two presets:
 
 * :data:`FAST_SETTINGS` (the product default): DPM-Solver++(2M), 15 steps, batched CFG; with
-  a :class:`Sampler` (SPADE cache on). 15 steps land within ~1/255 of 100-step DDIM from the
+  a :class:`Sampler` (SPADE cache on). 15 steps land within 1-2/255 of 100-step DDIM from the
   same noise on a trained model (:func:`ode_agreement`, tested).
 * :data:`DIFFMIX_SETTINGS` (the published sampling): 100-step DDIM respacing, start from the
   original patch noised to 55 % of the schedule (SDEdit) and take 55 deterministic DDIM steps,
