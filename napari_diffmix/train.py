@@ -31,9 +31,7 @@ import math
 import os
 import random
 import re
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +44,7 @@ from tqdm import tqdm
 from .atomic import atomic_path, write_json
 from .classes import ClassScheme, load_scheme
 from .errors import CheckpointError, DatasetError, DiffMixError, LabelError
-from .progress import progress_bar
+from .progress import StopRequests, progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -405,6 +403,7 @@ def validation_crops(sources: Sequence[Source], crop_size: int, count: int, seed
 
 
 def resolve_device(spec: str | torch.device = "auto", local_rank: int = 0) -> torch.device:
+    """The torch device for a user's choice (CLI option or widget); 'auto' prefers CUDA, then MPS."""
     spec = str(spec)
     if spec == "auto":
         if torch.cuda.is_available():
@@ -418,11 +417,11 @@ def resolve_device(spec: str | torch.device = "auto", local_rank: int = 0) -> to
         raise TrainingError(f"device {spec!r} is not one of auto, cpu, cuda, cuda:N, mps") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise TrainingError("--device cuda was asked for but PyTorch sees no CUDA GPU (torch.cuda.is_available() is False)")
+            raise TrainingError(f"device {spec!r} was asked for but PyTorch sees no CUDA GPU (torch.cuda.is_available() is False); use 'auto' or 'cpu'")
         if device.index is None:
             device = torch.device("cuda", local_rank)
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise TrainingError("--device mps was asked for but the MPS backend is not available")
+        raise TrainingError(f"device {spec!r} was asked for but the MPS backend is not available; use 'auto' or 'cpu'")
     return device
 
 
@@ -461,7 +460,7 @@ def setup_distributed(device_spec: str) -> tuple[DistInfo, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo(), resolve_device(device_spec)
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_spec, local_rank)
     if device.type == "mps":
         raise TrainingError("multi-process training is not supported on MPS; use one process or CUDA/CPU")
@@ -691,40 +690,6 @@ class _CsvLog:
             self.tb.close()
 
 
-class _StopRequests:
-    """Ctrl-C / SIGTERM finish the current step, save and return; a second Ctrl-C aborts.
-
-    Handlers are installed only from the main thread (a napari worker thread passes
-    ``should_stop`` instead).
-    """
-
-    def __init__(self, should_stop: Callable[[], bool] | None):
-        self.should_stop = should_stop
-        self.requested: str | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> "_StopRequests":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
-        log.warning("%s received: finishing this step and saving a checkpoint (Ctrl-C again aborts without saving)", self.requested)
-
-    def poll(self) -> bool:
-        if self.requested is None and self.should_stop is not None and self.should_stop():
-            self.requested = "stop request"
-        return self.requested is not None
-
-
 # ----------------------------------------------------------------------------------------
 # model construction, export, sampling
 
@@ -950,7 +915,7 @@ def _run(config, scheme, sources, val_crops, info, device, out_dir, resume, pbar
     start_step = step
     stopped = False
 
-    with _StopRequests(should_stop) as stop, progress_bar(pbar if info.is_main else tqdm(disable=True), total, "train", unit="step") as bar:
+    with StopRequests(should_stop, "finishing this step and saving a checkpoint (Ctrl-C again aborts without saving)") as stop, progress_bar(pbar if info.is_main else tqdm(disable=True), total, "train", unit="step") as bar:
         _set_bar_start(bar, step)
         while step < stop_at:
             _, stage = stage_at(config.stages, step)

@@ -29,7 +29,6 @@ import csv
 import datetime
 import json
 import logging
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +36,6 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-SHIP_DIR = REPO / "napari_diffmix" / "resources" / "models" / "demo"
 GRID_PNG = REPO / "docs" / "images" / "demo_samples.png"
 EVAL_SIZE = 128
 EVAL_STEPS = 20
@@ -123,12 +121,14 @@ def _grid(rendered, windows) -> np.ndarray:
 
 
 def ship(model_file: Path, run: Path, report, rendered, windows) -> None:
+    from napari_diffmix.atomic import write_bytes, write_text
+    from napari_diffmix.model.checkpoint import BUNDLED_MODEL_DIR as SHIP_DIR
     from napari_diffmix.model.checkpoint import load_model
     from napari_diffmix.train import write_png
 
     SHIP_DIR.mkdir(parents=True, exist_ok=True)
     target = SHIP_DIR / "demo.safetensors"
-    shutil.copyfile(model_file, target)
+    write_bytes(target, model_file.read_bytes())
     _, info = load_model(target)
     step = info.extra["training"]["step"]
     summary = training_summary(run, step)
@@ -142,8 +142,8 @@ def ship(model_file: Path, run: Path, report, rendered, windows) -> None:
         stages=", ".join(f"{s['steps']} steps at lr {s['lr']:g} (condition dropout {s['cond_dropout']:g})" for s in info.extra["training"]["stages"]),
         **summary,
     )
-    (SHIP_DIR / "MODEL_CARD.md").write_text(card)
-    (SHIP_DIR / "quality.json").write_text(json.dumps({"step": step, **report.to_dict(), **summary}, indent=2) + "\n")
+    write_text(SHIP_DIR / "MODEL_CARD.md", card)
+    write_text(SHIP_DIR / "quality.json", json.dumps({"step": step, **report.to_dict(), **summary}, indent=2) + "\n")
     print(f"shipped {target} (step {step}) and {GRID_PNG}")
 
 

@@ -18,8 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _subprocess import process_group, run_group
 
 from napari_diffmix.classes import DEMO
+from napari_diffmix.model.checkpoint import bundled_model_path
 from napari_diffmix.errors import DatasetError, DiffMixError, LabelError, SchemeError
 from napari_diffmix.train import (
     CropStream,
@@ -247,8 +249,7 @@ def test_sigkill_mid_save_leaves_previous_checkpoint(tmp_path, data):
         T.train(cfg, data, scheme=DEMO)
     """))
     env = {**os.environ, "DIFFMIX_QUIET": "1"}
-    proc = subprocess.Popen([sys.executable, str(script)], env=env, stderr=subprocess.PIPE)
-    try:
+    with process_group([sys.executable, str(script)], env=env, stderr=subprocess.PIPE) as proc:
         deadline = time.monotonic() + 120
         while not marker.exists():
             assert proc.poll() is None, proc.stderr.read().decode()
@@ -256,10 +257,6 @@ def test_sigkill_mid_save_leaves_previous_checkpoint(tmp_path, data):
             time.sleep(0.1)
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stderr.close()
     folder = tmp_path / "run" / "checkpoints"
     debris = [p for p in folder.iterdir() if p.name.startswith(".step-0000010")]
     assert debris, "the killed save should have left its temporary file"
@@ -386,9 +383,9 @@ def test_ddp_two_cpu_processes_stay_identical(tmp_path, data):
         open({str(tmp_path)!r} + f"/rank{{rank}}.txt", "w").write(T.weights_digest(r.model) + " " + T.weights_digest(r.ema_model))
     """))
     env = {**os.environ, "DIFFMIX_QUIET": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
+    proc = run_group(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
-        env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        300, env=env, capture_output=True, text=True, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     digests = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
@@ -467,10 +464,10 @@ def test_render_and_measure_runs_on_a_tiny_model(data):
     assert not report.passed
 
 
-DEMO_MODEL = REPO / "napari_diffmix" / "resources" / "models" / "demo" / "demo.safetensors"
+DEMO_MODEL = bundled_model_path()
 
 
-@pytest.mark.skipif(not DEMO_MODEL.is_file(), reason="the demo model has not been trained and shipped yet")
+@pytest.mark.skipif(DEMO_MODEL is None, reason="the demo model has not been trained and shipped yet")
 def test_shipped_demo_model_loads_and_renders():
     from napari_diffmix.model.checkpoint import load_model
     from napari_diffmix.model.condition import condition_batch

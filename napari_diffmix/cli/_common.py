@@ -29,10 +29,13 @@ def add_dataset_arguments(
     add_layout_argument(p)
 
 
-def add_device_arguments(group: Any, *, threads: bool = True, torchrun: bool = False) -> None:
-    """``--device`` (and ``--threads``) in an argument group."""
+def add_device_arguments(group: Any, *, threads: bool = True, torchrun: bool = False, default: str | None = "auto") -> None:
+    """``--device`` (and ``--threads``) in an argument group.
+
+    ``default=None`` leaves "not given" visible to commands that fill gaps from a saved config.
+    """
     per_rank = "; under torchrun one GPU per rank" if torchrun else ""
-    group.add_argument("--device", default="auto", help=f"auto, cpu, cuda, cuda:N or mps (default: auto{per_rank})")
+    group.add_argument("--device", default=default, help=f"auto, cpu, cuda, cuda:N or mps (default: auto{per_rank})")
     if threads:
         group.add_argument("--threads", type=int, help="CPU threads for PyTorch")
 

@@ -14,6 +14,8 @@ import os
 import sys
 from pathlib import Path
 
+from ._common import SCHEME_HELP, add_device_arguments, add_layout_argument
+
 EPILOG = """examples:
   diffmix train demo --preset demo --out runs/demo
   diffmix train /data/CoNSeP/Train --scheme consep --preset diffmix-consep --out runs/consep
@@ -33,8 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("data", nargs="*", help="datasets: CoNSeP/GLySAC/generic folders, PanNuke npy, or 'demo' (the bundled tile's training split)")
-    p.add_argument("--scheme", help="class scheme: consep, glysac, demo or a JSON/YAML file (default: the dataset's)")
-    p.add_argument("--layout", default="auto", help="dataset layout for the readers (default: auto)")
+    p.add_argument("--scheme", help=SCHEME_HELP)
+    add_layout_argument(p, of="the datasets")
     p.add_argument("--val", nargs="*", help="held-out datasets whose label maps the sample grids render ('demo' = the demo's held-out split)")
     p.add_argument("--preset", choices=_preset_names(), help="training recipe (default: demo, or the run's own with --resume)")
     p.add_argument("--out", "-o", help="run folder: checkpoints, log.csv, samples, exported model (default: runs/<preset>)")
@@ -56,8 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--noise-schedule", choices=("linear", "cosine"))
     g.add_argument("--guidance", type=float, help="default classifier-free guidance stored with the model and used for sample grids")
     h = p.add_argument_group("hardware")
-    h.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
-    h.add_argument("--threads", dest="num_threads", type=int, help="CPU threads for PyTorch")
+    add_device_arguments(h, torchrun=True, default=None)
     h.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), help="autocast dtype (auto: bf16/fp16 on GPU, fp32 on CPU)")
     h.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, help="recompute activations in backward: less memory")
     h.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="NHWC activations (faster convolutions on CPUs and tensor cores)")
@@ -115,10 +116,12 @@ def run(args: argparse.Namespace) -> int:
     overrides = {
         k: getattr(args, k)
         for k in ("batch_size", "crop_size", "weight_decay", "ema_rate", "ema_warmup", "augment", "num_timesteps",
-                  "noise_schedule", "guidance", "device", "num_threads", "precision", "grad_checkpointing", "channels_last", "grad_clip",
+                  "noise_schedule", "guidance", "device", "precision", "grad_checkpointing", "channels_last", "grad_clip",
                   "seed", "save_every", "keep_last", "log_every", "sample_every", "sample_steps", "init")
         if getattr(args, k) is not None
     }
+    if args.threads is not None:
+        overrides["num_threads"] = args.threads
     overrides["out_dir"] = str(out or run_dir or (config.out_dir if saved is not None else Path("runs") / (args.preset or "demo")))
     if args.model:
         overrides["model"] = _read_json(Path(args.model), "UNet config") if args.model.endswith(".json") else args.model
