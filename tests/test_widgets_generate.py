@@ -177,10 +177,11 @@ def test_official_guided_diffusion_checkpoint_with_a_preset(generate, monkeypatc
 def test_errors_reach_the_user_as_notifications(generate, errors, monkeypatch, tmp_path):
     import torch
 
-    from napari_diffmix._widgets import _model_picker, generate as generate_module
+    from napari_diffmix._widgets import _model_picker
     from napari_diffmix._widgets._layers import nuclei_layer_data
     from napari_diffmix._widgets._workers import NOTHREADS_ENV
     from napari_diffmix.classes import CONSEP
+    from napari_diffmix.model import samplers
 
     viewer, widget = generate
     monkeypatch.setenv(NOTHREADS_ENV, "1")
@@ -205,7 +206,7 @@ def test_errors_reach_the_user_as_notifications(generate, errors, monkeypatch, t
     widget.labels_combo.setCurrentText("crop nuclei")
     # A label map too large for the memory left.
     with monkeypatch.context() as patch:
-        patch.setattr(generate_module, "available_bytes", lambda device: 100_000)
+        patch.setattr(samplers, "free_bytes", lambda device: 100_000)
         widget.generate_button.click()
     assert "too large for memory" in errors[-1] and "only 0.1 MiB are free" in errors[-1]
     # CUDA asked for, none present.

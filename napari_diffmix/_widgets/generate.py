@@ -76,18 +76,6 @@ def warm_up_imports() -> None:
         importlib.import_module(f"napari_diffmix.{module}")
 
 
-def available_bytes(device: Any) -> int | None:
-    """Free memory on ``device`` (None when it cannot be known)."""
-    import torch
-
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (AttributeError, ValueError, OSError):
-        return None
-
-
 def _size(n: float) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
@@ -363,6 +351,7 @@ class GenerateWidget(JobWidget, QWidget):
     def _job(self, req: Request):
         import torch
 
+        from ..model import samplers
         from ..model.condition import make_condition
         from ..model.samplers import condition_key, preview
 
@@ -376,7 +365,7 @@ class GenerateWidget(JobWidget, QWidget):
             )
         h, w = req.inst_map.shape
         need = h * w * 4 * (CANVAS_TENSORS + info.scheme.condition_channels)
-        free = available_bytes(runner.device)
+        free = samplers.free_bytes(runner.device)
         if free is not None and need > free:
             raise LabelError(
                 f"the {h}x{w} label map is too large for memory: it needs about {_size(need)} on {runner.device} "

@@ -57,6 +57,7 @@ __all__ = [
     "StepRecord",
     "Sampler",
     "sample",
+    "free_bytes",
     "to_uint8",
     "from_uint8",
     "preview",
@@ -233,7 +234,7 @@ def _resolve_diffusion(diffusion: Any, model: torch.nn.Module) -> GaussianDiffus
     return GaussianDiffusion(config)
 
 
-def _free_bytes(device: torch.device) -> int | None:
+def free_bytes(device: torch.device) -> int | None:
     """Free memory on ``device`` now, or None where it cannot be asked."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
@@ -619,7 +620,7 @@ class Sampler:
     def _spade_budget(self, windows: int) -> int | None:
         total = self.cache_max_bytes
         if total is None:
-            free = _free_bytes(self.device)
+            free = free_bytes(self.device)
             total = None if free is None else free // 2
         return None if total is None else total // windows
 
