@@ -5,13 +5,21 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from ._common import SCHEME_HELP, add_device_arguments, add_layout_argument
 
 TRAIN_EPILOG = """examples:
   diffmix train-seg --data /data/CoNSeP/Train --scheme consep --out models/hovernet --steps 20000
   diffmix train-seg --data /data/CoNSeP/Train --scheme consep --synthetic synthetic.zarr --out models/hovernet+syn
+  diffmix train-seg --out models/hovernet --resume          # continue after Ctrl-C / a crash (same data and settings)
+  diffmix train-seg --out models/hovernet --resume --steps 40000   # train a finished model further
   torchrun --nproc_per_node=4 -m napari_diffmix train-seg --data /data/CoNSeP/Train --scheme consep --out models/h
+
+The model folder is also the checkpoint: it is rewritten atomically every --checkpoint-every
+steps, at the end and on Ctrl-C / SIGTERM, with train_state.pt (optimizer, step, history, RNG
+states) beside the weights. --resume continues from it and ends with the weights an
+uninterrupted run would have had; the run's data, scheme and settings are reused unless given.
 """
 
 PREDICT_EPILOG = """examples:
@@ -29,18 +37,28 @@ other metric for both runs and their difference.
 """
 
 
+# Training options default to "not given" (None) so that --resume can tell them from the
+# run's own settings; _configs fills in these defaults (SegTrainConfig's and the preset).
+TRAIN_OPTIONS = ("steps", "batch_size", "crop_size", "lr", "weight_decay", "seed", "checkpoint_every", "device", "precision")
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and training")
-    g.add_argument("--preset", default="small", choices=("tiny", "small", "base"), help="network size (default: small)")
+    g.add_argument("--preset", choices=("tiny", "small", "base"), help="network size (default: small)")
     g.add_argument("--width", type=int, help="base channel width (overrides the preset's)")
-    g.add_argument("--steps", type=int, default=2000, help="training steps (default: 2000)")
-    g.add_argument("--batch-size", type=int, default=8, help="crops per step and process (default: 8)")
-    g.add_argument("--crop-size", type=int, default=256, help="training crop size in px (default: 256)")
-    g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default: 1e-4)")
-    g.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default: 1e-4)")
-    g.add_argument("--seed", type=int, default=0, help="seed for weights and crops (default: 0)")
-    g.add_argument("--checkpoint-every", type=int, default=500, help="save the model every N steps (default: 500)")
-    add_device_arguments(p.add_argument_group("hardware"))
+    g.add_argument("--steps", type=int, help="training steps in all (default: 2000)")
+    g.add_argument("--batch-size", type=int, help="crops per step and process (default: 8)")
+    g.add_argument("--crop-size", type=int, help="training crop size in px (default: 256)")
+    g.add_argument("--lr", type=float, help="AdamW learning rate (default: 1e-4)")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default: 1e-4)")
+    g.add_argument("--seed", type=int, help="seed for weights and crops (default: 0)")
+    g.add_argument("--checkpoint-every", type=int, help="save the model and its training state every N steps (default: 500)")
+    h = p.add_argument_group("hardware")
+    add_device_arguments(h, default=None)
+    h.add_argument(
+        "--precision", choices=("auto", "fp32", "bf16", "fp16"),
+        help="autocast dtype (default: auto: bf16, or fp16 with loss scaling, on GPU; fp32 on CPU)",
+    )
 
 
 def _predict_args(p: argparse.ArgumentParser) -> None:
@@ -62,8 +80,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--scheme", help=SCHEME_HELP)
     add_layout_argument(t, of="--data")
     t.add_argument("--synthetic", help="synthetic zarr store to add to the training pool (alone if --data is not given)")
-    t.add_argument("--out", "-o", required=True, help="model folder to write (model.safetensors + config.json)")
-    t.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
+    t.add_argument("--out", "-o", required=True, help="model folder to write (model.safetensors, config.json, train_state.pt)")
+    again = t.add_mutually_exclusive_group()
+    again.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
+    again.add_argument(
+        "--resume", action="store_true",
+        help="continue the run saved in --out (or extend it with a larger --steps); a new run if --out is empty",
+    )
     _model_args(t)
     t.set_defaults(func=run_train)
 
@@ -104,29 +127,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.set_defaults(func=run_compare)
 
 
-def _configs(args: argparse.Namespace, num_classes: int):
+def _configs(args: argparse.Namespace, num_classes: int, saved: dict | None = None):
+    """(SegConfig, SegTrainConfig) from the options; ``saved``, a resumed model folder's
+    config.json, supplies what the options leave out instead of the defaults."""
+    import dataclasses
+
+    from ..errors import DiffMixError
     from ..seg.model import SegConfig
     from ..seg.train import SegTrainConfig
 
-    overrides = {} if args.width is None else {"width": args.width}
-    try:
-        model_config = SegConfig.preset(args.preset, num_classes, **overrides)
-    except ValueError as exc:
-        from ..errors import DiffMixError
-
-        raise DiffMixError(str(exc)) from None
-    train_config = SegTrainConfig(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        crop_size=args.crop_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        seed=args.seed,
-        device=args.device,
-        checkpoint_every=args.checkpoint_every,
-        num_threads=args.threads,
-    )
-    return model_config, train_config
+    if saved is not None and args.preset is None and args.width is None:
+        model_config = SegConfig.from_dict(saved["model"])
+    else:
+        overrides = {} if args.width is None else {"width": args.width}
+        try:
+            model_config = SegConfig.preset(args.preset or "small", num_classes, **overrides)
+        except ValueError as exc:
+            raise DiffMixError(str(exc)) from None
+    base = SegTrainConfig.from_dict(saved["training"]["train"]) if saved is not None else SegTrainConfig()
+    given = {k: getattr(args, k) for k in TRAIN_OPTIONS if getattr(args, k) is not None}
+    if args.threads is not None:
+        given["num_threads"] = args.threads
+    return model_config, dataclasses.replace(base, **given)
 
 
 def _predict_kwargs(args: argparse.Namespace) -> dict:
@@ -139,13 +161,37 @@ def _predict_kwargs(args: argparse.Namespace) -> dict:
     return {"window": args.window, "overlap": args.overlap, "batch_size": args.infer_batch}
 
 
+def _saved_run(out: str) -> dict | None:
+    """config.json of the model folder --resume continues (None: nothing there yet)."""
+    from pathlib import Path
+
+    from ..seg.checkpoint import CONFIG, read_seg_meta
+
+    folder = Path(out)
+    return read_seg_meta(folder) if (folder / CONFIG).is_file() else None
+
+
 def run_train(args: argparse.Namespace) -> int:
-    from ..classes import load_scheme
+    import logging
+
+    from ..classes import ClassScheme, load_scheme
     from ..datasets import open_dataset
     from ..errors import DiffMixError, SchemeError
     from ..seg.data import open_synthetic_store
     from ..seg.train import train_segmentation
 
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    saved = _saved_run(args.out) if args.resume else None
+    if saved is not None:
+        # What the run was trained on, unless given again (then it must be the same data).
+        was = saved.get("training", {})
+        if args.data is None and args.synthetic is None:
+            args.data, args.synthetic = was.get("data"), was.get("synthetic")
+            if args.layout == "auto":
+                args.layout = was.get("layout") or "auto"
+        if args.scheme is None:
+            args.scheme = ClassScheme.from_dict(saved["scheme"], source=f"{args.out}/config.json")
     if args.data is None and args.synthetic is None:
         raise DiffMixError("give --data, --synthetic or both: there is nothing to train on")
     data = None if args.data is None else open_dataset(args.data, args.scheme, args.layout)
@@ -154,7 +200,7 @@ def run_train(args: argparse.Namespace) -> int:
     scheme = scheme or store.scheme
     if scheme is None:
         raise SchemeError(f"{args.synthetic}: the store records no class scheme; pass --scheme")
-    model_config, train_config = _configs(args, scheme.num_classes)
+    model_config, train_config = _configs(args, scheme.num_classes, saved)
     result = train_segmentation(
         data,
         scheme=scheme,
@@ -163,14 +209,17 @@ def run_train(args: argparse.Namespace) -> int:
         config=train_config,
         out_dir=args.out,
         overwrite=args.overwrite,
-        record={"data": args.data, "synthetic": args.synthetic},
+        resume=args.resume,
+        record={"data": args.data, "synthetic": args.synthetic, "layout": args.layout},
     )
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports (and saves)
         return 0
     if result.interrupted:
-        print(f"stopped after {result.steps} steps")
+        print(f"stopped at step {result.steps} of {train_config.steps}; the model and its training state are saved. "
+              f"Continue with: diffmix train-seg --out {args.out} --resume", file=sys.stderr)
     loss = f", final loss {result.last_loss:.4f}" if result.last_loss is not None else ""
-    print(f"trained {result.steps} steps in {result.elapsed_s:.0f} s{loss}; model saved to {result.out_dir}")
+    steps = f"steps {result.start_step}-{result.steps}" if result.start_step else f"{result.steps} steps"
+    print(f"trained {steps} in {result.elapsed_s:.0f} s{loss}; model saved to {result.out_dir}")
     return 0
 
 

@@ -1,6 +1,9 @@
 """Segmentation model folders: ``model.safetensors`` + ``config.json`` (architecture, class
-scheme, training record). A folder is written atomically: readers see the old model or the
-new one, never half of either.
+scheme, training record), and while a model is trained ``train_state.pt`` (optimizer, step,
+history, every RNG state: what ``diffmix train-seg --resume`` continues from). A folder is
+written atomically, all three files together: readers see the old model or the new one,
+never half of either, and the training state always belongs to the weights beside it.
+Prediction reads only the first two, so a finished model folder may drop ``train_state.pt``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from .model import HoVerNet, SegConfig
 FORMAT = "napari-diffmix-seg/1"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+TRAIN_STATE = "train_state.pt"
+STATE_FORMAT = "napari-diffmix-seg-train/1"
 
 
 @dataclass
@@ -40,8 +45,9 @@ def is_seg_model_dir(path: str | os.PathLike) -> bool:
         return False
 
 
-def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse to replace a folder that is not a segmentation model, or one that is unless ``overwrite``."""
+def check_output_dir(path: str | os.PathLike, overwrite: bool, *, resume: bool = False) -> Path:
+    """Refuse to replace a folder that is not a segmentation model, or one that is unless
+    ``overwrite`` (or ``resume``, which continues the model's training instead)."""
     path = Path(path)
     if path.exists():
         if not path.is_dir():
@@ -49,29 +55,54 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
         if any(path.iterdir()):
             if not is_seg_model_dir(path):
                 raise CheckpointError(f"{path}: folder exists and does not hold a segmentation model; choose an empty or new folder")
-            if not overwrite:
-                raise CheckpointError(f"{path}: a segmentation model is already there; pass --overwrite to replace it")
+            if not (overwrite or resume):
+                raise CheckpointError(
+                    f"{path}: a segmentation model is already there; pass --overwrite to replace it or --resume to continue its training"
+                )
     return path
 
 
 def save_seg_model(
-    model: torch.nn.Module, path: str | os.PathLike, scheme: ClassScheme, training: Mapping[str, Any] | None = None
+    model: torch.nn.Module,
+    path: str | os.PathLike,
+    scheme: ClassScheme,
+    training: Mapping[str, Any] | None = None,
+    state: Mapping[str, Any] | None = None,
 ) -> Path:
+    """Write the model folder; ``state`` (tensors, numbers, strings and containers of them,
+    so that it loads with ``weights_only``) becomes its ``train_state.pt``."""
     from safetensors.torch import save_file
 
     from ..atomic import atomic_dir, write_json
 
     model = getattr(model, "module", model)  # unwrap DistributedDataParallel
     config: SegConfig = model.config
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     path = Path(path)
     with atomic_dir(path) as tmp:
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        save_file(weights, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         write_json(
             tmp / CONFIG,
             {"format": FORMAT, "model": config.to_dict(), "scheme": scheme.to_dict(), "training": dict(training or {})},
         )
+        if state is not None:
+            torch.save({**state, "format": STATE_FORMAT}, tmp / TRAIN_STATE)
     return path
+
+
+def read_seg_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The checked ``config.json`` of a model folder: ``model``, ``scheme`` and ``training``."""
+    path = Path(path)
+    cfg_path = path / CONFIG
+    if not path.is_dir() or not cfg_path.is_file():
+        raise CheckpointError(f"{path}: no segmentation model folder here (expected {CONFIG} and {WEIGHTS})")
+    try:
+        meta = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{cfg_path}: not a napari-diffmix segmentation model (format {meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r})")
+    return meta
 
 
 def load_seg_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[HoVerNet, SegModelInfo]:
@@ -85,12 +116,7 @@ def load_seg_model(path: str | os.PathLike, device: str | torch.device = "cpu") 
     cfg_path, w_path = path / CONFIG, path / WEIGHTS
     if not cfg_path.is_file() or not w_path.is_file():
         raise CheckpointError(f"{path}: a segmentation model folder needs {CONFIG} and {WEIGHTS}")
-    try:
-        meta = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise CheckpointError(f"{cfg_path}: not valid JSON ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{cfg_path}: not a napari-diffmix segmentation model (format {meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r})")
+    meta = read_seg_meta(path)
     config = SegConfig.from_dict(meta.get("model", {}))
     try:
         scheme = ClassScheme.from_dict(meta.get("scheme", {}), source=str(cfg_path))
@@ -109,3 +135,35 @@ def load_seg_model(path: str | os.PathLike, device: str | torch.device = "cpu") 
         raise CheckpointError(f"{w_path}: weights do not fit the configured architecture: {str(exc).splitlines()[0]}") from None
     model.to(device).eval()
     return model, SegModelInfo(config, scheme, dict(meta.get("training", {})), path)
+
+
+@dataclass
+class SegRun:
+    """A model folder written by training: the model, its info and its ``train_state.pt``."""
+
+    model: HoVerNet
+    info: SegModelInfo
+    state: dict[str, Any]
+
+
+def load_seg_run(path: str | os.PathLike) -> SegRun | None:
+    """What ``--resume`` continues from: None when ``path`` holds nothing yet (a new run
+    starts), else the model and its training state (CheckpointError if either is missing or
+    unreadable). The state is read with ``weights_only``: tensors and plain data only."""
+    path = Path(path)
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return None
+    model, info = load_seg_model(path)
+    state_path = path / TRAIN_STATE
+    if not state_path.is_file():
+        raise CheckpointError(
+            f"{path}: the model has no training state ({TRAIN_STATE}), so its training cannot be resumed; "
+            "pass --overwrite to train a new model there"
+        )
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, corrupt or not a torch file: one clear line
+        raise CheckpointError(f"{state_path}: cannot read the training state ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{state_path}: not a napari-diffmix segmentation training state (expected format {STATE_FORMAT!r})")
+    return SegRun(model, info, state)
