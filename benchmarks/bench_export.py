@@ -10,6 +10,9 @@ timings the job records. Run by hand::
 
     python benchmarks/bench_export.py [--preset demo] [--size 128] [--items 16] [--batch-size 8]
                                       [--device auto] [--steps 15] [--strength 0.55]
+
+Measured (shared 2-core AMD EPYC, demo preset, 128 px, 2026-11-25): 0.11 % of the time outside
+the sampler; 9.2 s per item, nearly all of it sampling.
 """
 
 from __future__ import annotations

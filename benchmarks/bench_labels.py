@@ -4,6 +4,9 @@ Targets (2 CPU cores): <= 0.5 s per balancing map of a 1000x1000 tile with ~1,30
 (donors from a multi-tile pool, as in a CoNSeP-sized dataset), and >= 200 enlarging maps/s
 on 256 px patches. The published GradMix script spends minutes per tile.
 Run by hand: ``python benchmarks/bench_labels.py [--tiles 27] [--repeat 3] [--maps 1000]``.
+
+Measured (shared 2-core AMD EPYC, a training job on the other core, 2026-11-25): 0.074 s per
+balancing map with 600 nuclei, 0.084 s with 1,299; 419 enlarging maps/s.
 """
 
 from __future__ import annotations

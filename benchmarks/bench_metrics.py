@@ -2,6 +2,9 @@
 
 Target: >= 5 images/s on 2 CPU cores (the CoNSeP test set, 14 tiles, in under 3 s).
 Run by hand: ``python benchmarks/bench_metrics.py [--images 10] [--size 1000] [--nuclei 600]``.
+
+Measured (shared 2-core AMD EPYC, a training job on the other core, 2026-11-25): 7.3 images/s
+wall clock, 11.8 images/s by CPU time.
 """
 
 from __future__ import annotations

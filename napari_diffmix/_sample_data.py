@@ -14,14 +14,14 @@ BLANK_SIZE = 256
 
 
 def demo_tile() -> list[tuple]:
-    """The demo H&E tile (scikit-image's IHC image) and its nuclei (scheme ``demo``)."""
+    """The demo tile (scikit-image's IHC image) and its nuclei (scheme ``demo``)."""
     from .classes import DEMO
     from .demo_data import load_demo_tile
 
     tile = load_demo_tile()
     inst_types = tile.inst_types
     return [
-        image_layer_data(tile.image, "demo H&E", inst_map=tile.inst_map, type_map=tile.type_map, source=tile.source),
+        image_layer_data(tile.image, "demo IHC", inst_map=tile.inst_map, type_map=tile.type_map, source=tile.source),
         nuclei_layer_data(tile.inst_map, inst_types, DEMO, "demo nuclei", source=tile.source),
     ]
 

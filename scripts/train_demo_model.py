@@ -14,9 +14,9 @@ thread count or PyTorch version differ in rounding (bf16 autocast) and so in the
 not in the recipe. The shipped model's final training loss (mean of the last 500 steps) is
 given in its MODEL_CARD.md.
 
-``--ship`` renders every 128 px window of the held-out split with the product's default
-sampler (DPM-Solver++(2M), 20 steps, the model's default guidance), measures it with
-napari_diffmix.quality against the real tissue, and writes
+``--ship`` renders every 128 px window of the held-out split from noise with DPM-Solver++(2M)
+at 20 steps (5 more than the product's default 15) and the model's default guidance, measures
+it with napari_diffmix.quality against the real tissue, and writes
 ``napari_diffmix/resources/models/demo/{demo.safetensors, MODEL_CARD.md}`` and
 ``docs/images/demo_samples.png``. It refuses to ship a model that fails the measure unless
 ``--force``.

@@ -268,7 +268,7 @@ def test_plugin_opens_from_the_manifest_with_the_demo_sample(make_napari_viewer,
     _, widget = viewer.window.add_plugin_dock_widget("napari-diffmix", "Nuclei editor")
     assert widget.canvas is not None and widget.canvas.layer.name == "demo nuclei"
     names = [layer.name for layer in viewer.layers]
-    assert names == ["demo H&E", "demo nuclei classes", "demo nuclei"]
+    assert names == ["demo IHC", "demo nuclei classes", "demo nuclei"]
     assert widget.canvas.counts().sum() == len(widget.canvas.layer.features)
     # File > Save with the plugin's writer, and open it again with its reader.
     (path,) = napari.save_layers(str(tmp_path / "edited.npz"), [widget.canvas.layer], plugin="napari-diffmix")

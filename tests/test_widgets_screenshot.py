@@ -40,7 +40,7 @@ def test_render_of_the_demo_labels_looks_like_tissue(make_napari_viewer, tmp_pat
 
     viewer = make_napari_viewer(show=True)
     viewer.window._qt_window.resize(1500, 950)
-    data, kwargs, _ = image_layer_data(original, "demo H&E", inst_map=inst_map, type_map=type_map)
+    data, kwargs, _ = image_layer_data(original, "demo IHC", inst_map=inst_map, type_map=type_map)
     viewer.add_image(data, **kwargs)
     data, kwargs, _ = nuclei_layer_data(inst_map, inst_types, DEMO, "demo nuclei")
     viewer.add_labels(data, **kwargs)

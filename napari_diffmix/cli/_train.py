@@ -72,7 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--sample-every", type=int, help="EMA sample grid PNG every N steps (0 = never)")
     r.add_argument("--sample-steps", type=int, help="sampler steps for the grids")
     r.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after this many steps in this invocation")
-    r.add_argument("--export", help="where to write the EMA model (default: <out>/model at the end of training)")
+    r.add_argument("--export", help="where to write the EMA model (default: <out>/model.safetensors at the end of training)")
     r.add_argument("--export-only", action="store_true", help="do not train: export the EMA weights of --resume's checkpoint")
     p.set_defaults(func=run)
 
