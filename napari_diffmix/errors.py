@@ -37,3 +37,16 @@ class CheckpointError(DiffMixError, ValueError):
 
 class StoreError(DiffMixError, ValueError):
     """An output store exists with another plan, is corrupt, or cannot be written."""
+
+
+class OutputError(DiffMixError, OSError):
+    """An output file or folder cannot be created or replaced (a file in the way, no
+    permission, a full disk). Still an ``OSError`` with the original ``errno``."""
+
+    def __init__(self, path: str | os.PathLike, cause: OSError):
+        self.path = os.fspath(path)
+        self.message = f"cannot write {self.path}: {cause.strerror or cause}"
+        super().__init__(cause.errno, self.message)
+
+    def __str__(self) -> str:
+        return self.message

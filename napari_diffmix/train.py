@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .atomic import atomic_path, write_json
+from .atomic import atomic_path, save_png, write_json
 from .classes import ClassScheme, load_scheme
 from .errors import CheckpointError, DatasetError, DiffMixError, LabelError
 from .progress import StopRequests, progress_bar
@@ -803,13 +803,6 @@ def sample_grid(crops: Sequence[Source], samples: np.ndarray, scheme: ClassSchem
     return grid
 
 
-def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
-    from PIL import Image
-
-    with atomic_path(path, suffix=".png") as tmp:
-        Image.fromarray(image).save(tmp, format="PNG")
-
-
 # ----------------------------------------------------------------------------------------
 # the loop
 
@@ -974,7 +967,7 @@ def _run(config, scheme, sources, val_crops, info, device, out_dir, resume, pbar
                 last_ckpt = _save_training_state(out_dir, step, config, model_cfg, scheme, model, ema_model, opt, scaler, stream, noise_gen, info, device)
             if info.is_main and config.sample_every and (step % config.sample_every == 0 or step == total):
                 grid = sample_grid(val_crops, render_samples(ema_model, val_crops, scheme, config, device), scheme)
-                write_png(out_dir / "samples" / f"step-{step:07d}.png", grid)
+                save_png(out_dir / "samples" / f"step-{step:07d}.png", grid)
             if stopped:
                 if info.is_main:
                     log.warning("stopped at step %d (%s); resume with --resume", step, stop.requested or "another process")

@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from napari_diffmix.classes import DEMO
     from napari_diffmix.demo_data import demo_split
-    from napari_diffmix.train import TrainConfig, export_checkpoint, list_checkpoints, train, write_png
+    from napari_diffmix.atomic import save_png
+    from napari_diffmix.train import TrainConfig, export_checkpoint, list_checkpoints, train
 
     run = Path(args.out)
     split = demo_split()
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     report, rendered, windows = measure(model_file, split.held_out)
     print(report.table())
     if not args.ship:
-        write_png(run / f"eval-{ckpt.stem}.png", _grid(rendered, windows))
+        save_png(run / f"eval-{ckpt.stem}.png", _grid(rendered, windows))
         return 0 if report.passed else 1
     if not report.passed and not args.force:
         print("the model fails the acceptance measure; not shipped (--force ships anyway)", file=sys.stderr)
@@ -121,10 +122,9 @@ def _grid(rendered, windows) -> np.ndarray:
 
 
 def ship(model_file: Path, run: Path, report, rendered, windows) -> None:
-    from napari_diffmix.atomic import write_bytes, write_text
+    from napari_diffmix.atomic import save_png, write_bytes, write_text
     from napari_diffmix.model.checkpoint import BUNDLED_MODEL_DIR as SHIP_DIR
     from napari_diffmix.model.checkpoint import load_model
-    from napari_diffmix.train import write_png
 
     SHIP_DIR.mkdir(parents=True, exist_ok=True)
     target = SHIP_DIR / "demo.safetensors"
@@ -132,7 +132,7 @@ def ship(model_file: Path, run: Path, report, rendered, windows) -> None:
     _, info = load_model(target)
     step = info.extra["training"]["step"]
     summary = training_summary(run, step)
-    write_png(GRID_PNG, _grid(rendered, windows))
+    save_png(GRID_PNG, _grid(rendered, windows))
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     card = MODEL_CARD.format(
         step=step, sha256=info.sha256, size_mb=target.stat().st_size / 2**20,

@@ -174,7 +174,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from ..export import TRAIN_SH, TRAINING_DIR, TRAINING_MD
     from ..mixing import MixCache, plan_balanced_set
     from ..synthesize import SynthesisConfig, SynthesisJob
-    from ..train import write_png
+    from ..atomic import save_png
     from ._synthesize import job_summary
 
     from ..model.checkpoint import require_bundled_model
@@ -206,7 +206,7 @@ def run_demo(args: argparse.Namespace) -> int:
         return 0 if result.stopped else 1
     grid = montage(store, dataset)
     montage_path = out / DEMO_MONTAGE
-    write_png(montage_path, grid)
+    save_png(montage_path, grid)
     names = plan.scheme.names
     before, after = _shares(result.counts["before"]), _shares(result.counts["after"])
     width = max(len(n) for n in names)
