@@ -9,9 +9,9 @@ default sampling (the fast DPM-Solver++ settings, SDEdit strength 0.55, batched 
 timings the job records. Run by hand::
 
     python benchmarks/bench_export.py [--preset demo] [--size 128] [--items 16] [--batch-size 8]
-                                      [--device auto] [--steps 15] [--strength 0.55]
+                                      [--device auto] [--steps 15] [--strength 0.55] [--threads N]
 
-Measured (shared 2-core AMD EPYC, demo preset, 128 px, 2026-11-25): 0.11 % of the time outside
+Measured (shared 2-core AMD EPYC, demo preset, 128 px, 2 threads, 2026-11-25): 0.11 % of the time outside
 the sampler; 9.2 s per item, nearly all of it sampling.
 """
 
@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--strength", type=float, default=0.55)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    ap.add_argument("--threads", type=int, help="PyTorch CPU threads (default: PyTorch's; on a shared machine 1 is steadier)")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -62,7 +63,7 @@ def main() -> None:
         t_plan = time.perf_counter() - t0
         cfg = SynthesisConfig(
             steps=args.steps, strength=args.strength, batch_size=args.batch_size, device=args.device,
-            precision=args.precision,
+            precision=args.precision, threads=args.threads,
         )
         job = SynthesisJob(dataset, plan, model_path, tmp / "bench.zarr", cfg, cache=cache)
         result = job.run()

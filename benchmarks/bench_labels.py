@@ -18,6 +18,7 @@ import numpy as np
 
 from napari_diffmix.datasets import patch_grid
 from napari_diffmix.mixing import BalanceParams, DonorPool, balance_map, enlarge_map
+from napari_diffmix.phantom import make_phantom
 
 TARGET_BALANCE_S = 0.5
 TARGET_ENLARGE_PER_S = 200.0
@@ -25,30 +26,12 @@ RARE_SHARE = 0.04  # CoNSeP's 'other' class
 
 
 def make_tiles(n_tiles: int, size: int, n_nuclei: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Phantom tiles with a ~4 % rare class 1 (falls back to touching random blobs)."""
+    """Phantom tiles (touching nuclei) with a ~4 % rare class 1."""
     probs = (RARE_SHARE, (1 - RARE_SHARE) / 2, (1 - RARE_SHARE) / 2)
-    try:
-        from napari_diffmix.phantom import make_phantom
-    except ImportError:
-        make_phantom = None
     tiles = []
     for i in range(n_tiles):
-        if make_phantom is not None:
-            t = make_phantom(size, size, n_nuclei=n_nuclei, class_probs=probs, seed=seed + i)
-            tiles.append((t.inst_map, t.inst_types))
-            continue
-        from scipy import ndimage as ndi
-        from skimage.segmentation import watershed
-
-        rng = np.random.default_rng(seed + i)
-        seeds = np.zeros((size, size), np.int32)
-        ys, xs = rng.integers(0, size, (2, n_nuclei))
-        seeds[ys, xs] = np.arange(1, n_nuclei + 1)
-        radius = rng.uniform(4, 10, n_nuclei + 1)
-        dist, (iy, ix) = ndi.distance_transform_edt(seeds == 0, return_indices=True)
-        inst = watershed(dist, seeds, mask=dist < radius[seeds[iy, ix]]).astype(np.int32)
-        types = np.concatenate([[0], rng.choice(3, n_nuclei, p=probs) + 1]).astype(np.int32)
-        tiles.append((inst, types))
+        t = make_phantom(size, size, n_nuclei=n_nuclei, class_probs=probs, seed=seed + i)
+        tiles.append((t.inst_map, t.inst_types))
     return tiles
 
 

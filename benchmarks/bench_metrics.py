@@ -13,34 +13,18 @@ import argparse
 import time
 
 import numpy as np
-from scipy import ndimage as ndi
-from skimage.segmentation import watershed
 
 from napari_diffmix.metrics import evaluate_image
 from napari_diffmix.nuclei import instance_edges
+from napari_diffmix.phantom import make_phantom
 
 TARGET_IMAGES_PER_S = 5.0
 
 
 def synthetic_maps(size: int, n_nuclei: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Touching blob-shaped nuclei (watershed of random seeds within ~7 px) with 4 classes."""
-    try:
-        from napari_diffmix.phantom import make_phantom
-    except ImportError:
-        make_phantom = None
-    if make_phantom is not None:
-        tile = make_phantom(size, size, n_nuclei=n_nuclei, num_classes=4, seed=seed)
-        return tile.inst_map, tile.type_map
-    rng = np.random.default_rng(seed)
-    seeds = np.zeros((size, size), np.int32)
-    ys, xs = rng.integers(0, size, (2, n_nuclei))
-    seeds[ys, xs] = np.arange(1, n_nuclei + 1)
-    radius = rng.uniform(4, 9, n_nuclei + 1)
-    dist, (iy, ix) = ndi.distance_transform_edt(seeds == 0, return_indices=True)
-    fg = dist < radius[seeds[iy, ix]]
-    inst = watershed(dist, seeds, mask=fg).astype(np.int32)
-    types = np.concatenate([[0], rng.choice(4, n_nuclei, p=[0.05, 0.3, 0.4, 0.25]) + 1])
-    return inst, types[inst].astype(np.uint8)
+    """Phantom label maps: touching nuclei in 4 classes."""
+    tile = make_phantom(size, size, n_nuclei=n_nuclei, num_classes=4, seed=seed)
+    return tile.inst_map, tile.type_map
 
 
 def perturb(inst: np.ndarray, types: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
