@@ -296,6 +296,50 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return _as_rgb(image, os.fspath(path))
 
 
+def image_problem(path: str | os.PathLike, shape: Sequence[int]) -> str | None:
+    """Why :func:`read_image` would refuse ``path`` or not pair it with label maps of ``shape`` (H, W),
+    as "what was found, what was expected"; None when the image fits.
+
+    Judged from the file's header where that settles it (Pillow and tifffile decode no pixels):
+    the reader accepts 8-bit RGB or RGBA, planar TIFF included. Files whose header leaves it
+    open (TIFFs of wider integers, whose values decide; multi-frame files) are read in full.
+    """
+    path = Path(path)
+    found: tuple[int, ...] | None = None
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                series = tif.series[0]  # what tifffile.imread returns
+                if series.dtype == np.uint8:
+                    found = tuple(series.shape)
+        else:
+            from PIL import Image, ImageMode
+
+            with Image.open(path) as im:
+                if getattr(im, "n_frames", 1) == 1:
+                    mode = im.palette.mode if im.mode == "P" else im.mode  # the reader applies the palette
+                    bands = len(ImageMode.getmode(mode).bands)
+                    found = (im.height, im.width) + ((bands,) if bands > 1 else ())
+        if found is None:
+            found = read_image(path).shape
+    except DatasetError as exc:
+        return str(exc).removeprefix(f"{exc.path}: ")
+    except FileNotFoundError:
+        return "image file does not exist"
+    except Exception as exc:  # see read_image
+        return f"cannot read image: {exc}"
+    if len(found) == 3 and found[0] in (3, 4) and found[2] not in (3, 4):
+        found = (*found[1:], found[0])  # planar (C, H, W), as _as_rgb reads it
+    if len(found) != 3 or found[2] not in (3, 4):
+        what = "grey (1 channel)" if len(found) == 2 else f"{found[2]} channels" if len(found) == 3 else f"shape {found}"
+        return f"{what}, expected RGB (3 channels) or RGBA"
+    if tuple(found[:2]) != tuple(shape):
+        return f"{found[0]}x{found[1]} px, expected {shape[0]}x{shape[1]} px (the size of its label maps)"
+    return None
+
+
 def _read_label_file(path: Path) -> np.ndarray:
     try:
         if path.suffix.lower() == ".npy":

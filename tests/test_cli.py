@@ -79,3 +79,61 @@ def test_shared_layout_option_takes_only_known_layouts(argv, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "invalid choice: 'tiff'" in err and all(layout in err for layout in ("auto", "consep", "generic", "pannuke"))
+
+
+def test_stats_checks_every_image_header_and_lists_all_bad_tiles(tmp_path, capsys, monkeypatch):
+    import imageio.v3 as iio
+    import numpy as np
+    import tifffile
+
+    import napari_diffmix.datasets as datasets
+    from napari_diffmix.phantom import make_phantom_dataset
+
+    root = datasets.write_generic(make_phantom_dataset(5, 32, seed=3), tmp_path / "data")
+    images = root / "images"
+    names = sorted(p.stem for p in images.iterdir())
+    rgb = iio.imread(images / f"{names[0]}.png")
+    iio.imwrite(images / f"{names[1]}.png", rgb[..., 0])  # grey
+    iio.imwrite(images / f"{names[2]}.png", rgb[:24])  # 24x32 where the labels are 32x32
+    (images / f"{names[3]}.png").unlink()
+    tifffile.imwrite(images / f"{names[3]}.tif", np.moveaxis(rgb, -1, 0), photometric="rgb", planarconfig="separate")
+    iio.imwrite(images / f"{names[4]}.png", np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)]))  # RGBA: accepted
+
+    def no_decoding(path):
+        raise AssertionError(f"{path} was decoded; its header settles the check")
+
+    monkeypatch.setattr(datasets, "read_image", no_decoding)
+    assert main(["stats", str(root)]) == 2
+    captured = capsys.readouterr()
+    assert "class" in captured.out  # the statistics come first
+    lines = captured.err.splitlines()
+    assert lines[0].startswith(f"diffmix stats: error: {root}: 2 of 5 tile image(s) do not fit") and "--no-check-images" in lines[0]
+    assert lines[1:] == [
+        f"  {images / names[1]}.png: grey (1 channel), expected RGB (3 channels) or RGBA",
+        f"  {images / names[2]}.png: 24x32 px, expected 32x32 px (the size of its label maps)",
+    ]
+    monkeypatch.undo()
+
+    assert main(["stats", str(root), "--no-check-images"]) == 0
+    assert "images:" not in capsys.readouterr().out
+    iio.imwrite(images / f"{names[1]}.png", rgb)
+    iio.imwrite(images / f"{names[2]}.png", rgb)
+    assert main(["stats", str(root)]) == 0
+    assert "images: 5 checked (RGB, the size of their label maps)" in capsys.readouterr().out
+
+
+def test_stats_image_check_reads_what_the_header_leaves_open(tmp_path, capsys):
+    import numpy as np
+    import tifffile
+
+    from napari_diffmix.datasets import image_problem
+
+    wide = tmp_path / "wide.tif"
+    tifffile.imwrite(wide, np.full((8, 8, 3), 300, np.uint16))
+    assert image_problem(wide, (8, 8)) == "image must be 8-bit RGB (uint8), got uint16"
+    tifffile.imwrite(wide, np.full((8, 8, 3), 200, np.uint16))  # values that fit 8 bits: the reader takes them
+    assert image_problem(wide, (8, 8)) is None and image_problem(wide, (8, 9)).startswith("8x8 px, expected 8x9 px")
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"no image")
+    assert image_problem(junk, (8, 8)).startswith("cannot read image: ")
+    assert image_problem(tmp_path / "absent.png", (8, 8)) == "image file does not exist"

@@ -111,3 +111,54 @@ def test_synthesize_cli_takes_a_plan_from_diffmix_labels(tmp_path, tiny_model, c
     assert main([*args, "--dry-run", "--patches", "5"]) == 2
     assert "--plan gives the label plan; drop --patches" in capsys.readouterr().err
 
+
+
+BAD_SETTINGS = [
+    (["--steps", "0"], "steps must be a positive integer, got 0"),
+    (["--strength", "2"], "strength must be in (0, 1], got 2.0"),
+    (["--guidance", "-1"], "guidance must be a finite number >= 0, got -1.0"),
+    (["--batch-size", "0"], "batch_size must be a positive integer, got 0"),
+    (["--device", "nonsense"], "device 'nonsense' is not one of auto, cpu, cuda, cuda:N, mps"),
+    (["--model", "{tmp}/absent.safetensors"], "absent.safetensors: no such model file"),
+    (["--model", "{tmp}/junk.safetensors"], "junk.safetensors: neither a napari-diffmix model (.safetensors) nor"),
+    (["--model", "{tmp}/truncated.safetensors"], "truncated.safetensors: cannot read the safetensors file"),
+]
+
+
+@pytest.fixture
+def no_dataset_work(monkeypatch):
+    """Opening, writing or planning a dataset fails the test: bad settings must be refused before any of it."""
+    import napari_diffmix.datasets as datasets
+    import napari_diffmix.mixing as mixing
+
+    def reached(*args, **kwargs):
+        raise AssertionError("a bad setting reached the dataset or the planner")
+
+    for module, name in ((datasets, "open_dataset"), (datasets, "write_generic"), (mixing, "plan_balanced_set")):
+        monkeypatch.setattr(module, name, reached)
+
+
+@pytest.mark.parametrize("command", ["synthesize", "demo"])
+@pytest.mark.parametrize("bad,message", BAD_SETTINGS, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_bad_settings_fail_before_the_dataset_is_read_or_anything_written(
+    command, bad, message, tmp_path, tiny_model, capsys, no_dataset_work
+):
+    (tmp_path / "junk.safetensors").write_bytes(b"not a model at all")
+    (tmp_path / "truncated.safetensors").write_bytes(tiny_model.read_bytes()[:100_000])
+    out = tmp_path / "out"
+    head = ["synthesize", "demo"] if command == "synthesize" else ["demo"]
+    argv = [*head, "--out", str(out), "--model", str(tiny_model), *FAST, *(a.format(tmp=tmp_path) for a in bad)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"diffmix {command}: error: ") and message in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_bad_settings_leave_an_existing_demo_folder_untouched(tmp_path, tiny_model, capsys, no_dataset_work):
+    out = tmp_path / "d"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "notes.txt").write_text("mine")
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    assert main(["demo", "--out", str(out), "--model", str(tiny_model), *FAST, "--strength", "0", "--overwrite"]) == 2
+    assert "strength must be in (0, 1], got 0.0" in capsys.readouterr().err
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before and (out / "data" / "notes.txt").read_text() == "mine"

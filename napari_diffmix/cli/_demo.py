@@ -173,25 +173,22 @@ def run_demo(args: argparse.Namespace) -> int:
     from ..datasets import open_dataset
     from ..export import TRAIN_SH, TRAINING_DIR, TRAINING_MD
     from ..mixing import MixCache, plan_balanced_set
-    from ..synthesize import SynthesisConfig, SynthesisJob
+    from ..synthesize import SynthesisJob
     from ..atomic import save_png
-    from ._synthesize import job_summary
+    from ._synthesize import check_model, job_summary, sampling_config
 
     from ..model.checkpoint import require_bundled_model
 
     out: Path = args.out
     model = args.model if args.model is not None else require_bundled_model("pass --model")
+    config = sampling_config(args, originals="reference")
+    check_model(model, config)
     train_dir, held_out_dir = _demo_data(out, args.overwrite)
     dataset = open_dataset(train_dir)
     cache = MixCache(dataset)
     plan = plan_balanced_set(
         dataset, patches=args.patches, maps=("balance", "enlarge"), patch_size=args.patch_size, stride=args.stride,
         seed=args.seed, cache=cache,
-    )
-    config = SynthesisConfig(
-        **{k: v for k, v in (("steps", args.steps), ("strength", args.strength)) if v is not None},
-        init="noise" if args.from_noise else "original", guidance=args.guidance,
-        seed=args.seed, batch_size=args.batch_size, device=args.device, threads=args.threads, originals="reference",
     )
     store = out / DEMO_STORE
     owner = _store_owner(store)

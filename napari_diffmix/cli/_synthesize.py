@@ -81,24 +81,43 @@ def build_plan(args: argparse.Namespace, dataset, *, cache=None):
     return plan_balanced_set(dataset, **plan_kwargs(args, dataset.scheme), cache=cache)
 
 
+def sampling_config(args: argparse.Namespace, **fixed):
+    """The :class:`~napari_diffmix.synthesize.SynthesisConfig` of the sampling options (checked as it is built);
+    options a command lacks or leaves unset keep the config's defaults. ``fixed``: further config fields."""
+    from ..synthesize import SynthesisConfig
+
+    given = {k: getattr(args, k, None) for k in ("sampler", "steps", "strength", "precision")}
+    return SynthesisConfig(
+        **{k: v for k, v in given.items() if v is not None}, guidance=args.guidance,
+        init="noise" if args.from_noise else "original", seed=args.seed, batch_size=args.batch_size,
+        device=args.device, threads=args.threads, **fixed,
+    )
+
+
+def check_model(path: Path, config, preset: str | None = None) -> None:
+    """Refuse a model file or device that cannot work before any dataset is read or anything written: the job
+    would only find out after planning, which can take minutes. Reads the file's header and hash, not the weights."""
+    from ..model.checkpoint import read_info
+    from ..train import resolve_device
+
+    read_info(path, preset=preset)
+    resolve_device(config.device)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..datasets import open_dataset
     from ..mixing import MixCache
-    from ..synthesize import SynthesisConfig, SynthesisJob
+    from ..synthesize import SynthesisJob
 
     from ..model.checkpoint import require_bundled_model
 
     rank = int(os.environ.get("RANK", "0"))
     model = args.model if args.model is not None else require_bundled_model("pass --model")
+    config = sampling_config(args, originals=args.originals)
+    check_model(model, config, args.preset)
     dataset = open_dataset(args.dataset, args.scheme, args.layout)
     cache = MixCache(dataset)
     plan = build_plan(args, dataset, cache=cache)
-    given = {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps), ("strength", args.strength)) if v is not None}
-    config = SynthesisConfig(
-        **given, guidance=args.guidance, init="noise" if args.from_noise else "original",
-        seed=args.seed, batch_size=args.batch_size, device=args.device, precision=args.precision,
-        originals=args.originals, threads=args.threads,
-    )
     job = SynthesisJob(
         dataset, plan, model, args.out, config, overwrite=args.overwrite, resume=args.resume, cache=cache, preset=args.preset,
     )
