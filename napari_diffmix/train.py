@@ -9,6 +9,10 @@ Training runs in *stages* (``Stage(steps, lr, cond_dropout)``): the published re
 plain stage at lr 1e-4 followed by a classifier-free fine-tune at lr 2e-5 that zeroes the
 whole condition for 20 % of the samples.
 
+Besides tiles with their own images, a run can train on the balancing/enlarging label maps
+that ``diffmix labels`` wrote (``extra_labels=`` / ``--extra-labels``): each is paired with the
+original image of the window it was cut from (:func:`pair_label_patches`).
+
 A run directory holds::
 
     config.json            the TrainConfig the run started with (``--resume`` reads it)
@@ -298,7 +302,10 @@ def collect_sources(data: Any, scheme: ClassScheme, crop_size: int | None = None
     sources = []
     for name, (image, inst_map, type_map) in items:
         if image is None:
-            raise DatasetError(f"tile {name!r} has no image; training needs H&E images paired with label maps")
+            raise DatasetError(
+                f"tile {name!r} has no image; training needs H&E images paired with label maps (label-only patches "
+                "from `diffmix labels` go in --extra-labels / extra_labels=, which pairs them with their original images)"
+            )
         if inst_map is None or type_map is None:
             raise DatasetError(f"tile {name!r} has an image but no label maps (inst_map and type_map); training needs both")
         image, inst_map, type_map = np.asarray(image), np.asarray(inst_map), np.asarray(type_map)
@@ -320,6 +327,115 @@ def collect_sources(data: Any, scheme: ClassScheme, crop_size: int | None = None
             )
         sources.append(Source(name, image, inst_map.astype(np.int32, copy=False), type_map.astype(np.uint8, copy=False)))
     return sources
+
+
+def pair_label_patches(
+    labels_dir: str | os.PathLike, sources: Sequence[Source], scheme: ClassScheme, crop_size: int | None = None
+) -> list[Source]:
+    """Pair each label-map patch of a ``diffmix labels`` output folder with the original image.
+
+    ``provenance.json`` in the folder names, for every patch, the tile it was cut from
+    (``tile_name``) and its window (``origin`` (y, x), ``size``); the image of the patch is
+    that window of the training tile of the same name in ``sources``. Balancing and enlarging
+    maps so become extra conditions whose image is the original, as DiffMix trains them.
+
+    Raises :class:`DatasetError` naming the folder and the patch when a patch has no
+    provenance record, its source tile is not (or more than once) among ``sources``, its
+    size differs from the record, its window does not fit the tile, or the tile's size
+    differs from the one the plan recorded; :class:`SchemeError` when the folder's classes
+    are not ``scheme``'s.
+    """
+    from .datasets import Tile, open_dataset
+    from .errors import SchemeError
+    from .mixing import Plan
+
+    folder = Path(labels_dir)
+    if not folder.is_dir():
+        raise DatasetError("label-map folder does not exist" if not folder.exists() else "expected a `diffmix labels` output folder, got a file", folder)
+    records = _label_provenance(folder)
+    labels = open_dataset(folder, scheme=None if (folder / "scheme.json").is_file() else scheme, layout="generic")
+    if labels.scheme.names != scheme.names:
+        raise SchemeError(
+            f"{folder}: the label maps use classes {list(labels.scheme.names)}, the model {list(scheme.names)}; "
+            "plan them from the data the model trains on"
+        )
+    # plan.json records each tile's shape when the maps were planned: a tile of the same name
+    # but another size is another tile.
+    plan_shapes = {}
+    if (folder / "plan.json").is_file():
+        plan = Plan.load(folder / "plan.json")
+        plan_shapes = dict(zip(plan.tile_names, plan.tile_shapes))
+    by_name: dict[str, list[Source]] = {}
+    for s in sources:
+        by_name.setdefault(s.name, []).append(s)
+
+    tiles = []
+    for i, name in enumerate(labels.names):
+        rec = records.get(name)
+        if rec is None:
+            raise DatasetError(f"label map {name!r} has no record in provenance.json, so its source tile is unknown", folder)
+        tile_name, (y, x), size = rec
+        found = by_name.get(tile_name, [])
+        if not found:
+            crops = [n for n in by_name if n.startswith(tile_name)]
+            hint = (
+                f"; {crops[0]!r} is a part of that tile: plan the label maps from {crops[0]!r} itself, since the rest of "
+                "the tile (e.g. held-out columns) must not be trained on"
+                if crops else "; plan the label maps from the data the model trains on"
+            )
+            shown = ", ".join(sorted(by_name)[:8]) + (", ..." if len(by_name) > 8 else "")
+            raise DatasetError(
+                f"label map {name!r} comes from tile {tile_name!r}, which is not among the training tiles ({shown}){hint}", folder
+            )
+        if len(found) > 1:
+            raise DatasetError(
+                f"label map {name!r} comes from tile {tile_name!r}, but {len(found)} training tiles have that name; "
+                "train on one dataset holding it", folder,
+            )
+        src = found[0]
+        h, w = src.image.shape[:2]
+        if tile_name in plan_shapes and tuple(plan_shapes[tile_name]) != (h, w):
+            ph, pw = plan_shapes[tile_name]
+            raise DatasetError(
+                f"training tile {tile_name!r} is {w}x{h} px but the label maps were planned on a {pw}x{ph} px tile of that "
+                "name: not the same tile", folder,
+            )
+        lab = labels.labels(i)
+        if lab.shape != (size, size):
+            raise DatasetError(
+                f"label map {name!r} is {lab.shape[1]}x{lab.shape[0]} px but provenance.json records a {size} px patch", folder
+            )
+        if y < 0 or x < 0 or y + size > h or x + size > w:
+            raise DatasetError(
+                f"label map {name!r}: its window (y {y}, x {x}, {size} px) does not fit the {w}x{h} px training tile {tile_name!r}",
+                folder,
+            )
+        image = src.image[y : y + size, x : x + size]
+        tiles.append(Tile(f"{folder.name}/{name}", image, lab.inst_map, lab.type_map, source=os.fspath(folder / name)))
+    if not tiles:
+        raise DatasetError("the label-map folder holds no patches", folder)
+    log.info("%s: %d label-map patches paired with windows of %d training tile(s)", folder, len(tiles),
+             len({records[n][0] for n in labels.names}))
+    return collect_sources(tiles, scheme, crop_size)
+
+
+def _label_provenance(folder: Path) -> dict[str, tuple[str, tuple[int, int], int]]:
+    """Patch name -> (source tile name, (y, x) origin, size) from a labels folder's provenance.json."""
+    path = folder / "provenance.json"
+    if not path.is_file():
+        raise DatasetError(
+            "not a `diffmix labels` output folder: no provenance.json saying which tile and window each label map comes from",
+            folder,
+        )
+    try:
+        patches = json.loads(path.read_text(encoding="utf-8"))["patches"]
+        out = {}
+        for rec in patches:
+            y, x = (int(v) for v in rec["origin"])
+            out[str(rec["name"])] = (str(rec["tile_name"]), (y, x), int(rec["size"]))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DatasetError(f"cannot read the patch records ({type(exc).__name__}: {exc})", path) from None
+    return out
 
 
 def dihedral(a: np.ndarray, k: int) -> np.ndarray:
@@ -817,10 +933,13 @@ def train(
     pbar: Any = None,
     should_stop: Callable[[], bool] | None = None,
     max_steps: int | None = None,
+    extra_labels: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
 ) -> TrainResult:
     """Train (or fine-tune, or resume) a label-conditioned diffusion model.
 
     ``dataset``: a dataset, tiles, ``(image, inst_map, type_map)`` tuples or a list of them.
+    ``extra_labels``: ``diffmix labels`` output folders whose balancing/enlarging maps are
+    trained as extra tiles with the original image of their window (:func:`pair_label_patches`).
     ``scheme`` defaults to ``dataset.scheme``. ``val``: label maps (with images) for the
     sample grids; defaults to fixed crops of the training data. ``resume``: a checkpoint,
     a run folder, or ``"auto"`` (newest checkpoint in ``config.out_dir``, if any).
@@ -834,10 +953,14 @@ def train(
             raise DatasetError("the training data carries no class scheme; pass scheme=")
     scheme = load_scheme(scheme)
     sources = collect_sources(dataset, scheme, config.crop_size)
+    # The grids show real images next to their label maps: edited maps would not match them.
     val_crops = validation_crops(
         collect_sources(val, scheme, config.crop_size) if val is not None else sources,
         config.crop_size, config.num_val_samples, config.seed,
     )
+    if extra_labels is not None:
+        folders = [extra_labels] if isinstance(extra_labels, (str, os.PathLike)) else list(extra_labels)
+        sources = sources + [s for folder in folders for s in pair_label_patches(folder, sources, scheme, config.crop_size)]
 
     info, device = setup_distributed(config.device)
     if config.num_threads:

@@ -1,13 +1,15 @@
-"""Training loop: learning, EMA, bit-for-bit resume, atomic checkpoints, DDP, bad input.
+"""Training loop: learning, EMA, bit-for-bit resume, atomic checkpoints, DDP, bad input,
+extra label maps paired with their original images, fine-tuning from official checkpoints.
 
 All runs use the ``tiny`` UNet preset (~1 M parameters) on 32 px crops of small synthetic
-tiles, so each takes a few seconds on 2 CPU cores.
+tiles (or of the demo's training split), so each takes a few seconds on 2 CPU cores.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,6 +36,7 @@ from napari_diffmix.train import (
     find_resume_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    pair_label_patches,
     stage_at,
     train,
     update_ema,
@@ -447,6 +450,165 @@ def test_fine_tune_from_exported_model(tmp_path, data):
     assert weights_digest(started.model) == weights_digest(load_model(path)[0])
     with pytest.raises(CheckpointError, match="trained for 3 classes"):
         train(tiny(tmp_path, "other", init=str(path)), data, scheme=CONSEP, max_steps=0)
+
+
+def test_fine_tune_from_official_pt(tmp_path, data):
+    """An official guided-diffusion ``.pt`` (a bare state dict whose key names are written from
+    the reference code, not ours) is where fine-tuning starts: by preset name and by a config."""
+    from test_checkpoint import guided_diffusion_shapes, random_state_dict
+
+    from napari_diffmix.classes import CONSEP
+    from napari_diffmix.model.unet import UNetConfig
+
+    shapes = guided_diffusion_shapes(32, (1, 2), 1, {2}, DEMO.condition_channels, 16)  # the tiny preset
+    state = random_state_dict(shapes, seed=5)
+    path = tmp_path / "ema_0.9999_000100.pt"
+    torch.save(state, path)
+    started = train(tiny(tmp_path, "a", init=str(path)), data, scheme=DEMO, max_steps=0)
+    assert started.step == 0
+    for model in (started.model, started.ema_model):
+        sd = model.state_dict()
+        assert {k: tuple(v.shape) for k, v in sd.items()} == shapes
+        assert all(torch.equal(sd[k], state[k]) for k in state)
+    # one AdamW step (weight decay 0) moves every weight by at most the learning rate
+    stepped = train(tiny(tmp_path, "b", init=str(path), stages=(Stage(1, 1e-3, 0.0),)), data, scheme=DEMO)
+    moved = [float((v - state[k]).abs().max()) for k, v in stepped.model.state_dict().items()]
+    assert 0 < max(moved) <= 1e-3 * 1.001
+
+    # the published architecture at small width, read with an explicit config (--model FILE)
+    config = UNetConfig.preset("diffmix-consep", model_channels=32, spade_hidden=16)
+    big = random_state_dict(guided_diffusion_shapes(32, (1, 1, 2, 2, 4, 4), 2, {8, 16, 32}, 6, 16), seed=6)
+    torch.save(big, tmp_path / "consep.pt")
+    started = train(tiny(tmp_path, "c", model=config.to_dict(), init=str(tmp_path / "consep.pt")), data, scheme=CONSEP, max_steps=0)
+    assert weights_digest(started.model) == weights_digest(started.ema_model)
+    assert all(torch.equal(started.model.state_dict()[k], big[k]) for k in big)
+
+
+# ---------------------------------------------------------------------------------------------
+# balancing/enlarging label maps from `diffmix labels` as extra training conditions
+
+
+@pytest.fixture(scope="module")
+def labels_dir(tmp_path_factory):
+    """4 label-map patches (128 px: 64 px inside the 32 px band that enlarging keeps) that
+    `diffmix labels` planned on the demo's training tile."""
+    from napari_diffmix.cli import main
+    from napari_diffmix.datasets import Dataset, write_generic
+    from napari_diffmix.demo_data import demo_split
+
+    root = tmp_path_factory.mktemp("labels")
+    write_generic(Dataset([demo_split().train], DEMO), root / "train")
+    out = root / "lab"
+    assert main(["labels", str(root / "train"), "--out", str(out), "--patches", "4", "--patch-size", "128", "--stride", "64"]) == 0
+    return out
+
+
+def _records(folder: Path) -> list[dict]:
+    return json.loads((folder / "provenance.json").read_text())["patches"]
+
+
+def test_label_patches_pair_with_their_original_window(labels_dir):
+    from napari_diffmix.demo_data import demo_split
+
+    train_tile = demo_split().train
+    pairs = pair_label_patches(labels_dir, collect_sources([train_tile], DEMO, 32), DEMO, 32)
+    records = sorted(_records(labels_dir), key=lambda r: r["name"])
+    assert [p.name for p in pairs] == [f"lab/{r['name']}" for r in records] and len(pairs) == 4
+    assert {tuple(r["maps"]) for r in records} == {("balance",), ("enlarge",)}
+    assert all(r["retyped_nuclei"] + r["shifted_nuclei"] > 0 for r in records)
+    edited = 0
+    for pair, rec in zip(pairs, records):
+        assert rec["tile_name"] == "ihc-demo-train"
+        (y, x), s = rec["origin"], rec["size"]
+        np.testing.assert_array_equal(pair.image, train_tile.image[y : y + s, x : x + s])
+        np.testing.assert_array_equal(pair.inst_map, np.load(labels_dir / "inst_maps" / f"{rec['name']}.npy"))
+        np.testing.assert_array_equal(pair.type_map, np.load(labels_dir / "type_maps" / f"{rec['name']}.npy"))
+        edited += not np.array_equal(pair.type_map, train_tile.type_map[y : y + s, x : x + s])
+    assert edited == 4  # the maps are the edited ones, not the tile's own
+
+
+def test_cli_train_with_extra_labels_and_resume(tmp_path, labels_dir, monkeypatch, capsys):
+    import napari_diffmix.train as T
+    from napari_diffmix.cli import main
+
+    seen = []
+
+    class Spy(T.CropStream):
+        def __init__(self, sources, *a, **k):
+            seen.append([s.name for s in sources])
+            super().__init__(sources, *a, **k)
+
+    monkeypatch.setattr(T, "CropStream", Spy)
+    names = sorted(f"lab/{r['name']}" for r in _records(labels_dir))
+    run = tmp_path / "run"
+    monkeypatch.chdir(labels_dir.parent)  # a relative folder is remembered absolute
+    assert main(["train", "demo", "--extra-labels", "lab", "--preset", "tiny", "--steps", "2", "--max-steps", "1",
+                 "--sample-every", "0", "--threads", "1", "--out", str(run)]) == 0
+    assert seen[-1] == ["ihc-demo-train", *names]
+    assert json.loads((run / "data.json").read_text())["extra_labels"] == [str(labels_dir.resolve())]
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--resume", "--threads", "1", "--out", str(run)]) == 0
+    assert seen[-1] == ["ihc-demo-train", *names] and load_checkpoint(list_checkpoints(run)[-1])["step"] == 2
+    # `diffmix labels demo` plans on the whole demo tile, held-out columns included: refused
+    whole = tmp_path / "whole"
+    assert main(["labels", "demo", "--out", str(whole), "--patches", "2", "--patch-size", "64", "--stride", "64"]) == 0
+    capsys.readouterr()
+    assert main(["train", "demo", "--extra-labels", str(whole), "--preset", "tiny", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "comes from tile 'ihc-demo', which is not among the training tiles (ihc-demo-train)" in err
+    assert "'ihc-demo-train' is a part of that tile" in err
+
+
+def _rewrite_records(folder: Path, change) -> None:
+    doc = json.loads((folder / "provenance.json").read_text())
+    change(doc["patches"])
+    (folder / "provenance.json").write_text(json.dumps(doc))
+
+
+def _shrink_first(folder: Path) -> None:
+    name = sorted(r["name"] for r in _records(folder))[0]
+    for sub in ("inst_maps", "type_maps"):
+        np.save(folder / sub / f"{name}.npy", np.load(folder / sub / f"{name}.npy")[:124])
+
+
+@pytest.mark.parametrize(
+    "mutate, sources, error, match",
+    [
+        (lambda f: None, "renamed", DatasetError, r"comes from tile 'ihc-demo-train', which is not among the training tiles \(other\)"),
+        (lambda f: None, "twice", DatasetError, "2 training tiles have that name"),
+        (_shrink_first, "train", DatasetError, r"lab: label map '000000_ihc-demo-train_y\d+_x\d+' is 128x124 px but provenance.json records a 128 px"),
+        (lambda f: _rewrite_records(f, lambda ps: ps[0].update(origin=[0, 300])), "train", DatasetError, r"window \(y 0, x 300, 128 px\) does not fit the 384x512"),
+        (lambda f: _rewrite_records(f, lambda ps: ps.pop(0)), "train", DatasetError, "has no record in provenance.json"),
+        (lambda f: (f / "provenance.json").unlink(), "train", DatasetError, "no provenance.json"),
+        (lambda f: (f / "provenance.json").write_text("{"), "train", DatasetError, "cannot read the patch records"),
+        (lambda f: None, "cropped", DatasetError, "is 256x256 px but the label maps were planned on a 384x512 px tile"),
+        (lambda f: None, "consep", SchemeError, "the label maps use classes"),
+    ],
+)
+def test_bad_extra_labels(tmp_path, labels_dir, mutate, sources, error, match):
+    from dataclasses import replace
+
+    from napari_diffmix.classes import CONSEP
+    from napari_diffmix.demo_data import demo_split
+
+    folder = tmp_path / "lab"
+    shutil.copytree(labels_dir, folder)
+    mutate(folder)
+    tile = demo_split().train
+    tiles = {
+        "train": [tile], "renamed": [replace(tile, name="other")], "twice": [tile, tile], "consep": [tile],
+        "cropped": [replace(tile.crop(0, 0, 256, 256), name=tile.name)],
+    }[sources]
+    scheme = CONSEP if sources == "consep" else DEMO
+    with pytest.raises(error, match=match):
+        pair_label_patches(folder, collect_sources(tiles, scheme, 32), scheme, 32)
+
+
+def test_label_only_training_data_points_to_extra_labels(tmp_path, labels_dir):
+    from napari_diffmix.datasets import open_dataset
+
+    with pytest.raises(DatasetError, match="no image.*--extra-labels"):
+        train(tiny(tmp_path), open_dataset(labels_dir), scheme=DEMO)
 
 
 def test_render_and_measure_runs_on_a_tiny_model(data):

@@ -3,6 +3,13 @@
 Every option defaults to "not given" so that a preset, or with ``--resume`` the run's own
 saved config, supplies the value unless the user overrides it. Under ``torchrun`` the same
 command trains with one process per GPU (or CPU process with gloo).
+
+``--extra-labels LABELS_DIR ...`` adds the balancing/enlarging label maps that ``diffmix
+labels`` wrote, each trained with the original image of the window it was cut from: the
+folder's ``provenance.json`` names the source tile (matched by name among the training
+datasets) and the window. Plan the maps from the same data the model trains on. The data
+(datasets, ``--val``, ``--extra-labels``) is remembered in the run's ``data.json``, so
+``--resume`` needs none of it again; ``--resume --extra-labels ...`` replaces the folders.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from ._common import SCHEME_HELP, add_device_arguments, add_layout_argument
 EPILOG = """examples:
   diffmix train demo --preset demo --out runs/demo
   diffmix train /data/CoNSeP/Train --scheme consep --preset diffmix-consep --out runs/consep
+  diffmix labels /data/CoNSeP/Train --scheme consep --out labels-consep   # balancing + enlarging maps
+  diffmix train /data/CoNSeP/Train --scheme consep --extra-labels labels-consep --out runs/consep-mix
   diffmix train --resume --out runs/consep                     # continue after Ctrl-C / a crash
   diffmix train /data/CoNSeP/Train --scheme consep --preset diffmix-consep --init consep.pt --stages 4100:2e-5:0.2
   torchrun --nproc_per_node=4 -m napari_diffmix.train /data/CoNSeP/Train --scheme consep --preset diffmix-consep
@@ -37,6 +46,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("data", nargs="*", help="datasets: CoNSeP/GLySAC/generic folders, PanNuke npy, or 'demo' (the bundled tile's training split)")
     p.add_argument("--scheme", help=SCHEME_HELP)
     add_layout_argument(p, of="the datasets")
+    p.add_argument(
+        "--extra-labels", nargs="+", metavar="LABELS_DIR",
+        help="`diffmix labels` output folders: train their balancing/enlarging maps as extra conditions, each with the "
+             "original image of its window in the training tile its provenance.json names (remembered for --resume)",
+    )
     p.add_argument("--val", nargs="*", help="held-out datasets whose label maps the sample grids render ('demo' = the demo's held-out split)")
     p.add_argument("--preset", choices=_preset_names(), help="training recipe (default: demo, or the run's own with --resume)")
     p.add_argument("--out", "-o", help="run folder: checkpoints, log.csv, samples, exported model (default: runs/<preset>)")
@@ -131,15 +145,20 @@ def run(args: argparse.Namespace) -> int:
 
     # The data a run was started with is remembered so that --resume needs no repetition.
     data_file = Path(config.out_dir) / "data.json"
-    specs = {"data": args.data, "val": args.val, "scheme": args.scheme, "layout": args.layout}
+    # Folders are stored absolute: a resumed run may start from another working directory.
+    extra = [str(Path(d).resolve()) for d in args.extra_labels] if args.extra_labels else None
+    specs = {"data": args.data, "val": args.val, "scheme": args.scheme, "layout": args.layout, "extra_labels": extra}
     if not args.data and args.resume is not None and data_file.is_file():
-        specs = json.loads(data_file.read_text(encoding="utf-8"))
+        specs = {"extra_labels": None, **json.loads(data_file.read_text(encoding="utf-8"))}
+        if extra:
+            specs["extra_labels"] = extra
     data, scheme, val = _open_data(argparse.Namespace(**specs), saved_scheme=_saved_scheme(config.out_dir) if args.resume else None)
     if int(os.environ.get("RANK", "0")) == 0:
         from ..atomic import write_json
 
         write_json(data_file, specs)
-    result = train(config, data, scheme=scheme, val=val, resume=args.resume, max_steps=args.max_steps)
+    result = train(config, data, scheme=scheme, val=val, resume=args.resume, max_steps=args.max_steps,
+                   extra_labels=specs["extra_labels"])
     if result.interrupted:
         print(f"stopped at step {result.step}/{result.total_steps}; checkpoint {result.checkpoint}. "
               f"Continue with: diffmix train --resume --out {config.out_dir}", file=sys.stderr)
