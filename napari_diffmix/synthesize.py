@@ -72,6 +72,7 @@ from .export import (
     write_training_files,
 )
 from .mixing import MixCache, Plan, make_item
+from .model.checkpoint import ModelInfo
 from .model.samplers import DIFFMIX_SETTINGS, FAST_SETTINGS
 from .progress import StopRequests, progress_bar
 
@@ -276,6 +277,25 @@ def original_origins(plan: Plan) -> list[tuple[int, int, int]]:
     return out
 
 
+def check_model_fits(info: ModelInfo, scheme: ClassScheme, patch_size: int) -> None:
+    """Refuse a model (its :class:`~napari_diffmix.model.checkpoint.ModelInfo`) that cannot render
+    ``patch_size`` px patches of ``scheme``'s classes. Cheap, so that callers can run it before
+    planning, which takes a while for a large dataset; :class:`SynthesisJob` runs it too."""
+    model_names, names = list(info.scheme.names), list(scheme.names)
+    if model_names != names:
+        raise SchemeError(
+            f"model {info.source} was trained on scheme {info.scheme.name!r} with classes {model_names}, "
+            f"but the dataset uses scheme {scheme.name!r} with classes {names}; use a model trained on this "
+            "dataset's classes (or open the dataset with the model's scheme)"
+        )
+    factor, halvings = info.config.size_multiple, len(info.config.channel_mult) - 1
+    if patch_size % factor:
+        raise CheckpointError(
+            f"{info.source}: the model halves the resolution {halvings} time{'s' if halvings != 1 else ''}, so patches "
+            f"must be a multiple of {factor} px; the patches are {patch_size} px"
+        )
+
+
 def dataset_reference(dataset: Any, relative_to: str | os.PathLike | None = None) -> dict[str, Any] | None:
     """How to reopen ``dataset`` with :func:`~napari_diffmix.datasets.open_dataset`, or None.
 
@@ -305,7 +325,10 @@ class SynthesisJob:
     always resumed: its finished items are exactly what a fresh run would write); ``resume``
     insists on continuing an existing store (an error if there is none). ``created_by`` is
     recorded in the store; ``cache``: the :class:`~napari_diffmix.mixing.MixCache` the plan was
-    made with, so that tiles and donors are not read again.
+    made with, so that tiles and donors are not read again; ``model_info``: the model file's
+    :class:`~napari_diffmix.model.checkpoint.ModelInfo` when the caller has already read it
+    (:func:`~napari_diffmix.model.checkpoint.read_info` hashes the whole file: seconds for an
+    official 2.6 GB ``.pt``).
     """
 
     def __init__(
@@ -321,6 +344,7 @@ class SynthesisJob:
         created_by: str = "synthesize",
         cache: MixCache | None = None,
         preset: str | None = None,
+        model_info: ModelInfo | None = None,
     ):
         self.dataset = dataset
         self.cache = cache if cache is not None else MixCache(dataset)
@@ -334,17 +358,21 @@ class SynthesisJob:
         self._model_path = None
         self.preset = preset
         if isinstance(model, tuple):
-            if preset is not None:
-                raise CheckpointError("preset is for an official .pt model file; a loaded model carries its config")
+            if preset is not None or model_info is not None:
+                raise CheckpointError("preset and model_info are for a model file; a loaded model carries its own")
             self.model, self.info = model
         else:
-            from .model.checkpoint import read_info
-
             self._model_path = Path(model)
-            self.info = read_info(model, preset=preset)
+            if model_info is None:
+                from .model.checkpoint import read_info
+
+                model_info = read_info(model, preset=preset)
+            elif Path(model_info.source).resolve() != self._model_path.resolve():
+                raise CheckpointError(f"model_info describes {model_info.source}, not the model file {model}")
+            self.info = model_info
         self.result: SynthesisResult | None = None
         self._check_inputs()
-        self._check_model()
+        check_model_fits(self.info, self.scheme, self.plan.patch_size)
 
     # -- validation ----------------------------------------------------------------------------
     def _check_inputs(self) -> None:
@@ -374,21 +402,6 @@ class SynthesisJob:
             raise DatasetError(
                 f"tile {first.name!r} has no image, but {why}; give a dataset with images, or sample from noise "
                 "(--from-noise) and leave the originals out or referenced", first.source,
-            )
-
-    def _check_model(self) -> None:
-        model_names, names = list(self.info.scheme.names), list(self.scheme.names)
-        if model_names != names:
-            raise SchemeError(
-                f"model {self.info.source} was trained on scheme {self.info.scheme.name!r} with classes {model_names}, "
-                f"but the dataset uses scheme {self.scheme.name!r} with classes {names}; use a model trained on this "
-                "dataset's classes (or open the dataset with the model's scheme)"
-            )
-        factor = 2 ** (len(self.info.config.channel_mult) - 1)
-        if self.plan.patch_size % factor:
-            raise CheckpointError(
-                f"{self.info.source}: the model halves the resolution {len(self.info.config.channel_mult) - 1} times, "
-                f"so patches must be a multiple of {factor} px; the plan's patches are {self.plan.patch_size} px"
             )
 
     @property

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import zarr
 
-from napari_diffmix.classes import DEMO
+from napari_diffmix.classes import CONSEP, DEMO
 from napari_diffmix.cli import main
 from napari_diffmix.errors import CheckpointError
 from napari_diffmix.export import open_store
@@ -15,9 +15,25 @@ FAST = ["--patches", "4", "--patch-size", "64", "--stride", "64", "--steps", "4"
         "--device", "cpu"]
 
 
-def test_demo_end_to_end_then_rerun(tmp_path, tiny_model, capsys, monkeypatch):
+@pytest.fixture
+def read_info_calls(monkeypatch):
+    """The model files :func:`read_info` was asked for (it hashes the whole file: seconds for a 2.6 GB model)."""
+    import napari_diffmix.model.checkpoint as checkpoint
+
+    calls, read_info = [], checkpoint.read_info
+
+    def spy(path, **kwargs):
+        calls.append(path)
+        return read_info(path, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "read_info", spy)
+    return calls
+
+
+def test_demo_end_to_end_then_rerun(tmp_path, tiny_model, capsys, monkeypatch, read_info_calls):
     monkeypatch.chdir(tmp_path)
     assert main(["demo", "--model", str(tiny_model), *FAST]) == 0
+    assert read_info_calls == [tiny_model]  # the CLI's early check hands its ModelInfo to the job
     out = capsys.readouterr().out
     root = tmp_path / "diffmix-demo"  # the default output folder, in the current folder
     store = open_store(root / "demo.zarr")
@@ -86,9 +102,10 @@ def test_commands_without_model_use_the_bundled_one(tmp_path, tiny_model, capsys
     assert f"model {bundled / 'demo.safetensors'}" in capsys.readouterr().out
 
 
-def test_synthesize_cli_dry_run_and_errors(tmp_path, tiny_model, capsys):
+def test_synthesize_cli_dry_run_and_errors(tmp_path, tiny_model, capsys, read_info_calls):
     args = ["synthesize", "demo", "--model", str(tiny_model), "--out", str(tmp_path / "s.zarr"), *FAST]
     assert main([*args, "--dry-run"]) == 0
+    assert read_info_calls == [tiny_model]
     out = capsys.readouterr().out
     assert "synthetic patches by maps: 2 balance, 2 enlarge" in out and "guidance 2" in out
     assert "originals: include" in out  # the bundled demo is not a folder on disk: originals go into the store
@@ -162,3 +179,48 @@ def test_bad_settings_leave_an_existing_demo_folder_untouched(tmp_path, tiny_mod
     assert main(["demo", "--out", str(out), "--model", str(tiny_model), *FAST, "--strength", "0", "--overwrite"]) == 2
     assert "strength must be in (0, 1], got 0.0" in capsys.readouterr().err
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before and (out / "data" / "notes.txt").read_text() == "mine"
+
+
+@pytest.fixture
+def no_planning(monkeypatch):
+    """Planning (or writing the demo's data) fails the test: a model that does not fit must be refused first."""
+    import napari_diffmix.datasets as datasets
+    import napari_diffmix.mixing as mixing
+
+    def reached(*args, **kwargs):
+        raise AssertionError("a model that does not fit reached the planner")
+
+    for module, name in ((datasets, "write_generic"), (mixing, "plan_balanced_set")):
+        monkeypatch.setattr(module, name, reached)
+
+
+@pytest.fixture(scope="module")
+def consep_model(tmp_path_factory):
+    from napari_diffmix.model.checkpoint import save_model
+    from napari_diffmix.model.unet import SDMUNet, UNetConfig
+
+    path = tmp_path_factory.mktemp("consep") / "consep.safetensors"
+    save_model(SDMUNet(UNetConfig.preset("tiny", cond_channels=6)), path, scheme=CONSEP)
+    return path
+
+
+MISFITS = [
+    ("consep", [], "trained on scheme 'consep' with classes ['other', 'inflammatory', 'epithelial', 'spindle'], "
+                   "but the dataset uses scheme 'demo'"),
+    ("tiny", ["--patch-size", "63"], "the model halves the resolution 1 time, so patches must be a multiple of 2 px; "
+                                     "the patches are 63 px"),
+]
+
+
+@pytest.mark.parametrize("command", ["synthesize", "demo"])
+@pytest.mark.parametrize("model,extra,message", MISFITS, ids=["scheme", "patch-size"])
+def test_a_model_that_does_not_fit_fails_before_planning(
+    command, model, extra, message, tmp_path, tiny_model, consep_model, capsys, no_planning
+):
+    path = {"consep": consep_model, "tiny": tiny_model}[model]
+    out = tmp_path / "out"
+    head = ["synthesize", "demo"] if command == "synthesize" else ["demo"]
+    assert main([*head, "--out", str(out), "--model", str(path), *FAST, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"diffmix {command}: error: ") and message in err and err.count("\n") == 1, err
+    assert not out.exists()

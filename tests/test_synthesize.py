@@ -23,11 +23,11 @@ from napari_diffmix.datasets import Dataset, open_dataset, write_generic
 from napari_diffmix.errors import CheckpointError, DatasetError, SchemeError, StoreError
 from napari_diffmix.export import open_store
 from napari_diffmix.mixing import make_item, plan_balanced_set
-from napari_diffmix.model.checkpoint import load_model, save_model
+from napari_diffmix.model.checkpoint import load_model, read_info, save_model
 from napari_diffmix.model.unet import SDMUNet, UNetConfig
 from napari_diffmix.nuclei import inst_types_from_maps, type_map_from
 from napari_diffmix.phantom import make_phantom_dataset
-from napari_diffmix.synthesize import SynthesisConfig, SynthesisJob, item_seed
+from napari_diffmix.synthesize import SynthesisConfig, SynthesisJob, check_model_fits, item_seed
 
 ITEMS, SIZE = 8, 32
 # The same run as CLI flags and as library arguments.
@@ -161,6 +161,32 @@ def test_model_scheme_mismatch_and_missing_images(setup, tmp_path):
     labels_only = Dataset([t.__class__(t.name, None, t.inst_map, t.type_map) for t in ds], ds.scheme)
     with pytest.raises(DatasetError, match="has no image.*--from-noise"):
         SynthesisJob(labels_only, plan, setup["model"], tmp_path / "y.zarr", CONFIG)
+
+
+def test_model_fit_check_and_an_already_read_model_info(setup, tmp_path, monkeypatch):
+    ds, plan, model = setup["dataset"], setup["plan"], setup["model"]
+    info = read_info(model)
+    check_model_fits(info, ds.scheme, SIZE)
+    with pytest.raises(CheckpointError, match=r"tiny.safetensors: the model halves the resolution 1 time, so patches "
+                                              r"must be a multiple of 2 px; the patches are 33 px"):
+        check_model_fits(info, ds.scheme, 33)
+    with pytest.raises(SchemeError, match="trained on scheme 'demo'.*dataset uses scheme 'consep'"):
+        check_model_fits(info, CONSEP, SIZE)
+
+    import napari_diffmix.model.checkpoint as checkpoint
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("the model file was read again")
+
+    monkeypatch.setattr(checkpoint, "read_info", no_read)
+    job = SynthesisJob(ds, plan, model, tmp_path / "x.zarr", CONFIG, model_info=info)
+    assert job.info is info and job.settings()["model_sha256"] == info.sha256
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(model.read_bytes())
+    with pytest.raises(CheckpointError, match=r"model_info describes .*tiny.safetensors, not the model file .*other"):
+        SynthesisJob(ds, plan, other, tmp_path / "y.zarr", CONFIG, model_info=info)
+    with pytest.raises(CheckpointError, match="a loaded model carries its own"):
+        SynthesisJob(ds, plan, (object(), info), tmp_path / "z.zarr", CONFIG, model_info=info)
 
 
 def test_ctrl_c_finishes_the_batch_then_resume_is_identical(setup, tmp_path):

@@ -170,10 +170,11 @@ def _shares(counts) -> list[float]:
 def run_demo(args: argparse.Namespace) -> int:
     import os
 
+    from ..classes import DEMO
     from ..datasets import open_dataset
     from ..export import TRAIN_SH, TRAINING_DIR, TRAINING_MD
     from ..mixing import MixCache, plan_balanced_set
-    from ..synthesize import SynthesisJob
+    from ..synthesize import SynthesisJob, check_model_fits
     from ..atomic import save_png
     from ._synthesize import check_model, job_summary, sampling_config
 
@@ -182,7 +183,8 @@ def run_demo(args: argparse.Namespace) -> int:
     out: Path = args.out
     model = args.model if args.model is not None else require_bundled_model("pass --model")
     config = sampling_config(args, originals="reference")
-    check_model(model, config)
+    info = check_model(model, config)
+    check_model_fits(info, DEMO, args.patch_size)  # the demo data's scheme: refused before anything is written
     train_dir, held_out_dir = _demo_data(out, args.overwrite)
     dataset = open_dataset(train_dir)
     cache = MixCache(dataset)
@@ -193,7 +195,9 @@ def run_demo(args: argparse.Namespace) -> int:
     store = out / DEMO_STORE
     owner = _store_owner(store)
     replace = args.overwrite or owner == "demo"
-    job = SynthesisJob(dataset, plan, model, store, config, overwrite=replace, created_by="demo", cache=cache)
+    job = SynthesisJob(
+        dataset, plan, model, store, config, overwrite=replace, created_by="demo", cache=cache, model_info=info,
+    )
     print(f"diffmix demo: {len(plan)} synthetic {plan.patch_size} px patches from the demo tile's training split; model {model}")
     result = job.run()
     if int(os.environ.get("RANK", "0")) != 0:

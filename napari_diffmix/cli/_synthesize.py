@@ -94,32 +94,38 @@ def sampling_config(args: argparse.Namespace, **fixed):
     )
 
 
-def check_model(path: Path, config, preset: str | None = None) -> None:
+def check_model(path: Path, config, preset: str | None = None):
     """Refuse a model file or device that cannot work before any dataset is read or anything written: the job
-    would only find out after planning, which can take minutes. Reads the file's header and hash, not the weights."""
+    would only find out after planning, which can take minutes. Reads the file's header and hash, not the weights;
+    returns its :class:`~napari_diffmix.model.checkpoint.ModelInfo` for
+    :func:`~napari_diffmix.synthesize.check_model_fits` and the job (the hash takes seconds for a large model)."""
     from ..model.checkpoint import read_info
     from ..train import resolve_device
 
-    read_info(path, preset=preset)
+    info = read_info(path, preset=preset)
     resolve_device(config.device)
+    return info
 
 
 def run(args: argparse.Namespace) -> int:
     from ..datasets import open_dataset
     from ..mixing import MixCache
-    from ..synthesize import SynthesisJob
+    from ..synthesize import SynthesisJob, check_model_fits
 
     from ..model.checkpoint import require_bundled_model
 
     rank = int(os.environ.get("RANK", "0"))
     model = args.model if args.model is not None else require_bundled_model("pass --model")
     config = sampling_config(args, originals=args.originals)
-    check_model(model, config, args.preset)
+    info = check_model(model, config, args.preset)
     dataset = open_dataset(args.dataset, args.scheme, args.layout)
+    if args.plan is None:  # a --plan file loads at once and the job checks its patch size
+        check_model_fits(info, dataset.scheme, args.patch_size)
     cache = MixCache(dataset)
     plan = build_plan(args, dataset, cache=cache)
     job = SynthesisJob(
-        dataset, plan, model, args.out, config, overwrite=args.overwrite, resume=args.resume, cache=cache, preset=args.preset,
+        dataset, plan, model, args.out, config, overwrite=args.overwrite, resume=args.resume, cache=cache,
+        preset=args.preset, model_info=info,
     )
     if rank == 0:
         print(f"{args.dataset}: {len(dataset)} tile(s), scheme {dataset.scheme.name}; model {model}")
