@@ -62,6 +62,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RESUME_FIXED = ("batch_size", "crop_size", "seed", "loss_weights")
 # Settings one may change on resume (e.g. a lower lr after the loss diverged); a warning says so.
 RESUME_TUNABLE = ("lr", "weight_decay", "precision")
+STATE_KEYS = ("step", "config", "data", "world_size", "optimizer", "scaler", "rng", "history", "window", "elapsed_s")
 
 
 @dataclass
@@ -235,6 +236,9 @@ def _differences(saved: Mapping[str, Any], now: Mapping[str, Any], keys: Sequenc
 
 def _check_resumable(run: SegRun, out_dir: Path, config: SegTrainConfig, model_config: SegConfig, scheme: ClassScheme, sources: Sequence[Source]) -> None:
     """CheckpointError naming what differs when this call would not continue the saved run."""
+    missing = [k for k in STATE_KEYS if k not in run.state]
+    if missing:
+        raise CheckpointError(f"{out_dir}: the training state lacks {missing}; pass --overwrite to start a new run")
     saved_model, now_model = run.info.config.to_dict(), model_config.to_dict()
     changed = _differences(saved_model, now_model, sorted(set(saved_model) | set(now_model)))
     if changed:
@@ -322,6 +326,7 @@ def _train(config, model_config, scheme, sources, info: DistInfo, device, out_di
             rngs = [None] * info.world_size
             dist.all_gather_object(rngs, rng)
         shown = history + ([window_row()] if window else [])  # the record also shows the unfinished log window
+        error: OSError | None = None
         if info.is_main:
             state = {
                 "step": step,
@@ -338,11 +343,12 @@ def _train(config, model_config, scheme, sources, info: DistInfo, device, out_di
             try:
                 save_seg_model(model, out_dir, scheme, {**base_record, "step": step, "history": shown}, state=state)
             except OSError as exc:
-                raise TrainingError(f"cannot write the model folder {out_dir} at step {step} ({exc}); the previous save is intact") from None
-        if info.enabled:
-            import torch.distributed as dist
-
-            dist.barrier()
+                error = exc
+        # Every rank learns whether rank 0 could save (and none runs ahead of the save).
+        failed, = _all_reduce_max([float(error is not None)], info, device)
+        if failed:
+            why = f" ({error})" if error is not None else " (see the first process's error)"
+            raise TrainingError(f"cannot write the model folder {out_dir} at step {step}{why}; its previous save is intact")
 
     net.train()
     saved_step = step if run is not None else None
