@@ -16,8 +16,30 @@ import subprocess
 from typing import Any, Iterator, Sequence
 
 
+def _descendants(pid: int) -> list[int]:
+    """Living descendants of ``pid`` (from /proc; empty where there is none)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                with open(f"/proc/{entry}/stat", "rb") as fh:
+                    # the command name may hold spaces; the fields after its closing ')' do not
+                    ppid = int(fh.read().rsplit(b")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
 def kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL every process left in ``proc``'s process group (the group id is its pid)."""
+    """SIGKILL every process left in ``proc``'s process group (the group id is its pid), and
+    its descendants that started sessions of their own (torchrun's workers do)."""
+    for pid in _descendants(proc.pid):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
 

@@ -36,10 +36,15 @@ def _worker_pid(path: Path) -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs /proc to see the worker")
-def test_timeout_kills_the_launchers_workers_too(tmp_path):
+@pytest.mark.parametrize("own_session", [False, True], ids=["same-group", "own-session"])
+def test_timeout_kills_the_launchers_workers_too(tmp_path, own_session):
+    # torchrun starts its workers in sessions of their own: killing the group alone misses them.
+    launcher = LAUNCHER.replace("time.sleep(120)\"])", "time.sleep(120)\"], start_new_session=True)") if own_session else LAUNCHER
+    assert own_session == (launcher != LAUNCHER)
     pid_file = tmp_path / "worker.pid"
+    # Not captured: a worker holding the pipe would make the wait below end only with the worker.
     with pytest.raises(subprocess.TimeoutExpired) as info:
-        run_group([sys.executable, "-c", LAUNCHER, str(pid_file)], timeout=3, capture_output=True, text=True)
+        run_group([sys.executable, "-c", launcher, str(pid_file)], timeout=3, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert info.value.timeout == 3
     pid = _worker_pid(pid_file)
     deadline = time.monotonic() + 10
