@@ -520,7 +520,8 @@ class SynthesisJob:
         if self.model is None:
             from .model.checkpoint import load_model
 
-            self.model, self.info = load_model(self._model_path, self.device, preset=self.preset)
+            # self.info came from read_info (here or in the CLI): the file is hashed once per run.
+            self.model, self.info = load_model(self._model_path, self.device, preset=self.preset, sha256=self.info.sha256)
         self.model.to(self.device).eval()
 
     def _batches(self, done: np.ndarray) -> list[list[int]]:

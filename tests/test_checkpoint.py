@@ -246,3 +246,23 @@ def test_native_errors(tmp_path):
     save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(CheckpointError, match="without napari-diffmix metadata"):
         load_model(tmp_path / "plain.safetensors")
+
+
+def test_a_known_digest_is_not_computed_again(tmp_path, monkeypatch):
+    from napari_diffmix.model import checkpoint
+
+    native = tmp_path / "tiny.safetensors"
+    digest = save_model(randomized(SDMUNet(UNetConfig.preset("tiny")), seed=1), native, scheme=DEMO)
+    official = tmp_path / "ema.pt"
+    torch.save(random_state_dict(guided_diffusion_shapes(32, (1, 1, 2, 2, 4, 4), 2, {8, 16, 32}, 6, 16)), official)
+    config = UNetConfig.preset("diffmix-consep", model_channels=32, spade_hidden=16)
+    official_digest = read_info(official, config=config, scheme="consep").sha256
+
+    def no_hashing(path):
+        raise AssertionError(f"{path} hashed again")
+
+    monkeypatch.setattr(checkpoint, "_sha256", no_hashing)
+    assert load_model(native, sha256=digest)[1].sha256 == digest
+    assert load_model(official, config=config, scheme="consep", sha256=official_digest)[1].sha256 == official_digest
+    with pytest.raises(AssertionError, match="hashed again"):
+        load_model(native)

@@ -202,22 +202,24 @@ def load_model(
     config: UNetConfig | None = None,
     scheme: ClassScheme | str | None = None,
     dtype: torch.dtype = torch.float32,
+    sha256: str | None = None,
 ) -> tuple[SDMUNet, ModelInfo]:
     """Load a native ``.safetensors`` model or an official guided-diffusion ``.pt``.
 
     Native files carry their config and scheme; ``preset``/``config``/``scheme`` are for
     official ``.pt`` files only, which need ``preset`` (``diffmix-consep``,
     ``diffmix-glysac``, ...) or ``config`` + ``scheme``. The model is returned in eval mode on
-    ``device`` with parameters in ``dtype``.
+    ``device`` with parameters in ``dtype``. ``sha256``: the file's digest when the caller
+    already has it (from :func:`read_info`), so that a multi-GB file is not hashed twice.
     """
     path = Path(path)
     if _sniff(path, preset, config, scheme) == "native":
-        info = _native_info(path, _native_metadata(path))
+        info = _native_info(path, _native_metadata(path), sha256)
         model = _empty_model(info.config, device, dtype)
         _load_native_weights(model, path)
     else:
         state_dict = _read_official(path)
-        info = _official_info(path, state_dict, preset, config, scheme)
+        info = _official_info(path, state_dict, preset, config, scheme, sha256)
         model = _empty_model(info.config, device, dtype)
         check_state_dict(model, _shapes(state_dict), source=str(path), official=True)
         with torch.no_grad():
@@ -311,7 +313,7 @@ def _native_metadata(path: Path) -> dict[str, Any]:
     return document
 
 
-def _native_info(path: Path, document: Mapping[str, Any]) -> ModelInfo:
+def _native_info(path: Path, document: Mapping[str, Any], sha256: str | None = None) -> ModelInfo:
     try:
         config = UNetConfig.from_dict(document["unet"])
         scheme = ClassScheme.from_dict(document["scheme"])
@@ -320,7 +322,7 @@ def _native_info(path: Path, document: Mapping[str, Any]) -> ModelInfo:
             scheme=scheme,
             diffusion=dict(document["diffusion"]),
             default_guidance=float(document["default_guidance"]),
-            sha256=_sha256(path),
+            sha256=sha256 or _sha256(path),
             source=str(path),
             format="native",
             extra=dict(document.get("extra") or {}),
@@ -431,6 +433,7 @@ def _official_info(
     preset: str | None,
     config: UNetConfig | None,
     scheme: ClassScheme | str | None,
+    sha256: str | None = None,
 ) -> ModelInfo:
     inferred = infer_config_fields(_shapes(state_dict))
     described = ", ".join(f"{k}={v}" for k, v in inferred.items()) or "nothing"
@@ -464,7 +467,7 @@ def _official_info(
         scheme=scheme,
         diffusion={**PUBLISHED_DIFFUSION, "learn_sigma": config.learn_sigma},
         default_guidance=PUBLISHED_GUIDANCE,
-        sha256=_sha256(path),
+        sha256=sha256 or _sha256(path),
         source=str(path),
         format="guided-diffusion",
         extra={"preset": preset} if preset else {},
