@@ -62,3 +62,10 @@ def test_fresh_venv_non_editable_install(wheel, tmp_path):
     )
     assert validated.returncode == 0, validated.stdout + validated.stderr
     assert "valid" in (validated.stdout + validated.stderr).lower()
+    # The README's main job runs from the wheel alone: the bundled demo data and model ship in it.
+    demo = subprocess.run(
+        [bin_dir / "diffmix", "demo", "--out", "demo", "--patches", "2", "--patch-size", "64", "--stride", "64", "--threads", "1"],
+        capture_output=True, text=True, env={**env, "DIFFMIX_QUIET": "1"}, cwd=tmp_path,
+    )
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert (tmp_path / "demo" / "demo-montage.png").is_file() and (tmp_path / "demo" / "demo.zarr").is_dir()
