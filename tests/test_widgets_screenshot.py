@@ -78,8 +78,20 @@ def test_render_of_the_demo_labels_looks_like_tissue(make_napari_viewer, tmp_pat
     assert gray[inst_map > 0].mean() < gray[inst_map == 0].mean() - 8
 
     if docs_shot:
+        # The render with the painted nuclei outlined in their class colours, and the docked
+        # widgets: the whole main window (viewer.screenshot leaves the docks out).
+        nuclei = viewer.layers["demo nuclei classes"]
+        viewer.layers.move(viewer.layers.index(nuclei), len(viewer.layers))
+        nuclei.contour = 2
         for layer in viewer.layers:
-            layer.visible = layer.name in (result.name, "demo nuclei")
-        viewer.layers.selection.active = viewer.layers["demo nuclei"]
+            layer.visible = layer in (result, nuclei)
+        viewer.layers.selection.active = nuclei
         viewer.reset_view()
-        iio.imwrite(docs_shot, viewer.screenshot(canvas_only=False, flash=False))
+        from qtpy.QtWidgets import QApplication, QDockWidget
+
+        # Docks added to the test fixture's window start hidden; a user's napari shows them.
+        for dock in viewer.window._qt_window.findChildren(QDockWidget):
+            if dock.windowTitle() in ("Nuclei editor", "Generate tissue"):
+                dock.show()
+        QApplication.processEvents()
+        iio.imwrite(docs_shot, viewer.window.screenshot(canvas_only=False, flash=False))
