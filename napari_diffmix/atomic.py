@@ -19,6 +19,24 @@ import numpy as np
 from .errors import OutputError
 
 
+def _umask() -> int:
+    # Read without changing it: os.umask can only be read by setting it (racy across threads).
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def _publish_mode(path: Path, mode: int) -> None:
+    # mkstemp/mkdtemp create private (0600/0700) temporaries; the final output gets the
+    # permissions any other file the user creates would get.
+    os.chmod(path, mode & ~_umask())
+
+
 def _fsync_dir(path: Path) -> None:
     # The rename is only durable once the directory entry is flushed; not all platforms allow it.
     with contextlib.suppress(OSError):
@@ -60,6 +78,7 @@ def atomic_path(path: str | os.PathLike, *, suffix: str | None = None) -> Iterat
         with _output_errors(path):
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
+            _publish_mode(tmp, 0o666)
             os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
@@ -80,6 +99,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         with _output_errors(path):
+            _publish_mode(tmp, 0o777)
             if path.exists():
                 old = path.with_name(f".{path.name}.old")
                 shutil.rmtree(old, ignore_errors=True)

@@ -57,3 +57,17 @@ def test_cli_reports_an_unwritable_output_in_one_line(tmp_path, capsys):
     assert main(["demo-data", "--out", str(blocker / "demo")]) == 2
     err = capsys.readouterr().err
     assert "cannot write" in err and str(blocker) in err and "Traceback" not in err
+
+
+def test_outputs_get_the_users_usual_permissions(tmp_path):
+    import os
+
+    old = os.umask(0o027)
+    try:
+        write_text(tmp_path / "a.txt", "x")
+        with atomic_dir(tmp_path / "folder") as tmp:
+            (tmp / "inner").write_text("y")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o640  # not mkstemp's private 0600
+    assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o750  # not mkdtemp's 0700
