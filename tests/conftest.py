@@ -100,3 +100,15 @@ def tiny_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
     save_model(SDMUNet(UNetConfig.preset("tiny")), path, scheme=DEMO, default_guidance=2.0)
     return path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module: the test machine's cores are shared, and oversubscribed
+    threads cost more than they give."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -24,13 +24,7 @@ from napari_diffmix.seg.train import SegTrainConfig, train_segmentation
 FAST = dict(batch_size=4, crop_size=64, lr=3e-3, device="cpu", num_threads=1, log_every=5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The test machine's cores are shared; oversubscribed torch threads cost more than they give.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -25,12 +25,7 @@ TINY = dict(batch_size=2, crop_size=32, lr=3e-3, device="cpu", num_threads=1, lo
 FAST_CLI = ["--preset", "tiny", "--batch-size", "2", "--crop-size", "32", "--lr", "3e-3", "--device", "cpu", "--threads", "1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
