@@ -141,7 +141,7 @@ class TrainConfig:
             (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
             (self.crop_size >= 8, f"crop size must be >= 8 px, got {self.crop_size}"),
             (0.0 <= self.ema_rate < 1.0, f"EMA rate must be in [0, 1), got {self.ema_rate}"),
-            (self.precision in ("auto", "fp32", "bf16", "fp16"), f"precision {self.precision!r} is not auto|fp32|bf16|fp16"),
+            (self.precision in PRECISIONS, f"precision {self.precision!r} is not {'|'.join(PRECISIONS)}"),
             (self.grad_clip >= 0, f"gradient clip must be >= 0 (0 = off), got {self.grad_clip}"),
             (self.save_every >= 0 and self.log_every >= 1 and self.sample_every >= 0, "save/log/sample intervals must be >= 0 (log >= 1)"),
             (self.keep_last >= 1, f"keep at least one checkpoint, got keep_last={self.keep_last}"),
@@ -158,16 +158,21 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise TrainingError(f"unknown training config field(s): {sorted(unknown)}")
-        d = dict(data)
+        d = config_fields(cls, data, "training config field")
         if "stages" in d:
             d["stages"] = tuple(Stage(int(s["steps"]), float(s["lr"]), float(s.get("cond_dropout", 0.0))) for s in d["stages"])
         if "adam_betas" in d:
             d["adam_betas"] = tuple(float(b) for b in d["adam_betas"])
         return cls(**d)
+
+
+def config_fields(cls: type, data: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """A copy of ``data`` for ``cls(**...)``, refusing keys that are not fields of the dataclass
+    (a config saved by another version, or a typo in a hand-written one)."""
+    unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise TrainingError(f"unknown {what}(s): {sorted(unknown)}")
+    return dict(data)
 
 
 def _published(model: str) -> TrainConfig:
@@ -541,6 +546,10 @@ def resolve_device(spec: str | torch.device = "auto", local_rank: int = 0) -> to
     return device
 
 
+# Training precisions (cli/_common.TRAIN_PRECISIONS spells them out for the parsers, which import no torch).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for plain fp32."""
     if precision == "auto":
@@ -645,16 +654,17 @@ def _seed_int(*keys: int) -> int:
     return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> 1)
 
 
-def capture_rng(stream: CropStream, noise_gen: torch.Generator) -> dict[str, Any]:
+def capture_rng(stream: CropStream, noise_gen: torch.Generator | None = None) -> dict[str, Any]:
+    """Every RNG state a resumed run needs; ``noise_gen``: the diffusion trainer's noise generator."""
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
         "torch": torch.get_rng_state(),
         "stream": json.dumps(stream.state()),
-        "noise": noise_gen.get_state(),
-        "noise_device": str(noise_gen.device),
     }
+    if noise_gen is not None:
+        state["noise"], state["noise_device"] = noise_gen.get_state(), str(noise_gen.device)
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -662,14 +672,15 @@ def capture_rng(stream: CropStream, noise_gen: torch.Generator) -> dict[str, Any
     return state
 
 
-def restore_rng(state: Mapping[str, Any], stream: CropStream, noise_gen: torch.Generator) -> None:
+def restore_rng(state: Mapping[str, Any], stream: CropStream, noise_gen: torch.Generator | None = None) -> None:
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     stream.set_state(json.loads(state["stream"]))
-    noise_gen.set_state(state["noise"])
+    if noise_gen is not None:
+        noise_gen.set_state(state["noise"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
     if "mps" in state and getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():

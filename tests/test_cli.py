@@ -137,3 +137,12 @@ def test_stats_image_check_reads_what_the_header_leaves_open(tmp_path, capsys):
     junk.write_bytes(b"no image")
     assert image_problem(junk, (8, 8)).startswith("cannot read image: ")
     assert image_problem(tmp_path / "absent.png", (8, 8)) == "image file does not exist"
+
+
+def test_parser_choices_spelled_out_match_the_core():
+    # cli/_common spells these out so that building the parser imports no numpy/torch.
+    from napari_diffmix import datasets, train
+    from napari_diffmix.cli._common import LAYOUT_CHOICES, TRAIN_PRECISIONS
+
+    assert set(LAYOUT_CHOICES) == {"auto", *datasets.LAYOUTS}
+    assert TRAIN_PRECISIONS == train.PRECISIONS

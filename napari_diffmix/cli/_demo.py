@@ -170,15 +170,14 @@ def _shares(counts) -> list[float]:
 def run_demo(args: argparse.Namespace) -> int:
     import os
 
+    from ..atomic import save_png
     from ..classes import DEMO
     from ..datasets import open_dataset
     from ..export import TRAIN_SH, TRAINING_DIR, TRAINING_MD
     from ..mixing import MixCache, plan_balanced_set
-    from ..synthesize import SynthesisJob, check_model_fits
-    from ..atomic import save_png
-    from ._synthesize import check_model, job_summary, sampling_config
-
     from ..model.checkpoint import require_bundled_model
+    from ..synthesize import SynthesisJob, check_model_fits
+    from ._synthesize import check_model, job_summary, sampling_config
 
     out: Path = args.out
     model = args.model if args.model is not None else require_bundled_model("pass --model")

@@ -16,7 +16,6 @@ uninterrupted run would have had; it may also extend a finished run to more ``st
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -35,6 +34,7 @@ from ..errors import CheckpointError, DatasetError, LabelError
 from ..progress import StopRequests, progress_bar
 from ..train import (
     CropStream,
+    PRECISIONS,
     DistInfo,
     Source,
     TrainingError,
@@ -44,6 +44,7 @@ from ..train import (
     _set_bar_start,
     capture_rng,
     collect_sources,
+    config_fields,
     resolve_precision,
     restore_rng,
     setup_distributed,
@@ -57,7 +58,6 @@ from .targets import seg_targets
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # Settings a resumed run must share with the interrupted one, or it would be another run.
 RESUME_FIXED = ("batch_size", "crop_size", "seed", "loss_weights")
 # Settings one may change on resume (e.g. a lower lr after the loss diverged); a warning says so.
@@ -98,11 +98,7 @@ class SegTrainConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "SegTrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise TrainingError(f"unknown segmentation training setting(s): {sorted(unknown)}")
-        d = dict(data)
+        d = config_fields(cls, data, "segmentation training setting")
         if "loss_weights" in d:
             try:
                 d["loss_weights"] = LossWeights(**d["loss_weights"])
@@ -283,15 +279,12 @@ def _train(config, model_config, scheme, sources, info: DistInfo, device, out_di
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
     stream = CropStream(sources, config.crop_size, config.batch_size, seed=config.seed, rank=info.rank)
-    # capture_rng/restore_rng also carry the diffusion trainer's noise generator; nothing
-    # here draws from it, so a fixed one stands in.
-    no_noise = torch.Generator()
     history: list[dict[str, float]] = []
     window: dict[str, list[float]] = {}
     step = 0
     elapsed_before = 0.0
     if run is not None:
-        step = _restore(run, config, opt, scaler, stream, no_noise, info)
+        step = _restore(run, config, opt, scaler, stream, info)
         history = json.loads(run.state["history"])
         window = json.loads(run.state["window"])
         elapsed_before = float(run.state["elapsed_s"])
@@ -318,7 +311,7 @@ def _train(config, model_config, scheme, sources, info: DistInfo, device, out_di
         if out_dir is None:
             return
         _check_ranks_in_sync(model, info, device, step)
-        rng = capture_rng(stream, no_noise)
+        rng = capture_rng(stream)
         rngs = [rng]
         if info.enabled:
             import torch.distributed as dist
@@ -408,7 +401,7 @@ def _train(config, model_config, scheme, sources, info: DistInfo, device, out_di
     return SegTrainResult(model, step, interrupted, shown, None if out_dir is None else Path(out_dir), time.perf_counter() - t0, start_step)
 
 
-def _restore(run: SegRun, config: SegTrainConfig, opt, scaler, stream: CropStream, no_noise: torch.Generator, info: DistInfo) -> int:
+def _restore(run: SegRun, config: SegTrainConfig, opt, scaler, stream: CropStream, info: DistInfo) -> int:
     state = run.state
     try:
         opt.load_state_dict(state["optimizer"])
@@ -421,7 +414,7 @@ def _restore(run: SegRun, config: SegTrainConfig, opt, scaler, stream: CropStrea
     step = int(state["step"])
     rngs = state["rng"]
     if len(rngs) == info.world_size:
-        restore_rng(rngs[info.rank], stream, no_noise)
+        restore_rng(rngs[info.rank], stream)
     else:
         # Another number of processes: no per-rank stream to continue, so reseed from the step.
         stream.rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([config.seed, info.rank, 0, step])))
