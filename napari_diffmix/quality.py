@@ -245,7 +245,8 @@ def render_and_measure(
     ]
     if not windows:
         raise LabelError(f"no {size} px window fits in the given tiles")
-    runner = Sampler(model, diffusion)
+    # fp32: a measure of the model must not depend on the hardware it runs on.
+    runner = Sampler(model, diffusion, precision="fp32")
     rendered = []
     with progress_bar(pbar, len(windows), "rendering") as bar:
         for i, w in enumerate(windows):

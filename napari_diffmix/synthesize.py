@@ -96,7 +96,10 @@ class SynthesisConfig:
     ``seed``: base of the per-item noise seeds. ``batch_size``: items per sampler call (fixed
     batches of consecutive items). ``originals``: "include" copies the original grid patches
     into the store, "reference" records the dataset they come from, "auto" references a
-    dataset on disk and includes otherwise, "none" leaves them out.
+    dataset on disk and includes otherwise, "none" leaves them out. ``precision``: the
+    network's ("auto": bf16 where the hardware has it, see
+    :func:`~napari_diffmix.model.samplers.resolve_precision`); each item's provenance records
+    the one used.
     """
 
     sampler: str = FAST_SETTINGS["sampler"]
@@ -107,7 +110,7 @@ class SynthesisConfig:
     seed: int = 0
     batch_size: int = 8
     device: str = "auto"
-    precision: str = "fp32"
+    precision: str = "auto"
     originals: str = "auto"
     threads: int | None = None
 
@@ -371,6 +374,7 @@ class SynthesisJob:
                 raise CheckpointError(f"model_info describes {model_info.source}, not the model file {model}")
             self.info = model_info
         self.result: SynthesisResult | None = None
+        self.precision: str | None = None  # the network precision "auto" resolved to, once running
         self._check_inputs()
         check_model_fits(self.info, self.scheme, self.plan.patch_size)
 
@@ -563,6 +567,7 @@ class SynthesisJob:
         out.update(
             kind="synthetic", index=i, label_seed=label_prov.get("seed"), seed=seed, sampler=c.sampler, steps=c.steps,
             guidance=self.guidance, init=c.init, strength=c.strength if c.init == "original" else None,
+            precision=self.precision,
         )
         return out
 
@@ -617,6 +622,7 @@ class SynthesisJob:
         yield SynthesisEvent("start", n_done, total, pending)
 
         sampler = Sampler(self.model, info_diffusion(self.info), precision=self.config.precision)
+        self.precision = sampler.precision
         cache, tiles = self.cache, _Tiles(self.dataset)
         c = self.config
         # "writing" counts only the time the loop waits for the writer thread (and the final attributes).

@@ -546,7 +546,7 @@ def resolve_device(spec: str | torch.device = "auto", local_rank: int = 0) -> to
     return device
 
 
-# Training precisions (cli/_common.TRAIN_PRECISIONS spells them out for the parsers, which import no torch).
+# Training precisions (cli/_common.PRECISIONS spells them out for the parsers, which import no torch).
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 

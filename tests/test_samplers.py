@@ -1,5 +1,6 @@
 """Samplers: generator API, CFG, SPADE cache, seeds, SDEdit, masked edits, tiling, few-step quality."""
 
+import functools
 import threading
 
 import numpy as np
@@ -8,21 +9,25 @@ import torch
 
 from napari_diffmix.errors import DiffMixError, LabelError
 from napari_diffmix.model.diffusion import GaussianDiffusion
+from napari_diffmix.model import samplers
 from napari_diffmix.model.samplers import (
     DIFFMIX_SETTINGS,
     SAMPLERS,
-    Sampler,
     StepRecord,
     blend_weights,
     condition_key,
     from_uint8,
     ode_agreement,
     preview,
-    sample,
     tile_windows,
     to_uint8,
 )
 from napari_diffmix.model.unet import SDMUNet, UNetConfig
+
+# The exactness checks here compare runs at 1e-5 and need fp32 whatever the CPU; the default
+# precision ("auto", bf16 on this kind of CPU) has its own tests at the end.
+Sampler = functools.partial(samplers.Sampler, precision="fp32")
+sample = functools.partial(samplers.sample, precision="fp32")
 
 SIZE = 16
 

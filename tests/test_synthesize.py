@@ -24,6 +24,7 @@ from napari_diffmix.errors import CheckpointError, DatasetError, SchemeError, St
 from napari_diffmix.export import open_store
 from napari_diffmix.mixing import make_item, plan_balanced_set
 from napari_diffmix.model.checkpoint import load_model, read_info, save_model
+from napari_diffmix.model.samplers import resolve_precision
 from napari_diffmix.model.unet import SDMUNet, UNetConfig
 from napari_diffmix.nuclei import inst_types_from_maps, type_map_from
 from napari_diffmix.phantom import make_phantom_dataset
@@ -93,6 +94,7 @@ def test_end_to_end_store(setup):
         assert p["index"] == i and p["tile_name"] == ds.names[p["tile"]] and p["origin"] == label_prov["origin"]
         assert p["maps"] == label_prov["maps"] and p["seed"] == item_seed(0, i)
         assert (p["sampler"], p["steps"], p["guidance"], p["init"]) == ("dpm++2m", 4, 2.0, "original")
+        assert p["precision"] == resolve_precision("auto", "cpu")  # what "auto" chose here, recorded per item
     training = setup["ref"] / "training"
     assert (training / "TRAINING.md").is_file() and (training / "train.sh").is_file()
     with warnings.catch_warnings():

@@ -109,6 +109,7 @@ def test_cancel_stops_within_a_step_and_adds_nothing(generate, qtbot):
 
 
 def test_synchronous_mode_modes_and_caches(generate, monkeypatch):
+    from napari_diffmix.model.samplers import resolve_precision
     from napari_diffmix._widgets._canvas import NucleiCanvas
     from napari_diffmix._widgets._workers import NOTHREADS_ENV, SyncWorker
 
@@ -127,6 +128,15 @@ def test_synchronous_mode_modes_and_caches(generate, monkeypatch):
     second = _renders(viewer)[-1].metadata["diffmix"]["provenance"]
     assert calls == [] and second["reused_model"] and second["reused_spade"]
     assert "SPADE features reused" in widget.status.text()
+    assert second["precision"] == runner.precision == resolve_precision("auto", "cpu")
+    # Another precision keeps the loaded model but not the SPADE cache, which is stored in the old one.
+    widget.picker.precision_combo.setCurrentText("fp32")
+    widget.generate()
+    fp32_runner = next(iter(widget._runners.values()))[0]
+    third = _renders(viewer)[-1].metadata["diffmix"]["provenance"]
+    assert fp32_runner.model is runner.model and fp32_runner.precision == "fp32" == third["precision"]
+    assert third["reused_model"] and (third["reused_spade"] is (runner.precision == "fp32"))
+    widget.picker.precision_combo.setCurrentText("auto")
     # SDEdit from the first render.
     widget.set_mode("sdedit")
     widget.image_combo.setCurrentText(first.name)

@@ -1,4 +1,4 @@
-"""Model and device choice shared by the Generate and Batch export widgets."""
+"""Model, device and precision choice shared by the Generate and Batch export widgets."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QPushButton, QWidget
 
+from ..cli._common import PRECISIONS
 from ..errors import CheckpointError
 
 BUNDLED = "bundled demo model"
@@ -17,7 +18,7 @@ DEVICES = {"auto": "auto", "CPU": "cpu", "CUDA": "cuda", "MPS": "mps"}
 
 class ModelPicker(QWidget):
     """Model file (bundled demo by default, any native ``.safetensors`` or official ``.pt``), its
-    preset for official files, and the device. ``changed`` fires with the model's info (or None)."""
+    preset for official files, the device and the network precision. ``changed`` fires with the model's info (or None)."""
 
     changed = Signal(object)
 
@@ -49,6 +50,13 @@ class ModelPicker(QWidget):
         self.device_combo.addItems(list(DEVICES))
         self.device_combo.setToolTip("auto: CUDA, else Apple MPS, else CPU")
         form.addRow("Device", self.device_combo)
+        self.precision_combo = QComboBox()
+        self.precision_combo.addItems(list(PRECISIONS))
+        self.precision_combo.setToolTip(
+            "auto: bf16 where the hardware has it (GPUs, CPUs with avx512_bf16/AMX; about 1.7x faster, within a few "
+            "grey levels of fp32), fp16 on older GPUs, else fp32. fp32: the same image on any hardware"
+        )
+        form.addRow("Precision", self.precision_combo)
         self.info: Any = None
 
     def _browse(self) -> None:
@@ -87,6 +95,9 @@ class ModelPicker(QWidget):
 
     def device(self) -> str:
         return DEVICES[self.device_combo.currentText()]
+
+    def precision(self) -> str:
+        return self.precision_combo.currentText()
 
     def _on_changed(self) -> None:
         self.info = None

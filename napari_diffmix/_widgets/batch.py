@@ -214,6 +214,7 @@ class BatchExportWidget(JobWidget, QWidget):
             "model": self.picker.path(),
             "preset": self.picker.preset(),
             "device": self.picker.device(),
+            "precision": self.picker.precision(),
             "maps": MAPS[self.maps_combo.currentText()],
             "patches": self.patches.value() if self.goal_patches.isChecked() else None,
             "target_share": self.share.value() if self.goal_share.isChecked() else None,
@@ -246,7 +247,7 @@ class BatchExportWidget(JobWidget, QWidget):
         yield ("plan", plan)
         config = SynthesisConfig(
             sampler=s["sampler"], steps=s["steps"], init=s["init"], strength=s["strength"], seed=s["seed"],
-            batch_size=s["batch_size"], device=s["device"],
+            batch_size=s["batch_size"], device=s["device"], precision=s["precision"],
         )
         job = SynthesisJob(
             dataset, plan, s["model"], s["out"], config, overwrite=s["overwrite"], resume=s["resume"],

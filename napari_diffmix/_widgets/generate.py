@@ -87,6 +87,7 @@ class Request:
     model_path: Path
     preset: str | None
     device: str
+    precision: str
     inst_map: np.ndarray
     type_map: np.ndarray
     scheme: ClassScheme
@@ -314,6 +315,7 @@ class GenerateWidget(JobWidget, QWidget):
             model_path=self.picker.path(),
             preset=self.picker.preset(),
             device=self.picker.device(),
+            precision=self.picker.precision(),
             inst_map=inst_map,
             type_map=type_map,
             scheme=scheme,
@@ -332,19 +334,26 @@ class GenerateWidget(JobWidget, QWidget):
 
     # -- the run ------------------------------------------------------------------------------------
     def _runner(self, req: Request) -> tuple[Any, Any, bool]:
-        """(Sampler, ModelInfo, reused) for the request's model and device, loading it once."""
+        """(Sampler, ModelInfo, reused) for the request's model, device and precision, loading the model once."""
         from ..model.checkpoint import load_model
-        from ..model.samplers import Sampler
+        from ..model.samplers import Sampler, resolve_precision
         from ..train import resolve_device
 
         device = resolve_device(req.device)
         stamp = req.model_path.stat().st_mtime_ns if req.model_path.exists() else None
         key = (str(req.model_path), stamp, req.preset, str(device))
         if key in self._runners:
-            return (*self._runners[key], True)
+            runner, info = self._runners[key]
+            if runner.precision == resolve_precision(req.precision, device):
+                return runner, info, True
+            # Same weights, other precision: a new sampler, since the SPADE cache is stored in the precision.
+            runner = Sampler(runner.model, info.diffusion or None, precision=req.precision)
+            self._runners[key] = (runner, info)
+            self._last_condition = None
+            return runner, info, True
         self._runners.clear()  # one model in memory at a time
         model, info = load_model(req.model_path, device, preset=req.preset)
-        runner = Sampler(model, info.diffusion or None)
+        runner = Sampler(model, info.diffusion or None, precision=req.precision)
         self._runners[key] = (runner, info)
         return runner, info, False
 
@@ -405,7 +414,7 @@ class GenerateWidget(JobWidget, QWidget):
         image = last.images()[0]
         provenance = {
             "model": str(req.model_path), "model_sha256": info.sha256, "scheme": info.scheme.name,
-            "device": str(runner.device), "sampler": req.sampler, "steps": req.steps, "guidance": req.guidance,
+            "device": str(runner.device), "precision": runner.precision, "sampler": req.sampler, "steps": req.steps, "guidance": req.guidance,
             "seed": int(last.seeds[0]), "mode": req.mode, "strength": req.strength, "image": req.image_name,
             "edited_pixels": int(req.mask.sum()) if req.mask is not None else None, "tile": req.tile,
             "labels": req.labels_name, "seconds": round(time.perf_counter() - start, 3),

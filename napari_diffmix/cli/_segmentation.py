@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from ._common import SCHEME_HELP, TRAIN_PRECISIONS, add_device_arguments, add_layout_argument
+from ._common import SCHEME_HELP, PRECISIONS, add_device_arguments, add_layout_argument
 
 TRAIN_EPILOG = """examples:
   diffmix train-seg --data /data/CoNSeP/Train --scheme consep --out models/hovernet --steps 20000
@@ -56,7 +56,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     h = p.add_argument_group("hardware")
     add_device_arguments(h, default=None)
     h.add_argument(
-        "--precision", choices=TRAIN_PRECISIONS,
+        "--precision", choices=PRECISIONS,
         help="autocast dtype (default: auto: bf16, or fp16 with loss scaling, on GPU; fp32 on CPU)",
     )
 

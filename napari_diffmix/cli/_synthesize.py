@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from ._common import add_dataset_arguments, add_device_arguments, add_plan_arguments, plan_kwargs
+from ._common import PRECISIONS, add_dataset_arguments, add_device_arguments, add_plan_arguments, plan_kwargs
 
 EPILOG = """examples:
   diffmix synthesize /data/CoNSeP/Train --scheme consep --model consep.safetensors --out consep-synthetic.zarr
@@ -51,7 +51,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--batch-size", type=int, default=8, help="items per sampler call (default 8)")
     h = p.add_argument_group("hardware")
     add_device_arguments(h, torchrun=True)
-    h.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="network precision (default fp32)")
+    h.add_argument(
+        "--precision", choices=PRECISIONS,
+        help="network precision (default auto: bf16 on GPUs and CPUs with avx512_bf16/AMX, fp16 on older GPUs, "
+             "otherwise fp32; fp32 gives results that do not depend on the hardware)",
+    )
     o = p.add_argument_group("store")
     orig = o.add_mutually_exclusive_group()
     orig.add_argument("--include-originals", dest="originals", action="store_const", const="include",

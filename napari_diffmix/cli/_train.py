@@ -21,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from ._common import SCHEME_HELP, TRAIN_PRECISIONS, add_device_arguments, add_layout_argument
+from ._common import SCHEME_HELP, PRECISIONS, add_device_arguments, add_layout_argument
 
 EPILOG = """examples:
   diffmix train demo --preset demo --out runs/demo
@@ -73,7 +73,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--guidance", type=float, help="default classifier-free guidance stored with the model and used for sample grids")
     h = p.add_argument_group("hardware")
     add_device_arguments(h, torchrun=True, default=None)
-    h.add_argument("--precision", choices=TRAIN_PRECISIONS, help="autocast dtype (auto: bf16/fp16 on GPU, fp32 on CPU)")
+    h.add_argument("--precision", choices=PRECISIONS, help="autocast dtype (auto: bf16/fp16 on GPU, fp32 on CPU)")
     h.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, help="recompute activations in backward: less memory")
     h.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="NHWC activations (faster convolutions on CPUs and tensor cores)")
     h.add_argument("--grad-clip", type=float, help="max gradient norm (0 = off)")
