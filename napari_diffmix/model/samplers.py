@@ -10,7 +10,8 @@ grad-mode or autocast state held across a ``yield``, no threads, no files.
 Solvers are diffusers' maintained schedulers (DDIM, DDPM, DPM-Solver++(2M), UniPC) fed with
 this package's beta table. Hand-written here is only what they lack: classifier-free guidance
 on the encoder/decoder split with a SPADE cache, SDEdit starts at a fraction of the schedule
-(noising with our float64 tables), masked local edits, per-item seeding, and tiled
+(noising with our float64 tables), DPM-Solver++ steps evenly spaced in log-SNR from an SDEdit
+start (:func:`log_snr_timesteps`), masked local edits, per-item seeding, and tiled
 (MultiDiffusion-style) rendering of canvases larger than the model.
 
 Classifier-free guidance: ``eps = eps(empty) + s * (eps(y) - eps(empty))`` on the epsilon
@@ -23,9 +24,10 @@ forwards per step with no cache, exactly as the DiffMix reference code does.
 
 Two presets:
 
-* :data:`FAST_SETTINGS` (the product default): DPM-Solver++(2M), 15 steps, batched CFG; with
-  a :class:`Sampler` (SPADE cache on). 15 steps land within 1-2/255 of 100-step DDIM from the
-  same noise on a trained model (:func:`ode_agreement`, tested).
+* :data:`FAST_SETTINGS` (the product default): DPM-Solver++(2M), 15 steps evenly spaced in
+  log-SNR, batched CFG; with a :class:`Sampler` (SPADE cache on, precision "auto"). 15 steps
+  land within 1-2/255 of 100-step DDIM from the same noise on the demo model
+  (:func:`ode_agreement`, tested); steps even in time were 5x further off.
 * :data:`DIFFMIX_SETTINGS` (the published sampling): 100-step DDIM respacing, start from the
   original patch noised to 55 % of the schedule (SDEdit) and take 55 deterministic DDIM steps,
   CFG 1.5 as two forwards per step. Pass the original image as ``init_image``.
@@ -65,6 +67,7 @@ __all__ = [
     "tile_windows",
     "blend_weights",
     "ode_agreement",
+    "log_snr_timesteps",
     "PRECISIONS",
     "native_bf16",
     "resolve_precision",
@@ -250,6 +253,30 @@ def _make_scheduler(name: str, base: GaussianDiffusion):
     return diffusers.UniPCMultistepScheduler(**common, **solver, predict_x0=True, solver_type="bh2")
 
 
+def log_snr_timesteps(alphas_cumprod: np.ndarray, start: int, n: int) -> list[int]:
+    """``n`` integer timesteps from ``start`` down to 0, evenly spaced in log-SNR.
+
+    DPM-Solver++ steps in log-SNR, so even spacing there gives every step the same share of
+    the work; steps even in time crowd the high-noise end and leave the last, detail-forming
+    steps long, which showed as a fine grain with few steps (HF noise 1.9x real at 15 steps
+    with the demo model; see docs/design-notes.md). This is diffusers' ``use_lu_lambdas``,
+    written here because that option only spans the whole schedule, and an SDEdit run needs the
+    same spacing from its own start.
+    """
+    if not 1 <= n <= start + 1:
+        raise DiffMixError(f"{n} steps do not fit between timestep {start} and 0")
+    log_sigma = 0.5 * np.log((1.0 - alphas_cumprod) / alphas_cumprod)  # increasing in t
+    targets = np.linspace(log_sigma[start], log_sigma[0], n)
+    steps = np.round(np.interp(targets, log_sigma, np.arange(len(log_sigma)))).astype(np.int64)
+    steps[0], steps[-1] = start, 0
+    # Rounding can merge neighbours near t = 0 when n is large: keep them strictly decreasing.
+    for i in range(n - 2, -1, -1):
+        steps[i] = max(steps[i], steps[i + 1] + 1)
+    for i in range(1, n):
+        steps[i] = min(steps[i], steps[i - 1] - 1)
+    return [int(t) for t in steps]
+
+
 def _resolve_diffusion(diffusion: Any, model: torch.nn.Module) -> GaussianDiffusion:
     learn_sigma = getattr(getattr(model, "config", None), "learn_sigma", True)
     if diffusion is None:
@@ -361,7 +388,7 @@ class _Run:
 
     @property
     def total(self) -> int:
-        """Steps this run takes: all of them, or the last ``floor(strength * steps)`` for SDEdit."""
+        """Steps this run takes: all of them, or ``floor(strength * steps)`` for SDEdit."""
         return self.steps if self.strength is None else math.floor(self.strength * self.steps + 1e-9)
 
 
@@ -457,7 +484,8 @@ class Sampler:
         of one seed per item, or None (fresh random seeds, reported in the records).
         ``init_image`` (model-space (N, 3, H, W) or uint8 (N, H, W, 3)) with ``strength`` in
         (0, 1]: SDEdit, i.e. start from that image noised to ``strength`` of the schedule and run
-        the last ``floor(strength * steps)`` steps. ``mask`` ((N, H, W) or (H, W), true = render)
+        ``floor(strength * steps)`` steps: the last ones of the schedule, or for "dpm++2m" as
+        many log-SNR-even steps from the same starting noise level. ``mask`` ((N, H, W) or (H, W), true = render)
         with ``init_image``: local edit; outside the mask the result is ``init_image`` exactly
         and, at every step, the image noised to that step's level. ``tile_size``: render canvases
         larger than this in overlapping square windows (``tile_overlap`` px, default a quarter),
@@ -560,13 +588,20 @@ class Sampler:
         noise = _randn(generators, (3, height, width), device)
 
         scheduler = _make_scheduler(run.sampler, base)
-        scheduler.set_timesteps(run.steps)
-        timesteps = [int(t) for t in scheduler.timesteps]
         total = run.total
-        start = len(timesteps) - total
-        if start and hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(start)
-        timesteps = timesteps[start:]
+        if run.sampler == "dpm++2m":
+            # SDEdit starts at the noise level of the time-even schedule's first kept step (so a
+            # strength means what it means for the other solvers); the steps are then log-SNR even.
+            start_t = round((base.config.num_timesteps - 1) * total / run.steps)
+            scheduler.set_timesteps(timesteps=log_snr_timesteps(base.alphas_cumprod, start_t, total))
+            timesteps = [int(t) for t in scheduler.timesteps]
+        else:
+            scheduler.set_timesteps(run.steps)
+            timesteps = [int(t) for t in scheduler.timesteps]
+            start = len(timesteps) - total
+            if start and hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(start)
+            timesteps = timesteps[start:]
 
         def noised(x0: torch.Tensor, t: int) -> torch.Tensor:
             return base.q_sample(x0, torch.full((n,), t, device=device, dtype=torch.long), noise)
