@@ -9,10 +9,12 @@ default sampling (the fast DPM-Solver++ settings, SDEdit strength 0.55, batched 
 timings the job records. Run by hand::
 
     python benchmarks/bench_export.py [--preset demo] [--size 128] [--items 16] [--batch-size 8]
-                                      [--device auto] [--steps 15] [--strength 0.55] [--threads N]
+                                      [--device auto] [--precision auto] [--steps 15] [--strength 0.55]
+                                      [--threads N]
 
-Measured (shared 2-core AMD EPYC, demo preset, 128 px, 2 threads, 2026-11-25): 0.11 % of the time outside
-the sampler; 9.2 s per item, nearly all of it sampling.
+Measured (shared 2-core AMD EPYC with avx512_bf16, demo preset, 128 px, 2 threads, precision auto = bf16,
+2026-11-25, nothing else running): 0.36 % of the time in label work and writing (0.10 + 0.25 %);
+1.39 s per item. An earlier fp32 run, with a training run on the other core, took 9.2 s per item.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from napari_diffmix.datasets import Dataset, open_dataset, write_generic
 from napari_diffmix.demo_data import demo_split
 from napari_diffmix.mixing import MixCache, plan_balanced_set
 from napari_diffmix.model.checkpoint import save_model
-from napari_diffmix.model.samplers import FAST_SETTINGS
+from napari_diffmix.model.samplers import FAST_SETTINGS, PRECISIONS
 from napari_diffmix.model.unet import SDMUNet, UNetConfig
 from napari_diffmix.synthesize import SynthesisConfig, SynthesisJob
 
@@ -45,7 +47,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=FAST_SETTINGS["steps"])
     ap.add_argument("--strength", type=float, default=0.55)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    ap.add_argument("--precision", default="auto", choices=PRECISIONS, help="network precision (default auto, as the product)")
     ap.add_argument("--threads", type=int, help="PyTorch CPU threads (default: PyTorch's; on a shared machine 1 is steadier)")
     args = ap.parse_args()
 

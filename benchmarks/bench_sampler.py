@@ -7,32 +7,37 @@ published config (``diffmix-consep``, 652 M parameters) and the demo config, bat
                  every pass: what the DiffMix code does at every step
   batched        one encoder pass shared by both branches; the decoder as two passes of N on
                  CPUs (measured faster there), one pass on a batch of 2N elsewhere ("joint")
-  batched+cache  the same with the SPADE cache (product default); also "joint" and bf16
+  batched+cache  the same with the SPADE cache, fp32; also "joint" and bf16 (the product
+                 default, precision "auto", is the bf16 row where the CPU has bf16)
   forward        one conditional forward (no CFG), SPADE computed inside
   forward+cache  one conditional forward with the SPADE cache
 
 End to end, seconds per image: DiffMix default (``DIFFMIX_SETTINGS``: 100-step DDIM respacing,
-SDEdit 0.55 = 55 DDIM steps, CFG as two forwards, no cache) against the fast default
-(``FAST_SETTINGS``: DPM-Solver++(2M), 15 steps, batched CFG, SPADE cache; in float32 and with
-bf16 autocast, which is fast on CPUs with avx512_bf16/AMX and on GPUs). Measured for the demo
-config; for the published config measured with ``--e2e-published``, otherwise estimated from the
-per-step figures (steps x step time + cache fill) and marked "est.".
+SDEdit 0.55 = 55 DDIM steps, CFG as two fp32 forwards, no cache) against the fast default
+(``FAST_SETTINGS``: DPM-Solver++(2M), 15 log-SNR-even steps, batched CFG, SPADE cache, precision
+"auto", which is bf16 autocast on GPUs and CPUs with avx512_bf16/AMX) and the same in fp32.
+Measured for the demo config; for the published config measured with ``--e2e-published``,
+otherwise estimated from the per-step figures (steps x step time + cache fill) and marked "est.".
 
-Targets (2 CPU cores): batched+cache <= 0.5x the reference per step; the fast default takes
->= 10x fewer seconds per image than the DiffMix default.
+Targets (2 CPU cores): the product default <= 0.5x the reference per step; the fast default
+takes >= 10x fewer seconds per image than the DiffMix default.
 
 Run by hand: ``python benchmarks/bench_sampler.py [--quick] [--threads 2] [--reps 2]``.
 ``--quick`` skips batch 4 of the published config (several minutes per step on 2 cores).
 Weights are random: compute does not depend on their values.
 
-Measured (shared 2-core AMD EPYC with avx512_bf16, ``--threads 1 --clock cpu``, 256 px):
-diffmix-consep batch 1: reference 82.8 s/step, batched+cache 47.0 s (0.57), bf16 26.0 s (0.31);
-end to end (est.) 4554 s/image DiffMix default vs 733 s fast (6.2x), 419 s fast bf16 (10.9x).
-demo batch 1 / 4: batched+cache 0.69 / 0.58, bf16 0.43 / 0.41; end to end 5.5x / 4.1x, bf16
-7.5x / 6.4x. In float32 the published targets are out of reach by arithmetic: per image the
-encoder costs 575 GFLOP, the decoder 1665 and the SPADE gamma/beta 1183 (torch FlopCounterMode),
-so a cached, encoder-sharing CFG step is at best (575 + 2 * 1665) / (2 * 3423) = 0.57 of two full
-forwards, and 15 such steps are at best 6.4x cheaper than 110 forwards.
+Measured 2026-11-25 (shared 2-core AMD EPYC with avx512_bf16, ``--quick --threads 1 --clock cpu``,
+256 px), one run:
+diffmix-consep batch 1: reference 79.8 s/step, batched+cache fp32 45.6 s (0.57), the default
+(auto = bf16) 25.6 s (0.32); end to end (est.) 4390 s/image DiffMix default vs 412 s fast
+default (10.7x), 715 s fast in fp32 (6.1x).
+demo batch 1 / 4: per step the default 0.49 / 0.46 (fp32 0.67 / 0.86); end to end 7.2x / 8.4x
+(fp32 5.6x / 4.3x).
+In float32 the published targets are out of reach by arithmetic: per image the encoder costs
+575 GFLOP, the decoder 1665 and the SPADE gamma/beta 1183 (torch FlopCounterMode), so a cached,
+encoder-sharing CFG step is at best (575 + 2 * 1665) / (2 * 3423) = 0.57 of two full forwards,
+and 15 such steps are at best 6.4x cheaper than 110 forwards. The demo config spends less in
+its encoder (7 of 62 GFLOP; SPADE 18, decoder 37): its fp32 bound at 15 steps is 5.7x.
 """
 
 from __future__ import annotations
