@@ -45,6 +45,9 @@ class ModelPicker(QWidget):
         form.addRow("Official .pt preset", self.preset_combo)
         self.info_label = QLabel()
         self.info_label.setWordWrap(True)
+        # A wrapped label's minimum is one line: in a full dock Qt squeezed the two-line model
+        # summary into one, clipping both lines.
+        self.info_label.setMinimumHeight(2 * self.info_label.fontMetrics().lineSpacing() + 2)
         form.addRow(self.info_label)
         self.device_combo = QComboBox()
         self.device_combo.addItems(list(DEVICES))
