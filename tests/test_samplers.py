@@ -458,3 +458,34 @@ def test_dpm_solver_follows_the_ode_of_the_demo_model(one_torch_thread):
     cond = condition_batch([w.inst_map for w in windows], [w.type_map for w in windows], DEMO)
     result = ode_agreement(net, cond, diffusion=info.diffusion, steps=15, guidance=info.default_guidance)
     assert result["distance"] < 2.0 and result["ratio"] < 0.12, result
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_compiled_sampler_renders_what_the_eager_one_does(model, monkeypatch):
+    """``compile=True`` (torch.compile of the encoder and decoder) really compiles, and changes
+    the numbers only by float rounding; where the CPU backend's toolchain is missing, the sampler
+    says so at once. Slow (about 30 s of compiling on 2 cores)."""
+    import torch._dynamo
+
+    from napari_diffmix.model.samplers import _cpu_compile_missing
+
+    if _cpu_compile_missing() is None:
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        eager = _final(Sampler(model).sample(COND[:1], steps=3, seed=0)).x_t
+        compiled = _final(Sampler(model, compile=True).sample(COND[:1], steps=3, seed=0)).x_t
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # encoder and decoder
+        torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=0)
+        torch._dynamo.reset()
+    else:
+        with pytest.raises(DiffMixError, match="compile=True on the CPU needs"):
+            Sampler(model, compile=True)
+    # Without a C++ compiler, or without Python's headers, the sampler refuses before any step.
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(DiffMixError, match="compile=True on the CPU needs a C\\+\\+ compiler"):
+        Sampler(model, compile=True)
+    monkeypatch.setattr("shutil.which", lambda name: "/usr/bin/g++")
+    monkeypatch.setattr("sysconfig.get_paths", lambda: {"include": "/nonexistent"})
+    with pytest.raises(DiffMixError, match="needs Python's C headers \\(/nonexistent/Python.h"):
+        Sampler(model, compile=True)

@@ -208,6 +208,19 @@ def native_bf16(device: torch.device | str) -> bool:
     return False
 
 
+def _cpu_compile_missing() -> str | None:
+    """What torch.compile's CPU backend (C++ kernels that include Python.h) lacks here, or None."""
+    import shutil
+    import sysconfig
+
+    if not (os.environ.get("CXX") or any(map(shutil.which, ("g++", "clang++", "c++")))):
+        return "a C++ compiler (g++ or clang++, or one named by $CXX)"
+    headers = os.path.join(sysconfig.get_paths()["include"], "Python.h")
+    if not os.path.exists(headers):
+        return f"Python's C headers ({headers}, e.g. from the python3-dev package)"
+    return None
+
+
 def resolve_precision(precision: str, device: torch.device | str) -> str:
     """The network precision a sampling run uses: ``precision`` itself, or for "auto" bf16 where
     the hardware has it, fp16 on other CUDA GPUs and fp32 elsewhere.
@@ -438,6 +451,10 @@ class Sampler:
         self._encode = getattr(model, "encode", None)
         self._decode = getattr(model, "decode", None)
         if compile:
+            missing = _cpu_compile_missing() if self.device.type == "cpu" else None
+            if missing:
+                # Inductor would fail only at the first step, deep inside its C++ build.
+                raise DiffMixError(f"compile=True on the CPU needs {missing}; install it or leave compile off")
             self._forward = torch.compile(model)
             if self._encode is not None:
                 self._encode, self._decode = torch.compile(self._encode), torch.compile(self._decode)
