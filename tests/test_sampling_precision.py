@@ -65,8 +65,9 @@ DEMO_MODEL = bundled_model_path()
 
 @pytest.mark.skipif(DEMO_MODEL is None, reason="the demo model is not shipped in this checkout")
 def test_bf16_renders_of_the_demo_model_stay_within_a_few_grey_levels_of_fp32(one_torch_thread):
-    """The accuracy that lets "auto" pick bf16: same label maps, same noise, fp32 vs bf16 autocast
-    (measured: 0.7 grey levels on average, 99th percentile 4, on an avx512_bf16 CPU)."""
+    """The accuracy that lets "auto" pick bf16: same label maps, same noise, the default 15 steps,
+    fp32 vs bf16 autocast (measured: 0.45 grey levels on average, 99th percentile 3, on an
+    avx512_bf16 CPU; at 10 steps 0.6 and 7, the last log-SNR steps being short)."""
     from napari_diffmix.demo_data import demo_split
     from napari_diffmix.model.condition import condition_batch
 
@@ -77,7 +78,7 @@ def test_bf16_renders_of_the_demo_model_stay_within_a_few_grey_levels_of_fp32(on
     renders = {}
     for precision in ("fp32", "bf16"):
         runner = Sampler(model, info.diffusion, precision=precision)
-        last = runner.generate(cond, steps=10, guidance=info.default_guidance, seed=0)
+        last = runner.generate(cond, steps=15, guidance=info.default_guidance, seed=0)
         renders[precision] = last.images().astype(np.int16)
     diff = np.abs(renders["fp32"] - renders["bf16"])
     assert renders["fp32"].std() > 30  # real tissue, not a flat image that would agree trivially

@@ -227,8 +227,8 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
 
     Reduced precision is what makes the fast default fast (README, Performance: 0.31x of the
     reference step for the published model on a bf16 CPU, 0.57x in fp32), and its accuracy
-    holds: renders of the demo model differ from fp32 ones by about 1 grey level on average
-    (tested). Pass "fp32" for results that do not depend on the hardware.
+    holds: renders of the demo model differ from fp32 ones by about half a grey level on
+    average (tested). Pass "fp32" for results that do not depend on the hardware.
     """
     if precision not in PRECISIONS:
         raise DiffMixError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
