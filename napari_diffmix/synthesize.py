@@ -73,7 +73,7 @@ from .export import (
 )
 from .mixing import MixCache, Plan, make_item
 from .model.checkpoint import ModelInfo
-from .model.samplers import DIFFMIX_SETTINGS, FAST_SETTINGS
+from .model.samplers import DIFFMIX_SETTINGS, FAST_SETTINGS, TIMESTEP_SPACING
 from .progress import StopRequests, progress_bar
 
 log = logging.getLogger(__name__)
@@ -423,7 +423,8 @@ class SynthesisJob:
             "scheme": self.scheme.to_dict(),
             "model_sha256": self.info.sha256,
             "sampling": {
-                "sampler": c.sampler, "steps": c.steps, "guidance": self.guidance, "init": c.init,
+                "sampler": c.sampler, "steps": c.steps, "spacing": TIMESTEP_SPACING[c.sampler],
+                "guidance": self.guidance, "init": c.init,
                 "strength": c.strength if c.init == "original" else None, "seed": c.seed, "cfg": "batched",
             },
             "originals": self.originals_mode,
@@ -566,6 +567,7 @@ class SynthesisJob:
         out = dict(label_prov)
         out.update(
             kind="synthetic", index=i, label_seed=label_prov.get("seed"), seed=seed, sampler=c.sampler, steps=c.steps,
+            spacing=TIMESTEP_SPACING[c.sampler],
             guidance=self.guidance, init=c.init, strength=c.strength if c.init == "original" else None,
             precision=self.precision,
         )

@@ -78,7 +78,7 @@ def test_end_to_end_store(setup):
     assert attrs["model"]["sha256"] == attrs["settings"]["model_sha256"] and attrs["model"]["config"]["image_size"] == 32
     assert attrs["software"]["napari_diffmix"] and attrs["originals"]["mode"] == "referenced"
     assert attrs["settings"]["sampling"] == {"sampler": "dpm++2m", "steps": 4, "guidance": 2.0, "init": "original",
-                                             "strength": 0.5, "seed": 0, "cfg": "batched"}
+                                             "strength": 0.5, "seed": 0, "cfg": "batched", "spacing": "log-snr"}
     counts = attrs["class_counts"]
     assert counts["before"] == plan.original_counts.tolist()
     assert np.all(np.array(counts["synthetic"]) >= np.array(counts["planned"]))
@@ -95,6 +95,7 @@ def test_end_to_end_store(setup):
         assert p["maps"] == label_prov["maps"] and p["seed"] == item_seed(0, i)
         assert (p["sampler"], p["steps"], p["guidance"], p["init"]) == ("dpm++2m", 4, 2.0, "original")
         assert p["precision"] == resolve_precision("auto", "cpu")  # what "auto" chose here, recorded per item
+        assert p["spacing"] == "log-snr"
     training = setup["ref"] / "training"
     assert (training / "TRAINING.md").is_file() and (training / "train.sh").is_file()
     with warnings.catch_warnings():

@@ -56,7 +56,7 @@ class ModelPicker(QWidget):
         self.precision_combo = QComboBox()
         self.precision_combo.addItems(list(PRECISIONS))
         self.precision_combo.setToolTip(
-            "auto: bf16 where the hardware has it (GPUs, CPUs with avx512_bf16/AMX; about 1.6x faster, within a few "
+            "auto: bf16 where the hardware has it (GPUs, CPUs with avx512_bf16/AMX; about 1.5x faster, within a few "
             "grey levels of fp32), fp16 on older GPUs, else fp32. fp32: the same image on any hardware"
         )
         form.addRow("Precision", self.precision_combo)

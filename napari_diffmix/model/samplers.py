@@ -68,6 +68,7 @@ __all__ = [
     "blend_weights",
     "ode_agreement",
     "log_snr_timesteps",
+    "TIMESTEP_SPACING",
     "PRECISIONS",
     "native_bf16",
     "resolve_precision",
@@ -200,7 +201,9 @@ def native_bf16(device: torch.device | str) -> bool:
     avx512_bf16 or AMX). Elsewhere bf16 autocast still works but is emulated, and slower."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
+        if torch.version.hip:
+            return torch.cuda.is_bf16_supported()
+        return torch.cuda.get_device_capability(device)[0] >= 8  # this device, not the current one
     if device.type == "cpu":
         # torch.cpu's probes are private; a torch without them counts as "no" (fp32 is never wrong).
         probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
@@ -211,10 +214,13 @@ def native_bf16(device: torch.device | str) -> bool:
 def _cpu_compile_missing() -> str | None:
     """What torch.compile's CPU backend (C++ kernels that include Python.h) lacks here, or None."""
     import shutil
+    import sys
     import sysconfig
 
-    if not (os.environ.get("CXX") or any(map(shutil.which, ("g++", "clang++", "c++")))):
-        return "a C++ compiler (g++ or clang++, or one named by $CXX)"
+    # Inductor runs $CXX, else g++ (clang++ on macOS), and no other.
+    compiler = os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")
+    if not shutil.which(compiler):
+        return f"a C++ compiler ({compiler!r} is not on the PATH; set $CXX to another)"
     headers = os.path.join(sysconfig.get_paths()["include"], "Python.h")
     if not os.path.exists(headers):
         return f"Python's C headers ({headers}, e.g. from the python3-dev package)"
@@ -225,7 +231,7 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
     """The network precision a sampling run uses: ``precision`` itself, or for "auto" bf16 where
     the hardware has it, fp16 on other CUDA GPUs and fp32 elsewhere.
 
-    Reduced precision is what makes the fast default fast (README, Performance: 0.31x of the
+    Reduced precision is what makes the fast default fast (README, Performance: 0.32x of the
     reference step for the published model on a bf16 CPU, 0.57x in fp32), and its accuracy
     holds: renders of the demo model differ from fp32 ones by about half a grey level on
     average (tested). Pass "fp32" for results that do not depend on the hardware.
@@ -243,6 +249,13 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
 # ---------------------------------------------------------------------------------------------
 # schedulers (diffusers)
 # ---------------------------------------------------------------------------------------------
+# How each solver spaces its steps over the schedule; stores record it with the settings, since
+# the same solver and step count give other images under another spacing.
+TIMESTEP_SPACING: Mapping[str, str] = MappingProxyType(
+    {"dpm++2m": "log-snr", "unipc": "linspace", "ddim": "leading", "ddpm": "leading"}
+)
+
+
 def _make_scheduler(name: str, base: GaussianDiffusion):
     import diffusers
 
@@ -255,19 +268,27 @@ def _make_scheduler(name: str, base: GaussianDiffusion):
         # "leading" spacing with offset 0 is improved-diffusion's "ddimN" respacing (0, 10, ..., 990
         # for N = 100) and alpha_bar_prev = 1 after t = 0, as in guided-diffusion.
         return diffusers.DDIMScheduler(
-            **common, clip_sample=False, set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading"
+            **common, clip_sample=False, set_alpha_to_one=True, steps_offset=0, timestep_spacing=TIMESTEP_SPACING[name]
         )
     if name == "ddpm":
         variance = "learned_range" if base.config.learn_sigma else "fixed_large"
-        return diffusers.DDPMScheduler(**common, variance_type=variance, clip_sample=False, timestep_spacing="leading")
-    solver = dict(solver_order=2, lower_order_final=True, timestep_spacing="linspace", thresholding=False)
+        return diffusers.DDPMScheduler(
+            **common, variance_type=variance, clip_sample=False, timestep_spacing=TIMESTEP_SPACING[name]
+        )
+    # dpm++2m's log-SNR timesteps are passed to set_timesteps; "linspace" is UniPC's spacing.
+    solver = dict(solver_order=2, lower_order_final=True, timestep_spacing=TIMESTEP_SPACING["unipc"], thresholding=False)
     if name == "dpm++2m":
         return diffusers.DPMSolverMultistepScheduler(**common, **solver, algorithm_type="dpmsolver++")
     return diffusers.UniPCMultistepScheduler(**common, **solver, predict_x0=True, solver_type="bh2")
 
 
 def log_snr_timesteps(alphas_cumprod: np.ndarray, start: int, n: int) -> list[int]:
-    """``n`` integer timesteps from ``start`` down to 0, evenly spaced in log-SNR.
+    """``n`` integer timesteps from ``start`` towards 0, evenly spaced in log-SNR.
+
+    The points are ``n + 1`` log-SNR-even ones from ``start`` to 0, less the last: the solver's
+    final step goes to sigma = 0 by itself, so evaluating the model at t = 0 (sigma ~ 0.01) would
+    spend a step on nothing (in a trial on the demo model this way landed closer to 100-step
+    DDIM). With ``n = start + 1`` every timestep down to 0 is used.
 
     DPM-Solver++ steps in log-SNR, so even spacing there gives every step the same share of
     the work; steps even in time crowd the high-noise end and leave the last, detail-forming
@@ -278,16 +299,18 @@ def log_snr_timesteps(alphas_cumprod: np.ndarray, start: int, n: int) -> list[in
     """
     if not 1 <= n <= start + 1:
         raise DiffMixError(f"{n} steps do not fit between timestep {start} and 0")
+    if n == start + 1:
+        return list(range(start, -1, -1))
+    m = n + 1
     log_sigma = 0.5 * np.log((1.0 - alphas_cumprod) / alphas_cumprod)  # increasing in t
-    targets = np.linspace(log_sigma[start], log_sigma[0], n)
+    targets = np.linspace(log_sigma[start], log_sigma[0], m)
     steps = np.round(np.interp(targets, log_sigma, np.arange(len(log_sigma)))).astype(np.int64)
-    steps[0], steps[-1] = start, 0
-    # Rounding can merge neighbours near t = 0 when n is large: keep them strictly decreasing.
-    for i in range(n - 2, -1, -1):
-        steps[i] = max(steps[i], steps[i + 1] + 1)
-    for i in range(1, n):
-        steps[i] = min(steps[i], steps[i - 1] - 1)
-    return [int(t) for t in steps]
+    steps[0] = start
+    # Rounding merges neighbours near t = 0 when n is large: keep them strictly decreasing, each
+    # leaving room for the ones after it (m <= start + 1, so this always fits).
+    for i in range(1, m):
+        steps[i] = max(min(steps[i], steps[i - 1] - 1), m - 1 - i)
+    return [int(t) for t in steps[:-1]]
 
 
 def _resolve_diffusion(diffusion: Any, model: torch.nn.Module) -> GaussianDiffusion:
@@ -817,7 +840,8 @@ def ode_agreement(
     error), ``baseline`` (reference vs other noise, how much samples vary at all) and their
     ``ratio``. A solver that tracks the ODE has a small ``distance`` and a ratio far below 1.
     """
-    runner = Sampler(model, diffusion)
+    # fp32: it measures the solver, not the arithmetic.
+    runner = Sampler(model, diffusion, precision="fp32")
     other = seed + 100003 if other_seed is None else other_seed
     fast = to_uint8(runner.generate(cond, sampler=sampler, steps=steps, guidance=guidance, seed=seed).x_t)
     ref = to_uint8(runner.generate(cond, sampler="ddim", steps=reference_steps, guidance=guidance, seed=seed).x_t)
