@@ -1,6 +1,7 @@
 """Samplers: generator API, CFG, SPADE cache, seeds, SDEdit, masked edits, tiling, few-step quality."""
 
 import functools
+import os
 import threading
 
 import numpy as np
@@ -477,13 +478,20 @@ def test_compiled_sampler_renders_what_the_eager_one_does(model, monkeypatch):
     from napari_diffmix.model.samplers import _cpu_compile_missing
 
     if _cpu_compile_missing() is None:
-        torch._dynamo.reset()
-        torch._dynamo.utils.counters.clear()
-        eager = _final(Sampler(model).sample(COND[:1], steps=3, seed=0)).x_t
-        compiled = _final(Sampler(model, compile=True).sample(COND[:1], steps=3, seed=0)).x_t
-        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # encoder and decoder
-        torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=0)
-        torch._dynamo.reset()
+        # Inductor leaves variables in os.environ (one holds a pointer into this process); the
+        # torchrun tests later start child processes with this environment.
+        environ = dict(os.environ)
+        try:
+            torch._dynamo.reset()
+            torch._dynamo.utils.counters.clear()
+            eager = _final(Sampler(model).sample(COND[:1], steps=3, seed=0)).x_t
+            compiled = _final(Sampler(model, compile=True).sample(COND[:1], steps=3, seed=0)).x_t
+            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # encoder and decoder
+            torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=0)
+        finally:
+            torch._dynamo.reset()
+            os.environ.clear()
+            os.environ.update(environ)
     else:
         with pytest.raises(DiffMixError, match="compile=True on the CPU needs"):
             Sampler(model, compile=True)
