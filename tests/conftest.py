@@ -112,3 +112,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def demo_model_file():
+    """The bundled demo model's file; tests that need it skip in a checkout without it."""
+    from napari_diffmix.model.checkpoint import bundled_model_path
+
+    path = bundled_model_path()
+    if path is None:
+        pytest.skip("the demo model is not shipped in this checkout")
+    return path

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from napari_diffmix.errors import DiffMixError, LabelError
-from napari_diffmix.model.checkpoint import bundled_model_path
 from napari_diffmix.model.diffusion import GaussianDiffusion
 from napari_diffmix.model import samplers
 from napari_diffmix.model.samplers import (
@@ -446,11 +445,7 @@ def test_few_step_solvers_follow_the_ode_of_a_trained_model():
         assert result["distance"] < 4.0 and result["ratio"] < 0.1, (name, steps, result)
 
 
-DEMO_MODEL = bundled_model_path()
-
-
-@pytest.mark.skipif(DEMO_MODEL is None, reason="the demo model is not shipped in this checkout")
-def test_dpm_solver_follows_the_ode_of_the_demo_model(one_torch_thread):
+def test_dpm_solver_follows_the_ode_of_the_demo_model(demo_model_file, one_torch_thread):
     """The shipped model at its own guidance: DPM-Solver++(2M) at 15 log-SNR-even steps lands within
     2 grey levels of 100-step DDIM from the same noise (mean absolute per pixel), under an eighth
     of the distance between samples from different noise. Measured at 64 px: 1.2 (ratio 0.07);
@@ -460,7 +455,7 @@ def test_dpm_solver_follows_the_ode_of_the_demo_model(one_torch_thread):
     from napari_diffmix.model.checkpoint import load_model
     from napari_diffmix.model.condition import condition_batch
 
-    net, info = load_model(DEMO_MODEL)
+    net, info = load_model(demo_model_file)
     held_out = demo_split().held_out
     windows = [held_out.crop(y, 32, 64, 64) for y in (0, 256)]
     cond = condition_batch([w.inst_map for w in windows], [w.type_map for w in windows], DEMO)

@@ -6,7 +6,7 @@ import torch
 
 from napari_diffmix.classes import DEMO
 from napari_diffmix.errors import DiffMixError
-from napari_diffmix.model.checkpoint import bundled_model_path, load_model
+from napari_diffmix.model.checkpoint import load_model
 from napari_diffmix.model.samplers import PRECISIONS, Sampler, native_bf16, resolve_precision
 from napari_diffmix.model.unet import SDMUNet, UNetConfig
 
@@ -61,18 +61,14 @@ def test_auto_elsewhere_is_fp32():
     assert resolve_precision("auto", "meta") == "fp32"
 
 
-DEMO_MODEL = bundled_model_path()
-
-
-@pytest.mark.skipif(DEMO_MODEL is None, reason="the demo model is not shipped in this checkout")
-def test_bf16_renders_of_the_demo_model_stay_within_a_few_grey_levels_of_fp32(one_torch_thread):
+def test_bf16_renders_of_the_demo_model_stay_within_a_few_grey_levels_of_fp32(demo_model_file, one_torch_thread):
     """The accuracy that lets "auto" pick bf16: same label maps, same noise, the default 15 steps,
     fp32 vs bf16 autocast (measured: 0.46 grey levels on average, 99th percentile 3, on an
     avx512_bf16 CPU)."""
     from napari_diffmix.demo_data import demo_split
     from napari_diffmix.model.condition import condition_batch
 
-    model, info = load_model(DEMO_MODEL)
+    model, info = load_model(demo_model_file)
     held_out = demo_split().held_out
     windows = [held_out.crop(y, x, 64, 64) for y, x in ((0, 0), (64, 64), (128, 0), (192, 64))]
     cond = condition_batch([w.inst_map for w in windows], [w.type_map for w in windows], DEMO)

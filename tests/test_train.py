@@ -23,7 +23,6 @@ import torch
 from _subprocess import process_group, run_group
 
 from napari_diffmix.classes import DEMO
-from napari_diffmix.model.checkpoint import bundled_model_path
 from napari_diffmix.errors import DatasetError, DiffMixError, LabelError, SchemeError
 from napari_diffmix.train import (
     CropStream,
@@ -626,22 +625,18 @@ def test_render_and_measure_runs_on_a_tiny_model(data):
     assert not report.passed
 
 
-DEMO_MODEL = bundled_model_path()
-
-
-@pytest.mark.skipif(DEMO_MODEL is None, reason="the demo model has not been trained and shipped yet")
-def test_shipped_demo_model_loads_and_renders():
+def test_shipped_demo_model_loads_and_renders(demo_model_file):
     from napari_diffmix.model.checkpoint import load_model
     from napari_diffmix.model.condition import condition_batch
     from napari_diffmix.model.samplers import sample
     from napari_diffmix.model.unet import UNetConfig
     from napari_diffmix.demo_data import demo_split
 
-    assert DEMO_MODEL.stat().st_size <= 25 * 2**20
-    model, info = load_model(DEMO_MODEL)
+    assert demo_model_file.stat().st_size <= 25 * 2**20
+    model, info = load_model(demo_model_file)
     assert info.config == UNetConfig.preset("demo")
     assert info.scheme == DEMO and info.default_guidance == TrainConfig.from_preset("demo").guidance
-    card = (DEMO_MODEL.parent / "MODEL_CARD.md").read_text()
+    card = (demo_model_file.parent / "MODEL_CARD.md").read_text()
     assert info.sha256 in card and str(info.extra["training"]["step"]) in card
     tile = demo_split().held_out.crop(0, 0, 64, 64)
     cond = condition_batch([tile.inst_map], [tile.type_map], DEMO)

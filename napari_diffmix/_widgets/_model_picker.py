@@ -18,7 +18,8 @@ DEVICES = {"auto": "auto", "CPU": "cpu", "CUDA": "cuda", "MPS": "mps"}
 
 class ModelPicker(QWidget):
     """Model file (bundled demo by default, any native ``.safetensors`` or official ``.pt``), its
-    preset for official files, the device and the network precision. ``changed`` fires with the model's info (or None)."""
+    preset for official files, the device and the network precision. ``changed`` fires with the
+    model's info (or None)."""
 
     changed = Signal(object)
 

@@ -414,7 +414,8 @@ class GenerateWidget(JobWidget, QWidget):
         image = last.images()[0]
         provenance = {
             "model": str(req.model_path), "model_sha256": info.sha256, "scheme": info.scheme.name,
-            "device": str(runner.device), "precision": runner.precision, "sampler": req.sampler, "steps": req.steps, "guidance": req.guidance,
+            "device": str(runner.device), "precision": runner.precision, "sampler": req.sampler, "steps": req.steps,
+            "guidance": req.guidance,
             "seed": int(last.seeds[0]), "mode": req.mode, "strength": req.strength, "image": req.image_name,
             "edited_pixels": int(req.mask.sum()) if req.mask is not None else None, "tile": req.tile,
             "labels": req.labels_name, "seconds": round(time.perf_counter() - start, 3),

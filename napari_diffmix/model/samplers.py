@@ -634,14 +634,13 @@ class Sampler:
             # strength means what it means for the other solvers); the steps are then log-SNR even.
             start_t = round((base.config.num_timesteps - 1) * total / run.steps)
             scheduler.set_timesteps(timesteps=log_snr_timesteps(base.alphas_cumprod, start_t, total))
-            timesteps = [int(t) for t in scheduler.timesteps]
         else:
             scheduler.set_timesteps(run.steps)
-            timesteps = [int(t) for t in scheduler.timesteps]
-            start = len(timesteps) - total
-            if start and hasattr(scheduler, "set_begin_index"):
-                scheduler.set_begin_index(start)
-            timesteps = timesteps[start:]
+        timesteps = [int(t) for t in scheduler.timesteps]
+        start = len(timesteps) - total  # SDEdit on a whole schedule: run its last `total` steps
+        if start and hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(start)
+        timesteps = timesteps[start:]
 
         def noised(x0: torch.Tensor, t: int) -> torch.Tensor:
             return base.q_sample(x0, torch.full((n,), t, device=device, dtype=torch.long), noise)
