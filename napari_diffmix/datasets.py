@@ -542,23 +542,26 @@ def write_generic(
     scheme: Any = None,
     overwrite: bool = False,
     pbar: Any | None = None,
+    kind: str = "dataset",
 ) -> Path:
     """Write tiles as a generic folder (``images/*.png``, ``inst_maps/*.npy``, ``type_maps/*.npy``, ``scheme.json``).
 
     The folder appears whole or not at all. Images are written when every tile has one
     (all or none). ``scheme`` defaults to the dataset's; it is checked against the type maps
-    and saved so the folder opens without naming a scheme.
+    and saved so the folder opens without naming a scheme. The folder is marked as ``kind``
+    output (see :mod:`napari_diffmix.outputs`); ``overwrite`` replaces only an earlier output
+    of the same kind, never another folder.
     """
     import imageio.v3 as iio
 
     from .atomic import atomic_dir
+    from .outputs import check_replace, write_marker
 
     out_dir = Path(out_dir)
     if scheme is None:
         scheme = getattr(dataset_or_tiles, "scheme", None)
     scheme = None if scheme is None else load_scheme(scheme)
-    if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise DatasetError("output exists and is not empty; pass overwrite=True (--overwrite) to replace it", out_dir)
+    check_replace(out_dir, overwrite, [kind])
     total = len(dataset_or_tiles) if hasattr(dataset_or_tiles, "__len__") else None
     seen: set[str] = set()
     with_images: bool | None = None
@@ -589,6 +592,7 @@ def write_generic(
             raise DatasetError("nothing to write: no tiles")
         if scheme is not None:
             scheme.save(tmp / "scheme.json")
+        write_marker(tmp, kind)
     return out_dir
 
 

@@ -50,3 +50,8 @@ class OutputError(DiffMixError, OSError):
 
     def __str__(self) -> str:
         return self.message
+
+
+class UnsafeOutputError(DiffMixError, ValueError):
+    """An output location would destroy data: it is an input, holds one, lies inside one, or
+    is a folder this tool did not make (``--overwrite`` never replaces those)."""

@@ -72,6 +72,7 @@ import numpy as np
 from .atomic import atomic_dir, json_default, write_json, write_text
 from .classes import ClassScheme, load_scheme
 from .errors import DatasetError, SchemeError, StoreError
+from .outputs import check_replace, refuse_overlap, write_marker
 from .progress import progress_bar
 
 FORMAT = "napari-diffmix-synthetic"
@@ -380,6 +381,15 @@ def original_patches(
         yield StoreItem(index, crop.image, inst_map, type_map_from(inst_map, inst_types), prov)
 
 
+def referenced_dataset(store: SyntheticStore) -> Path | None:
+    """The dataset folder a store's attributes name (None if none)."""
+    data = store.attrs.get("dataset") or {}
+    if not data.get("path"):
+        return None
+    path = Path(data["path"])
+    return store.path.parent / path if data.get("relative_to_store_folder") else path
+
+
 def referenced_originals(store: SyntheticStore) -> Iterator[StoreItem] | None:
     """The originals a store references (re-read from its dataset), or None if it records none."""
     info = store.attrs.get("originals") or {}
@@ -388,13 +398,11 @@ def referenced_originals(store: SyntheticStore) -> Iterator[StoreItem] | None:
     from .datasets import open_dataset
 
     data = store.attrs.get("dataset") or {}
+    path = referenced_dataset(store)
+    if path is None:
+        raise StoreError(f"{store.path}: the store references originals but records no dataset path")
     try:
-        path = Path(data["path"])
-        if data.get("relative_to_store_folder"):
-            path = store.path.parent / path
         dataset = open_dataset(path, store.scheme, layout=data.get("layout", "auto"))
-    except KeyError:
-        raise StoreError(f"{store.path}: the store references originals but records no dataset path") from None
     except (DatasetError, SchemeError) as exc:
         raise StoreError(
             f"{store.path}: cannot read the original patches it references ({exc}); "
@@ -438,9 +446,10 @@ def hovernet_type_info(scheme: ClassScheme) -> dict[str, Any]:
     return {str(k): [scheme.class_name(k), list(scheme.color_rgb(k))] for k in range(scheme.num_classes + 1)}
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise StoreError(f"{out}: exists and is not empty; pass --overwrite to replace it")
+def _check_out(out: Path, overwrite: bool, store: SyntheticStore, format: str, valid: Any = None) -> None:
+    inputs = [store.path, referenced_dataset(store), valid if isinstance(valid, (str, os.PathLike)) else getattr(valid, "root", None)]
+    refuse_overlap(out, inputs)
+    check_replace(out, overwrite, [f"export-{format}"])
 
 
 def _valid_items(valid: Any, scheme: ClassScheme, size: int, stride: int | None) -> tuple[Iterator[StoreItem], int]:
@@ -479,7 +488,7 @@ def export_hovernet(
     """
     store = store if isinstance(store, SyntheticStore) else open_store(store)
     out = Path(out)
-    _check_out(out, overwrite)
+    _check_out(out, overwrite, store, "hovernet", valid)
     scheme = store.scheme
     done = store.done_mask()
     orig = _originals_for_export(store, originals)
@@ -501,6 +510,7 @@ def export_hovernet(
                     bar.update(1)
             write_json(tmp / "type_info.json", hovernet_type_info(scheme))
             write_text(tmp / "provenance.jsonl", "\n".join(lines) + "\n")
+            write_marker(tmp, "export-hovernet", store=str(store.path))
     except OSError as exc:
         raise StoreError(f"{out}: export failed: {_os_reason(exc)}") from None
     return out
@@ -538,7 +548,7 @@ def export_pannuke(
 
     store = store if isinstance(store, SyntheticStore) else open_store(store)
     out = Path(out)
-    _check_out(out, overwrite)
+    _check_out(out, overwrite, store, "pannuke")
     scheme = store.scheme
     c = scheme.num_classes
     h, w = store.patch_shape
@@ -573,6 +583,7 @@ def export_pannuke(
             del arrays
             scheme.save(tmp / "scheme.json")
             write_text(tmp / "provenance.jsonl", "\n".join(lines) + "\n")
+            write_marker(tmp, "export-pannuke", store=str(store.path))
     except OSError as exc:
         raise StoreError(f"{out}: export failed: {_os_reason(exc)}") from None
     return out

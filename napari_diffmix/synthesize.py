@@ -74,6 +74,7 @@ from .export import (
 from .mixing import MixCache, Plan, make_item
 from .model.checkpoint import ModelInfo
 from .model.samplers import DIFFMIX_SETTINGS, FAST_SETTINGS, TIMESTEP_SPACING
+from .outputs import check_replace, output_kind, refuse_overlap
 from .progress import StopRequests, progress_bar
 
 log = logging.getLogger(__name__)
@@ -317,6 +318,14 @@ def dataset_reference(dataset: Any, relative_to: str | os.PathLike | None = None
     return {"path": str(root), "layout": layout}
 
 
+def check_store_out(out: str | os.PathLike, inputs: Sequence[str | os.PathLike | None] = ()) -> None:
+    """Refuse a store path that is one of ``inputs``, inside one or holds one, or that holds
+    anything but a store or nothing: ``overwrite`` replaces only stores, never other folders."""
+    refuse_overlap(out, inputs)
+    if output_kind(out) != "store":
+        check_replace(out, False, ["store"])
+
+
 class SynthesisJob:
     """Render every item of ``plan`` into the store at ``out``; see the module docstring.
 
@@ -375,6 +384,7 @@ class SynthesisJob:
             self.info = model_info
         self.result: SynthesisResult | None = None
         self.precision: str | None = None  # the network precision "auto" resolved to, once running
+        check_store_out(self.out, [getattr(dataset, "root", None), self._model_path])
         self._check_inputs()
         check_model_fits(self.info, self.scheme, self.plan.patch_size)
 
@@ -470,15 +480,16 @@ class SynthesisJob:
 
         settings = self.settings()
         fingerprint = _sha256_json(settings)
-        if self.out.exists():
+        if output_kind(self.out) != "store":
+            check_store_out(self.out)
+            if self.resume:
+                raise StoreError(f"{self.out}: no store to resume; run without --resume to start it")
+        else:
             try:
                 attrs = dict(zarr.open_group(str(self.out), mode="r").attrs)
-            except Exception:  # not a zarr group at all
-                attrs = None
-            if attrs is None or attrs.get("format") is None:
-                if not self.overwrite:
-                    raise StoreError(f"{self.out}: exists and is not a napari-diffmix store; choose another --out or pass --overwrite")
-            elif attrs.get("fingerprint") == fingerprint:
+            except Exception as exc:
+                raise StoreError(f"{self.out}: the store cannot be opened ({exc}); move it away or delete it to start again") from None
+            if attrs.get("fingerprint") == fingerprint:
                 removed = remove_partial_files(self.out)
                 done = int(read_done(zarr.open_group(str(self.out), mode="r")).sum())
                 extra = f", removed {removed} partial chunk file(s) of an interrupted write" if removed else ""
@@ -489,8 +500,6 @@ class SynthesisJob:
                     f"{self.out}: the store was made with other settings ({'; '.join(diffs[:4]) or 'unknown'}); "
                     "pass --overwrite to replace it, or choose another --out"
                 )
-        elif self.resume:
-            raise StoreError(f"{self.out}: no store to resume; run without --resume to start it")
         origins = original_origins(self.plan) if self.originals_mode == "include" else []
         create_store(
             self.out, count=len(self.plan), shape=(self.plan.patch_size, self.plan.patch_size),

@@ -10,7 +10,7 @@ from scipy.io import savemat
 from napari_diffmix import datasets as ds
 from napari_diffmix.classes import CONSEP, GLYSAC, ClassScheme
 from napari_diffmix.cli import main
-from napari_diffmix.errors import DatasetError, LabelError, SchemeError
+from napari_diffmix.errors import DatasetError, LabelError, SchemeError, UnsafeOutputError
 from napari_diffmix.nuclei import type_map_from
 
 H = W = 48
@@ -317,7 +317,7 @@ def make_tiles(n=3, with_image=True):
 def test_write_generic_round_trip(tmp_path):
     tiles = make_tiles()
     out = ds.write_generic(ds.Dataset(tiles, GLYSAC), tmp_path / "gen")
-    assert sorted(p.name for p in out.iterdir()) == ["images", "inst_maps", "scheme.json", "type_maps"]
+    assert sorted(p.name for p in out.iterdir()) == [".napari-diffmix-output.json", "images", "inst_maps", "scheme.json", "type_maps"]
     assert not [p for p in tmp_path.iterdir() if p.name != "gen"]  # no temp left behind
     back = ds.open_dataset(out)  # scheme from scheme.json
     assert back.layout == "generic" and back.scheme == GLYSAC and back.names == ["tile0", "tile1", "tile2"]
@@ -325,7 +325,7 @@ def test_write_generic_round_trip(tmp_path):
         np.testing.assert_array_equal(a.image, b.image)
         np.testing.assert_array_equal(a.inst_map, b.inst_map)
         np.testing.assert_array_equal(a.type_map, b.type_map)
-    with pytest.raises(DatasetError, match="output exists and is not empty"):
+    with pytest.raises(UnsafeOutputError, match="output exists and is not empty"):
         ds.write_generic(tiles, out)
     ds.write_generic(tiles[:1], out, scheme=GLYSAC, overwrite=True)
     assert ds.open_dataset(out).names == ["tile0"]

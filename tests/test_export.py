@@ -19,7 +19,7 @@ import zarr
 from napari_diffmix.classes import DEMO
 from napari_diffmix.cli import build_parser, main
 from napari_diffmix.datasets import open_dataset, write_generic
-from napari_diffmix.errors import StoreError
+from napari_diffmix.errors import StoreError, UnsafeOutputError
 from napari_diffmix.export import (
     _CONFIG_EDIT,
     create_store,
@@ -151,7 +151,7 @@ def test_hovernet_export_layout(tmp_path, data_dir):
     info = json.loads((out / "type_info.json").read_text())
     assert info["0"][0] == "background" and info["1"] == ["other", list(DEMO.color_rgb(1))]
     assert len((out / "provenance.jsonl").read_text().splitlines()) == 14
-    with pytest.raises(StoreError, match="not empty"):
+    with pytest.raises(UnsafeOutputError, match="not empty"):
         export_hovernet(tmp_path / "s.zarr", tmp_path / "hv")
     skip = export_hovernet(tmp_path / "s.zarr", tmp_path / "hv2", originals="skip")
     assert len(list((skip / "train").glob("*.npy"))) == 6

@@ -20,7 +20,7 @@ from _subprocess import process_group, run_group
 
 from napari_diffmix.classes import CONSEP
 from napari_diffmix.datasets import Dataset, open_dataset, write_generic
-from napari_diffmix.errors import CheckpointError, DatasetError, SchemeError, StoreError
+from napari_diffmix.errors import CheckpointError, DatasetError, SchemeError, StoreError, UnsafeOutputError
 from napari_diffmix.export import open_store
 from napari_diffmix.mixing import make_item, plan_balanced_set
 from napari_diffmix.model.checkpoint import load_model, read_info, save_model
@@ -120,10 +120,10 @@ def test_rerun_resumes_and_other_settings_are_refused(setup, tmp_path):
         SynthesisJob(ds, plan, model, tmp_path / "new.zarr", CONFIG, resume=True).run()
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")
-    with pytest.raises(StoreError, match="not a napari-diffmix store"):
-        SynthesisJob(ds, other_plan, model, tmp_path / "taken", CONFIG).run()
-    replaced = SynthesisJob(ds, other_plan, model, tmp_path / "taken", CONFIG, overwrite=True).run()
-    assert replaced.complete and not (tmp_path / "taken" / "notes.txt").exists()
+    for overwrite in (False, True):  # --overwrite replaces stores only, never a folder that is not one
+        with pytest.raises(UnsafeOutputError, match="not a napari-diffmix output"):
+            SynthesisJob(ds, other_plan, model, tmp_path / "taken", CONFIG, overwrite=overwrite).run()
+        assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
 
 
 def test_official_pt_checkpoint_with_a_preset(setup, tmp_path, capsys):

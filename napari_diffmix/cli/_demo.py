@@ -53,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--batch-size", type=int, default=4, help="patches per sampler call (default 4)")
     d.add_argument("--seed", type=int, default=0, help="seed of the plan and the noise (default 0)")
     add_device_arguments(d)
-    d.add_argument("--overwrite", action="store_true", help="replace a non-demo store or data folder in --out")
+    d.add_argument("--overwrite", action="store_true", help="replace another napari-diffmix store or demo data folder in --out (never a folder this tool did not write)")
     d.set_defaults(func=run_demo)
 
     p = subparsers.add_parser(
@@ -73,7 +73,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="write the train crop (columns 0-383) and the held-out crop (columns 384-511) as two tiles",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo-data output (never another folder)")
     p.set_defaults(func=run)
 
 
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from ..demo_data import demo_dataset, demo_split_dataset
 
     dataset = demo_split_dataset() if args.split else demo_dataset()
-    out = write_generic(dataset, args.out, overwrite=args.overwrite)
+    out = write_generic(dataset, args.out, overwrite=args.overwrite, kind="demo-data")
     stats = dataset_stats(dataset)
     print(f"wrote {len(dataset)} tile(s) ({', '.join(dataset.names)}) to {out}, scheme {dataset.scheme.name}")
     print(stats.table())
@@ -98,7 +98,7 @@ def _demo_data(out: Path, overwrite: bool) -> tuple[Path, Path]:
     from ..classes import DEMO
     from ..datasets import Dataset, open_dataset, write_generic
     from ..demo_data import demo_split
-    from ..errors import DatasetError
+    from ..outputs import check_replace
 
     split = demo_split()
     paths = []
@@ -112,9 +112,8 @@ def _demo_data(out: Path, overwrite: bool) -> tuple[Path, Path]:
             if names == [tile.name]:
                 paths.append(folder)
                 continue
-            if not overwrite:
-                raise DatasetError(f"exists but does not hold the demo tile {tile.name!r}; pass --overwrite or another --out", folder)
-        write_generic(Dataset([tile], DEMO), folder, overwrite=True)
+            check_replace(folder, overwrite, ["demo-data"])
+        write_generic(Dataset([tile], DEMO), folder, overwrite=True, kind="demo-data")
         paths.append(folder)
     return paths[0], paths[1]
 
@@ -176,6 +175,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from ..export import TRAIN_SH, TRAINING_DIR, TRAINING_MD
     from ..mixing import MixCache, plan_balanced_set
     from ..model.checkpoint import require_bundled_model
+    from ..outputs import refuse_overlap
     from ..synthesize import SynthesisJob, check_model_fits
     from ._synthesize import check_model, job_summary, sampling_config
 
@@ -184,6 +184,8 @@ def run_demo(args: argparse.Namespace) -> int:
     config = sampling_config(args, originals="reference")
     info = check_model(model, config)
     check_model_fits(info, DEMO, args.patch_size)  # the demo data's scheme: refused before anything is written
+    for replaced in (out / DEMO_DATA, out / DEMO_STORE, out / DEMO_MONTAGE):
+        refuse_overlap(replaced, [model])
     train_dir, held_out_dir = _demo_data(out, args.overwrite)
     dataset = open_dataset(train_dir)
     cache = MixCache(dataset)

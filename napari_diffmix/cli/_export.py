@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--valid", help="hovernet: held-out dataset cut into store-sized patches for valid/")
     p.add_argument("--valid-stride", type=int, help="hovernet: stride of the --valid patches (default: the patch size)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export of the same format (never another folder)")
     p.set_defaults(func=run)
 
 

@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--shift-range", type=int, nargs=2, default=(-15, 14), metavar=("LOW", "HIGH"), help="inclusive shift range in px (default -15 14)")
     e.add_argument("--shift-prob", type=float, default=0.3, help="chance of a shift along each axis (default 0.3)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier 'diffmix labels' output in --out (never another folder)")
     p.set_defaults(func=run)
 
 
@@ -44,17 +44,15 @@ def run(args: argparse.Namespace) -> int:
     from ..datasets import Tile, open_dataset, write_generic
     from ..errors import DatasetError
     from ..mixing import BalanceParams, EnlargeParams, MixCache, iter_items, plan_balanced_set
+    from ..outputs import check_replace, refuse_overlap
     from ..progress import progress_bar
 
     out: Path | None = args.out
     if out is None and not args.dry_run:
         raise DatasetError("--out is required (or pass --dry-run to only print the plan)")
     if out is not None and not args.dry_run:
-        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-            raise DatasetError("output exists and is not empty; pass --overwrite to replace it", out)
-        src = Path(args.dataset)
-        if src.exists() and (out.resolve() == src.resolve() or out.resolve() in src.resolve().parents):
-            raise DatasetError("--out must not be the dataset folder or one of its parents", out)
+        refuse_overlap(out, [args.dataset, args.scheme])
+        check_replace(out, args.overwrite, ["labels"])
 
     dataset = open_dataset(args.dataset, args.scheme, args.layout)
     scheme = dataset.scheme
@@ -86,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         print("nothing to write: the plan has no patches" + ("" if plan.reached else " (the goal cannot be reached)"))
         return 0 if plan.reached else 1
     with atomic_dir(out) as tmp, progress_bar(None, len(plan.items), "labels", unit="patch") as bar:
-        write_generic(tiles(), tmp, scheme=scheme, overwrite=True, pbar=bar)
+        write_generic(tiles(), tmp, scheme=scheme, overwrite=True, pbar=bar, kind="labels")
         write_json(tmp / "provenance.json", {"plan_seed": plan.seed, "patches": records})
         plan.save(tmp / "plan.json")
         write_text(tmp / "summary.txt", plan.table(synthetic) + "\n")

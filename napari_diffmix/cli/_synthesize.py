@@ -64,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="record the dataset the original patches come from (default for datasets on disk)")
     orig.add_argument("--no-originals", dest="originals", action="store_const", const="none", help="leave the original patches out")
     o.add_argument("--resume", action="store_true", help="only continue an existing store (error if there is none)")
-    o.add_argument("--overwrite", action="store_true", help="replace a store made with other settings")
+    o.add_argument("--overwrite", action="store_true", help="replace a store made with other settings (never a folder that is not a store)")
     o.add_argument("--dry-run", action="store_true", help="check the inputs, print the plan and write nothing")
     p.set_defaults(func=run, originals="auto")
 
@@ -114,12 +114,12 @@ def check_model(path: Path, config, preset: str | None = None):
 def run(args: argparse.Namespace) -> int:
     from ..datasets import open_dataset
     from ..mixing import MixCache
-    from ..synthesize import SynthesisJob, check_model_fits
-
     from ..model.checkpoint import require_bundled_model
+    from ..synthesize import SynthesisJob, check_model_fits, check_store_out
 
     rank = int(os.environ.get("RANK", "0"))
     model = args.model if args.model is not None else require_bundled_model("pass --model")
+    check_store_out(args.out, [args.dataset, model, args.plan, args.scheme])  # before minutes of planning
     config = sampling_config(args, originals=args.originals)
     info = check_model(model, config, args.preset)
     dataset = open_dataset(args.dataset, args.scheme, args.layout)

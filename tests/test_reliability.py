@@ -1,0 +1,173 @@
+"""Fault cases of issue 15, run as a careful user would: outputs that would destroy inputs or
+foreign folders, non-finite models, signals, bad scheme files, missed goals. Every case checks
+what is left on disk and the exit code, not only that an error was raised."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from napari_diffmix.cli import main
+from napari_diffmix.datasets import open_dataset, write_generic
+from napari_diffmix.errors import UnsafeOutputError
+from napari_diffmix.outputs import MARKER, check_replace, output_kind, refuse_overlap
+from napari_diffmix.phantom import make_phantom_dataset
+
+FAST = ["--patch-size", "32", "--stride", "32", "--patches", "4", "--steps", "2", "--strength", "0.5",
+        "--batch-size", "2", "--threads", "1", "--device", "cpu"]
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under ``root`` with its content hash: 'untouched' means this is unchanged."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A user's dataset (written without our marker, as any other tool would), a tiny model."""
+    from napari_diffmix.model.checkpoint import save_model
+    from napari_diffmix.model.unet import SDMUNet, UNetConfig
+
+    root = tmp_path_factory.mktemp("rel")
+    ds = make_phantom_dataset(2, 96, class_probs=[0.15, 0.45, 0.4], seed=1)
+    user = root / "DATASET" / "Train"
+    write_generic(ds, user)
+    (user / MARKER).unlink()  # a dataset the user made, not one of our outputs
+    torch.manual_seed(0)
+    model = root / "tiny.safetensors"
+    save_model(SDMUNet(UNetConfig.preset("tiny")), model, scheme=ds.scheme, default_guidance=2.0)
+    return {"root": root, "dataset": user, "model": model}
+
+
+def _err(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err  # one line, no traceback
+    return err
+
+
+# -- item 1: never delete a user's data --------------------------------------------------------
+@pytest.mark.parametrize("where", ["same", "parent", "inside"])
+def test_synthesize_never_writes_over_or_into_its_dataset(data, where, capsys):
+    train = data["dataset"]
+    out = {"same": train, "parent": train.parent, "inside": train / "synthetic.zarr"}[where]
+    before = snapshot(train.parent)
+    argv = ["synthesize", str(train), "--model", str(data["model"]), "--out", str(out), *FAST, "--overwrite"]
+    assert main(argv) == 2
+    err = _err(capsys)
+    assert "input" in err and str(train) in err, err
+    assert snapshot(train.parent) == before and len(open_dataset(train)) == 2
+
+
+def test_synthesize_overwrite_never_replaces_a_foreign_folder(data, tmp_path, capsys):
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    argv = ["synthesize", str(data["dataset"]), "--model", str(data["model"]), "--out", str(out), *FAST]
+    for extra in ([], ["--overwrite"]):
+        assert main(argv + extra) == 2
+        err = _err(capsys)
+        assert "not a napari-diffmix output" in err and "--overwrite" not in err, err
+        assert (out / "notes.txt").read_text() == "mine" and sorted(os.listdir(out)) == ["notes.txt"]
+
+
+def test_export_refuses_its_store_and_foreign_folders_and_replaces_its_own(data, tmp_path, capsys):
+    store = tmp_path / "s.zarr"
+    assert main(["synthesize", str(data["dataset"]), "--model", str(data["model"]), "--out", str(store), *FAST]) == 0
+    capsys.readouterr()
+    before = snapshot(store)
+    for fmt in ("pannuke", "hovernet"):
+        assert main(["export", str(store), "--format", fmt, "--out", str(store), "--overwrite"]) == 2
+        assert "is the input" in _err(capsys)
+        assert main(["export", str(store), "--format", fmt, "--out", str(store / "exp"), "--overwrite"]) == 2
+        assert "lies inside the input" in _err(capsys)
+    assert snapshot(store) == before
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "a.npy").write_bytes(b"x")
+    assert main(["export", str(store), "--format", "pannuke", "--out", str(foreign), "--overwrite"]) == 2
+    assert "--overwrite" not in _err(capsys) and (foreign / "a.npy").read_bytes() == b"x"
+    out = tmp_path / "exp"
+    assert main(["export", str(store), "--format", "pannuke", "--out", str(out)]) == 0
+    assert output_kind(out) == "export-pannuke" and open_dataset(out).scheme.names == open_dataset(data["dataset"]).scheme.names
+    capsys.readouterr()
+    assert main(["export", str(store), "--format", "pannuke", "--out", str(out)]) == 2
+    assert "pass --overwrite" in _err(capsys)
+    assert main(["export", str(store), "--format", "hovernet", "--out", str(out), "--overwrite"]) == 2  # another kind
+    assert "holds a PanNuke export, not a HoVer-Net export" in _err(capsys)
+    assert main(["export", str(store), "--format", "pannuke", "--out", str(out), "--overwrite"]) == 0
+    assert main(["export", str(store), "--format", "hovernet", "--out", str(tmp_path / "hv")]) == 0
+    assert output_kind(tmp_path / "hv") == "export-hovernet"
+
+
+def test_predict_never_replaces_ground_truth(data, tmp_path, capsys):
+    from napari_diffmix.seg.checkpoint import save_seg_model
+    from napari_diffmix.seg.model import HoVerNet, SegConfig
+
+    scheme = open_dataset(data["dataset"]).scheme
+    model = save_seg_model(HoVerNet(SegConfig(num_classes=scheme.num_classes, width=4, channel_mult=(1, 2), num_blocks=1)),
+                           tmp_path / "seg", scheme)
+    truth = tmp_path / "truth"
+    write_generic(open_dataset(data["dataset"]), truth)
+    (truth / MARKER).unlink()
+    before = snapshot(truth)
+    args = ["predict", str(model), str(truth), "--out", str(truth), "--overwrite", "--device", "cpu"]
+    assert main(args) == 2
+    assert "not a napari-diffmix output" in _err(capsys) and snapshot(truth) == before
+    pred = tmp_path / "pred"
+    assert main(["predict", str(model), str(truth), "--out", str(pred), "--device", "cpu"]) == 0
+    assert main(["predict", str(model), str(truth), "--out", str(pred), "--device", "cpu", "--overwrite"]) == 0  # its own
+
+
+def test_labels_refuses_inside_its_dataset_and_foreign_folders(data, tmp_path, capsys):
+    train = data["dataset"]
+    before = snapshot(train.parent)
+    common = ["--patches", "2", "--patch-size", "32", "--stride", "32", "--overwrite"]
+    assert main(["labels", str(train), "--out", str(train / "labels"), *common]) == 2
+    assert "lies inside the input" in _err(capsys)
+    assert main(["labels", str(train), "--out", str(train.parent), *common]) == 2
+    assert "holds the input" in _err(capsys)
+    assert snapshot(train.parent) == before
+    foreign = tmp_path / "f"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("k")
+    assert main(["labels", str(train), "--out", str(foreign), *common]) == 2
+    assert "--overwrite" not in _err(capsys) and (foreign / "keep.txt").read_text() == "k"
+    out = tmp_path / "labels"
+    assert main(["labels", str(train), "--out", str(out), *common]) == 0
+    assert main(["labels", str(train), "--out", str(out), *common]) == 0 and output_kind(out) == "labels"
+
+
+def test_demo_data_and_demo_never_replace_foreign_folders(data, tmp_path, capsys):
+    foreign = tmp_path / "f"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("k")
+    assert main(["demo-data", "--out", str(foreign), "--overwrite"]) == 2
+    assert "--overwrite" not in _err(capsys) and sorted(os.listdir(foreign)) == ["keep.txt"]
+    # the demo's data folder holds a user's file: --overwrite must not delete it
+    demo = tmp_path / "d"
+    (demo / "data" / "train").mkdir(parents=True)
+    (demo / "data" / "train" / "keep.txt").write_text("k")
+    assert main(["demo", "--out", str(demo), "--model", str(data["model"]), "--overwrite", "--patch-size", "32",
+                 "--stride", "32", "--patches", "2", "--steps", "2", "--device", "cpu"]) == 2
+    assert "not a napari-diffmix output" in _err(capsys)
+    assert (demo / "data" / "train" / "keep.txt").read_text() == "k"
+
+
+def test_shared_helpers_on_their_own(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    refuse_overlap(tmp_path / "elsewhere", [src, None, "demo"])  # fine
+    for out in (src, tmp_path, src / "x"):
+        with pytest.raises(UnsafeOutputError, match="input"):
+            refuse_overlap(out, [src])
+    assert check_replace(tmp_path / "new", False, ["store"]) is False
+    (tmp_path / "empty").mkdir()
+    assert check_replace(tmp_path / "empty", False, ["store"]) is False
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UnsafeOutputError, match="is a file"):
+        check_replace(tmp_path / "file", True, ["store"])
