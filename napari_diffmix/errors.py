@@ -55,3 +55,7 @@ class OutputError(DiffMixError, OSError):
 class UnsafeOutputError(DiffMixError, ValueError):
     """An output location would destroy data: it is an input, holds one, lies inside one, or
     is a folder this tool did not make (``--overwrite`` never replaces those)."""
+
+
+class RenderError(DiffMixError, RuntimeError):
+    """A render produced no usable image (e.g. the sample became NaN or Inf)."""

@@ -60,7 +60,7 @@ import numpy as np
 from . import __version__
 from .classes import ClassScheme
 from .datasets import LAYOUTS, Dataset, patch_grid
-from .errors import CheckpointError, DatasetError, DiffMixError, SchemeError, StoreError
+from .errors import CheckpointError, DatasetError, DiffMixError, RenderError, SchemeError, StoreError
 from .export import (
     ORIGINALS,
     create_store,
@@ -316,6 +316,19 @@ def dataset_reference(dataset: Any, relative_to: str | os.PathLike | None = None
         if base in root.parents:
             return {"path": os.path.relpath(root, base), "layout": layout, "relative_to_store_folder": True}
     return {"path": str(root), "layout": layout}
+
+
+def check_finite_step(record: Any, what: str = "the render") -> None:
+    """Stop a render whose sample turned NaN or Inf at this :class:`~napari_diffmix.model.samplers.StepRecord`:
+    to_uint8 would quietly write black images into a store that then reads "complete"."""
+    import torch
+
+    if not bool(torch.isfinite(record.x_t).all()):
+        raise RenderError(
+            f"{what}: the sample became non-finite (NaN or Inf) at denoising step {record.step} of {record.total} "
+            f"(timestep {record.t}); nothing of it was written. The model's output overflowed: check the model file, "
+            "or sample in fp32 (--precision fp32)"
+        )
 
 
 def check_store_out(out: str | os.PathLike, inputs: Sequence[str | os.PathLike | None] = ()) -> None:
@@ -654,6 +667,7 @@ class SynthesisJob:
                 for last in sampler.sample(
                     cond, sampler=c.sampler, steps=c.steps, guidance=self.guidance, seed=seeds, **kwargs
                 ):
+                    check_finite_step(last, f"items {idx[0]}..{idx[-1]}")
                     timings["sampling"] += time.perf_counter() - t_step
                     yield SynthesisEvent("step", n_done, total, pending, tuple(idx), last.step, last.total, last)
                     t_step = time.perf_counter()
@@ -709,7 +723,7 @@ class SynthesisJob:
         if complete:
             ref = self.reference["path"] if self.reference and self.originals_mode == "reference" else None
             write_training_files(
-                self.out, data=ref, scheme=self.scheme, patch_size=self.plan.patch_size, counts=counts,
+                self.out, data=ref, scheme=self.scheme, patch_size=self.plan.patch_size, counts=counts, items=len(self.plan),
                 originals={"include": "included", "reference": "referenced", "none": "none"}[self.originals_mode],
             )
         return SynthesisResult(self.out, len(self.plan), int(done.sum()), 0, stopped, complete, counts)

@@ -171,3 +171,50 @@ def test_shared_helpers_on_their_own(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UnsafeOutputError, match="is a file"):
         check_replace(tmp_path / "file", True, ["store"])
+
+
+# -- item 3: non-finite weights and renders ----------------------------------------------------
+def _poisoned(model_path: Path, name: str, value: float):
+    from napari_diffmix.model.checkpoint import load_model
+
+    model, info = load_model(model_path)
+    with torch.no_grad():
+        model.state_dict()[name].view(-1)[3] = value
+    return model, info
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_at_load(data, tmp_path, value, capsys):
+    from napari_diffmix.errors import CheckpointError
+    from napari_diffmix.model.checkpoint import load_model, save_model
+
+    name = "out.2.weight"
+    model, info = _poisoned(data["model"], name, value)
+    native = tmp_path / "bad.safetensors"
+    save_model(model, native, scheme=info.scheme, default_guidance=2.0)
+    official = tmp_path / "bad.pt"
+    torch.save(model.state_dict(), official)  # a guided-diffusion style state dict
+    for path, kwargs in ((native, {}), (official, {"preset": "tiny"})):
+        with pytest.raises(CheckpointError, match=rf"tensor '{name}' holds 1 non-finite value"):
+            load_model(path, **kwargs)
+    out = tmp_path / "s.zarr"
+    assert main(["synthesize", str(data["dataset"]), "--model", str(native), "--out", str(out), *FAST]) == 2
+    assert f"tensor '{name}' holds 1 non-finite" in _err(capsys) and not out.exists()
+
+
+def test_a_render_that_turns_non_finite_stops_naming_the_step(data, tmp_path):
+    from napari_diffmix.errors import RenderError
+    from napari_diffmix.mixing import plan_balanced_set
+    from napari_diffmix.synthesize import SynthesisConfig, SynthesisJob
+
+    model = _poisoned(data["model"], "out.2.weight", float("nan"))  # a loaded model skips the load check
+    dataset = open_dataset(data["dataset"])
+    plan = plan_balanced_set(dataset, patches=2, patch_size=32, stride=32, seed=0)
+    out = tmp_path / "s.zarr"
+    config = SynthesisConfig(steps=4, strength=0.5, batch_size=2, threads=1, device="cpu")
+    with pytest.raises(RenderError, match=r"items 0..1: the sample became non-finite .* at denoising step 1 of 2"):
+        SynthesisJob(dataset, plan, model, out, config).run()
+    import zarr
+
+    g = zarr.open_group(str(out), mode="r")
+    assert g.attrs["status"] != "complete" and not g["done"][:].any()

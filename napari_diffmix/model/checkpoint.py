@@ -224,8 +224,21 @@ def load_model(
         check_state_dict(model, _shapes(state_dict), source=str(path), official=True)
         with torch.no_grad():
             for name, tensor in model.state_dict().items():
-                tensor.copy_(state_dict[name])
+                tensor.copy_(_finite(state_dict[name], name, path))
     return model.eval(), info
+
+
+def _finite(tensor: torch.Tensor, name: str, path: Path) -> torch.Tensor:
+    # NaN/Inf weights render black images without any other sign; checked per tensor as it is
+    # copied, so a 2.6 GB file is read once.
+    if tensor.is_floating_point():
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} holds {bad} non-finite value(s) (NaN or Inf) of {tensor.numel()}; "
+                "the model is broken (a diverged training run or a damaged file) and would render blank images"
+            )
+    return tensor
 
 
 def _empty_model(config: UNetConfig, device: str | torch.device, dtype: torch.dtype) -> SDMUNet:
@@ -346,7 +359,7 @@ def _load_native_weights(model: SDMUNet, path: Path) -> None:
             check_state_dict(model, shapes, source=str(path))
             with torch.no_grad():
                 for name, tensor in model.state_dict().items():
-                    tensor.copy_(fh.get_tensor(name))
+                    tensor.copy_(_finite(fh.get_tensor(name), name, path))
     except CheckpointError:
         raise
     except Exception as exc:  # truncated / corrupt tensor data
