@@ -189,6 +189,19 @@ class SynthesisResult:
     timings: dict[str, float] = field(default_factory=dict)
     rank: int = 0
     world_size: int = 1
+    signal: str | None = None  # "SIGINT" / "SIGTERM" when a signal asked the run to stop
+
+    @property
+    def exit_code(self) -> int:
+        """The command's exit status: 0 complete (or stopped on request of a caller), 128 + the
+        signal number when a signal left the store unfinished, 1 when items are missing otherwise."""
+        import signal
+
+        if self.complete:
+            return 0
+        if self.signal is not None:
+            return 128 + int(getattr(signal, self.signal))
+        return 0 if self.stopped else 1
 
     @property
     def items_per_s(self) -> float:
@@ -733,15 +746,32 @@ class SynthesisJob:
         stopping = "finishing the current batch, then stopping (Ctrl-C again aborts; the store stays resumable)"
         with StopRequests(should_stop, stopping) as requests, contextlib.ExitStack() as stack:
             bar = None
-            for event in self.events(requests.poll):
-                if event.kind == "start":
-                    desc = "synthesize"
-                    if self.dist_info.world_size > 1:
-                        desc += f" (rank {self.dist_info.rank}/{self.dist_info.world_size})"
-                    bar = stack.enter_context(progress_bar(pbar, event.pending, desc, unit="item"))
-                elif event.kind == "batch":
-                    bar.update(len(event.indices))
+            try:
+                for event in self.events(requests.poll):
+                    if event.kind == "start":
+                        desc = "synthesize"
+                        if self.dist_info.world_size > 1:
+                            desc += f" (rank {self.dist_info.rank}/{self.dist_info.world_size})"
+                        bar = stack.enter_context(progress_bar(pbar, event.pending, desc, unit="item"))
+                    elif event.kind == "batch":
+                        bar.update(len(event.indices))
+            except KeyboardInterrupt:  # a second Ctrl-C: the store must not keep saying "in progress"
+                self._mark_stopped()
+                raise
+        if requests.requested in ("SIGINT", "SIGTERM"):
+            self.result.signal = requests.requested
         return self.result
+
+    def _mark_stopped(self) -> None:
+        info = getattr(self, "dist_info", None)
+        if (info is not None and not info.is_main) or output_kind(self.out) != "store":
+            return
+        import zarr
+
+        with contextlib.suppress(Exception):  # the interrupt itself is what the user needs to see
+            done = read_done(zarr.open_group(str(self.out), mode="r"))
+            if not done.all():
+                update_attrs(self.out, {"status": "stopped", "items_done": int(done.sum())})
 
 
 def info_diffusion(info: Any) -> dict[str, Any] | None:

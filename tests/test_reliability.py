@@ -218,3 +218,59 @@ def test_a_render_that_turns_non_finite_stops_naming_the_step(data, tmp_path):
 
     g = zarr.open_group(str(out), mode="r")
     assert g.attrs["status"] != "complete" and not g["done"][:].any()
+
+
+# -- item 6: a signal that leaves a store unfinished is not a success ----------------------------
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signal_mid_synthesis_exits_128_plus_signal_with_the_store_stopped(data, tmp_path, sig):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import zarr
+    from _subprocess import process_group
+
+    out = tmp_path / "s.zarr"
+    argv = [sys.executable, "-m", "napari_diffmix", "synthesize", str(data["dataset"]), "--model", str(data["model"]),
+            "--out", str(out), *FAST, "--patches", "12", "--batch-size", "1", "--steps", "8"]
+    env = {**os.environ, "DIFFMIX_QUIET": "1", "OMP_NUM_THREADS": "1"}
+    with process_group(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (out / "done" / "c").is_dir() and any((out / "done" / "c").iterdir()):
+                proc.send_signal(getattr(signal, sig))
+                break
+            time.sleep(0.02)
+        output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + getattr(signal, sig), output
+    g = zarr.open_group(str(out), mode="r")
+    assert g.attrs["status"] == "stopped" and 1 <= int(g["done"][:].sum()) < 12, output
+    assert f"stopped by {sig}" in output
+
+
+def test_second_ctrl_c_aborts_with_the_store_stopped(data, tmp_path):
+    import signal
+
+    import zarr
+
+    from napari_diffmix.mixing import plan_balanced_set
+    from napari_diffmix.synthesize import SynthesisConfig, SynthesisJob
+
+    class DoubleCtrlC:
+        total, n = None, 0
+
+        def set_description(self, desc):
+            pass
+
+        def update(self, k):
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    dataset = open_dataset(data["dataset"])
+    plan = plan_balanced_set(dataset, patches=4, patch_size=32, stride=32, seed=0)
+    out = tmp_path / "s.zarr"
+    config = SynthesisConfig(steps=2, strength=0.5, batch_size=2, threads=1, device="cpu")
+    with pytest.raises(KeyboardInterrupt):
+        SynthesisJob(dataset, plan, data["model"], out, config).run(pbar=DoubleCtrlC())
+    assert zarr.open_group(str(out), mode="r").attrs["status"] == "stopped"

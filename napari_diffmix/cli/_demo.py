@@ -202,10 +202,10 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"diffmix demo: {len(plan)} synthetic {plan.patch_size} px patches from the demo tile's training split; model {model}")
     result = job.run()
     if int(os.environ.get("RANK", "0")) != 0:
-        return 0
+        return result.exit_code
     print(job_summary(job, result))
     if not result.complete:
-        return 0 if result.stopped else 1
+        return result.exit_code
     grid = montage(store, dataset)
     montage_path = out / DEMO_MONTAGE
     save_png(montage_path, grid)

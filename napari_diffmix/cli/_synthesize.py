@@ -141,9 +141,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     result = job.run()
     if rank != 0:
-        return 0
+        return result.exit_code
     print(job_summary(job, result))
-    return 0 if result.complete or result.stopped else 1
+    return result.exit_code
 
 
 def job_summary(job, result) -> str:
@@ -162,5 +162,6 @@ def job_summary(job, result) -> str:
         lines.append(f"store: {result.store}  (training instructions: {result.store / 'training' / 'TRAINING.md'})")
         lines.append(f"open it in napari: napari {result.store}")
     else:
-        lines.append(f"stopped: {result.total - result.done} item(s) left; run the same command again to resume")
+        why = f" by {result.signal}" if result.signal else ""
+        lines.append(f"stopped{why}: {result.total - result.done} item(s) left; run the same command again to resume")
     return "\n".join(lines)
