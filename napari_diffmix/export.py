@@ -656,8 +656,10 @@ def write_training_files(
     patch_size: int,
     counts: Mapping[str, Sequence[int]],
     originals: str,
+    items: int,
 ) -> tuple[Path, Path]:
-    """Write ``TRAINING.md``, ``train.sh`` and ``scheme.json`` into the store's ``training`` group."""
+    """Write ``TRAINING.md``, ``train.sh`` and ``scheme.json`` into the store's ``training`` group
+    (``items``: the store's number of synthetic patches)."""
     import zarr
 
     path = Path(path)
@@ -669,7 +671,7 @@ def write_training_files(
     cmds = training_commands(path.name, data=data, scheme=scheme, patch_size=patch_size, originals=originals)
     mode = hovernet_mode(patch_size)
     write_text(folder / TRAIN_SH, _train_sh(cmds, mode, scheme.num_classes + 1, path.name))
-    write_text(folder / TRAINING_MD, _training_md(cmds, mode, path.name, data, scheme, patch_size, counts, originals))
+    write_text(folder / TRAINING_MD, _training_md(cmds, mode, path.name, data, scheme, patch_size, counts, originals, items))
     os.chmod(folder / TRAIN_SH, 0o755)
     return folder / TRAINING_MD, folder / TRAIN_SH
 
@@ -729,6 +731,8 @@ run() {{
 }}
 
 # 1. This project's downstream network (HoVer-Net architecture) on original + synthetic patches.
+#    With --data and --synthetic, --synthetic-share S sets the share of the training crops drawn
+#    from the store (default: its share of the training pixels; TRAINING.md gives DiffMix's).
 {seg}
 
 # 2. HoVer-Net training patches (.npy, H x W x 5: RGB, instances, types).
@@ -736,7 +740,7 @@ run() {{
 {hovernet}"""
 
 
-def _training_md(cmds, mode, store_name: str, data, scheme: ClassScheme, patch_size, counts, originals) -> str:
+def _training_md(cmds, mode, store_name: str, data, scheme: ClassScheme, patch_size, counts, originals, n_items: int) -> str:
     hover_out = f"{store_name}-hovernet"
     before, after = counts.get("before"), counts.get("after")
     rows = []
@@ -749,10 +753,23 @@ def _training_md(cmds, mode, store_name: str, data, scheme: ClassScheme, patch_s
     export = "\n".join(_q(c) for c in cmds["hovernet_export"])
     if originals == "included":
         where = "The original patches are in the store (`originals/`) and are exported with the synthetic ones."
-    elif originals == "referenced":
-        where = f"The original patches come from the dataset `{data}` (`--data`)."
+        mix = (
+            "The exported set holds the original and the synthetic patches alike, so `train-seg` draws each patch "
+            "equally often: DiffMix's recipe."
+        )
     else:
-        where = "The store holds no original patches: add your original training data with `--data DATASET`."
+        if originals == "referenced":
+            where = f"The original patches come from the dataset `{data}` (`--data`)."
+        else:
+            where = "The store holds no original patches: add your original training data with `--data DATASET`."
+        mix = (
+            f"`train-seg` draws `--synthetic-share` of its crops from the {n_items} synthetic patches (default: their share "
+            "of the training pixels) and the rest from `--data`. DiffMix's recipe puts the synthetic patches in "
+            "HoVer-Net's list of training patches and draws every patch alike: for P original patches that is "
+            f"`--synthetic-share` = {n_items} / ({n_items} + P) (CoNSeP's 27 training tiles cut on DiffMix's 10 x 10 "
+            f"grid of 256 px patches give P = 2700: {n_items / (n_items + 2700):.3f}). Each run prints and logs the "
+            "share it drew."
+        )
     if mode is None:
         hover = (
             f"HoVer-Net's smallest network input is 256 px ('fast' mode); these {patch_size} px patches are too small "
@@ -786,6 +803,8 @@ Nuclei per class (per patch, summed over patches):
 | class | original | share | original + synthetic | share |
 |---|---|---|---|---|
 {table}
+
+{mix}
 
 `{store_name}/{TRAINING_DIR}/train.sh` runs the commands below from the folder that holds the store;
 `DRY_RUN=1 bash {store_name}/{TRAINING_DIR}/train.sh` only prints them.

@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 from .atomic import atomic_path, save_png, write_json
 from .classes import ClassScheme, load_scheme
+from .data.crops import EXTRA, ORIGINAL, CropStream, Source, share_summary
 from .errors import CheckpointError, DatasetError, DiffMixError, LabelError
 from .progress import StopRequests, progress_bar
 
@@ -102,6 +103,8 @@ class TrainConfig:
     channels_last: bool = False  # NHWC activations: faster convolutions on CPU (oneDNN) and tensor cores
     grad_clip: float = 0.0  # max global grad norm; 0 = off (the published recipe does not clip)
     augment: bool = True  # the 8 flip/rotation symmetries
+    # Share of crops drawn from the extra label maps (extra_labels=); None: their share of the pixels.
+    extra_share: float | None = None
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     num_threads: int | None = None
@@ -145,6 +148,7 @@ class TrainConfig:
             (self.grad_clip >= 0, f"gradient clip must be >= 0 (0 = off), got {self.grad_clip}"),
             (self.save_every >= 0 and self.log_every >= 1 and self.sample_every >= 0, "save/log/sample intervals must be >= 0 (log >= 1)"),
             (self.keep_last >= 1, f"keep at least one checkpoint, got keep_last={self.keep_last}"),
+            (self.extra_share is None or 0.0 <= self.extra_share <= 1.0, f"extra share must be in [0, 1], got {self.extra_share}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -268,16 +272,6 @@ def update_ema(ema_model: torch.nn.Module, model: torch.nn.Module, rate: float) 
 
 # ----------------------------------------------------------------------------------------
 # data
-
-
-@dataclass
-class Source:
-    """One training tile: an RGB image paired with its label maps."""
-
-    name: str
-    image: np.ndarray
-    inst_map: np.ndarray
-    type_map: np.ndarray
 
 
 def collect_sources(data: Any, scheme: ClassScheme, crop_size: int | None = None) -> list[Source]:
@@ -421,7 +415,10 @@ def pair_label_patches(
         raise DatasetError("the label-map folder holds no patches", folder)
     log.info("%s: %d label-map patches paired with windows of %d training tile(s)", folder, len(tiles),
              len({records[n][0] for n in labels.names}))
-    return collect_sources(tiles, scheme, crop_size)
+    sources = collect_sources(tiles, scheme, crop_size)
+    for s in sources:
+        s.group = EXTRA
+    return sources
 
 
 def _label_provenance(folder: Path) -> dict[str, tuple[str, tuple[int, int], int]]:
@@ -441,53 +438,6 @@ def _label_provenance(folder: Path) -> dict[str, tuple[str, tuple[int, int], int
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DatasetError(f"cannot read the patch records ({type(exc).__name__}: {exc})", path) from None
     return out
-
-
-def dihedral(a: np.ndarray, k: int) -> np.ndarray:
-    """The k-th of the 8 flip/rotation symmetries of the leading two axes (k in 0..7)."""
-    a = np.rot90(a, k % 4, axes=(0, 1))
-    return a[:, ::-1] if k >= 4 else a
-
-
-class CropStream:
-    """Endless random crops, one independent seeded stream per rank.
-
-    Tiles are drawn in proportion to their number of crop positions (every pixel equally
-    likely), like a DistributedSampler over all crops, but with a generator whose state goes
-    into the checkpoint so a resumed run draws exactly the crops it would have drawn.
-    """
-
-    def __init__(self, sources: Sequence[Source], crop_size: int, batch_size: int, *, seed: int, rank: int = 0, augment: bool = True):
-        self.sources = list(sources)
-        self.crop = crop_size
-        self.batch = batch_size
-        self.augment = augment
-        self.rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, rank, 0])))
-        positions = np.array([(s.image.shape[0] - crop_size + 1) * (s.image.shape[1] - crop_size + 1) for s in sources], float)
-        self.p = positions / positions.sum()
-
-    def next(self, cond_dropout: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(images (B,s,s,3) uint8, inst_maps (B,s,s), type_maps (B,s,s), keep (B,) bool)."""
-        s, rng = self.crop, self.rng
-        tiles = rng.choice(len(self.sources), size=self.batch, p=self.p)
-        images, insts, types = [], [], []
-        for ti in tiles:
-            src = self.sources[ti]
-            y = int(rng.integers(0, src.image.shape[0] - s + 1))
-            x = int(rng.integers(0, src.image.shape[1] - s + 1))
-            k = int(rng.integers(0, 8)) if self.augment else 0
-            images.append(dihedral(src.image[y : y + s, x : x + s], k))
-            insts.append(dihedral(src.inst_map[y : y + s, x : x + s], k))
-            types.append(dihedral(src.type_map[y : y + s, x : x + s], k))
-        # Drawn even when the rate is 0 so the stream does not depend on the stage schedule.
-        keep = rng.random(self.batch) >= cond_dropout
-        return np.stack(images), np.stack(insts), np.stack(types), keep
-
-    def state(self) -> dict[str, Any]:
-        return self.rng.bit_generator.state
-
-    def set_state(self, state: Mapping[str, Any]) -> None:
-        self.rng.bit_generator.state = dict(state)
 
 
 def to_model_space(images: np.ndarray) -> torch.Tensor:
@@ -620,6 +570,14 @@ def _pooled_means(acc: Mapping[str, list[float]], keys: Sequence[str], info: Dis
         sums = t.tolist()
     n = len(keys)
     return {k: sums[i] / sums[n + i] for i, k in enumerate(keys) if sums[n + i] > 0}
+
+
+def realised_shares(stream: CropStream, info: DistInfo, device: torch.device) -> dict[str, float]:
+    """``{group}_share``: the share of all crops drawn so far from each non-original group, over
+    all ranks (collective under DDP). Every rank draws as many crops, so the mean of the
+    ranks' shares is the pooled share."""
+    shares = {f"{g}_share": [v] for g, v in stream.realised().items() if g != ORIGINAL}
+    return _pooled_means(shares, list(shares), info, device)
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -772,13 +730,16 @@ class TrainResult:
     elapsed_s: float
     steps_per_s: float
     history: list[dict[str, float]] = field(default_factory=list)
+    # Share of crops per data group: asked for (default: the pixels) and drawn (all ranks, whole run).
+    requested_shares: dict[str, float] = field(default_factory=dict)
+    realised_shares: dict[str, float] = field(default_factory=dict)
     model: torch.nn.Module | None = field(default=None, repr=False)  # raw weights
     ema_model: torch.nn.Module | None = field(default=None, repr=False)  # what gets exported
 
 
 LOG_FIELDS = (
     "step", "samples", "loss", "mse", "vb", "mse_q0", "mse_q1", "mse_q2", "mse_q3",
-    "lr", "cond_dropout", "ema_rate", "grad_norm", "loss_scale", "steps_per_s", "elapsed_s",
+    "lr", "cond_dropout", "ema_rate", "grad_norm", "loss_scale", "steps_per_s", "elapsed_s", "extra_share",
 )
 
 
@@ -999,7 +960,8 @@ def _run(config, scheme, sources, val_crops, info, device, out_dir, resume, pbar
     autocast_dtype = resolve_precision(config.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
     opt = torch.optim.AdamW(model.parameters(), lr=config.stages[0].lr, weight_decay=config.weight_decay, betas=tuple(config.adam_betas))
-    stream = CropStream(sources, config.crop_size, config.batch_size, seed=config.seed, rank=info.rank, augment=config.augment)
+    stream = CropStream(sources, config.crop_size, config.batch_size, seed=config.seed, rank=info.rank,
+                        augment=config.augment, shares={EXTRA: config.extra_share})
     noise_gen = torch.Generator(device=device)
     noise_gen.manual_seed(_seed_int(config.seed, info.rank, 1))
 
@@ -1033,6 +995,7 @@ def _run(config, scheme, sources, val_crops, info, device, out_dir, resume, pbar
             f", {info.world_size} processes" if info.enabled else "", len(sources), config.crop_size,
             config.batch_size, info.world_size, step, total,
         )
+        log.info("training data: %s", stream.describe())
     acc: dict[str, list[float]] = {}
     history: list[dict[str, float]] = []
     last_loss = None
@@ -1088,7 +1051,7 @@ def _run(config, scheme, sources, val_crops, info, device, out_dir, resume, pbar
             bar.update(1)
 
             if step % config.log_every == 0 or step == stop_at:
-                row = _log_row(acc, info, device, step, config, stage, t_start, t_log, step_log, scaler)
+                row = _log_row(acc, info, device, step, config, stage, t_start, t_log, step_log, scaler, stream)
                 acc, t_log, step_log = {}, time.perf_counter(), step
                 history.append(row)
                 if info.is_main:
@@ -1107,6 +1070,9 @@ def _run(config, scheme, sources, val_crops, info, device, out_dir, resume, pbar
                     log.warning("stopped at step %d (%s); resume with --resume", step, stop.requested or "another process")
                 break
 
+    realised = {k[: -len("_share")]: v for k, v in realised_shares(stream, info, device).items()}
+    if info.is_main and realised:
+        log.info("crops drawn: %s", share_summary(stream.shares, realised))
     model_path = None
     if info.is_main:
         csv_log.close()
@@ -1122,7 +1088,7 @@ def _run(config, scheme, sources, val_crops, info, device, out_dir, resume, pbar
         step=step, total_steps=total, interrupted=step < total, out_dir=out_dir, checkpoint=last_ckpt,
         model_path=model_path, last_loss=last_loss, elapsed_s=elapsed,
         steps_per_s=(step - start_step) / elapsed if elapsed > 0 else 0.0, history=history,
-        model=model, ema_model=ema_model,
+        requested_shares=dict(stream.shares), realised_shares=realised, model=model, ema_model=ema_model,
     )
 
 
@@ -1159,10 +1125,11 @@ def _accumulate(acc: dict[str, list[float]], losses: Mapping[str, torch.Tensor],
     acc.setdefault("grad_norm", []).append(grad_norm)
 
 
-def _log_row(acc, info, device, step, config, stage, t_start, t_log, step_log, scaler) -> dict[str, float]:
+def _log_row(acc, info, device, step, config, stage, t_start, t_log, step_log, scaler, stream: CropStream) -> dict[str, float]:
     now = time.perf_counter()
     row = {"step": step, "samples": step * config.batch_size * info.world_size}
     row.update(_pooled_means(acc, ("loss", "mse", "vb", "mse_q0", "mse_q1", "mse_q2", "mse_q3", "grad_norm"), info, device))
+    row.update(realised_shares(stream, info, device))
     row.update(
         lr=stage.lr, cond_dropout=stage.cond_dropout, ema_rate=ema_rate_at(config.ema_rate, step - 1, config.ema_warmup),
         loss_scale=float(scaler.get_scale()) if scaler.is_enabled() else 1.0,
@@ -1222,7 +1189,7 @@ def _load_training_state(path, config, model_cfg, scheme, model, ema_model, opt,
     if saved_scheme.condition_channels != scheme.condition_channels:
         raise CheckpointError(f"{path}: the checkpoint was trained with scheme {saved_scheme.name!r}, not {scheme.name!r}")
     saved_cfg = json.loads(ckpt["config"])
-    changed = [k for k in ("crop_size", "batch_size", "seed", "ema_rate", "ema_warmup", "augment", "noise_schedule", "num_timesteps")
+    changed = [k for k in ("crop_size", "batch_size", "seed", "ema_rate", "ema_warmup", "augment", "noise_schedule", "num_timesteps", "extra_share")
                if saved_cfg.get(k) != getattr(config, k)]
     if changed and info.is_main:
         log.warning("resuming with changed settings %s: training continues, but not as the original run would have", changed)
@@ -1238,7 +1205,7 @@ def _load_training_state(path, config, model_cfg, scheme, model, ema_model, opt,
         restore_rng(rng[info.rank], stream, noise_gen)
     else:
         # Another world size: there is no per-rank state to continue; reseed from the step.
-        stream.rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([config.seed, info.rank, 0, ckpt["step"]])))
+        stream.reseed(config.seed, info.rank, int(ckpt["step"]))
         noise_gen.manual_seed(_seed_int(config.seed, info.rank, 1, ckpt["step"]))
         if info.is_main:
             log.warning("checkpoint from %d processes resumed on %d: data order reseeded", len(rng), info.world_size)

@@ -208,7 +208,7 @@ def test_training_files_parse_and_dry_run(tmp_path, data_dir, originals):
     counts = {"before": [0, 5, 20, 15], "after": [0, 12, 25, 15]}
     store = tmp_path / "syn.zarr"
     store.mkdir()
-    md, sh = write_training_files(store, data=str(data_dir), scheme=DEMO, patch_size=256, counts=counts, originals=originals)
+    md, sh = write_training_files(store, data=str(data_dir), scheme=DEMO, patch_size=256, counts=counts, originals=originals, items=300)
     assert subprocess.run(["bash", "-n", str(sh)]).returncode == 0
     assert os.access(sh, os.X_OK)
     env = {**os.environ, "DRY_RUN": "1", "HOVERNET_DIR": str(tmp_path / "hover_net")}
@@ -228,6 +228,11 @@ def test_training_files_parse_and_dry_run(tmp_path, data_dir, originals):
     text = md.read_text()
     assert "nr_type = 4" in text and 'model_mode = "fast"' in text and "python run_train.py --gpu=0" in text
     assert "| other | 5 | 12.5 % | 12 | 23.1 % |" in text
+    if originals == "referenced":  # what share of the crops the store gets, and DiffMix's
+        assert "draws `--synthetic-share` of its crops from the 300 synthetic patches" in text
+        assert "`--synthetic-share` = 300 / (300 + P)" in text and "P = 2700: 0.100" in text
+    else:
+        assert "draws each patch equally often: DiffMix's recipe" in text
 
 
 def test_hovernet_config_edit(tmp_path):
@@ -252,7 +257,7 @@ def test_hovernet_config_edit(tmp_path):
 def test_small_patches_skip_hovernet_and_shrink_crops(tmp_path):
     store = tmp_path / "small.zarr"
     store.mkdir()
-    md, sh = write_training_files(store, data="d", scheme=DEMO, patch_size=64, counts={}, originals="referenced")
+    md, sh = write_training_files(store, data="d", scheme=DEMO, patch_size=64, counts={}, originals="referenced", items=4)
     text = sh.read_text()
     assert "run_train.py" not in text and "--crop-size 64" in text
     assert "too small for its official training code" in md.read_text()

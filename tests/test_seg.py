@@ -240,9 +240,11 @@ def write_store(path, tiles, done=None, scheme=None, drop=None, dtypes=None):
     return path
 
 
-def test_synthetic_store_reader(tmp_path, phantoms):
+def test_synthetic_store_reader(tmp_path, phantoms, caplog):
     tiles = list(make_phantom_dataset(3, 96, seed=5))
-    store = open_synthetic_store(write_store(tmp_path / "s.zarr", tiles, done=[True, False, True], scheme=phantoms.scheme))
+    with caplog.at_level("WARNING", logger="napari_diffmix.seg.data"):
+        store = open_synthetic_store(write_store(tmp_path / "s.zarr", tiles, done=[True, False, True], scheme=phantoms.scheme))
+    assert "s.zarr is not complete: 2 of 3 items are done (items 0, 2); only those are used" in caplog.text
     assert len(store) == 2 and store.names == ["synthetic_000000", "synthetic_000002"]
     np.testing.assert_array_equal(store[1].inst_map[10:20, 5:9], tiles[2].inst_map[10:20, 5:9])
     assert store.tile(0).image.shape == (96, 96, 3)
@@ -303,7 +305,7 @@ def test_cli_train_predict_evaluate_compare(tmp_path, phantoms, capsys):
     assert summary["pq"] == pytest.approx(1.0) and summary["f_d"] == 1.0
 
     assert main(["compare", "--data", str(tmp_path / "train"), "--synthetic", str(tmp_path / "syn.zarr"),
-                 "--test", str(tmp_path / "test"), "--out", str(tmp_path / "cmp"), "--steps", "4",
+                 "--test", str(tmp_path / "test"), "--out", str(tmp_path / "cmp"), "--steps", "4", "--synthetic-share", "0.5",
                  "--window", "64", "--overlap", "16", *fast]) == 0
     printed = capsys.readouterr().out
     assert "f1_other" in printed and "+synthetic" in printed
@@ -313,6 +315,14 @@ def test_cli_train_predict_evaluate_compare(tmp_path, phantoms, capsys):
         assert row["diff"] == pytest.approx(row["augmented"] - row["baseline"])
     for name in ("baseline", "augmented", "pred_baseline", "pred_augmented"):
         assert (tmp_path / "cmp" / name).is_dir()
+    # The synthetic store was really trained on: drawn at about its pixel share, other weights.
+    shares = cmp["synthetic_share"]
+    assert shares["baseline"] == {"requested": 0.0, "realised": 0.0}
+    assert shares["augmented"]["requested"] == 0.5 and shares["augmented"]["realised"] > 0
+    assert f"baseline 0.0%, augmented {shares['augmented']['realised']:.1%} (asked 50.0%)" in printed
+    base, _ = load_seg_model(tmp_path / "cmp" / "baseline")
+    aug, _ = load_seg_model(tmp_path / "cmp" / "augmented")
+    assert any(not torch.equal(a, b) for a, b in zip(base.state_dict().values(), aug.state_dict().values()))
 
     # clear errors, exit code 2, no traceback
     assert main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "nowhere")]) == 2
@@ -324,6 +334,43 @@ def test_cli_train_predict_evaluate_compare(tmp_path, phantoms, capsys):
     err = capsys.readouterr().err
     assert "nowhere" in err and "must end in .json or .csv" in err and "needs config.json" in err and "does not exist" in err
     assert "nothing to train on" in err
+
+
+def test_train_seg_draws_the_synthetic_share(tmp_path, phantoms, capsys):
+    """Patches equal to the crop size are drawn at the share asked for (default: their pixels)."""
+    import csv
+    import math
+
+    from napari_diffmix.datasets import write_generic
+
+    write_generic(phantoms, tmp_path / "train")  # 3 tiles of 128 px
+    write_store(tmp_path / "syn.zarr", list(make_phantom_dataset(4, 64, seed=13)), scheme=phantoms.scheme)
+    fast = ["--preset", "tiny", "--width", "8", "--batch-size", "6", "--crop-size", "64", "--device", "cpu", "--threads", "1",
+            "--steps", "30", "--checkpoint-every", "10"]
+    draws = 30 * 6
+    pixel_share = 4 * 64**2 / (4 * 64**2 + 3 * 128**2)
+    for share, out in ((None, "pixels"), (0.8, "most")):
+        extra = [] if share is None else ["--synthetic-share", str(share)]
+        assert main(["train-seg", "--data", str(tmp_path / "train"), "--synthetic", str(tmp_path / "syn.zarr"), *extra,
+                     *fast, "--out", str(tmp_path / out)]) == 0
+        share = pixel_share if share is None else share
+        with open(tmp_path / out / "log.csv", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        realised = float(rows[-1]["synthetic_share"])
+        assert abs(realised - share) <= 4 * math.sqrt(share * (1 - share) / draws), (share, realised)
+        assert f"crops drawn: synthetic {realised:.1%} of the crops (asked {share:.1%})" in capsys.readouterr().out
+    assert main(["train-seg", "--data", str(tmp_path / "train"), "--synthetic", str(tmp_path / "syn.zarr"),
+                 "--synthetic-share", "0.8", *fast[:-4], "--steps", "20", "--checkpoint-every", "10", "--out", str(tmp_path / "part")]) == 0
+    assert main(["train-seg", "--out", str(tmp_path / "part"), "--resume", "--steps", "30", "--threads", "1"]) == 0
+    # resuming continues the count: the last row is the uninterrupted run's
+    last = {}
+    for d in ("most", "part"):
+        with open(tmp_path / d / "log.csv", newline="") as fh:
+            last[d] = list(csv.DictReader(fh))[-1]
+            last[d].pop("elapsed_s")
+    assert last["part"] == last["most"] and last["most"]["step"] == "30"
+    assert main(["train-seg", "--data", str(tmp_path / "train"), "--synthetic-share", "0.5", *fast, "--out", str(tmp_path / "x")]) == 2
+    assert "50% of the crops were asked to come from synthetic data, but the training pool has none" in capsys.readouterr().err
 
 
 @pytest.mark.slow

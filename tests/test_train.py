@@ -24,13 +24,12 @@ from _subprocess import process_group, run_group
 
 from napari_diffmix.classes import DEMO
 from napari_diffmix.errors import DatasetError, DiffMixError, LabelError, SchemeError
+from napari_diffmix.data.crops import CropStream, dihedral
 from napari_diffmix.train import (
-    CropStream,
     Stage,
     TrainConfig,
     TrainingError,
     collect_sources,
-    dihedral,
     ema_rate_at,
     find_resume_checkpoint,
     list_checkpoints,
@@ -556,6 +555,33 @@ def test_cli_train_with_extra_labels_and_resume(tmp_path, labels_dir, monkeypatc
     err = capsys.readouterr().err
     assert "comes from tile 'ihc-demo', which is not among the training tiles (ihc-demo-train)" in err
     assert "'ihc-demo-train' is a part of that tile" in err
+
+
+def test_extra_label_maps_are_drawn_at_the_requested_share(tmp_path, labels_dir, capsys):
+    import csv
+    import math
+
+    from napari_diffmix.cli import main
+
+    common = ["--preset", "tiny", "--steps", "25", "--batch-size", "8", "--crop-size", "32", "--log-every", "5",
+              "--sample-every", "0", "--threads", "1"]
+    draws = 25 * 8
+    for share, out in ((0.5, "half"), (None, "pixels")):
+        run = tmp_path / out
+        extra = [] if share is None else ["--extra-share", str(share)]
+        assert main(["train", str(labels_dir.parent / "train"), "--extra-labels", str(labels_dir), *extra, *common, "--out", str(run)]) == 0
+        printed = capsys.readouterr().out
+        with open(run / "log.csv", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        realised = float(rows[-1]["extra_share"])
+        if share is None:  # the default: the extra maps' share of the training pixels
+            tile = np.load(labels_dir.parent / "train" / "inst_maps" / "ihc-demo-train.npy")
+            extra_px = sum(np.load(p).size for p in (labels_dir / "inst_maps").glob("*.npy"))
+            share = extra_px / (extra_px + tile.size)
+        assert abs(realised - share) <= 4 * math.sqrt(share * (1 - share) / draws), (share, realised)
+        assert f"crops drawn: extra {realised:.1%} of the crops (asked {share:.1%})" in printed
+    assert main(["train", str(labels_dir.parent / "train"), "--extra-share", "0.3", *common, "--out", str(tmp_path / "none")]) == 2
+    assert "30% of the crops were asked to come from extra data, but the training pool has none" in capsys.readouterr().err
 
 
 def _rewrite_records(folder: Path, change) -> None:

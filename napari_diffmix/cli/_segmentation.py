@@ -39,7 +39,9 @@ other metric for both runs and their difference.
 
 # Training options default to "not given" (None) so that --resume can tell them from the
 # run's own settings; _configs fills in these defaults (SegTrainConfig's and the preset).
-TRAIN_OPTIONS = ("steps", "batch_size", "crop_size", "lr", "weight_decay", "seed", "checkpoint_every", "device", "precision")
+TRAIN_OPTIONS = (
+    "steps", "batch_size", "crop_size", "lr", "weight_decay", "seed", "checkpoint_every", "device", "precision", "synthetic_share",
+)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -53,6 +55,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default: 1e-4)")
     g.add_argument("--seed", type=int, help="seed for weights and crops (default: 0)")
     g.add_argument("--checkpoint-every", type=int, help="save the model and its training state every N steps (default: 500)")
+    g.add_argument(
+        "--synthetic-share", type=float, metavar="S",
+        help="share of the training crops drawn from the --synthetic store, 0-1 (default: its share of the training "
+             "pixels; DiffMix's recipe, every patch alike: synthetic patches / all patches)",
+    )
     h = p.add_argument_group("hardware")
     add_device_arguments(h, default=None)
     h.add_argument(
@@ -217,6 +224,10 @@ def run_train(args: argparse.Namespace) -> int:
     if result.interrupted:
         print(f"stopped at step {result.steps} of {train_config.steps}; the model and its training state are saved. "
               f"Continue with: diffmix train-seg --out {args.out} --resume", file=sys.stderr)
+    if result.realised_shares:
+        from ..data.crops import share_summary
+
+        print(f"crops drawn: {share_summary(result.requested_shares, result.realised_shares)}")
     loss = f", final loss {result.last_loss:.4f}" if result.last_loss is not None else ""
     steps = f"steps {result.start_step}-{result.steps}" if result.start_step else f"{result.steps} steps"
     print(f"trained {steps} in {result.elapsed_s:.0f} s{loss}; model saved to {result.out_dir}")
@@ -263,5 +274,6 @@ def run_compare(args: argparse.Namespace) -> int:
         predict_kwargs=_predict_kwargs(args),
     )
     print(result.table())
+    print(result.shares_line())
     print(f"wrote {result.out_dir / 'compare.json'}")
     return 0

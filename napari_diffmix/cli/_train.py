@@ -51,6 +51,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="`diffmix labels` output folders: train their balancing/enlarging maps as extra conditions, each with the "
              "original image of its window in the training tile its provenance.json names (remembered for --resume)",
     )
+    p.add_argument(
+        "--extra-share", type=float, metavar="S",
+        help="share of the training crops drawn from the --extra-labels maps, 0-1 (default: their share of the "
+             "training pixels); remembered for --resume",
+    )
     p.add_argument("--val", nargs="*", help="held-out datasets whose label maps the sample grids render ('demo' = the demo's held-out split)")
     p.add_argument("--preset", choices=_preset_names(), help="training recipe (default: demo, or the run's own with --resume)")
     p.add_argument("--out", "-o", help="run folder: checkpoints, log.csv, samples, exported model (default: runs/<preset>)")
@@ -131,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
         k: getattr(args, k)
         for k in ("batch_size", "crop_size", "weight_decay", "ema_rate", "ema_warmup", "augment", "num_timesteps",
                   "noise_schedule", "guidance", "device", "precision", "grad_checkpointing", "channels_last", "grad_clip",
-                  "seed", "save_every", "keep_last", "log_every", "sample_every", "sample_steps", "init")
+                  "seed", "save_every", "keep_last", "log_every", "sample_every", "sample_steps", "init", "extra_share")
         if getattr(args, k) is not None
     }
     if args.threads is not None:
@@ -162,6 +167,10 @@ def run(args: argparse.Namespace) -> int:
     if result.interrupted:
         print(f"stopped at step {result.step}/{result.total_steps}; checkpoint {result.checkpoint}. "
               f"Continue with: diffmix train --resume --out {config.out_dir}", file=sys.stderr)
+    if result.realised_shares and int(os.environ.get("RANK", "0")) == 0:
+        from ..data.crops import share_summary
+
+        print(f"crops drawn: {share_summary(result.requested_shares, result.realised_shares)}")
     if args.export and not result.interrupted:
         print(f"exported EMA model to {export_checkpoint(result.checkpoint, args.export)}")
     elif result.model_path is not None:

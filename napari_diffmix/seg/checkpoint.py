@@ -1,7 +1,8 @@
 """Segmentation model folders: ``model.safetensors`` + ``config.json`` (architecture, class
-scheme, training record), and while a model is trained ``train_state.pt`` (optimizer, step,
+scheme, training record), ``log.csv`` (the training history: losses and the share of crops
+drawn from each data group), and while a model is trained ``train_state.pt`` (optimizer, step,
 history, every RNG state: what ``diffmix train-seg --resume`` continues from). A folder is
-written atomically, all three files together: readers see the old model or the new one,
+written atomically, all files together: readers see the old model or the new one,
 never half of either, and the training state always belongs to the weights beside it.
 Prediction reads only the first two, so a finished model folder may drop ``train_state.pt``.
 """
@@ -12,7 +13,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -24,6 +25,7 @@ FORMAT = "napari-diffmix-seg/1"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TRAIN_STATE = "train_state.pt"
+LOG_CSV = "log.csv"
 STATE_FORMAT = "napari-diffmix-seg-train/1"
 
 
@@ -87,7 +89,23 @@ def save_seg_model(
         )
         if state is not None:
             torch.save({**state, "format": STATE_FORMAT}, tmp / TRAIN_STATE)
+        history = (training or {}).get("history")
+        if history:
+            _write_log_csv(tmp / LOG_CSV, history)
     return path
+
+
+def _write_log_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """The training history as a table (loss terms, realised data shares), one row per log window."""
+    import csv
+
+    fields: list[str] = []
+    for row in rows:
+        fields += [k for k in row if k not in fields]
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fields)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def read_seg_meta(path: str | os.PathLike) -> dict[str, Any]:

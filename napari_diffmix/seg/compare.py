@@ -8,14 +8,16 @@ The output folder holds ``baseline/`` and ``augmented/`` (models), ``pred_baseli
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..classes import load_scheme
+from ..data.crops import SYNTHETIC
 from ..errors import DatasetError
 from ..metrics import Evaluation, evaluate
 from .model import SegConfig
@@ -31,6 +33,8 @@ class Comparison:
     baseline: Evaluation
     augmented: Evaluation
     out_dir: Path
+    # Share of the training crops drawn from the synthetic store, per run (asked and drawn).
+    shares: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def rows(self) -> list[tuple[str, float, float, float]]:
         """(metric, baseline, augmented, augmented - baseline): per-class F1 first."""
@@ -44,12 +48,21 @@ class Comparison:
             lines.append(f"{k:<22} {_fmt(b):>9} {_fmt(a):>11} {_fmt(d, signed=True):>8}")
         return "\n".join(lines)
 
+    def shares_line(self) -> str:
+        """What each run drew from the synthetic store: without it, the comparison means nothing."""
+        parts = []
+        for run in RUNS:
+            s = self.shares.get(run, {})
+            parts.append(f"{run} {s.get('realised', 0.0):.1%}" + (f" (asked {s['requested']:.1%})" if run != "baseline" else ""))
+        return "synthetic share of the training crops: " + ", ".join(parts)
+
     def to_dict(self) -> dict[str, Any]:
         def clean(v: float) -> float | None:
             return None if math.isnan(v) else v
 
         return {
             "metrics": {k: {"baseline": clean(b), "augmented": clean(a), "diff": clean(d)} for k, b, a, d in self.rows()},
+            "synthetic_share": self.shares,
             "baseline": self.baseline.to_dict(),
             "augmented": self.augmented.to_dict(),
         }
@@ -90,7 +103,7 @@ def compare(
             shutil.rmtree(out_dir / name, ignore_errors=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = config or SegTrainConfig()
-    results = {}
+    results, shares = {}, {}
     for run in RUNS:
         log(f"[{run}] training {config.steps} steps" + (" with the synthetic store" if run == "augmented" else ""))
         trained = train_segmentation(
@@ -98,14 +111,20 @@ def compare(
             scheme=scheme,
             synthetic=synthetic if run == "augmented" else None,
             model_config=model_config,
-            config=config,
+            # The baseline has no synthetic data to draw a share from.
+            config=config if run == "augmented" else dataclasses.replace(config, synthetic_share=None),
             out_dir=out_dir / run,
             record={"run": run, "synthetic": None if run == "baseline" else os.fspath(getattr(synthetic, "path", synthetic))},
         )
+        shares[run] = {
+            "requested": trained.requested_shares.get(SYNTHETIC, 0.0),
+            "realised": trained.realised_shares.get(SYNTHETIC, 0.0),
+        }
+        log(f"[{run}] drew {shares[run]['realised']:.1%} of its training crops from the synthetic store")
         log(f"[{run}] predicting {len(test)} test tile(s)")
         pred_dir = predict_to_folder(trained.model, test, out_dir / f"pred_{run}", scheme, **(predict_kwargs or {}))
         results[run] = evaluate(open_dataset(pred_dir, scheme), test, scheme.names)
         results[run].write(out_dir / f"results_{run}.json")
-    comparison = Comparison(results["baseline"], results["augmented"], out_dir)
+    comparison = Comparison(results["baseline"], results["augmented"], out_dir, shares)
     write_json(out_dir / "compare.json", comparison.to_dict())
     return comparison

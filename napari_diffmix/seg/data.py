@@ -7,6 +7,7 @@ store larger than memory is fine.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ import numpy as np
 from ..classes import ClassScheme, load_scheme
 from ..errors import SchemeError, StoreError
 from ..export import IMAGES, INST_MAPS, TYPE_MAPS, SyntheticStore, open_store
+
+log = logging.getLogger(__name__)
 
 
 class _ItemView:
@@ -87,6 +90,12 @@ def open_synthetic_store(path: str | os.PathLike, scheme: Any = None) -> Synthet
     indices = np.flatnonzero(store.done_mask())
     if indices.size == 0:
         raise StoreError(f"{store.path}: no finished items in the store (done is all False); run the synthesis first")
+    if indices.size < len(store):
+        log.warning(
+            "%s is not complete: %d of %d items are done (items %s); only those are used. "
+            "Finish it with the same `diffmix synthesize` command to use all.",
+            store.path, indices.size, len(store), index_ranges(indices),
+        )
     store_scheme = store.scheme if "scheme" in store.attrs else None
     if scheme is not None and store_scheme is not None:
         wanted = load_scheme(scheme)
@@ -95,6 +104,22 @@ def open_synthetic_store(path: str | os.PathLike, scheme: Any = None) -> Synthet
                 f"{store.path}: the synthetic store uses classes {list(store_scheme.names)}, the training data {list(wanted.names)}"
             )
     return SyntheticItems(store, indices, store_scheme)
+
+
+def index_ranges(indices: Sequence[int]) -> str:
+    """'0-11, 15, 17-18' for sorted indices."""
+    parts: list[str] = []
+    start = prev = None
+    for i in (int(v) for v in indices):
+        if prev is not None and i == prev + 1:
+            prev = i
+            continue
+        if start is not None:
+            parts.append(str(start) if start == prev else f"{start}-{prev}")
+        start = prev = i
+    if start is not None:
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+    return ", ".join(parts)
 
 
 def is_synthetic_store(path: str | os.PathLike) -> bool:

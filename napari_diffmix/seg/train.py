@@ -1,9 +1,9 @@
 """Training the downstream HoVer-Net on a dataset, optionally enlarged by a synthetic store.
 
-Random crops with the 8 flip/rotation symmetries (the diffusion trainer's
-:class:`~napari_diffmix.train.CropStream`: every pixel of every tile equally likely, so a
-1000x1000 tile weighs as much as ~15 synthetic 256 px patches), HoVer-Net targets computed
-per crop, AdamW, a fixed seed, mixed precision, a progress bar and atomic checkpoints. Under
+Random crops with the 8 flip/rotation symmetries drawn by
+:class:`~napari_diffmix.data.crops.CropStream`: a share of the crops from the synthetic store
+(``synthetic_share``, default its share of the training pixels), the rest from the dataset,
+each tile in proportion to its area. HoVer-Net targets computed per crop, AdamW, a fixed seed, mixed precision, a progress bar and atomic checkpoints. Under
 ``torchrun`` (WORLD_SIZE > 1) each process trains a DistributedDataParallel replica on its
 own crop stream (gloo on CPU, NCCL on GPUs); the batch size is per process and rank 0 writes.
 
@@ -31,12 +31,11 @@ from tqdm.auto import tqdm
 
 from ..classes import ClassScheme, load_scheme
 from ..errors import CheckpointError, DatasetError, LabelError
+from ..data.crops import SYNTHETIC, CropStream, Source, share_summary
 from ..progress import StopRequests, progress_bar
 from ..train import (
-    CropStream,
     PRECISIONS,
     DistInfo,
-    Source,
     TrainingError,
     _all_reduce_max,
     _check_ranks_in_sync,
@@ -45,6 +44,7 @@ from ..train import (
     capture_rng,
     collect_sources,
     config_fields,
+    realised_shares,
     resolve_precision,
     restore_rng,
     setup_distributed,
@@ -59,7 +59,7 @@ from .targets import seg_targets
 log = logging.getLogger(__name__)
 
 # Settings a resumed run must share with the interrupted one, or it would be another run.
-RESUME_FIXED = ("batch_size", "crop_size", "seed", "loss_weights")
+RESUME_FIXED = ("batch_size", "crop_size", "seed", "loss_weights", "synthetic_share")
 # Settings one may change on resume (e.g. a lower lr after the loss diverged); a warning says so.
 RESUME_TUNABLE = ("lr", "weight_decay", "precision")
 STATE_KEYS = ("step", "config", "data", "world_size", "optimizer", "scaler", "rng", "history", "window", "elapsed_s")
@@ -78,6 +78,8 @@ class SegTrainConfig:
     checkpoint_every: int = 500
     log_every: int = 25
     num_threads: int | None = None
+    # Share of crops drawn from the synthetic store; None: its share of the training pixels.
+    synthetic_share: float | None = None
     loss_weights: LossWeights = field(default_factory=LossWeights)
 
     def validate(self) -> None:
@@ -88,6 +90,8 @@ class SegTrainConfig:
             raise TrainingError(f"crop_size must be at least 8 px, got {self.crop_size}")
         if not self.lr > 0 or self.weight_decay < 0:
             raise TrainingError(f"lr must be > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
+        if self.synthetic_share is not None and not 0.0 <= self.synthetic_share <= 1.0:
+            raise TrainingError(f"synthetic_share must be between 0 and 1, got {self.synthetic_share}")
         if self.precision not in PRECISIONS:
             raise TrainingError(f"precision {self.precision!r} is not one of {'|'.join(PRECISIONS)}")
 
@@ -116,6 +120,9 @@ class SegTrainResult:
     out_dir: Path | None
     elapsed_s: float  # this call's wall time
     start_step: int = 0  # > 0 when resumed
+    # Share of crops per data group: asked for (default: the pixels) and drawn (all ranks, whole run).
+    requested_shares: dict[str, float] = field(default_factory=dict)
+    realised_shares: dict[str, float] = field(default_factory=dict)
 
     @property
     def last_loss(self) -> float | None:
@@ -130,7 +137,7 @@ def build_sources(data: Any, scheme: ClassScheme, crop_size: int, synthetic: Any
         h, w = store.patch_shape
         if min(h, w) < crop_size:
             raise DatasetError(f"synthetic items are {w}x{h} px, smaller than the {crop_size} px crop; pass a smaller --crop-size", store.path)
-        sources += [Source(it.name, it.image, it.inst_map, it.type_map) for it in store]
+        sources += [Source(it.name, it.image, it.inst_map, it.type_map, SYNTHETIC) for it in store]
     if not sources:
         raise DatasetError("nothing to train on: give a dataset, a synthetic store or both")
     return sources
@@ -278,7 +285,8 @@ def _train(config, model_config, scheme, sources, info: DistInfo, device, out_di
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
-    stream = CropStream(sources, config.crop_size, config.batch_size, seed=config.seed, rank=info.rank)
+    stream = CropStream(sources, config.crop_size, config.batch_size, seed=config.seed, rank=info.rank,
+                        shares={SYNTHETIC: config.synthetic_share})
     history: list[dict[str, float]] = []
     window: dict[str, list[float]] = {}
     step = 0
@@ -290,6 +298,8 @@ def _train(config, model_config, scheme, sources, info: DistInfo, device, out_di
         elapsed_before = float(run.state["elapsed_s"])
         if info.is_main:
             log.info("resumed %s at step %d of %d", out_dir, step, config.steps)
+    if info.is_main:
+        log.info("training data: %s", stream.describe())
     start_step = step
     base_record = {
         "train": config.to_dict(),
@@ -305,7 +315,8 @@ def _train(config, model_config, scheme, sources, info: DistInfo, device, out_di
 
     def window_row() -> dict[str, float]:
         # Means over all ranks: collective under DDP, where every rank calls it at the same steps.
-        return {"step": step, **_pooled_means(window, list(window), info, device), "elapsed_s": elapsed()}
+        return {"step": step, **_pooled_means(window, list(window), info, device), "elapsed_s": elapsed(),
+                **realised_shares(stream, info, device)}
 
     def save() -> None:
         if out_dir is None:
@@ -397,8 +408,12 @@ def _train(config, model_config, scheme, sources, info: DistInfo, device, out_di
                     log.warning("stopped at step %d of %d (%s)", step, config.steps, stop.requested or "another process")
                 break
     shown = history + ([window_row()] if window else [])
+    realised = {k[: -len("_share")]: v for k, v in realised_shares(stream, info, device).items()}
+    if info.is_main and realised:
+        log.info("crops drawn: %s", share_summary(stream.shares, realised))
     model.eval()
-    return SegTrainResult(model, step, interrupted, shown, None if out_dir is None else Path(out_dir), time.perf_counter() - t0, start_step)
+    return SegTrainResult(model, step, interrupted, shown, None if out_dir is None else Path(out_dir), time.perf_counter() - t0,
+                          start_step, dict(stream.shares), realised)
 
 
 def _restore(run: SegRun, config: SegTrainConfig, opt, scaler, stream: CropStream, info: DistInfo) -> int:
@@ -417,7 +432,7 @@ def _restore(run: SegRun, config: SegTrainConfig, opt, scaler, stream: CropStrea
         restore_rng(rngs[info.rank], stream)
     else:
         # Another number of processes: no per-rank stream to continue, so reseed from the step.
-        stream.rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([config.seed, info.rank, 0, step])))
+        stream.reseed(config.seed, info.rank, step)
         if info.is_main:
             log.warning("the run was saved by %d processes and resumes on %d: crop order reseeded", len(rngs), info.world_size)
     return step
