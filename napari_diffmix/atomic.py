@@ -7,8 +7,10 @@ full disk never leaves a half-written file under a name that readers trust.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -47,6 +49,59 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+# Errors of the writer itself, not of reading inputs: only these become an OutputError when
+# they come from the body of an atomic write.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def _write_failure(exc: BaseException, path: Path) -> OutputError | None:
+    """The OutputError a failed write into ``path``'s temporary amounts to, None for other errors.
+
+    torch.save reports a full disk as ``RuntimeError: [enforce fail at inline_container.cc]
+    unexpected pos ...`` and safetensors as ``SafetensorError: ... (os error 28)``: neither is an
+    OSError, so the user saw an internal message instead of the path and the reason.
+    """
+    if isinstance(exc, OutputError):
+        return None
+    if isinstance(exc, OSError):
+        return OutputError(path, exc) if exc.errno in _WRITE_ERRNOS else None
+    text = str(exc)
+    if type(exc).__name__ == "SafetensorError":
+        found = re.search(r"os error (\d+)", text)
+        if found:
+            code = int(found.group(1))
+            return OutputError(path, OSError(code, os.strerror(code)))
+        return None
+    if isinstance(exc, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter" in text):
+        if _free_bytes(path.parent) < _LOW_SPACE:
+            cause = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        else:
+            cause = OSError(errno.EIO, "the write stopped short (a full disk, a quota or a file size limit)")
+        return OutputError(path, cause)
+    return None
+
+
+_LOW_SPACE = 64 * 2**20
+
+
+def _free_bytes(folder: Path) -> int:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return 0
+
+
+@contextlib.contextmanager
+def _written_by_caller(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except Exception as exc:
+        failure = _write_failure(exc, path)
+        if failure is None:
+            raise
+        raise failure from exc
+
+
 @contextlib.contextmanager
 def _output_errors(path: Path) -> Iterator[None]:
     # Creating or replacing the output is where a file in the way, a missing permission or a
@@ -74,7 +129,8 @@ def atomic_path(path: str | os.PathLike, *, suffix: str | None = None) -> Iterat
     os.close(fd)
     tmp = Path(tmp)
     try:
-        yield tmp
+        with _written_by_caller(path):
+            yield tmp
         with _output_errors(path):
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
@@ -97,7 +153,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        yield tmp
+        with _written_by_caller(path):
+            yield tmp
         with _output_errors(path):
             _publish_mode(tmp, 0o777)
             if path.exists():

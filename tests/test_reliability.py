@@ -4,6 +4,7 @@ what is left on disk and the exit code, not only that an error was raised."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -274,3 +275,52 @@ def test_second_ctrl_c_aborts_with_the_store_stopped(data, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         SynthesisJob(dataset, plan, data["model"], out, config).run(pbar=DoubleCtrlC())
     assert zarr.open_group(str(out), mode="r").attrs["status"] == "stopped"
+
+
+# -- item 8: a full disk while saving a model gives the OutputError every other write gives -----
+@contextlib.contextmanager
+def file_size_limit(nbytes: int = 64 * 1024):
+    """Writes past ``nbytes`` fail (EFBIG) as a full disk makes them fail: part-way through."""
+    import resource
+    import signal
+
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, old_limit[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+
+
+def test_torch_and_safetensors_writes_that_fail_part_way_are_output_errors(data, tmp_path, monkeypatch):
+    import napari_diffmix.atomic as atomic
+    from napari_diffmix.atomic import atomic_path
+    from napari_diffmix.errors import OutputError
+    from napari_diffmix.model.checkpoint import load_model, save_model
+    from napari_diffmix.seg.checkpoint import save_seg_model
+    from napari_diffmix.seg.model import HoVerNet, SegConfig
+
+    model, info = load_model(data["model"])
+    state = {"weights": torch.zeros(100_000)}
+    seg = HoVerNet(SegConfig(num_classes=3, width=4, channel_mult=(1, 2), num_blocks=1))
+    cases = {
+        "ckpt.pt": lambda p: _torch_save(atomic_path, state, p),  # how train.py writes its checkpoints
+        "model.safetensors": lambda p: save_model(model, p, scheme=info.scheme),
+        "seg": lambda p: save_seg_model(seg, p, info.scheme, state={"opt": torch.zeros(100_000)}),
+    }
+    for name, write in cases.items():
+        with pytest.raises(OutputError, match=rf"cannot write {tmp_path / name}: ") as caught:
+            with file_size_limit():
+                write(tmp_path / name)
+        assert isinstance(caught.value, OSError) and not (tmp_path / name).exists()
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary left behind"
+    monkeypatch.setattr(atomic, "_free_bytes", lambda folder: 0)  # the disk really is full
+    with pytest.raises(OutputError, match="No space left on device"), file_size_limit():
+        _torch_save(atomic_path, state, tmp_path / "full.pt")
+
+
+def _torch_save(atomic_path, obj, path):
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
