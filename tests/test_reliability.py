@@ -324,3 +324,38 @@ def test_torch_and_safetensors_writes_that_fail_part_way_are_output_errors(data,
 def _torch_save(atomic_path, obj, path):
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+# -- item 9: a malicious checkpoint is refused in one line of our own ----------------------------
+class _Payload:
+    """Unpickling this runs a shell command (what a malicious checkpoint does)."""
+
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.target}",))
+
+
+def test_malicious_checkpoint_refused_in_one_line_without_torch_advice(data, tmp_path, capsys):
+    from napari_diffmix.errors import CheckpointError
+    from napari_diffmix.model.checkpoint import load_tensors_only
+
+    pwned = tmp_path / "pwned"
+    evil = tmp_path / "step-0000100.pt"
+    torch.save({"format": "napari-diffmix-train", "model": {"w": torch.zeros(2)}, "x": _Payload(pwned)}, evil)
+    with pytest.raises(CheckpointError) as caught:
+        load_tensors_only(evil, what="training checkpoint")
+    message = str(caught.value)
+    assert "\n" not in message and "weights_only" not in message and "found posix.system" in message, message
+    assert not pwned.exists()
+    # the official-model path through the CLI: one line on stderr, nothing ran
+    assert main(["synthesize", str(data["dataset"]), "--model", str(evil), "--preset", "tiny",
+                 "--out", str(tmp_path / "s.zarr"), *FAST]) == 2
+    err = _err(capsys)
+    assert "refused: the file contains pickled Python objects" in err and "weights_only" not in err
+    assert not pwned.exists() and not (tmp_path / "s.zarr").exists()
+    evil.write_bytes(evil.read_bytes()[:200])  # truncated: one line too
+    with pytest.raises(CheckpointError, match="cannot read the training checkpoint") as caught:
+        load_tensors_only(evil, what="training checkpoint")
+    assert "\n" not in str(caught.value)

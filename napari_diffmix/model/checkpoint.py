@@ -366,25 +366,45 @@ def _load_native_weights(model: SDMUNet, path: Path) -> None:
         raise CheckpointError(f"{path}: cannot read the model weights: {exc}") from None
 
 
-def _read_official(path: Path) -> dict[str, torch.Tensor]:
+def load_tensors_only(
+    path: str | os.PathLike,
+    *,
+    what: str = "checkpoint",
+    map_location: str | torch.device = "cpu",
+    mmap: bool = False,
+    hint: str = "",
+) -> Any:
+    """``torch.load(path, weights_only=True)`` with every failure as one line of our own.
+
+    A file holding pickled Python objects (code could run on unpickling) is refused naming the
+    global it asks for, never with torch's advice to load it with ``weights_only=False``; a
+    truncated or foreign file gives the first line of torch's reason. ``what`` names the file
+    in the message on unreadable files ("training checkpoint"); ``hint`` is appended to the refusal. ``mmap`` maps a
+    zip-format file instead of reading it (legacy files are read).
+    """
     try:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
         except RuntimeError as exc:
-            if "mmap" not in str(exc):
+            if not mmap or "mmap" not in str(exc):
                 raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) file
+            return torch.load(path, map_location=map_location, weights_only=True)  # legacy (non-zip) file
     except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
-        what = f" (found {found.group(1)})" if found else ""
+        # torch words it "Unsupported global: GLOBAL x.y" or "unsupported GLOBAL x.y whose module ..."
+        found = re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)", str(exc), re.IGNORECASE)
+        named = f" (found {found.group(1)})" if found else ""
         raise CheckpointError(
-            f"{path}: refused: the file contains pickled Python objects{what}, not only tensors. Unpickling "
-            "can run arbitrary code, so only plain state dicts (name -> tensor) are loaded; re-save the "
-            "weights with torch.save(model.state_dict(), path)"
+            f"{path}: refused: the file contains pickled Python objects{named}, not only tensors; unpickling "
+            f"could run code, so only tensors and plain containers are loaded{hint}"
         ) from None
-    except Exception as exc:  # truncated archive, I/O errors
-        raise CheckpointError(f"{path}: cannot read the checkpoint: {type(exc).__name__}: {exc}") from None
-    return _state_dict_from(obj, path)
+    except Exception as exc:  # truncated archive, I/O errors, not a torch file
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path}: cannot read the {what}: {type(exc).__name__}: {reason}") from None
+
+
+def _read_official(path: Path) -> dict[str, torch.Tensor]:
+    hint = "; re-save the weights with torch.save(model.state_dict(), path)"
+    return _state_dict_from(load_tensors_only(path, mmap=True, hint=hint), path)
 
 
 def _is_state_dict(obj: Any) -> bool:
