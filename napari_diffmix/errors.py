@@ -35,6 +35,11 @@ class CheckpointError(DiffMixError, ValueError):
     """A model checkpoint is missing, unsafe or does not match the expected config."""
 
 
+class TrainingError(DiffMixError, RuntimeError):
+    """Training cannot go on: NaN loss, out of memory, ranks out of step, bad settings, or a
+    device that is not there."""
+
+
 class StoreError(DiffMixError, ValueError):
     """An output store exists with another plan, is corrupt, or cannot be written."""
 

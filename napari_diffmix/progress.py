@@ -77,3 +77,16 @@ class StopRequests:
         if self.requested is None and self.should_stop is not None and self.should_stop():
             self.requested = "stop request"
         return self.requested is not None
+
+
+def set_bar_start(bar: Any, step: int) -> None:
+    # A resumed run starts part-way: start the bar there without counting those steps into
+    # its rate (tqdm's ``initial``), else the ETA is nonsense for a while.
+    if step <= 0:
+        return
+    if all(hasattr(bar, a) for a in ("n", "last_print_n", "initial")):
+        bar.n = bar.last_print_n = bar.initial = step
+        with contextlib.suppress(Exception):
+            bar.refresh()
+    else:
+        bar.update(step)

@@ -552,7 +552,7 @@ class SynthesisJob:
     def _setup(self) -> None:
         import torch
 
-        from .train import setup_distributed
+        from .runtime import setup_distributed
 
         if self.config.threads:
             torch.set_num_threads(self.config.threads)

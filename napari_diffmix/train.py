@@ -33,7 +33,6 @@ import json
 import logging
 import math
 import os
-import random
 import re
 import sys
 import time
@@ -47,19 +46,26 @@ from tqdm import tqdm
 
 from .atomic import atomic_path, save_png, write_json
 from .classes import ClassScheme, load_scheme
-from .data.crops import EXTRA, ORIGINAL, CropStream, Source, share_summary
-from .errors import CheckpointError, DatasetError, DiffMixError, LabelError
-from .progress import StopRequests, progress_bar
+from .data.crops import EXTRA, CropStream, Source, drawn_shares, share_summary
+from .errors import CheckpointError, DatasetError, LabelError, TrainingError
+from .progress import StopRequests, progress_bar, set_bar_start
+from .runtime import (
+    PRECISIONS,
+    all_reduce_max,
+    capture_rng,
+    check_ranks_in_sync,
+    pooled_means,
+    resolve_precision,
+    restore_rng,
+    seed_int,
+    setup_distributed,
+)
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_RE = re.compile(r"^step-(\d{7,})\.pt$")
 CHECKPOINT_FORMAT = "napari-diffmix-train/1"
-
-
-class TrainingError(DiffMixError, RuntimeError):
-    """Training cannot go on: NaN loss, out of memory, ranks out of step, bad settings."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -469,117 +475,6 @@ def validation_crops(sources: Sequence[Source], crop_size: int, count: int, seed
     return out
 
 
-# ----------------------------------------------------------------------------------------
-# environment: device, precision, distributed
-
-
-def resolve_device(spec: str | torch.device = "auto", local_rank: int = 0) -> torch.device:
-    """The torch device for a user's choice (CLI option or widget); 'auto' prefers CUDA, then MPS."""
-    spec = str(spec)
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise TrainingError(f"device {spec!r} is not one of auto, cpu, cuda, cuda:N, mps") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise TrainingError(f"device {spec!r} was asked for but PyTorch sees no CUDA GPU (torch.cuda.is_available() is False); use 'auto' or 'cpu'")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise TrainingError(f"device {spec!r} was asked for but the MPS backend is not available; use 'auto' or 'cpu'")
-    return device
-
-
-# Training precisions (cli/_common.PRECISIONS spells them out for the parsers, which import no torch).
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32."""
-    if precision == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    owns_group: bool = False  # we called init_process_group, so we tear it down
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device_spec: str) -> tuple[DistInfo, torch.device]:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1 in the environment).
-
-    NCCL on GPUs, gloo on CPU. Each rank uses GPU ``LOCAL_RANK``.
-    """
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo(), resolve_device(device_spec)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_spec, local_rank)
-    if device.type == "mps":
-        raise TrainingError("multi-process training is not supported on MPS; use one process or CUDA/CPU")
-    owns = False
-    if not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        owns = True
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, owns), device
-
-
-def _all_reduce_max(flags: list[float], info: DistInfo, device: torch.device) -> list[float]:
-    if not info.enabled:
-        return flags
-    import torch.distributed as dist
-
-    t = torch.tensor(flags, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
-
-
-def _pooled_means(acc: Mapping[str, list[float]], keys: Sequence[str], info: DistInfo, device: torch.device) -> dict[str, float]:
-    """Means of the accumulated values over all ranks (sum and count reduced, so ranks that
-    saw no value for a key, e.g. no timestep in a quartile, do not skew the mean)."""
-    sums = [float(np.sum(acc.get(k, []))) for k in keys] + [float(len(acc.get(k, []))) for k in keys]
-    if info.enabled:
-        import torch.distributed as dist
-
-        t = torch.tensor(sums, dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        sums = t.tolist()
-    n = len(keys)
-    return {k: sums[i] / sums[n + i] for i, k in enumerate(keys) if sums[n + i] > 0}
-
-
-def realised_shares(stream: CropStream, info: DistInfo, device: torch.device) -> dict[str, float]:
-    """``{group}_share``: the share of all crops drawn so far from each non-original group, over
-    all ranks (collective under DDP). Every rank draws as many crops, so the mean of the
-    ranks' shares is the pooled share."""
-    shares = {f"{g}_share": [v] for g, v in stream.realised().items() if g != ORIGINAL}
-    return _pooled_means(shares, list(shares), info, device)
-
-
 def weights_digest(model: torch.nn.Module) -> str:
     """SHA-256 of the model's parameters and buffers (exact bytes, in state-dict order)."""
     h = hashlib.sha256()
@@ -587,62 +482,6 @@ def weights_digest(model: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-def _check_ranks_in_sync(model: torch.nn.Module, info: DistInfo, device: torch.device, step: int) -> None:
-    # DDP keeps replicas identical only if every rank does the same updates; a cheap exact
-    # checksum at each checkpoint catches silent divergence before it is saved as "the" model.
-    if not info.enabled:
-        return
-    import torch.distributed as dist
-
-    with torch.no_grad():
-        sums = torch.stack([p.detach().double().sum() for p in model.parameters()]).to(device)
-    gathered = [torch.empty_like(sums) for _ in range(info.world_size)]
-    dist.all_gather(gathered, sums)
-    if any(not torch.equal(gathered[0], g) for g in gathered[1:]):
-        raise TrainingError(f"the {info.world_size} training processes hold different weights at step {step}; stopping")
-
-
-# ----------------------------------------------------------------------------------------
-# RNG state: everything random in a step draws from state saved in the checkpoint
-
-
-def _seed_int(*keys: int) -> int:
-    return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> 1)
-
-
-def capture_rng(stream: CropStream, noise_gen: torch.Generator | None = None) -> dict[str, Any]:
-    """Every RNG state a resumed run needs; ``noise_gen``: the diffusion trainer's noise generator."""
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "torch": torch.get_rng_state(),
-        "stream": json.dumps(stream.state()),
-    }
-    if noise_gen is not None:
-        state["noise"], state["noise_device"] = noise_gen.get_state(), str(noise_gen.device)
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        state["mps"] = torch.mps.get_rng_state()
-    return state
-
-
-def restore_rng(state: Mapping[str, Any], stream: CropStream, noise_gen: torch.Generator | None = None) -> None:
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
-    stream.set_state(json.loads(state["stream"]))
-    if noise_gen is not None:
-        noise_gen.set_state(state["noise"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "mps" in state and getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        torch.mps.set_rng_state(state["mps"])
 
 
 # ----------------------------------------------------------------------------------------
@@ -963,7 +802,7 @@ def _run(config, scheme, sources, val_crops, info, device, out_dir, resume, pbar
     stream = CropStream(sources, config.crop_size, config.batch_size, seed=config.seed, rank=info.rank,
                         augment=config.augment, shares={EXTRA: config.extra_share})
     noise_gen = torch.Generator(device=device)
-    noise_gen.manual_seed(_seed_int(config.seed, info.rank, 1))
+    noise_gen.manual_seed(seed_int(config.seed, info.rank, 1))
 
     step = 0
     ckpt_in = find_resume_checkpoint(resume, out_dir) if resume is not None else None
@@ -1006,7 +845,7 @@ def _run(config, scheme, sources, val_crops, info, device, out_dir, resume, pbar
     stopped = False
 
     with StopRequests(should_stop, "finishing this step and saving a checkpoint (Ctrl-C again aborts without saving)") as stop, progress_bar(pbar if info.is_main else tqdm(disable=True), total, "train", unit="step") as bar:
-        _set_bar_start(bar, step)
+        set_bar_start(bar, step)
         while step < stop_at:
             _, stage = stage_at(config.stages, step)
             for g in opt.param_groups:
@@ -1025,7 +864,7 @@ def _run(config, scheme, sources, val_crops, info, device, out_dir, resume, pbar
                     losses = diffusion.training_losses(net, x0, t, cond, noise=noise)
                 loss = losses["loss"].float().mean()
                 loss_value = float(loss.detach())
-                bad, stop_flag = _all_reduce_max([0.0 if math.isfinite(loss_value) else 1.0, float(stop.poll())], info, device)
+                bad, stop_flag = all_reduce_max([0.0 if math.isfinite(loss_value) else 1.0, float(stop.poll())], info, device)
                 if bad:
                     raise _diverged(f"the loss became {loss_value}", step, stage, last_ckpt)
                 opt.zero_grad(set_to_none=True)
@@ -1070,7 +909,7 @@ def _run(config, scheme, sources, val_crops, info, device, out_dir, resume, pbar
                     log.warning("stopped at step %d (%s); resume with --resume", step, stop.requested or "another process")
                 break
 
-    realised = {k[: -len("_share")]: v for k, v in realised_shares(stream, info, device).items()}
+    realised = drawn_shares(stream, info, device)
     if info.is_main and realised:
         log.info("crops drawn: %s", share_summary(stream.shares, realised))
     model_path = None
@@ -1100,19 +939,6 @@ def _diverged(what: str, step: int, stage: Stage, last_ckpt: Path | None) -> Tra
     )
 
 
-def _set_bar_start(bar: Any, step: int) -> None:
-    # A resumed run starts part-way: start the bar there without counting those steps into
-    # its rate (tqdm's ``initial``), else the ETA is nonsense for a while.
-    if step <= 0:
-        return
-    if all(hasattr(bar, a) for a in ("n", "last_print_n", "initial")):
-        bar.n = bar.last_print_n = bar.initial = step
-        with contextlib.suppress(Exception):
-            bar.refresh()
-    else:
-        bar.update(step)
-
-
 def _accumulate(acc: dict[str, list[float]], losses: Mapping[str, torch.Tensor], t: torch.Tensor, num_timesteps: int, grad_norm: float, scaler) -> None:
     q = (t * 4 // num_timesteps).cpu().numpy()
     for key in ("loss", "mse", "vb"):
@@ -1128,8 +954,8 @@ def _accumulate(acc: dict[str, list[float]], losses: Mapping[str, torch.Tensor],
 def _log_row(acc, info, device, step, config, stage, t_start, t_log, step_log, scaler, stream: CropStream) -> dict[str, float]:
     now = time.perf_counter()
     row = {"step": step, "samples": step * config.batch_size * info.world_size}
-    row.update(_pooled_means(acc, ("loss", "mse", "vb", "mse_q0", "mse_q1", "mse_q2", "mse_q3", "grad_norm"), info, device))
-    row.update(realised_shares(stream, info, device))
+    row.update(pooled_means(acc, ("loss", "mse", "vb", "mse_q0", "mse_q1", "mse_q2", "mse_q3", "grad_norm"), info, device))
+    row.update({f"{g}_share": v for g, v in drawn_shares(stream, info, device).items()})
     row.update(
         lr=stage.lr, cond_dropout=stage.cond_dropout, ema_rate=ema_rate_at(config.ema_rate, step - 1, config.ema_warmup),
         loss_scale=float(scaler.get_scale()) if scaler.is_enabled() else 1.0,
@@ -1139,7 +965,7 @@ def _log_row(acc, info, device, step, config, stage, t_start, t_log, step_log, s
 
 
 def _save_training_state(out_dir, step, config, model_cfg, scheme, model, ema_model, opt, scaler, stream, noise_gen, info, device) -> Path:
-    _check_ranks_in_sync(model, info, device, step)
+    check_ranks_in_sync(model, info, device, step)
     rng = capture_rng(stream, noise_gen)
     if info.enabled:
         import torch.distributed as dist
@@ -1206,7 +1032,7 @@ def _load_training_state(path, config, model_cfg, scheme, model, ema_model, opt,
     else:
         # Another world size: there is no per-rank state to continue; reseed from the step.
         stream.reseed(config.seed, info.rank, int(ckpt["step"]))
-        noise_gen.manual_seed(_seed_int(config.seed, info.rank, 1, ckpt["step"]))
+        noise_gen.manual_seed(seed_int(config.seed, info.rank, 1, ckpt["step"]))
         if info.is_main:
             log.warning("checkpoint from %d processes resumed on %d: data order reseeded", len(rng), info.world_size)
     return int(ckpt["step"])

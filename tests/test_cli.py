@@ -141,9 +141,9 @@ def test_stats_image_check_reads_what_the_header_leaves_open(tmp_path, capsys):
 
 def test_parser_choices_spelled_out_match_the_core():
     # cli/_common spells these out so that building the parser imports no numpy/torch.
-    from napari_diffmix import datasets, train
+    from napari_diffmix import datasets, runtime
     from napari_diffmix.cli._common import LAYOUT_CHOICES, PRECISIONS
     from napari_diffmix.model import samplers
 
     assert set(LAYOUT_CHOICES) == {"auto", *datasets.LAYOUTS}
-    assert PRECISIONS == train.PRECISIONS == samplers.PRECISIONS
+    assert PRECISIONS == runtime.PRECISIONS == samplers.PRECISIONS

@@ -19,7 +19,7 @@ from napari_diffmix.phantom import make_phantom_dataset
 from napari_diffmix.seg.checkpoint import TRAIN_STATE, load_seg_model
 from napari_diffmix.seg.model import SegConfig
 from napari_diffmix.seg.train import SegTrainConfig, train_segmentation
-from napari_diffmix.train import TrainingError
+from napari_diffmix.errors import TrainingError
 
 TINY = dict(batch_size=2, crop_size=32, lr=3e-3, device="cpu", num_threads=1, log_every=2, checkpoint_every=4)
 FAST_CLI = ["--preset", "tiny", "--batch-size", "2", "--crop-size", "32", "--lr", "3e-3", "--device", "cpu", "--threads", "1"]

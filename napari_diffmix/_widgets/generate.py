@@ -337,7 +337,7 @@ class GenerateWidget(JobWidget, QWidget):
         """(Sampler, ModelInfo, reused) for the request's model, device and precision, loading the model once."""
         from ..model.checkpoint import load_model
         from ..model.samplers import Sampler, resolve_precision
-        from ..train import resolve_device
+        from ..runtime import resolve_device
 
         device = resolve_device(req.device)
         stamp = req.model_path.stat().st_mtime_ns if req.model_path.exists() else None

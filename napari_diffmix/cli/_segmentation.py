@@ -240,7 +240,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from ..seg.checkpoint import load_seg_model
     from ..seg.data import open_tiles
     from ..seg.predict import predict_to_folder
-    from ..train import resolve_device
+    from ..runtime import resolve_device
 
     kwargs = _predict_kwargs(args)
     model, info = load_seg_model(args.model, resolve_device(args.device))

@@ -104,7 +104,7 @@ def check_model(path: Path, config, preset: str | None = None):
     returns its :class:`~napari_diffmix.model.checkpoint.ModelInfo` for
     :func:`~napari_diffmix.synthesize.check_model_fits` and the job (the hash takes seconds for a large model)."""
     from ..model.checkpoint import read_info
-    from ..train import resolve_device
+    from ..runtime import resolve_device
 
     info = read_info(path, preset=preset)
     resolve_device(config.device)

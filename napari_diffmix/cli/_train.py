@@ -103,7 +103,8 @@ def _preset_names() -> tuple[str, ...]:
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from ..train import TrainConfig, TrainingError, export_checkpoint, train
+    from ..errors import TrainingError
+    from ..train import TrainConfig, export_checkpoint, train
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
@@ -179,7 +180,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _stages(config, args):
-    from ..train import Stage, TrainingError
+    from ..errors import TrainingError
+    from ..train import Stage
 
     stages = config.stages
     if args.stages:
@@ -213,7 +215,7 @@ def _read_config(path: Path):
 
 
 def _read_json(path: Path, what: str):
-    from ..train import TrainingError
+    from ..errors import TrainingError
 
     try:
         return json.loads(path.read_text(encoding="utf-8"))

@@ -87,6 +87,16 @@ def share_summary(requested: Mapping[str, float], realised: Mapping[str, float])
     return "; ".join(f"{g} {v:.1%} of the crops (asked {requested.get(g, 0.0):.1%})" for g, v in realised.items())
 
 
+def drawn_shares(stream: "CropStream", info: Any, device: Any) -> dict[str, float]:
+    """Share of all crops drawn so far from each group but the originals, over all ranks (a
+    collective under DDP, where ``info`` is the :class:`~napari_diffmix.runtime.DistInfo`).
+    Every rank draws as many crops, so the mean of the ranks' shares is the pooled share."""
+    from ..runtime import pooled_means
+
+    local = {g: [v] for g, v in stream.realised().items() if g != ORIGINAL}
+    return pooled_means(local, list(local), info, device)
+
+
 def dihedral(a: np.ndarray, k: int) -> np.ndarray:
     """The k-th of the 8 flip/rotation symmetries of the leading two axes (k in 0..7)."""
     a = np.rot90(a, k % 4, axes=(0, 1))

@@ -30,26 +30,21 @@ import torch
 from tqdm.auto import tqdm
 
 from ..classes import ClassScheme, load_scheme
-from ..errors import CheckpointError, DatasetError, LabelError
-from ..data.crops import SYNTHETIC, CropStream, Source, share_summary
-from ..progress import StopRequests, progress_bar
-from ..train import (
+from ..data.crops import SYNTHETIC, CropStream, Source, drawn_shares, share_summary
+from ..errors import CheckpointError, DatasetError, LabelError, TrainingError
+from ..progress import StopRequests, progress_bar, set_bar_start
+from ..runtime import (
     PRECISIONS,
     DistInfo,
-    TrainingError,
-    _all_reduce_max,
-    _check_ranks_in_sync,
-    _pooled_means,
-    _set_bar_start,
+    all_reduce_max,
     capture_rng,
-    collect_sources,
-    config_fields,
-    realised_shares,
+    check_ranks_in_sync,
+    pooled_means,
     resolve_precision,
     restore_rng,
     setup_distributed,
-    to_model_space,
 )
+from ..train import collect_sources, config_fields, to_model_space
 from .checkpoint import SegRun, check_output_dir, load_seg_run, save_seg_model
 from .data import SyntheticItems, open_synthetic_store
 from .loss import LossWeights, hovernet_loss
@@ -315,13 +310,13 @@ def _train(config, model_config, scheme, sources, info: DistInfo, device, out_di
 
     def window_row() -> dict[str, float]:
         # Means over all ranks: collective under DDP, where every rank calls it at the same steps.
-        return {"step": step, **_pooled_means(window, list(window), info, device), "elapsed_s": elapsed(),
-                **realised_shares(stream, info, device)}
+        shares = {f"{g}_share": v for g, v in drawn_shares(stream, info, device).items()}
+        return {"step": step, **pooled_means(window, list(window), info, device), "elapsed_s": elapsed(), **shares}
 
     def save() -> None:
         if out_dir is None:
             return
-        _check_ranks_in_sync(model, info, device, step)
+        check_ranks_in_sync(model, info, device, step)
         rng = capture_rng(stream)
         rngs = [rng]
         if info.enabled:
@@ -349,7 +344,7 @@ def _train(config, model_config, scheme, sources, info: DistInfo, device, out_di
             except OSError as exc:
                 error = exc
         # Every rank learns whether rank 0 could save (and none runs ahead of the save).
-        failed, = _all_reduce_max([float(error is not None)], info, device)
+        failed, = all_reduce_max([float(error is not None)], info, device)
         if failed:
             why = f" ({error})" if error is not None else " (see the first process's error)"
             raise TrainingError(f"cannot write the model folder {out_dir} at step {step}{why}; its previous save is intact")
@@ -359,7 +354,7 @@ def _train(config, model_config, scheme, sources, info: DistInfo, device, out_di
     interrupted = False
     stopping = "finishing this step and saving the model (Ctrl-C again aborts without saving)"
     with StopRequests(should_stop, stopping) as stop, progress_bar(pbar if info.is_main else tqdm(disable=True), config.steps, "train-seg", unit="step") as bar:
-        _set_bar_start(bar, step)
+        set_bar_start(bar, step)
         while step < config.steps:
             images, insts, types, _ = stream.next(0.0)
             x, np_t, hv_t, tp_t = make_batch(images, insts, types, scheme.num_classes, device)
@@ -370,7 +365,7 @@ def _train(config, model_config, scheme, sources, info: DistInfo, device, out_di
                 loss_ok = all(math.isfinite(v) for v in values)
                 # Agreed by all ranks before backward: a rank that raised alone would leave the
                 # others waiting forever in DDP's gradient all-reduce.
-                bad, stop_flag = _all_reduce_max([0.0 if loss_ok else 1.0, float(stop.poll())], info, device)
+                bad, stop_flag = all_reduce_max([0.0 if loss_ok else 1.0, float(stop.poll())], info, device)
                 if bad:
                     raise _diverged("the training loss became NaN or infinite", step, info, out_dir, saved_step)
                 opt.zero_grad(set_to_none=True)
@@ -408,7 +403,7 @@ def _train(config, model_config, scheme, sources, info: DistInfo, device, out_di
                     log.warning("stopped at step %d of %d (%s)", step, config.steps, stop.requested or "another process")
                 break
     shown = history + ([window_row()] if window else [])
-    realised = {k[: -len("_share")]: v for k, v in realised_shares(stream, info, device).items()}
+    realised = drawn_shares(stream, info, device)
     if info.is_main and realised:
         log.info("crops drawn: %s", share_summary(stream.shares, realised))
     model.eval()

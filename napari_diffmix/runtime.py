@@ -1,0 +1,173 @@
+"""Where and how the computation runs: the torch device, the training precisions, the process
+group of a ``torchrun`` job and its collectives, and the RNG state a resumed run restores.
+
+Both trainers, synthesis and the CLIs share these, as guided-diffusion's ``dist_util`` and
+diffusers' ``torch_utils`` keep them apart from any model or loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .errors import TrainingError
+
+
+def resolve_device(spec: str | torch.device = "auto", local_rank: int = 0) -> torch.device:
+    """The torch device for a user's choice (CLI option or widget); 'auto' prefers CUDA, then MPS."""
+    spec = str(spec)
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise TrainingError(f"device {spec!r} is not one of auto, cpu, cuda, cuda:N, mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainingError(f"device {spec!r} was asked for but PyTorch sees no CUDA GPU (torch.cuda.is_available() is False); use 'auto' or 'cpu'")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise TrainingError(f"device {spec!r} was asked for but the MPS backend is not available; use 'auto' or 'cpu'")
+    return device
+
+
+# Training precisions (cli/_common.PRECISIONS spells them out for the parsers, which import no torch).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owns_group: bool = False  # we called init_process_group, so we tear it down
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_spec: str) -> tuple[DistInfo, torch.device]:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1 in the environment).
+
+    NCCL on GPUs, gloo on CPU. Each rank uses GPU ``LOCAL_RANK``.
+    """
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo(), resolve_device(device_spec)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_spec, local_rank)
+    if device.type == "mps":
+        raise TrainingError("multi-process training is not supported on MPS; use one process or CUDA/CPU")
+    owns = False
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        owns = True
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, owns), device
+
+
+def all_reduce_max(flags: list[float], info: DistInfo, device: torch.device) -> list[float]:
+    if not info.enabled:
+        return flags
+    import torch.distributed as dist
+
+    t = torch.tensor(flags, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def pooled_means(acc: Mapping[str, list[float]], keys: Sequence[str], info: DistInfo, device: torch.device) -> dict[str, float]:
+    """Means of the accumulated values over all ranks (sum and count reduced, so ranks that
+    saw no value for a key, e.g. no timestep in a quartile, do not skew the mean)."""
+    sums = [float(np.sum(acc.get(k, []))) for k in keys] + [float(len(acc.get(k, []))) for k in keys]
+    if info.enabled:
+        import torch.distributed as dist
+
+        t = torch.tensor(sums, dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        sums = t.tolist()
+    n = len(keys)
+    return {k: sums[i] / sums[n + i] for i, k in enumerate(keys) if sums[n + i] > 0}
+
+
+def check_ranks_in_sync(model: torch.nn.Module, info: DistInfo, device: torch.device, step: int) -> None:
+    # DDP keeps replicas identical only if every rank does the same updates; a cheap exact
+    # checksum at each checkpoint catches silent divergence before it is saved as "the" model.
+    if not info.enabled:
+        return
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        sums = torch.stack([p.detach().double().sum() for p in model.parameters()]).to(device)
+    gathered = [torch.empty_like(sums) for _ in range(info.world_size)]
+    dist.all_gather(gathered, sums)
+    if any(not torch.equal(gathered[0], g) for g in gathered[1:]):
+        raise TrainingError(f"the {info.world_size} training processes hold different weights at step {step}; stopping")
+
+
+# RNG state: everything random in a training step draws from state saved in the checkpoint
+
+
+def seed_int(*keys: int) -> int:
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> 1)
+
+
+def capture_rng(stream: Any, noise_gen: torch.Generator | None = None) -> dict[str, Any]:
+    """Every RNG state a resumed run needs; ``noise_gen``: the diffusion trainer's noise generator."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+        "stream": json.dumps(stream.state()),
+    }
+    if noise_gen is not None:
+        state["noise"], state["noise_device"] = noise_gen.get_state(), str(noise_gen.device)
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        state["mps"] = torch.mps.get_rng_state()
+    return state
+
+
+def restore_rng(state: Mapping[str, Any], stream: Any, noise_gen: torch.Generator | None = None) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    stream.set_state(json.loads(state["stream"]))
+    if noise_gen is not None:
+        noise_gen.set_state(state["noise"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "mps" in state and getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(state["mps"])
