@@ -185,6 +185,7 @@ class ClassScheme:
         where = _where(source)
         if not isinstance(data, Mapping):
             raise SchemeError(where + "a class scheme must be a mapping with 'name' and 'classes'")
+        _refuse_unknown_keys(data, SCHEME_KEYS, where, "a class scheme")
         classes = data.get("classes")
         if not isinstance(classes, list) or not classes:
             raise SchemeError(where + "'classes' must be a non-empty list of {name, color} entries")
@@ -194,6 +195,7 @@ class ClassScheme:
                 entry = {"name": entry}
             if not isinstance(entry, Mapping) or "name" not in entry:
                 raise SchemeError(where + f"class entry {i} needs a 'name'")
+            _refuse_unknown_keys(entry, CLASS_KEYS, where, f"class entry {i}")
             names.append(str(entry["name"]))
             colors.append(str(entry.get("color", OKABE_ITO[(i - 1) % len(OKABE_ITO)])))
         merge_in = data.get("merge") or {}
@@ -226,6 +228,34 @@ class ClassScheme:
 
 def _where(source: str | os.PathLike | None) -> str:
     return f"{os.fspath(source)}: " if source is not None else ""
+
+
+# The keys a scheme (and each class entry) may hold: a misspelt one ("rar", "colour") would
+# otherwise be ignored and its default used without a word.
+SCHEME_KEYS = ("name", "classes", "merge", "rare")
+CLASS_KEYS = ("name", "color")
+
+
+def _refuse_unknown_keys(data: Mapping[str, Any], known: tuple[str, ...], where: str, what: str) -> None:
+    import difflib
+
+    unknown = [str(k) for k in data if k not in known]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        guess = f" (did you mean {close[0]!r}?)" if close else ""
+        raise SchemeError(where + f"unknown key(s) {', '.join(map(repr, unknown))} in {what}{guess}; known keys: {', '.join(known)}")
+
+
+def _parse_error(path: Path, exc: Exception) -> str:
+    """One line naming the file, line and column of a JSON/YAML syntax error (PyYAML prints
+    several lines of context)."""
+    mark = getattr(exc, "problem_mark", None)
+    if mark is not None:  # yaml.MarkedYAMLError; its marks count from 0
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        return f"{path}:{mark.line + 1}:{mark.column + 1}: cannot parse class scheme file: YAML syntax error: {problem}"
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{path}:{exc.lineno}:{exc.colno}: cannot parse class scheme file: JSON syntax error: {exc.msg}"
+    return f"{path}: cannot parse class scheme file: {' '.join(str(exc).split())}"
 
 
 # Facts from the DiffMix paper and the CoNSeP / GLySAC releases (see DESIGN.md §3).
@@ -281,7 +311,7 @@ def load_scheme(spec: "str | os.PathLike | ClassScheme | Mapping[str, Any]") -> 
 
             data = yaml.safe_load(text)
     except Exception as exc:  # json.JSONDecodeError / yaml.YAMLError: report, never a deep traceback
-        raise SchemeError(f"{path}: cannot parse class scheme file: {exc}") from None
+        raise SchemeError(_parse_error(path, exc)) from None
     return ClassScheme.from_dict(data, source=str(path))
 
 

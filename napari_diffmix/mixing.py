@@ -1021,7 +1021,8 @@ def plan_balanced_set(
                         why = "it is in no candidate patch" + ("" if stuck in rare_ids else " and is not a rare class that balancing adds")
                     else:
                         why = f"no unused candidate patch holds more than {100 * best:.1f} % of it"
-                    hint = "allow more variants" if stuck in rare_ids else "make it a rare class"
+                    hint = (f"allow more variants (--max-variants, now {max_variants})" if stuck in rare_ids
+                            else "make it a rare class (--rare)")
                     reason = (
                         f"class {scheme.class_name(stuck)!r} stops at {100 * sh:.1f} % < {target_share:g} % after "
                         f"{len(selector.picks)} patches and {rounds_built} variant(s): {why}; lower the target or {hint}"

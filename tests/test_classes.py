@@ -144,7 +144,7 @@ def test_load_scheme_sources(tmp_path):
         load_scheme(tmp_path / "missing.json")
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    with pytest.raises(SchemeError, match=r"bad\.json: cannot parse"):
+    with pytest.raises(SchemeError, match=r"bad\.json:1:2: cannot parse"):
         load_scheme(bad)
     wrong = tmp_path / "wrong.yaml"
     wrong.write_text("classes: 3\n")

@@ -359,3 +359,43 @@ def test_malicious_checkpoint_refused_in_one_line_without_torch_advice(data, tmp
     with pytest.raises(CheckpointError, match="cannot read the training checkpoint") as caught:
         load_tensors_only(evil, what="training checkpoint")
     assert "\n" not in str(caught.value)
+
+
+# -- item 10: scheme files and missed goals ------------------------------------------------------
+@pytest.mark.parametrize("text, message", [
+    ("name: mine\nclasses: [a, b, c]\nrar: [a]\n", r"unknown key\(s\) 'rar' in a class scheme \(did you mean 'rare'\?\); known keys: name, classes, merge, rare"),
+    ("name: mine\nclasses:\n  - {name: a, colour: red}\n  - b\n", r"unknown key\(s\) 'colour' in class entry 1 \(did you mean 'color'\?\); known keys: name, color"),
+])
+def test_scheme_file_with_unknown_keys_is_refused(tmp_path, text, message, capsys):
+    from napari_diffmix.classes import load_scheme
+    from napari_diffmix.errors import SchemeError
+
+    path = tmp_path / "scheme.yaml"
+    path.write_text(text)
+    with pytest.raises(SchemeError, match=rf"^{path}: {message}$"):
+        load_scheme(path)
+
+
+@pytest.mark.parametrize("name, text, where", [
+    ("s.yaml", "name: mine\nclasses: [a, b\nrare: [a]\n", ":3:5: "),
+    ("s.json", '{"name": "mine",\n "classes": ["a" "b"]}', ":2:18: "),
+])
+def test_scheme_syntax_error_is_one_line_with_file_line_and_column(data, tmp_path, name, text, where, capsys):
+    path = tmp_path / name
+    path.write_text(text)
+    assert main(["stats", str(data["dataset"]), "--scheme", str(path)]) == 2
+    err = _err(capsys)
+    assert f"{path}{where}cannot parse class scheme file" in err, err
+
+
+def test_labels_missing_its_target_share_exits_non_zero_naming_max_variants(data, tmp_path, capsys):
+    out = tmp_path / "labels"
+    args = ["labels", str(data["dataset"]), "--target-share", "33", "--max-variants", "1", "--patch-size", "32",
+            "--stride", "32"]
+    assert main(args + ["--dry-run"]) == 1
+    assert main(args + ["--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert "goal NOT reached" in captured.out and "--max-variants, now 1" in captured.out
+    assert "--target-share 33 NOT reached" in captured.err and len(open_dataset(out)) > 0  # written all the same
+    assert main(["labels", str(data["dataset"]), "--target-share", "5", "--patch-size", "32", "--stride", "32",
+                 "--dry-run"]) == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from ._common import add_dataset_arguments, add_plan_arguments, plan_kwargs
@@ -64,8 +65,9 @@ def run(args: argparse.Namespace) -> int:
     rare_names = ", ".join(scheme.class_name(k) for k in plan.rare)
     print(f"{where}: {len(dataset)} tile(s), scheme {scheme.name}, rare: {rare_names}; plan seed {plan.seed}")
     print(plan.table())
+    missed = args.target_share is not None and not plan.reached  # a stated goal: scripts must see it missed
     if args.dry_run:
-        return 0
+        return 1 if missed else 0
 
     records: list[dict] = []
     synthetic = np.zeros_like(plan.original_counts)
@@ -91,4 +93,7 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(plan.table(synthetic))
     print(f"wrote {len(records)} label-map patches to {os.fspath(out)} (generic layout; provenance.json, plan.json)")
+    if missed:
+        print(f"diffmix labels: --target-share {args.target_share:g} NOT reached: {plan.reason}", file=sys.stderr)
+        return 1
     return 0
