@@ -17,6 +17,7 @@ from napari_diffmix.model.samplers import (
     StepRecord,
     blend_weights,
     condition_key,
+    edit_windows,
     from_uint8,
     log_snr_timesteps,
     ode_agreement,
@@ -369,10 +370,113 @@ def test_tiled_rendering(model):
     runner = Sampler(model)
     records = list(runner.sample(cond, steps=4, seed=0, tile_size=16, tile_overlap=4, guidance=2.0))
     assert len(records) == 4 and records[-1].x_t.shape == (1, 3, 28, 28) and torch.isfinite(records[-1].x_t).all()
-    assert len(runner._spade) == len(tile_windows(28, 28, 16, 4))  # one SPADE cache per window
+    # The windows go through the network as one batch: one SPADE cache entry holding all of them.
+    assert list(runner._spade) == [tuple(tile_windows(28, 28, 16, 4))]
+    # One window per call renders the same image.
+    single = Sampler(model, tile_batch=1)
+    one_by_one = _final(single.sample(cond, steps=4, seed=0, tile_size=16, tile_overlap=4, guidance=2.0))
+    # (batched convolutions round differently: far below one grey level, 1/127.5)
+    torch.testing.assert_close(one_by_one.x_t, records[-1].x_t, atol=5e-4, rtol=0)
+    assert len(single._spade) == len(tile_windows(28, 28, 16, 4))
     # A tile as large as the canvas is the untiled run.
     whole = _final(Sampler(model).sample(COND, steps=4, seed=0, tile_size=SIZE)).x_t
     torch.testing.assert_close(whole, _final(Sampler(model).sample(COND, steps=4, seed=0)).x_t, atol=0, rtol=0)
+
+
+def test_edit_windows_cover_the_mask_with_context():
+    mask = np.zeros((64, 64), bool)
+    mask[10:14, 20:26] = True
+    [(y, x, h, w)] = edit_windows(mask, context=4, multiple=8)
+    # The edit with 4 px around it, sides rounded up to the multiple, inside the canvas.
+    assert y <= 6 and x <= 16 and y + h >= 18 and x + w >= 30 and h % 8 == 0 and w % 8 == 0
+    assert y >= 0 and x >= 0 and y + h <= 64 and x + w <= 64 and h * w < 64 * 64 // 8
+    # Two edits far apart: a window each; close together: one window.
+    mask[50:54, 50:54] = True
+    assert len(edit_windows(mask, context=4, multiple=8)) == 2
+    assert len(edit_windows(mask, context=20, multiple=8)) == 1
+    # An edit at the border: the window is shifted inside the canvas, not cut.
+    corner = np.zeros((64, 64), bool)
+    corner[:2, 60:] = True
+    assert edit_windows(corner, context=4, multiple=8) == [(0, 56, 8, 8)]
+    # Windows as large as the canvas: the canvas; no edit: no window; a batch: the union.
+    assert edit_windows(np.ones((64, 64), bool), 4, 8) == [(0, 0, 64, 64)]
+    assert edit_windows(np.zeros((64, 64), bool), 4, 8) == []
+    assert len(edit_windows(np.stack([mask, corner]), 4, 8)) == 3
+
+
+class ShapeLog(torch.nn.Module):
+    """The Oracle, logging the (h, w) of every image it is asked about and every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.oracle, self.shapes = Oracle(), []
+        self.config = type("Config", (), {"image_size": 16, "size_multiple": 4, "cond_channels": 5})()
+
+    def forward(self, x, t, cond):
+        self.shapes.append(tuple(x.shape))
+        return self.oracle(x, t, cond)
+
+
+def test_local_edit_computes_only_the_windows_around_the_edit(model):
+    size = 48
+    cond = _conditions(1, size=size, seed=5)[0]
+    image = np.random.default_rng(2).integers(0, 256, (1, size, size, 3), dtype=np.uint8)
+    mask = np.zeros((size, size), bool)
+    mask[6:12, 30:36] = True  # one small edit
+    net = ShapeLog()
+    kwargs = dict(sampler="dpm++2m", steps=5, seed=0, init_image=image, mask=mask, cfg="separate", guidance=1.0)
+    local = _final(sample(net, cond, edit_context=4, **kwargs))
+    # Every network call saw the edit's window (6 + 2 * 4 px, rounded up to 4: 16 x 16), never the canvas.
+    assert set(net.shapes) == {(1, 3, 16, 16)} and len(net.shapes) == 5
+    net.shapes.clear()
+    whole = _final(sample(net, cond, edit_context=None, **kwargs))
+    assert set(net.shapes) == {(1, 3, size, size)}
+    # A per-pixel exact model gives the same image either way; outside the mask the init image, exactly.
+    torch.testing.assert_close(local.x_t, whole.x_t, atol=1e-5, rtol=0)
+    out = local.images()[0]
+    assert np.array_equal(out[~mask], image[0][~mask])
+    assert np.abs(out[mask].astype(int) - image[0][mask]).mean() > 5
+
+    # The tiny SDM UNet: same guarantees with batched CFG and two edits far apart (two windows).
+    mask[38:42, 4:8] = True
+    runner = Sampler(model)
+    encoded = []
+    encode = runner._encode
+    runner._encode = lambda x, t: encoded.append(tuple(x.shape[-2:])) or encode(x, t)
+    last = _final(runner.sample(cond, sampler="dpm++2m", steps=3, seed=0, init_image=image, mask=mask, guidance=2.0,
+                                edit_context=2))
+    assert sorted(set(encoded)) == [(8, 8), (10, 10)] and len(encoded) == 2 * 3
+    out = last.images()[0]
+    assert np.array_equal(out[~mask], image[0][~mask]) and np.abs(out[mask].astype(int) - image[0][mask]).mean() > 5
+
+
+def test_should_stop_acts_between_windows_and_between_cfg_halves(model):
+    cond = _conditions(1, size=28, seed=3)[0]
+    calls = []
+
+    def stop_after(n):
+        def should_stop():
+            return len(calls) >= n
+        return should_stop
+
+    runner = Sampler(model, tile_batch=1, cfg_decoder="split")
+    decode = runner._decode
+    runner._decode = lambda *a, **k: calls.append(1) or decode(*a, **k)
+    windows = len(tile_windows(28, 28, 16, 4))
+    # Stop requested after the first decoder pass: the second CFG half of the first window never runs.
+    records = list(runner.sample(cond, steps=4, seed=0, tile_size=16, tile_overlap=4, guidance=2.0,
+                                 should_stop=stop_after(1)))
+    assert records == [] and len(calls) == 1
+    # Stop after two windows (two decoder passes each) of the first step: no third window.
+    calls.clear()
+    records = list(runner.sample(cond, steps=4, seed=0, tile_size=16, tile_overlap=4, guidance=2.0,
+                                 should_stop=lambda: len(calls) >= 4 and len(calls) % 2 == 0))
+    assert records == [] and len(calls) == 4 < 2 * windows
+    # Never asked to stop: every step, two halves per window.
+    calls.clear()
+    records = list(runner.sample(cond, steps=2, seed=0, tile_size=16, tile_overlap=4, guidance=2.0,
+                                 should_stop=lambda: False))
+    assert len(records) == 2 and len(calls) == 2 * 2 * windows
 
 
 # ---- helpers and errors ---------------------------------------------------------------------------
