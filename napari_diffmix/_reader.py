@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ._widgets._layers import class_layer_data, image_layer_data, nuclei_layer_data
+from ._layers import class_layer_data, image_layer_data, nuclei_layer_data
 from .classes import CONSEP, GLYSAC, OKABE_ITO, ClassScheme, load_scheme
 from .errors import DatasetError, SchemeError
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._widgets._layers import image_layer_data, nuclei_layer_data
+from ._layers import image_layer_data, nuclei_layer_data
 
 BLANK_SIZE = 256
 

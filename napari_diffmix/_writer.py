@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ._widgets._layers import KEY, types_from_features
+from ._layers import KEY, types_from_features
 from .atomic import atomic_path
 from .errors import LabelError
 from .nuclei import type_map_from

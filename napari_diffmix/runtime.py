@@ -2,7 +2,9 @@
 group of a ``torchrun`` job and its collectives, and the RNG state a resumed run restores.
 
 Both trainers, synthesis and the CLIs share these, as guided-diffusion's ``dist_util`` and
-diffusers' ``torch_utils`` keep them apart from any model or loop.
+diffusers' ``torch_utils`` keep them apart from any model or loop. The widgets and the CLI
+parsers read its tables (``PRECISIONS``), so torch is imported by the functions that use it:
+opening a dock or building the parser does not pay torch's import.
 """
 
 from __future__ import annotations
@@ -13,14 +15,20 @@ import random
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from .errors import TrainingError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def resolve_device(spec: str | torch.device = "auto", local_rank: int = 0) -> torch.device:
     """The torch device for a user's choice (CLI option or widget); 'auto' prefers CUDA, then MPS."""
+    import torch
+
     spec = str(spec)
     if spec == "auto":
         if torch.cuda.is_available():
@@ -42,12 +50,14 @@ def resolve_device(spec: str | torch.device = "auto", local_rank: int = 0) -> to
     return device
 
 
-# Training precisions (cli/_common.PRECISIONS spells them out for the parsers, which import no torch).
+# The precisions a user picks from (cli/_common spells them out: the parsers import no numpy).
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for plain fp32."""
+    import torch
+
     if precision == "auto":
         if device.type != "cuda":
             return None
@@ -76,6 +86,8 @@ def setup_distributed(device_spec: str) -> tuple[DistInfo, torch.device]:
 
     NCCL on GPUs, gloo on CPU. Each rank uses GPU ``LOCAL_RANK``.
     """
+    import torch
+
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -95,6 +107,8 @@ def setup_distributed(device_spec: str) -> tuple[DistInfo, torch.device]:
 
 
 def all_reduce_max(flags: list[float], info: DistInfo, device: torch.device) -> list[float]:
+    import torch
+
     if not info.enabled:
         return flags
     import torch.distributed as dist
@@ -107,6 +121,8 @@ def all_reduce_max(flags: list[float], info: DistInfo, device: torch.device) -> 
 def pooled_means(acc: Mapping[str, list[float]], keys: Sequence[str], info: DistInfo, device: torch.device) -> dict[str, float]:
     """Means of the accumulated values over all ranks (sum and count reduced, so ranks that
     saw no value for a key, e.g. no timestep in a quartile, do not skew the mean)."""
+    import torch
+
     sums = [float(np.sum(acc.get(k, []))) for k in keys] + [float(len(acc.get(k, []))) for k in keys]
     if info.enabled:
         import torch.distributed as dist
@@ -119,6 +135,8 @@ def pooled_means(acc: Mapping[str, list[float]], keys: Sequence[str], info: Dist
 
 
 def check_ranks_in_sync(model: torch.nn.Module, info: DistInfo, device: torch.device, step: int) -> None:
+    import torch
+
     # DDP keeps replicas identical only if every rank does the same updates; a cheap exact
     # checksum at each checkpoint catches silent divergence before it is saved as "the" model.
     if not info.enabled:
@@ -142,6 +160,8 @@ def seed_int(*keys: int) -> int:
 
 def capture_rng(stream: Any, noise_gen: torch.Generator | None = None) -> dict[str, Any]:
     """Every RNG state a resumed run needs; ``noise_gen``: the diffusion trainer's noise generator."""
+    import torch
+
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
@@ -159,6 +179,8 @@ def capture_rng(stream: Any, noise_gen: torch.Generator | None = None) -> dict[s
 
 
 def restore_rng(state: Mapping[str, Any], stream: Any, noise_gen: torch.Generator | None = None) -> None:
+    import torch
+
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     name, keys, *rest = state["numpy"]

@@ -3,7 +3,7 @@
 A compact loop in the spirit of guided-diffusion's ``TrainLoop``: random crops with the 8
 flip/rotation symmetries, hybrid loss, AdamW, EMA, condition dropout for classifier-free
 guidance, mixed precision, gradient clipping, checkpoints that resume bit-for-bit, and
-``torchrun`` data parallelism. ``python -m napari_diffmix.train ...`` is ``diffmix train ...``.
+``torchrun`` data parallelism (``torchrun ... -m napari_diffmix train ...``).
 
 Training runs in *stages* (``Stage(steps, lr, cond_dropout)``): the published recipe is a
 plain stage at lr 1e-4 followed by a classifier-free fine-tune at lr 2e-5 that zeroes the
@@ -34,7 +34,6 @@ import logging
 import math
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1051,8 +1050,3 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike) -> 
     model.load_state_dict(ckpt["ema"])
     return export_model(model, out, ClassScheme.from_dict(json.loads(ckpt["scheme"])), config, step=int(ckpt["step"]))
 
-
-if __name__ == "__main__":
-    from .cli import main
-
-    sys.exit(main(["train", *sys.argv[1:]]))

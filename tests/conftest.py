@@ -74,7 +74,7 @@ def disk_map():
 @pytest.fixture
 def editor(make_napari_viewer, disk_map):
     """(viewer, nuclei editor widget) editing the disk map (scheme demo)."""
-    from napari_diffmix._widgets._layers import nuclei_layer_data
+    from napari_diffmix._layers import nuclei_layer_data
     from napari_diffmix._widgets.editor import NucleiEditorWidget
     from napari_diffmix.classes import DEMO
 

@@ -18,7 +18,7 @@ def _by_name(layers):
 
 
 def test_writer_and_reader_round_trip_a_nuclei_layer(tmp_path, disk_map):
-    from napari_diffmix._widgets._layers import nuclei_layer_data
+    from napari_diffmix._layers import nuclei_layer_data
 
     inst_map, inst_types = disk_map
     data, kwargs, _ = nuclei_layer_data(inst_map, inst_types, DEMO, "disks")
@@ -160,7 +160,7 @@ def test_mat_reader_falls_back_to_glysac_ids_and_opens_labels_without_image(tmp_
 
 def test_sample_data_layers_are_consistent():
     from napari_diffmix._sample_data import blank_canvas, demo_tile
-    from napari_diffmix._widgets._layers import types_from_features
+    from napari_diffmix._layers import types_from_features
 
     (image, image_kwargs, _), (inst_map, kwargs, kind) = demo_tile()
     assert kind == "labels" and image.shape[:2] == inst_map.shape

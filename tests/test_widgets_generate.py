@@ -13,7 +13,7 @@ CROP = (slice(200, 264), slice(160, 224))  # a 64 x 64 window of the demo tile
 @pytest.fixture
 def generate(make_napari_viewer, tiny_model):
     """(viewer, widget) with a 64 px crop of the demo tile (image + nuclei) and the tiny model chosen."""
-    from napari_diffmix._widgets._layers import image_layer_data, nuclei_layer_data
+    from napari_diffmix._layers import image_layer_data, nuclei_layer_data
     from napari_diffmix._widgets.generate import GenerateWidget
     from napari_diffmix.classes import DEMO
     from napari_diffmix.demo_data import load_demo_tile
@@ -188,7 +188,7 @@ def test_errors_reach_the_user_as_notifications(generate, errors, monkeypatch, t
     import torch
 
     from napari_diffmix._widgets import _model_picker
-    from napari_diffmix._widgets._layers import nuclei_layer_data
+    from napari_diffmix._layers import nuclei_layer_data
     from napari_diffmix._widgets._workers import NOTHREADS_ENV
     from napari_diffmix.classes import CONSEP
     from napari_diffmix.model import samplers

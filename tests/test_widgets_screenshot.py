@@ -21,7 +21,7 @@ DOCS_CROP = (slice(128, 384), slice(128, 384))
 def test_render_of_the_demo_labels_looks_like_tissue(make_napari_viewer, tmp_path):
     import imageio.v3 as iio
 
-    from napari_diffmix._widgets._layers import image_layer_data, nuclei_layer_data
+    from napari_diffmix._layers import image_layer_data, nuclei_layer_data
     from napari_diffmix._widgets.editor import NucleiEditorWidget
     from napari_diffmix._widgets.generate import GenerateWidget
     from napari_diffmix.classes import DEMO

@@ -29,7 +29,7 @@ import numpy as np
 from .. import nuclei
 from ..classes import ClassScheme
 from ..errors import LabelError, SchemeError
-from ._layers import (
+from .._layers import (
     HIGHLIGHT_RGBA,
     KEY,
     class_layer_data,

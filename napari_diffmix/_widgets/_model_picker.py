@@ -9,8 +9,8 @@ from typing import Any
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QPushButton, QWidget
 
-from ..cli._common import PRECISIONS
 from ..errors import CheckpointError
+from ..runtime import PRECISIONS
 
 BUNDLED = "bundled demo model"
 DEVICES = {"auto": "auto", "CPU": "cpu", "CUDA": "cuda", "MPS": "mps"}

@@ -32,7 +32,7 @@ from .. import nuclei
 from ..classes import BUILTIN_SCHEMES, ClassScheme, load_scheme
 from ..errors import DiffMixError, LabelError, SchemeError
 from ._canvas import NucleiCanvas, shortcut
-from ._layers import nuclei_layer_data, role_of, scheme_of
+from .._layers import nuclei_layer_data, role_of, scheme_of
 from ._notify import notify_error, user_errors
 from ._workers import run_in_thread
 

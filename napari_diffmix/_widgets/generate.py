@@ -41,7 +41,7 @@ from qtpy.QtWidgets import (
 from ..classes import ClassScheme
 from ..errors import LabelError, SchemeError
 from ..nuclei import changed_mask, type_map_from
-from ._layers import KEY, info_of, role_of, scheme_of, types_from_features
+from .._layers import KEY, info_of, role_of, scheme_of, types_from_features
 from ._model_picker import BUNDLED, ModelPicker
 from ._notify import user_errors
 from ._sampling import sampler_controls, seed_spin, strength_spin

@@ -30,7 +30,7 @@ EPILOG = """examples:
   diffmix train /data/CoNSeP/Train --scheme consep --extra-labels labels-consep --out runs/consep-mix
   diffmix train --resume --out runs/consep                     # continue after Ctrl-C / a crash
   diffmix train /data/CoNSeP/Train --scheme consep --preset diffmix-consep --init consep.pt --stages 4100:2e-5:0.2
-  torchrun --nproc_per_node=4 -m napari_diffmix.train /data/CoNSeP/Train --scheme consep --preset diffmix-consep
+  torchrun --nproc_per_node=4 -m napari_diffmix train /data/CoNSeP/Train --scheme consep --preset diffmix-consep
   diffmix train --export-only --resume --out runs/demo --export demo-model
 """
 
