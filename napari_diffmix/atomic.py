@@ -183,11 +183,6 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=json_default) + "\n")
 
 
-def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
-    with atomic_path(path, suffix=".npy") as tmp:
-        np.save(tmp, array)
-
-
 def json_default(obj: Any) -> Any:
     """``json.dumps(default=...)`` for numpy scalars and arrays and paths (the values our records hold)."""
     if isinstance(obj, np.generic):

@@ -74,7 +74,7 @@ from .export import (
 from .mixing import MixCache, Plan, make_item
 from .model.checkpoint import ModelInfo
 from .model.samplers import DIFFMIX_SETTINGS, FAST_SETTINGS, TIMESTEP_SPACING
-from .outputs import check_replace, output_kind, refuse_overlap
+from .outputs import WriterLock, check_replace, output_kind, refuse_overlap
 from .progress import StopRequests, progress_bar
 
 log = logging.getLogger(__name__)
@@ -614,9 +614,12 @@ class SynthesisJob:
 
         threads = torch.get_num_threads()
         self.dist_info = None
+        self._lock = None
         try:
             yield from self._events(should_stop)
         finally:
+            if self._lock is not None:
+                self._lock.release()
             # A GUI process keeps running after the job: give back its thread setting and process group.
             torch.set_num_threads(threads)
             if self.dist_info is not None and self.dist_info.owns_group and _dist() is not None:
@@ -634,6 +637,9 @@ class SynthesisJob:
         message, error = "", None
         if info.is_main:
             try:
+                # Held until the job ends: a second writer (another run, or --overwrite with other
+                # settings) would otherwise mix its items into this store.
+                self._lock = WriterLock(self.out).acquire()
                 message = self._open_or_create()
             except DiffMixError as exc:
                 error = exc
@@ -777,21 +783,3 @@ class SynthesisJob:
 def info_diffusion(info: Any) -> dict[str, Any] | None:
     """The diffusion settings stored with a model (None: the published defaults)."""
     return dict(info.diffusion) if info is not None and info.diffusion else None
-
-
-def synthesize(
-    dataset: Dataset,
-    plan: Plan,
-    model: str | os.PathLike | tuple[Any, Any],
-    out: str | os.PathLike,
-    config: SynthesisConfig | None = None,
-    *,
-    overwrite: bool = False,
-    resume: bool = False,
-    preset: str | None = None,
-    pbar: Any | None = None,
-    should_stop: Callable[[], bool] | None = None,
-) -> SynthesisResult:
-    """One call: ``SynthesisJob(dataset, plan, model, out, config, ...).run(pbar, should_stop)``."""
-    job = SynthesisJob(dataset, plan, model, out, config, overwrite=overwrite, resume=resume, preset=preset)
-    return job.run(pbar=pbar, should_stop=should_stop)
