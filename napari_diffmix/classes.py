@@ -285,11 +285,38 @@ DEMO = ClassScheme(
     rare=(1,),
 )
 
-BUILTIN_SCHEMES: dict[str, ClassScheme] = {s.name: s for s in (CONSEP, GLYSAC, DEMO)}
+# Lizard (Graham et al. 2021) and the CoNIC challenge patches cut from it share these six classes,
+# raw ids 1..6 in this order (Lizard's ``class`` key, CoNIC's class channel); no merging.
+LIZARD = ClassScheme(
+    name="lizard",
+    names=("neutrophil", "epithelial", "lymphocyte", "plasma", "eosinophil", "connective"),
+    colors=(OKABE_ITO[0], OKABE_ITO[2], OKABE_ITO[1], OKABE_ITO[6], OKABE_ITO[3], OKABE_ITO[5]),
+    rare=(1, 5),
+)
+
+BUILTIN_SCHEMES: dict[str, ClassScheme] = {s.name: s for s in (CONSEP, GLYSAC, DEMO, LIZARD)}
+
+# Words in a folder path that name a built-in scheme. Lizard and CoNIC come first: Lizard's tiles
+# are named after their source sets (consep_1, glas_3, ...), and CoNIC patches use Lizard's classes.
+_PATH_WORDS = (("lizard", LIZARD), ("conic", LIZARD), ("glysac", GLYSAC), ("consep", CONSEP))
+
+
+def scheme_named_by_path(path: str | os.PathLike) -> ClassScheme | None:
+    """The built-in scheme that a folder on ``path`` names (``.../CoNSeP/Test``, ``Lizard_Labels``), else None.
+
+    Dataset releases keep their name in their folders; the napari reader and ``diffmix evaluate``
+    use this when no scheme is given. A file's own name is not looked at.
+    """
+    p = Path(path).resolve()
+    folders = p.parts if p.is_dir() else p.parent.parts
+    for word, scheme in _PATH_WORDS:
+        if any(word in part.lower() for part in folders):
+            return scheme
+    return None
 
 
 def load_scheme(spec: "str | os.PathLike | ClassScheme | Mapping[str, Any]") -> ClassScheme:
-    """A scheme from a built-in name (``consep``, ``glysac``, ``demo``), a JSON/YAML file or a dict."""
+    """A scheme from a built-in name (``consep``, ``glysac``, ``demo``, ``lizard``), a JSON/YAML file or a dict."""
     if isinstance(spec, ClassScheme):
         return spec
     if isinstance(spec, Mapping):

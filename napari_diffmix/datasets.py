@@ -36,6 +36,8 @@ The path ``"demo"`` opens the bundled demo tile.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -49,7 +51,10 @@ from .errors import DatasetError, LabelError, SchemeError
 from .nuclei import check_consistency, inst_types_from_maps, remap_ids, type_map_from
 from .progress import progress_bar
 
-LAYOUTS = ("consep", "generic", "pannuke")
+log = logging.getLogger(__name__)
+_NOTED: set[Any] = set()
+
+LAYOUTS = ("consep", "generic", "pannuke", "hovernet", "lizard", "conic", "geojson")
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 LABEL_SUFFIXES = (".npy", ".tif", ".tiff", ".png")
 # CoNSeP's type_map and inst_type agree pixel for pixel; allow a sliver of disagreement
@@ -375,11 +380,98 @@ def _loadmat(path: Path) -> dict[str, Any]:
         raise DatasetError(f"cannot read .mat file: {exc}", path) from None
 
 
-def read_consep_labels(mat_path: str | os.PathLike, scheme: Any) -> tuple[np.ndarray, np.ndarray]:
-    """``(inst_map int32, type_map uint8)`` of a CoNSeP/GLySAC ``.mat``, raw types merged by ``scheme`` (exactly once).
+def _note_once(key: Any, message: str) -> None:
+    """Log ``message`` at info level the first time ``key`` is seen (once per folder, not per tile)."""
+    if key not in _NOTED:
+        _NOTED.add(key)
+        log.info(message)
 
-    ``inst_type`` decides each nucleus's class; a ``type_map`` in the file is cross-checked
-    against it (or, without ``inst_type``, gives each nucleus its majority class).
+
+def _id_column(mat: dict[str, Any], key: str, path: Path) -> np.ndarray:
+    """A per-nucleus ``.mat`` entry, (N, 1) or (N,) as MATLAB saves it, as int64 (N,)."""
+    a = np.asarray(mat[key])
+    if a.ndim > 2 or (a.ndim == 2 and 1 not in a.shape and a.size):
+        raise DatasetError(f"{key} must be an (N, 1) column, one value per nucleus, got shape {a.shape}", path)
+    a = a.reshape(-1)
+    if a.size and (not np.issubdtype(a.dtype, np.number) or not np.all(np.mod(a, 1) == 0)):
+        raise DatasetError(f"{key} holds non-integer values", path)
+    return a.astype(np.int64)
+
+
+def _present_ids(inst_map: np.ndarray) -> np.ndarray:
+    ids = np.unique(inst_map)
+    return ids[ids > 0]
+
+
+def _listed_labels(mat: dict[str, Any], inst_map: np.ndarray, scheme: ClassScheme, path: Path, keys: list[str]) -> np.ndarray:
+    """Class per pixel for files that list their nuclei's ids next to their classes.
+
+    HoVer-Net's ``run_infer`` output (``inst_uid`` + ``inst_type``): classes are the model's own
+    (already merged, e.g. 1..4 for the CoNSeP model) and used as they are; ids it leaves out
+    (instances whose contour had < 3 points) and type 0 stay as unclassed detections (class 0).
+    No ``inst_type`` means an instance-only model: every nucleus is unclassed.
+    Lizard (``id`` + ``class``): raw Lizard classes, merged by ``scheme``; every nucleus needs one.
+    """
+    hovernet = "inst_uid" in mat
+    id_key, type_key = ("inst_uid", "inst_type") if hovernet else ("id", "class")
+    uid = _id_column(mat, id_key, path)
+    if type_key in mat:
+        raw = _id_column(mat, type_key, path)
+    elif hovernet:
+        raw = np.zeros_like(uid)
+    else:
+        raise DatasetError(f"missing key 'class' (Lizard lists each nucleus's class beside 'id'; keys in file: {keys})", path)
+    if raw.size != uid.size:
+        raise DatasetError(f"{id_key} lists {uid.size} nuclei but {type_key} {raw.size}; expected one {type_key} per id", path)
+    if np.unique(uid).size != uid.size or (uid.size and uid.min() <= 0):
+        raise DatasetError(f"{id_key} must list distinct nucleus ids >= 1", path)
+    if hovernet:
+        if raw.size and (raw.min() < 0 or raw.max() > scheme.num_classes):
+            raise SchemeError(
+                f"{path}: inst_type holds class ids {sorted(set(raw.tolist()) - set(range(scheme.num_classes + 1)))[:10]} "
+                f"outside 0..{scheme.num_classes} of scheme {scheme.name!r}; pass the scheme the model was trained with"
+            )
+        classes = raw
+    else:
+        classes = scheme.merge_raw(raw, source=path).astype(np.int64)
+    present = _present_ids(inst_map)
+    top = int(max(uid.max(initial=0), present.max(initial=0)))
+    lut = np.full(top + 1, -1, np.int64)
+    lut[0] = 0
+    lut[uid] = classes
+    unlisted = present[lut[present] < 0]
+    if unlisted.size and not hovernet:
+        raise DatasetError(f"inst_map has {unlisted.size} nuclei whose id 'id' does not list (ids {unlisted[:10].tolist()})", path)
+    unclassed = present[lut[present] == 0]
+    if unclassed.size and not hovernet:
+        raise DatasetError(f"'class' gives {unclassed.size} nuclei class 0 (background): ids {unclassed[:10].tolist()}", path)
+    lut[lut < 0] = 0
+    return lut[inst_map]
+
+
+def _centroids_agree(inst_map: np.ndarray, listed_xy: np.ndarray, tol: float = 2.0) -> bool:
+    """Whether the nuclei of ``inst_map`` (in id order) sit at ``listed_xy`` ((N, 2), x then y)."""
+    from .nuclei import nuclei_props
+
+    props = nuclei_props(inst_map)
+    xy = np.asarray(listed_xy, np.float64).reshape(-1, 2)
+    if xy.shape[0] != len(props):
+        return False
+    return bool(np.all(np.hypot(props.centroids[:, 1] - xy[:, 0], props.centroids[:, 0] - xy[:, 1]) <= tol))
+
+
+def read_consep_labels(mat_path: str | os.PathLike, scheme: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``(inst_map int32, type_map uint8)`` of a labelled ``.mat``, raw types merged by ``scheme`` (exactly once).
+
+    CoNSeP/GLySAC convention (``inst_map``, ``type_map``, ``inst_type`` (N, 1), ``inst_centroid``):
+    ``inst_type`` decides each nucleus's class; a ``type_map`` is cross-checked against it (or,
+    without ``inst_type``, gives each nucleus its majority class). An all-zero ``type_map``
+    (predictions saved without one) is ignored. Ids need not run 1..N: when ``inst_map`` holds
+    exactly as many distinct ids as ``inst_type`` lists, ``inst_type`` is read in the order of the
+    sorted ids and the ids are renumbered 1..N, provided ``type_map`` or ``inst_centroid`` confirms
+    that order; anything else is refused as ambiguous.
+
+    Files that list their ids (HoVer-Net output ``inst_uid``, Lizard ``id``): see :func:`_listed_labels`.
     """
     mat_path = Path(mat_path)
     scheme = load_scheme(scheme)
@@ -388,28 +480,42 @@ def read_consep_labels(mat_path: str | os.PathLike, scheme: Any) -> tuple[np.nda
     keys = sorted(k for k in mat if not k.startswith("__"))
     if "inst_map" not in mat:
         raise DatasetError(f"missing key 'inst_map' (keys in file: {keys})", mat_path)
-    if "inst_type" not in mat and "type_map" not in mat:
-        raise DatasetError(f"missing key 'inst_type' (and no 'type_map' to derive classes from; keys in file: {keys})", mat_path)
     inst_map = _as_labels(mat["inst_map"], "inst_map", np.int32, where)
+    if "inst_uid" in mat or "id" in mat:
+        return inst_map, _as_labels(_listed_labels(mat, inst_map, scheme, mat_path, keys), "type_map", np.uint8, where)
     raw_type_map = None
     if "type_map" in mat:
         raw_type_map = _as_labels(mat["type_map"], "type_map", np.int32, where)
         if raw_type_map.shape != inst_map.shape:
             raise DatasetError(f"inst_map {inst_map.shape} and type_map {raw_type_map.shape} differ in shape", mat_path)
+        if not raw_type_map.any() and inst_map.any():
+            # Prediction tools save an empty type_map beside inst_type; it carries no classes.
+            raw_type_map = None
+    if "inst_type" not in mat and raw_type_map is None:
+        why = "the type_map is all zero" if "type_map" in mat else "no 'type_map'"
+        raise DatasetError(f"missing key 'inst_type' ({why} to derive classes from; keys in file: {keys})", mat_path)
     if "inst_type" in mat:
-        raw = np.asarray(mat["inst_type"])
-        if raw.ndim > 2 or (raw.ndim == 2 and 1 not in raw.shape and raw.size):
-            raise DatasetError(f"inst_type must be an (N, 1) column of raw type ids, got shape {raw.shape}", mat_path)
-        raw = raw.reshape(-1)
-        if raw.size and (not np.issubdtype(raw.dtype, np.number) or not np.all(np.mod(raw, 1) == 0)):
-            raise DatasetError("inst_type holds non-integer values", mat_path)
-        top = int(inst_map.max()) if inst_map.size else 0
+        raw = _id_column(mat, "inst_type", mat_path)
+        present = _present_ids(inst_map)
+        top = int(present[-1]) if present.size else 0
+        relabelled = False
         if top > raw.size:
-            raise DatasetError(f"inst_map has nucleus id {top} but inst_type lists only {raw.size} nuclei", mat_path)
+            head = f"inst_map has nucleus id {top} but inst_type lists only {raw.size} nuclei"
+            if present.size != raw.size:
+                raise DatasetError(
+                    f"{head}, and the map holds {present.size} distinct ids, so inst_type cannot be matched to them", mat_path
+                )
+            centroids = mat.get("inst_centroid")
+            if raw_type_map is None and (centroids is None or not _centroids_agree(inst_map, centroids)):
+                raise DatasetError(
+                    f"{head}; the {present.size} distinct ids may be listed in sorted order, but neither a type_map nor "
+                    "inst_centroid confirms that order", mat_path
+                )
+            inst_map, _ = remap_ids(inst_map)  # ids in sorted order -> 1..N, matching inst_type's rows
+            relabelled = True
         inst_types = np.zeros(raw.size + 1, dtype=np.int32)
-        inst_types[1:] = scheme.merge_raw(raw.astype(np.int64), source=mat_path)
-        present = np.flatnonzero(np.bincount(inst_map.reshape(-1), minlength=inst_types.size) > 0)
-        present = present[present > 0]
+        inst_types[1:] = scheme.merge_raw(raw, source=mat_path)
+        present = _present_ids(inst_map)
         unclassed = present[inst_types[present] == 0]
         if unclassed.size:
             raise DatasetError(
@@ -423,12 +529,20 @@ def read_consep_labels(mat_path: str | os.PathLike, scheme: Any) -> tuple[np.nda
             bad = int(np.count_nonzero(merged != type_map))
             labelled = int(np.count_nonzero(inst_map))
             if bad > TYPE_MAP_TOLERANCE * max(labelled, 1):
+                order = " (inst_type read in the order of the sorted ids)" if relabelled else ""
                 raise DatasetError(
-                    f"type_map disagrees with inst_type at {bad} of {labelled} nucleus pixels "
+                    f"type_map disagrees with inst_type{order} at {bad} of {labelled} nucleus pixels "
                     f"({100 * bad / max(labelled, 1):.1f} %, tolerance {100 * TYPE_MAP_TOLERANCE:g} %); "
                     "the file's labels are inconsistent or belong to another scheme",
                     mat_path,
                 )
+        if relabelled:
+            _note_once(
+                ("relabel", os.fspath(mat_path.parent)),
+                f"{mat_path}: nucleus ids up to {top} for {raw.size} nuclei; read inst_type in the order of the sorted ids "
+                f"and renumbered them 1..{raw.size} (checked against the {'type_map' if raw_type_map is not None else 'inst_centroid'}); "
+                f"other files in {mat_path.parent} like it are read the same way",
+            )
     else:
         merged = scheme.merge_raw(raw_type_map, source=mat_path)
         type_map = type_map_from(inst_map, inst_types_from_maps(inst_map, merged))
@@ -696,9 +810,269 @@ def read_pannuke(root: str | os.PathLike, scheme: Any) -> Dataset:
     return Dataset.lazy(names, load, scheme, labels_loader=lambda i: load(i, False), root=root, layout="pannuke")
 
 
+# -- HoVer-Net run_infer output -------------------------------------------------------------------
+def _image_size(path: Path) -> tuple[int, int] | None:
+    """(H, W) from an image file's header (no pixels decoded), None if it cannot be read."""
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                shape = tif.series[0].shape
+                return (shape[1], shape[2]) if len(shape) == 3 and shape[0] in (3, 4) and shape[2] not in (3, 4) else shape[:2]
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return im.height, im.width
+    except Exception:  # unreadable: the caller says what it needed
+        return None
+
+
+def read_hovernet_json_labels(json_path: str | os.PathLike, shape: Sequence[int], scheme: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``(inst_map, type_map)`` of shape ``shape`` from a HoVer-Net ``run_infer`` ``json/<stem>.json``.
+
+    The file holds ``{"mag": ..., "nuc": {"<id>": {"bbox": [[rmin, cmin], [rmax, cmax]],
+    "centroid": [x, y], "contour": [[x, y], ...], "type": k, "type_prob": p}}}``; each contour
+    (pixel indices of the outline, x first) is filled with its nucleus id, outline included.
+    ``type`` is the model's class (used as it is; 0 or null = unclassed).
+    """
+    from .geojson import fill_polygon
+
+    json_path = Path(json_path)
+    scheme = load_scheme(scheme)
+    try:
+        data = json.loads(json_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"cannot read HoVer-Net JSON: {exc}", json_path) from None
+    if not isinstance(data, dict) or not isinstance(data.get("nuc"), dict):
+        found = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise DatasetError(f"missing key 'nuc' (HoVer-Net lists its nuclei there; found {found})", json_path)
+    inst_map = np.zeros(tuple(shape), np.int32)
+    types = {}
+    for key, nuc in data["nuc"].items():
+        try:
+            nid = int(key)
+        except ValueError:
+            raise DatasetError(f"nucleus key {key!r} is not an integer id", json_path) from None
+        if not isinstance(nuc, dict) or "contour" not in nuc:
+            raise DatasetError(f"nucleus {key}: missing key 'contour' (its outline as [x, y] points)", json_path)
+        contour = np.asarray(nuc["contour"], dtype=np.float64)
+        if contour.ndim != 2 or contour.shape[1] != 2 or contour.shape[0] < 1:
+            raise DatasetError(f"nucleus {key}: contour must be a list of [x, y] points, got shape {contour.shape}", json_path)
+        k = nuc.get("type")
+        k = 0 if k is None else int(k)
+        if not 0 <= k <= scheme.num_classes:
+            raise SchemeError(
+                f"{json_path}: nucleus {key} has type {k}, outside 0..{scheme.num_classes} of scheme {scheme.name!r}; "
+                "pass the scheme the model was trained with"
+            )
+        rr, cc = fill_polygon(contour, inst_map.shape, convention="index")
+        inst_map[rr, cc] = nid
+        types[nid] = k
+    lut = np.zeros(max(types, default=0) + 1, np.uint8)
+    for nid, k in types.items():
+        lut[nid] = k
+    return inst_map, lut[inst_map]
+
+
+def _hovernet_sources(root: Path) -> tuple[dict[str, Path], str]:
+    """(stem -> file, "mat" | "json") of a run_infer output folder or its mat/ or json/ folder."""
+    for sub, suffix in (("mat", ".mat"), ("json", ".json")):
+        folder = root / sub if (root / sub).is_dir() else root if root.name.lower() == sub else None
+        if folder is None:
+            continue
+        files = _files_by_stem(folder, (suffix,))
+        if files:
+            return files, sub
+    files = _files_by_stem(root, (".mat",))
+    if files:
+        return files, "mat"
+    raise DatasetError("a HoVer-Net output folder needs mat/*.mat or json/*.json (run_infer's output) or .mat files", root)
+
+
+def read_hovernet(root: str | os.PathLike, scheme: Any) -> Dataset:
+    """Predictions without images: HoVer-Net ``run_infer`` output (the output folder, its ``mat/``
+    or its ``json/``) or any folder of ``.mat`` label files. Classes are the model's, used as they
+    are (``scheme`` must be the one the model was trained with). ``.json`` files carry no image
+    size: it comes from the ``.mat`` or the ``overlay/<stem>.png`` beside them."""
+    root = Path(root)
+    scheme = load_scheme(scheme)
+    files, kind = _hovernet_sources(root)
+    names = sorted(files, key=_natural_key)
+    base = root.parent if root.name.lower() in ("mat", "json") else root
+
+    def load(i: int) -> Tile:
+        name = names[i]
+        path = files[name]
+        if kind == "mat":
+            inst_map, type_map = read_consep_labels(path, scheme) if _lists_ids(path) else _mat_as_classes(path, scheme)
+            return Tile(name, None, inst_map, type_map, source=os.fspath(path))
+        size = None
+        for candidate in [base / "mat" / f"{name}.mat", *(base / "overlay" / f"{name}{s}" for s in IMAGE_SUFFIXES)]:
+            if candidate.is_file():
+                size = _loadmat(candidate)["inst_map"].shape if candidate.suffix == ".mat" else _image_size(candidate)
+                if size is not None:
+                    break
+        if size is None:
+            raise DatasetError(
+                f"HoVer-Net .json files carry no image size; expected {base / 'mat' / (name + '.mat')} or "
+                f"{base / 'overlay' / (name + '.png')} beside {path.parent.name}/", path,
+            )
+        inst_map, type_map = read_hovernet_json_labels(path, size[:2], scheme)
+        return Tile(name, None, inst_map, type_map, source=os.fspath(path))
+
+    return Dataset.lazy(names, load, scheme, root=root, layout="hovernet")
+
+
+def _mat_keys(path: Path) -> list[str]:
+    from scipy.io import whosmat
+
+    try:
+        return [name for name, _, _ in whosmat(path)]
+    except Exception:  # v7.3 or damaged: reading it reports why
+        return []
+
+
+def _lists_ids(path: Path) -> bool:
+    keys = _mat_keys(path)
+    return "inst_uid" in keys or "id" in keys
+
+
+def _mat_as_classes(path: Path, scheme: ClassScheme) -> tuple[np.ndarray, np.ndarray]:
+    """A prediction ``.mat`` in CoNSeP's keys whose types are already the scheme's classes (no merge)."""
+    identity = ClassScheme(scheme.name, scheme.names, scheme.colors)  # raw id k -> class k
+    return read_consep_labels(path, identity)
+
+
+# -- Lizard and CoNIC ----------------------------------------------------------------------------
+def _check_lizard_scheme(scheme: ClassScheme, root: Path, what: str) -> None:
+    from .classes import BUILTIN_SCHEMES, LIZARD
+
+    if scheme.name in BUILTIN_SCHEMES and scheme != LIZARD:
+        raise SchemeError(
+            f"{root}: {what} labels use Lizard's six classes (1 neutrophil ... 6 connective); "
+            f"scheme {scheme.name!r} would misread them: use --scheme lizard or a scheme file whose merge maps Lizard's ids"
+        )
+
+
+def read_lizard(root: str | os.PathLike, scheme: Any) -> Dataset:
+    """The Lizard release: ``.mat`` labels (``inst_map``, ``id``, ``class``, ``bbox``, ``centroid``)
+    in a ``Labels`` folder (e.g. ``Lizard_Labels/Labels``) and images in folders whose name says
+    ``image`` (``Lizard_Images1``, ``Lizard_Images2``), paired by stem; no image folder = labels only."""
+    root = Path(root)
+    scheme = load_scheme(scheme)
+    _check_lizard_scheme(scheme, root, "Lizard")
+    label_dirs = [p.parent for p in root.glob("**/*.mat") if len(p.relative_to(root).parts) <= 3]
+    label_dirs = sorted(set(label_dirs))
+    if not label_dirs:
+        raise DatasetError("a Lizard folder needs .mat labels (Lizard_Labels/Labels/*.mat)", root)
+    labels: dict[str, Path] = {}
+    for d in label_dirs:
+        labels.update(_files_by_stem(d, (".mat",)))
+    image_dirs = [p for p in [root, *root.glob("*"), *root.glob("*/*")] if p.is_dir() and "image" in p.name.lower()]
+    images: dict[str, Path] = {}
+    for d in image_dirs:
+        for stem, path in _files_by_stem(d, IMAGE_SUFFIXES).items():
+            if stem in images:
+                raise DatasetError(f"image {stem!r} is in two folders: {images[stem].parent} and {path.parent}", root)
+            images[stem] = path
+    names = _pair({"labels": labels, "images": images}, root) if images else sorted(labels, key=_natural_key)
+
+    def load(i: int, with_image: bool = True) -> Tile:
+        name = names[i]
+        return read_consep_tile(images[name] if with_image and images else None, labels[name], scheme, name)
+
+    return Dataset.lazy(names, load, scheme, labels_loader=lambda i: load(i, False), root=root, layout="lizard")
+
+
+def read_conic(root: str | os.PathLike, scheme: Any) -> Dataset:
+    """CoNIC patches: ``images.npy`` (N, 256, 256, 3) uint8 and ``labels.npy`` (N, 256, 256, 2)
+    (channel 0 instance ids, channel 1 Lizard class 0..6 per pixel), memory-mapped. A nucleus's
+    class is the majority of its pixels. ``counts.csv`` is not needed (it counts only the central
+    224 px). Tiles are named ``00000``, ``00001``, ... in row order."""
+    root = Path(root)
+    scheme = load_scheme(scheme)
+    _check_lizard_scheme(scheme, root, "CoNIC")
+    labels_path = _find_one(root, "labels.npy", 1)
+    if labels_path is None:
+        raise DatasetError("a CoNIC folder needs labels.npy (N, H, W, 2) beside images.npy", root)
+    labels = _mmap(labels_path)
+    if labels.ndim != 4 or labels.shape[3] != 2:
+        raise DatasetError(f"labels.npy must be (N, H, W, 2): instance ids then classes, got {labels.shape}", labels_path)
+    images_path = labels_path.parent / "images.npy"
+    images = _mmap(images_path) if images_path.is_file() else None
+    if images is not None and (images.ndim != 4 or images.shape[:3] != labels.shape[:3] or images.shape[3] not in (3, 4)):
+        raise DatasetError(f"images.npy {images.shape} must be (N, H, W, 3) matching labels.npy {labels.shape}", images_path)
+    names = [f"{i:05d}" for i in range(labels.shape[0])]
+
+    def load(i: int, with_image: bool = True) -> Tile:
+        where = f"{labels_path}[{i}]"
+        lab = np.asarray(labels[i])
+        inst_map = _as_labels(lab[..., 0], "instance channel", np.int32, where)
+        raw = _as_labels(lab[..., 1], "class channel", np.int32, where)
+        merged = scheme.merge_raw(raw, source=where)
+        inst_types = inst_types_from_maps(inst_map, merged)
+        present = _present_ids(inst_map)
+        unclassed = present[inst_types[present] == 0]
+        if unclassed.size:
+            raise DatasetError(f"{unclassed.size} nuclei have class 0 in the class channel (ids {unclassed[:10].tolist()})", where)
+        image = None
+        if images is not None and with_image:
+            image = _as_rgb(_stack_image(images, i, images_path), f"{images_path}[{i}]")
+        return Tile(names[i], image, inst_map, type_map_from(inst_map, inst_types), source=where)
+
+    return Dataset.lazy(names, load, scheme, labels_loader=lambda i: load(i, False), root=root, layout="conic")
+
+
+# -- QuPath GeoJSON ------------------------------------------------------------------------------
+def read_geojson_folder(root: str | os.PathLike, scheme: Any) -> Dataset:
+    """QuPath GeoJSON (see :mod:`napari_diffmix.geojson`): ``<stem>.geojson`` with its image
+    ``<stem>.png|.tif`` beside it or in ``images/`` (the image gives the size); classes by name."""
+    from .geojson import SUFFIXES, labels_from_features, read_geojson
+
+    root = Path(root)
+    scheme = load_scheme(scheme)
+    shapes = _files_by_stem(root, SUFFIXES)
+    if not shapes:
+        raise DatasetError("a GeoJSON folder needs <stem>.geojson files", root)
+    images = _files_by_stem(root, IMAGE_SUFFIXES)
+    img_dir = _child_dir(root, "images")
+    if img_dir is not None:
+        for stem, path in _files_by_stem(img_dir, IMAGE_SUFFIXES).items():
+            images.setdefault(stem, path)
+    missing = sorted(set(shapes) - set(images), key=_natural_key)
+    if missing:
+        raise DatasetError(
+            f"GeoJSON carries no image size: no image beside {len(missing)} file(s) {missing[:10]} "
+            f"(expected <stem>.png or .tif next to <stem>.geojson, or in images/)", root,
+        )
+    names = sorted(shapes, key=_natural_key)
+
+    def load(i: int, with_image: bool = True) -> Tile:
+        name = names[i]
+        image = read_image(images[name]) if with_image else None
+        size = image.shape[:2] if image is not None else _image_size(images[name])
+        if size is None:
+            raise DatasetError("cannot read the image size", images[name])
+        inst_map, type_map = labels_from_features(read_geojson(shapes[name]), size, scheme, source=shapes[name])
+        return Tile(name, image, inst_map, type_map, source=os.fspath(shapes[name]))
+
+    return Dataset.lazy(names, load, scheme, labels_loader=lambda i: load(i, False), root=root, layout="geojson")
+
+
 # -- opening -------------------------------------------------------------------------------------
+def _first_mat(folder: Path) -> Path | None:
+    mats = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".mat" and not p.name.startswith("."))
+    return mats[0] if mats else None
+
+
+def _is_lizard_mat(path: Path | None) -> bool:
+    keys = _mat_keys(path) if path is not None else []
+    return "id" in keys and "class" in keys
+
+
 def detect_layout(root: str | os.PathLike) -> str:
-    """``consep``, ``generic`` or ``pannuke`` for a dataset folder, else a DatasetError saying what was found."""
+    """The layout of a dataset folder (one of :data:`LAYOUTS`), else a DatasetError saying what was found."""
     root = Path(root)
     if not root.exists():
         raise DatasetError("dataset folder does not exist", root)
@@ -709,13 +1083,31 @@ def detect_layout(root: str | os.PathLike) -> str:
         raise DatasetError("dataset folder is empty", root)
     labels = _child_dir(root, "labels")
     if _child_dir(root, "images") and labels and any(p.suffix.lower() == ".mat" for p in labels.iterdir()):
-        return "consep"
+        return "lizard" if _is_lizard_mat(_first_mat(labels)) else "consep"
     if _child_dir(root, "inst_maps") or _child_dir(root, "type_maps"):
         return "generic"
     if labels and any(p.suffix.lower() == ".npz" for p in labels.iterdir()):
         return "generic"
     if (root / "inst_maps.npy").is_file() or (root / "type_maps.npy").is_file() or _find_one(root, "masks.npy"):
         return "pannuke"
+    if _find_one(root, "labels.npy", 1):
+        return "conic"
+    if any(p.suffix.lower() in (".geojson",) for p in entries):
+        return "geojson"
+    for sub, suffix in (("mat", ".mat"), ("json", ".json")):
+        folder = root / sub
+        if folder.is_dir() and any(p.suffix.lower() == suffix for p in folder.iterdir()):
+            return "hovernet"  # run_infer's output folder
+    if root.name.lower() == "json" and any(p.suffix.lower() == ".json" for p in entries):
+        return "hovernet"
+    mat = _first_mat(root)
+    if mat is not None:
+        return "lizard" if _is_lizard_mat(mat) else "hovernet"
+    nested = [d for d in entries if d.is_dir() and "label" in d.name.lower()]
+    for d in nested:
+        inner = [d, *(p for p in d.iterdir() if p.is_dir())]
+        if any(_is_lizard_mat(_first_mat(x)) for x in inner):
+            return "lizard"  # Lizard_Labels/Labels/*.mat beside Lizard_Images1/
     if _child_dir(root, "images") and labels:
         raise DatasetError(f"'{labels.name}' holds neither .mat (CoNSeP/GLySAC) nor .npz label files", root)
     splits = sorted(p.name for p in entries if p.is_dir() and p.name.lower() in ("train", "test", "valid", "val"))
@@ -723,7 +1115,9 @@ def detect_layout(root: str | os.PathLike) -> str:
         raise DatasetError(f"this folder holds the splits {splits}; point at one of them, e.g. {root / splits[0]}", root)
     raise DatasetError(
         "cannot tell the dataset layout: expected Images/ + Labels/*.mat (CoNSeP/GLySAC), inst_maps/ + type_maps/ "
-        f"(generic) or images.npy + masks.npy (PanNuke); found {sorted(p.name for p in entries)[:10]}",
+        "(generic), images.npy + masks.npy (PanNuke), images.npy + labels.npy (CoNIC), Lizard_Labels/Labels/*.mat "
+        "(Lizard), mat/ or json/ (HoVer-Net output) or *.geojson (QuPath); "
+        f"found {sorted(p.name for p in entries)[:10]}",
         root,
     )
 
@@ -750,9 +1144,13 @@ def open_dataset(path: str | os.PathLike, scheme: Any = None, layout: str = "aut
     elif not root.is_dir():
         raise DatasetError("dataset folder does not exist" if not root.exists() else "expected a dataset folder, got a file", root)
     saved = root / "scheme.json"
+    if scheme is None and layout in ("lizard", "conic") and not saved.is_file():
+        from .classes import LIZARD
+
+        scheme = LIZARD  # both releases carry Lizard's six classes
     if scheme is None:
         if not saved.is_file():
-            raise SchemeError(f"{root}: no class scheme given and no scheme.json in the folder; pass --scheme consep, glysac, demo or a scheme file")
+            raise SchemeError(f"{root}: no class scheme given and no scheme.json in the folder; pass --scheme consep, glysac, lizard, demo or a scheme file")
         scheme = load_scheme(saved)
     else:
         scheme = load_scheme(scheme)
@@ -763,7 +1161,10 @@ def open_dataset(path: str | os.PathLike, scheme: Any = None, layout: str = "aut
                     f"{saved}: the folder's labels use classes {list(stored.names)} but scheme {scheme.name!r} has "
                     f"{list(scheme.names)}; omit --scheme to use the folder's own"
                 )
-    reader = {"consep": read_consep, "generic": read_generic, "pannuke": read_pannuke}[layout]
+    reader = {
+        "consep": read_consep, "generic": read_generic, "pannuke": read_pannuke, "hovernet": read_hovernet,
+        "lizard": read_lizard, "conic": read_conic, "geojson": read_geojson_folder,
+    }[layout]
     return reader(root, scheme)
 
 

@@ -295,8 +295,8 @@ def test_no_scheme_and_bad_layout(tmp_path):
     consep_folder(tmp_path)
     with pytest.raises(SchemeError, match="no class scheme given"):
         ds.open_dataset(tmp_path)
-    with pytest.raises(DatasetError, match="unknown layout 'hovernet'"):
-        ds.open_dataset(tmp_path, "consep", layout="hovernet")
+    with pytest.raises(DatasetError, match="unknown layout 'cellpose'"):
+        ds.open_dataset(tmp_path, "consep", layout="cellpose")
     with pytest.raises(DatasetError, match="inst_maps"):
         ds.open_dataset(tmp_path, "consep", layout="generic")
 
@@ -544,3 +544,81 @@ def test_tile_without_background_and_membership(tmp_path):
     tile = d[0]
     np.testing.assert_array_equal(tile.inst_types, [0, 1, 4])
     assert tile in [tile] and d[0] is not tile  # identity comparison, lazily re-read
+
+
+# -- non-sequential ids and empty type maps ------------------------------------------------------
+def scattered_ids_tile(n=20, top=759, seed=5):
+    """Public-patch style labels: n nuclei with sorted random ids up to ``top``, inst_type in that order."""
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(1, 8, size=n)
+    inst, _, _ = square_tile(list(raw), h=64, w=96)
+    ids = np.sort(rng.choice(np.arange(1, top), size=n - 1, replace=False))
+    ids = np.r_[ids, top]
+    scattered = np.r_[0, ids][inst]
+    return inst, scattered, raw
+
+
+def _write_mat(path, **arrays):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    savemat(path, arrays)
+    iio.imwrite(path.parent.parent / "Images" / f"{path.stem}.png", np.zeros((*arrays["inst_map"].shape, 3), np.uint8)) \
+        if (path.parent.parent / "Images").is_dir() else None
+
+
+def test_non_sequential_ids_are_relabelled_when_type_map_confirms(tmp_path, caplog):
+    (tmp_path / "Images").mkdir()
+    inst, scattered, raw = scattered_ids_tile()
+    assert scattered.max() == 759 and np.unique(scattered).size == 21
+    for stem in ("p1", "p2"):
+        _write_mat(tmp_path / "Labels" / f"{stem}.mat", inst_map=scattered, type_map=np.r_[0, raw][inst],
+                   inst_type=raw[:, None].astype(float))
+    caplog.set_level("INFO", logger="napari_diffmix.datasets")
+    d = ds.open_dataset(tmp_path, "consep")
+    for tile in d:
+        assert np.array_equal(tile.inst_map, inst)  # renumbered 1..20 in the order of the old ids
+        assert np.array_equal(tile.inst_types[1:], CONSEP.merge_lut()[raw])
+    notes = [r.getMessage() for r in caplog.records if "renumbered" in r.getMessage()]
+    assert len(notes) == 1 and "ids up to 759 for 20 nuclei" in notes[0]
+
+
+def test_non_sequential_ids_confirmed_by_centroids_x_then_y(tmp_path):
+    inst, scattered, raw = scattered_ids_tile(n=12, top=300)
+    from napari_diffmix.nuclei import nuclei_props
+
+    yx = nuclei_props(inst).centroids
+    good = tmp_path / "good" / "Labels" / "a.mat"
+    (tmp_path / "good" / "Images").mkdir(parents=True)
+    _write_mat(good, inst_map=scattered, inst_type=raw[:, None], inst_centroid=yx[:, ::-1])  # CoNSeP: x then y
+    tile = ds.open_dataset(tmp_path / "good", "consep")[0]
+    assert np.array_equal(tile.inst_types[1:], CONSEP.merge_lut()[raw])
+    swapped = tmp_path / "swapped" / "Labels" / "a.mat"
+    (tmp_path / "swapped" / "Images").mkdir(parents=True)
+    _write_mat(swapped, inst_map=scattered, inst_type=raw[:, None], inst_centroid=yx)  # y first: wrong orientation
+    with pytest.raises(DatasetError, match=r"a\.mat: inst_map has nucleus id 300 but inst_type lists only 12 nuclei; .*neither a type_map nor inst_centroid confirms"):
+        ds.open_dataset(tmp_path / "swapped", "consep")[0]
+
+
+def test_ambiguous_ids_and_disagreeing_type_map_are_refused(tmp_path):
+    inst, scattered, raw = scattered_ids_tile(n=10, top=90)
+    (tmp_path / "Images").mkdir()
+    _write_mat(tmp_path / "Labels" / "few.mat", inst_map=scattered, type_map=np.r_[0, raw][inst], inst_type=raw[:-1, None])
+    with pytest.raises(DatasetError, match=r"few\.mat: inst_map has nucleus id 90 but inst_type lists only 9 nuclei, and the map holds 10 distinct ids"):
+        ds.open_dataset(tmp_path, "consep")[0]
+    shuffled = raw[::-1]  # listed in another order than the sorted ids: the type_map says so
+    (tmp_path / "Labels" / "few.mat").unlink()
+    (tmp_path / "Images" / "few.png").unlink()
+    if len(set(CONSEP.merge_lut()[raw])) > 1 and not np.array_equal(CONSEP.merge_lut()[shuffled], CONSEP.merge_lut()[raw]):
+        _write_mat(tmp_path / "Labels" / "rev.mat", inst_map=scattered, type_map=np.r_[0, raw][inst], inst_type=shuffled[:, None])
+        with pytest.raises(DatasetError, match=r"rev\.mat: type_map disagrees with inst_type \(inst_type read in the order of the sorted ids\)"):
+            ds.open_dataset(tmp_path, "consep")[0]
+
+
+def test_all_zero_type_map_defers_to_inst_type(tmp_path):
+    inst, _, _ = square_tile([1, 2, 3, 5])
+    (tmp_path / "Images").mkdir()
+    _write_mat(tmp_path / "Labels" / "pred.mat", inst_map=inst, type_map=np.zeros_like(inst), inst_type=np.array([[1], [2], [3], [5]]))
+    tile = ds.open_dataset(tmp_path, "consep")[0]
+    assert tile.inst_types[1:].tolist() == [1, 2, 3, 4]
+    _write_mat(tmp_path / "Labels" / "pred.mat", inst_map=inst, type_map=np.zeros_like(inst))
+    with pytest.raises(DatasetError, match=r"pred\.mat: missing key 'inst_type' \(the type_map is all zero"):
+        ds.open_dataset(tmp_path, "consep")[0]
