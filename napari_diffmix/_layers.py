@@ -20,8 +20,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..classes import ClassScheme, load_scheme
-from ..errors import LabelError, SchemeError
+from .classes import ClassScheme, load_scheme
+from .errors import LabelError, SchemeError
 
 KEY = "diffmix"
 OUTLINE_RGBA = (1.0, 1.0, 1.0, 0.55)
