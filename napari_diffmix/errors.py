@@ -64,3 +64,7 @@ class UnsafeOutputError(DiffMixError, ValueError):
 
 class RenderError(DiffMixError, RuntimeError):
     """A render produced no usable image (e.g. the sample became NaN or Inf)."""
+
+
+class OutputLockedError(DiffMixError, RuntimeError):
+    """Another process is writing the same output (a store): two writers would mix their items."""

@@ -11,12 +11,13 @@ marker file :data:`MARKER` that :func:`write_marker` puts in it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
 from typing import Any, Collection, Iterable
 
-from .errors import UnsafeOutputError
+from .errors import OutputError, OutputLockedError, UnsafeOutputError
 
 MARKER = ".napari-diffmix-output.json"
 MARKER_FORMAT = "napari-diffmix-output"
@@ -132,3 +133,84 @@ def refuse_overlap(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | 
         raise UnsafeOutputError(
             f"{flag} {os.fspath(out)} {why} {os.fspath(given)}; write outside every input (nothing was written)"
         )
+
+
+class WriterLock:
+    """One writing process at a time for ``target`` (a store, a run folder).
+
+    The lock is an exclusive ``flock`` on a file beside the target (``.NAME.lock``; inside it,
+    replacing the target with --overwrite would drop it), holding the writer's host, pid and
+    command for the message another writer gets. The kernel releases the lock when its
+    process dies, SIGKILL included, so a crashed run never leaves a lock that blocks a resume;
+    the file left behind by such a run is taken over. Re-entrant within one process is not
+    needed and not supported.
+    """
+
+    def __init__(self, target: str | os.PathLike, what: str = "store"):
+        self.target = Path(target)
+        self.path = self.target.parent / f".{self.target.name}.lock"
+        self.what = what
+        self._fd: int | None = None
+
+    def acquire(self) -> "WriterLock":
+        import fcntl
+        import socket
+        import sys
+        import time
+
+        for _ in range(10):
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise OutputError(self.path, exc) from exc
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _json(self.path) or {}
+                os.close(fd)
+                who = ", ".join(f"{k} {holder[k]}" for k in ("host", "pid", "since") if k in holder) or "unknown process"
+                command = f" ({holder['command']})" if holder.get("command") else ""
+                raise OutputLockedError(
+                    f"{self.target}: another process is writing this {self.what}: {who}{command}; wait for it to end or "
+                    f"stop it, or choose another --out (two writers would mix their items)"
+                ) from None
+            except OSError as exc:  # e.g. ENOLCK: the file system has no locks; go on unguarded, but say so
+                os.close(fd)
+                import logging
+
+                logging.getLogger(__name__).warning("%s: cannot lock (%s); make sure no other process writes it", self.target, exc)
+                return self
+            # The holder before us may have removed the file between our open and our lock:
+            # then we locked a file nobody else sees. Try again on the current one.
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            info = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:300]}
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(info).encode())
+            self._fd = fd
+            return self
+        raise OutputLockedError(f"{self.target}: could not take the writer lock {self.path} (it keeps changing)")
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            # Removed while still held, so nobody can lock the old file and think it is current.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+        finally:
+            os.close(fd)
+
+    def __enter__(self) -> "WriterLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -399,3 +400,64 @@ def test_labels_missing_its_target_share_exits_non_zero_naming_max_variants(data
     assert "--target-share 33 NOT reached" in captured.err and len(open_dataset(out)) > 0  # written all the same
     assert main(["labels", str(data["dataset"]), "--target-share", "5", "--patch-size", "32", "--stride", "32",
                  "--dry-run"]) == 0
+
+
+# -- item 2: one writer per store ----------------------------------------------------------------
+def _start_synthesize(data, out, *extra):
+    import subprocess
+    import sys
+
+    from _subprocess import process_group
+
+    argv = [sys.executable, "-m", "napari_diffmix", "synthesize", str(data["dataset"]), "--model", str(data["model"]),
+            "--out", str(out), *FAST, "--patches", "12", "--batch-size", "1", "--steps", "8", *extra]
+    env = {**os.environ, "DIFFMIX_QUIET": "1", "OMP_NUM_THREADS": "1"}
+    return process_group(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_first_item(proc, out, timeout=240.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / "done" / "c").is_dir() and any((out / "done" / "c").iterdir()):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"no item was written in time:\n{proc.stdout.read() if proc.poll() is not None else ''}")
+
+
+def test_a_second_writer_is_refused_while_the_first_runs_and_a_killed_one_leaves_no_lock(data, tmp_path, capsys):
+    import signal
+
+    import zarr
+
+    from napari_diffmix.errors import OutputLockedError
+    from napari_diffmix.outputs import WriterLock
+
+    out = tmp_path / "s.zarr"
+    with _start_synthesize(data, out) as first:
+        _wait_for_first_item(first, out)
+        # the same store with other settings and --overwrite: what mixed 4- and 20-step items before
+        argv = ["synthesize", str(data["dataset"]), "--model", str(data["model"]), "--out", str(out), *FAST,
+                "--patches", "12", "--batch-size", "1", "--steps", "4", "--overwrite"]
+        assert main(argv) == 2
+        err = _err(capsys)
+        assert f"another process is writing this store: host" in err and f"pid {first.pid}" in err, err
+        output, _ = first.communicate(timeout=240)
+        assert first.returncode == 0, output
+    g = zarr.open_group(str(out), mode="r")
+    assert g.attrs["status"] == "complete" and g["done"][:].all()
+    steps = {json.loads(str(p))["steps"] for p in g["provenance"][:]}
+    assert steps == {8} and g.attrs["settings"]["sampling"]["steps"] == 8
+    assert not (tmp_path / ".s.zarr.lock").exists()  # released at the end
+
+    killed = tmp_path / "k.zarr"
+    with _start_synthesize(data, killed) as proc:
+        _wait_for_first_item(proc, killed)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert (tmp_path / ".k.zarr.lock").exists()  # left behind by the killed run ...
+    with WriterLock(killed):  # ... but not held: the kernel let go of it
+        pass
+    with WriterLock(killed), pytest.raises(OutputLockedError, match=rf"pid {os.getpid()}"):
+        WriterLock(killed).acquire()
