@@ -45,7 +45,7 @@ def fill_polygon(xy: Any, shape: Sequence[int], *, convention: str = "corner") -
     ``convention="index"`` (HoVer-Net / OpenCV contours): vertices are pixel indices of the
     outline, and the outline's pixels count as inside too.
     """
-    from skimage.draw import polygon, polygon_perimeter
+    from skimage.draw import line, polygon
 
     xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
     if convention == "corner":
@@ -54,7 +54,10 @@ def fill_polygon(xy: Any, shape: Sequence[int], *, convention: str = "corner") -
     if convention != "index":
         raise ValueError(f"convention must be 'corner' or 'index', got {convention!r}")
     rr, cc = polygon(xy[:, 1], xy[:, 0], shape=tuple(shape))
-    pr, pc = polygon_perimeter(np.rint(xy[:, 1]).astype(int), np.rint(xy[:, 0]).astype(int), shape=tuple(shape), clip=False)
+    pts = np.rint(xy).astype(np.int64)
+    edges = [line(y0, x0, y1, x1) for (x0, y0), (x1, y1) in zip(pts, np.roll(pts, -1, axis=0))]
+    pr = np.concatenate([e[0] for e in edges])
+    pc = np.concatenate([e[1] for e in edges])
     inside = (pr >= 0) & (pr < shape[0]) & (pc >= 0) & (pc < shape[1])
     return np.concatenate([rr, pr[inside]]), np.concatenate([cc, pc[inside]])
 

@@ -9,6 +9,7 @@ from ._common import add_layout_argument
 EPILOG = """examples:
   diffmix evaluate runs/pred /data/CoNSeP/Test --scheme consep --out results.json --out results.csv
   diffmix evaluate synthetic.zarr reference.zarr --scheme consep
+  diffmix evaluate hovernet_out/mat /data/CoNSeP/Test     # HoVer-Net run_infer output; classes as the model gives them
 
 Per image: Dice, AJI, AJI+, DQ/SQ/PQ (IoU > 0.5). Pooled over all tiles: nuclei paired by
 centroid (Hungarian, within 12 px), F_d, type accuracy and per-class F1 (HoVer-Net's
@@ -24,9 +25,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("pred", help="predictions: a dataset folder (e.g. from 'diffmix predict') or a zarr store")
-    p.add_argument("gt", help="ground truth: a dataset folder (CoNSeP/GLySAC, generic, PanNuke) or a zarr store")
-    p.add_argument("--scheme", help="class scheme: consep, glysac, demo or a JSON/YAML file (default: GT's scheme.json, else PRED's)")
+    p.add_argument("pred", help="predictions: a dataset folder (e.g. from 'diffmix predict', HoVer-Net's mat/ or json/ output) or a zarr store")
+    p.add_argument("gt", help="ground truth: a dataset folder (CoNSeP/GLySAC, generic, PanNuke, Lizard, CoNIC, GeoJSON) or a zarr store")
+    p.add_argument("--scheme", help="class scheme: consep, glysac, lizard, demo or a JSON/YAML file (default: GT's scheme.json, "
+                   "else PRED's, else the one GT's path names, e.g. .../CoNSeP/Test)")
     add_layout_argument(p, "--pred-layout", of="PRED")
     add_layout_argument(p, "--gt-layout", of="GT")
     p.add_argument("--out", "-o", action="append", default=[], help="write results to .json or .csv (repeatable)")
@@ -52,6 +54,13 @@ def run(args: argparse.Namespace) -> int:
     scheme = args.scheme
     if scheme is None and not (Path(args.gt) / "scheme.json").is_file() and (Path(args.pred) / "scheme.json").is_file():
         scheme = str(Path(args.pred) / "scheme.json")  # e.g. CoNSeP ground truth vs 'diffmix predict' output
+    if scheme is None and not (Path(args.gt) / "scheme.json").is_file() and not (Path(args.gt) / "zarr.json").is_file():
+        from ..classes import scheme_named_by_path
+
+        named = scheme_named_by_path(args.gt)  # e.g. HoVer-Net's mat/ output against .../CoNSeP/Test
+        if named is not None:
+            print(f"note: no --scheme and no scheme.json; using {named.name!r}, which the path {args.gt} names")
+            scheme = named
     gt = open_tiles(args.gt, scheme, args.gt_layout)
     pred = open_tiles(args.pred, gt.scheme, args.pred_layout)
     if pred.scheme.names != gt.scheme.names:
