@@ -149,3 +149,101 @@ def test_evaluate_hovernet_output_against_consep_and_stats(tmp_path, capsys):
     stats = json.loads((tmp_path / "s.json").read_text())
     assert stats["total"]["nuclei"] == 4  # the unclassed detection has no class to count under
     assert [stats["total"]["classes"][n]["nuclei"] for n in CONSEP.names] == [1, 1, 1, 1]
+
+
+# -- Lizard ------------------------------------------------------------------------------------------
+def lizard_mat(path, ids, classes, boxes=BOXES):
+    """A Lizard label file: inst_map plus per-nucleus id, class, bbox (y1, y2, x1, x2), centroid (x, y)."""
+    inst = box_map(boxes, ids)
+    order = np.argsort(-np.asarray(ids))  # Lizard's lists need not follow the ids' order
+    ids, classes = np.asarray(ids)[order], np.asarray(classes)[order]
+    bx = np.asarray(boxes)[order]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    savemat(path, {
+        "inst_map": inst,
+        "id": ids[:, None].astype(np.int32),
+        "class": classes[:, None].astype(np.int32),
+        "bbox": np.stack([bx[:, 0], bx[:, 0] + bx[:, 2], bx[:, 1], bx[:, 1] + bx[:, 3]], axis=1),
+        "centroid": np.stack([bx[:, 1] + (bx[:, 3] - 1) / 2, bx[:, 0] + (bx[:, 2] - 1) / 2], axis=1),
+    })
+    return inst
+
+
+def test_lizard_release_layout_pairs_images_across_folders(tmp_path):
+    root = tmp_path / "Lizard"
+    a = lizard_mat(root / "Lizard_Labels" / "Labels" / "consep_1.mat", [7, 3, 12, 40], [1, 2, 5, 6])
+    b = lizard_mat(root / "Lizard_Labels" / "Labels" / "glas_2.mat", [1, 2, 3, 4], [3, 3, 4, 2])
+    for folder, stem, red in (("Lizard_Images1", "consep_1", 11), ("Lizard_Images2", "glas_2", 22)):
+        (root / folder).mkdir(parents=True)
+        image = np.zeros((H, W, 3), np.uint8)
+        image[..., 0] = red
+        iio.imwrite(root / folder / f"{stem}.png", image)
+    d = ds.open_dataset(root)  # no scheme: Lizard's own
+    assert d.layout == "lizard" and d.scheme is LIZARD and d.names == ["consep_1", "glas_2"]
+    t1, t2 = d
+    assert np.array_equal(t1.inst_map, a) and t1.image[0, 0, 0] == 11 and t2.image[0, 0, 0] == 22
+    types = t1.inst_types
+    assert [types[i] for i in (7, 3, 12, 40)] == [1, 2, 5, 6]  # neutrophil, epithelial, eosinophil, connective
+    r, c, h, w = BOXES[2]
+    assert np.all(t1.type_map[r : r + h, c : c + w] == 5)
+    assert np.array_equal(t2.inst_map, b) and t2.inst_types.tolist() == [0, 3, 3, 4, 2]
+    assert d.labels(0).image is None
+
+
+def test_lizard_errors_name_the_key_and_the_scheme(tmp_path, capsys):
+    root = tmp_path / "liz"
+    lizard_mat(root / "Labels" / "x.mat", [1, 2, 3, 4], [1, 2, 3, 4])
+    assert ds.open_dataset(root).layout == "lizard"  # labels only
+    with pytest.raises(SchemeError, match="Lizard's six classes"):
+        ds.open_dataset(root, "consep")
+    assert main(["stats", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "layout lizard, scheme lizard" in out and "neutrophil" in out
+    savemat(root / "Labels" / "x.mat", {"inst_map": box_map(), "id": np.arange(1, 5)[:, None]})
+    with pytest.raises(DatasetError, match=r"x\.mat: missing key 'class'"):
+        ds.open_dataset(root, layout="lizard")[0]
+    savemat(root / "Labels" / "x.mat", {"inst_map": box_map(), "id": np.arange(1, 4)[:, None], "class": np.ones((3, 1))})
+    with pytest.raises(DatasetError, match=r"x\.mat: inst_map has 1 nuclei whose id 'id' does not list \(ids \[4\]\)"):
+        ds.open_dataset(root, layout="lizard")[0]
+
+
+# -- CoNIC -------------------------------------------------------------------------------------------
+def conic_folder(root, n=2, size=64):
+    """CoNIC's arrays: images (N, H, W, 3) uint8, labels (N, H, W, 2) uint16 = instance ids, Lizard class."""
+    root.mkdir(parents=True)
+    boxes = [(4, 10, 6, 14), (20, 40, 12, 5), (40, 5, 8, 9)]
+    labels = np.zeros((n, size, size, 2), np.uint16)
+    images = np.zeros((n, size, size, 3), np.uint8)
+    classes = [[1, 2, 5], [3, 4, 6]]
+    for i in range(n):
+        inst = box_map(boxes, [3, 9, 14], shape=(size, size))
+        labels[i, ..., 0] = inst
+        labels[i, ..., 1] = np.r_[0, classes[i]][np.searchsorted([0, 3, 9, 14], inst)]
+        images[i, ..., 1] = 30 + i
+    np.save(root / "images.npy", images)
+    np.save(root / "labels.npy", labels)
+    counts = "neutrophil,epithelial,lymphocyte,plasma,eosinophil,connective\n1,1,0,0,1,0\n0,0,1,1,0,1\n"
+    (root / "counts.csv").write_text(counts)
+    return labels, classes
+
+
+def test_conic_arrays_give_tiles_with_lizard_classes(tmp_path, capsys):
+    labels, classes = conic_folder(tmp_path / "conic")
+    d = ds.open_dataset(tmp_path / "conic")
+    assert d.layout == "conic" and d.scheme is LIZARD and d.names == ["00000", "00001"]
+    for i, tile in enumerate(d):
+        assert np.array_equal(tile.inst_map, labels[i, ..., 0]) and tile.image[0, 0, 1] == 30 + i
+        assert [tile.inst_types[k] for k in (3, 9, 14)] == classes[i]
+    r, c, h, w = 20, 40, 12, 5  # the tall box: rows 20..31, columns 40..44
+    assert np.all(d[0].type_map[r : r + h, c : c + w] == 2) and d[0].type_map[c, r] == 0
+    assert main(["stats", str(tmp_path / "conic"), "--json", str(tmp_path / "s.json")]) == 0
+    stats = json.loads((tmp_path / "s.json").read_text())
+    assert [stats["total"]["classes"][n]["nuclei"] for n in LIZARD.names] == [1, 1, 1, 1, 1, 1]
+    bad = labels.copy()
+    bad[1, 4:10, 10:24, 1] = 0  # a nucleus without class
+    np.save(tmp_path / "conic" / "labels.npy", bad)
+    with pytest.raises(DatasetError, match=r"labels\.npy\[1\]: 1 nuclei have class 0 in the class channel \(ids \[3\]\)"):
+        ds.open_dataset(tmp_path / "conic")[1]
+    np.save(tmp_path / "conic" / "labels.npy", labels[..., 0])
+    with pytest.raises(DatasetError, match=r"labels\.npy must be \(N, H, W, 2\)"):
+        ds.open_dataset(tmp_path / "conic", layout="conic")
