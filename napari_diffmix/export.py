@@ -72,10 +72,10 @@ import numpy as np
 from .atomic import atomic_dir, json_default, write_json, write_text
 from .classes import ClassScheme, load_scheme
 from .errors import DatasetError, SchemeError, StoreError
-from .outputs import check_replace, refuse_overlap, write_marker
+from .outputs import STORE_FORMAT, check_replace, refuse_overlap, write_marker
 from .progress import progress_bar
 
-FORMAT = "napari-diffmix-synthetic"
+FORMAT = STORE_FORMAT
 FORMAT_VERSION = 1
 IMAGES, INST_MAPS, TYPE_MAPS, DONE, PROVENANCE = "images", "inst_maps", "type_maps", "done", "provenance"
 ORIGINALS = "originals"

@@ -21,6 +21,9 @@ from .errors import OutputError, OutputLockedError, UnsafeOutputError
 
 MARKER = ".napari-diffmix-output.json"
 MARKER_FORMAT = "napari-diffmix-output"
+# A synthetic store's ``format`` attribute (defined here, where every output kind is
+# recognised, so that this module needs no import of the store's).
+STORE_FORMAT = "napari-diffmix-synthetic"
 
 # What each kind is called in messages.
 KINDS = {
@@ -65,10 +68,8 @@ def output_kind(path: str | os.PathLike) -> str | None:
         return marker["kind"]
     zarr_json = _json(path / "zarr.json")
     if zarr_json is not None:
-        from .export import FORMAT
-
         attrs = zarr_json.get("attributes")
-        return "store" if isinstance(attrs, dict) and attrs.get("format") == FORMAT else None
+        return "store" if isinstance(attrs, dict) and attrs.get("format") == STORE_FORMAT else None
     config = _json(path / "config.json")
     if config is not None:
         if str(config.get("format", "")).startswith("napari-diffmix-seg/"):

@@ -10,7 +10,6 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -442,7 +441,7 @@ def test_a_second_writer_is_refused_while_the_first_runs_and_a_killed_one_leaves
                 "--patches", "12", "--batch-size", "1", "--steps", "4", "--overwrite"]
         assert main(argv) == 2
         err = _err(capsys)
-        assert f"another process is writing this store: host" in err and f"pid {first.pid}" in err, err
+        assert "another process is writing this store: host" in err and f"pid {first.pid}" in err, err
         output, _ = first.communicate(timeout=240)
         assert first.returncode == 0, output
     g = zarr.open_group(str(out), mode="r")
