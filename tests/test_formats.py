@@ -247,3 +247,126 @@ def test_conic_arrays_give_tiles_with_lizard_classes(tmp_path, capsys):
     np.save(tmp_path / "conic" / "labels.npy", labels[..., 0])
     with pytest.raises(DatasetError, match=r"labels\.npy must be \(N, H, W, 2\)"):
         ds.open_dataset(tmp_path / "conic", layout="conic")
+
+
+# -- QuPath GeoJSON ----------------------------------------------------------------------------------
+def blob_tiles(n=2, size=(72, 96), seed=0):
+    """Tiles of ellipses (elongated along x or y) with CoNSeP classes; one nucleus has a hole, one two pieces."""
+    from skimage.draw import ellipse
+
+    rng = np.random.default_rng(seed)
+    tiles = []
+    for t in range(n):
+        inst = np.zeros(size, np.int32)
+        types = [0]
+        for k in range(1, 9):
+            r, c = 10 + 17 * ((k - 1) // 3) + t, 12 + 30 * ((k - 1) % 3)
+            ry, rx = (4, 9) if k % 2 else (8, 3)
+            rr, cc = ellipse(r, c, ry, rx, shape=size)
+            inst[rr, cc] = k
+            types.append(int(rng.integers(1, 5)))
+        inst[9:11, 14:17] = 0  # a hole in nucleus 1
+        inst[64:67, 80:84] = 9  # nucleus 9 in two pieces
+        inst[68:71, 88:92] = 9
+        types.append(2)
+        image = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+        tiles.append(ds.Tile(f"tile_{t}", image, inst, np.asarray(types, np.uint8)[inst]))
+    return tiles
+
+
+def test_geojson_round_trip_dataset_to_qupath_and_back(tmp_path, capsys):
+    tiles = blob_tiles()
+    src = ds.write_generic(ds.Dataset(tiles, CONSEP), tmp_path / "data")
+    assert main(["export", str(src), "--format", "geojson", "--out", str(tmp_path / "qp")]) == 0
+    assert "wrote 2 GeoJSON FeatureCollections" in capsys.readouterr().out
+    fc = json.loads((tmp_path / "qp" / "tile_0.geojson").read_text())
+    assert fc["type"] == "FeatureCollection" and len(fc["features"]) == 9
+    f1 = fc["features"][0]
+    assert f1["properties"]["objectType"] == "detection"
+    k1 = int(tiles[0].inst_types[1])
+    assert f1["properties"]["classification"] == {"name": CONSEP.names[k1 - 1], "color": list(CONSEP.color_rgb(k1))}
+    assert f1["geometry"]["type"] == "Polygon" and len(f1["geometry"]["coordinates"]) == 2  # outline + hole
+    xy = np.asarray(f1["geometry"]["coordinates"][0])
+    assert np.ptp(xy[:, 0]) > 2 * np.ptp(xy[:, 1])  # nucleus 1 is wide: x first, as GeoJSON/QuPath want
+    assert abs(xy[:, 0].mean() - 12.5) < 1 and abs(xy[:, 1].mean() - 10.5) < 1  # pixel (10, 12)'s centre is (12.5, 10.5)
+    assert fc["features"][8]["geometry"]["type"] == "MultiPolygon"
+    back = ds.open_dataset(tmp_path / "qp")  # scheme.json written beside
+    assert back.layout == "geojson" and back.scheme.names == CONSEP.names and back.names == ["tile_0", "tile_1"]
+    for orig, tile in zip(tiles, back):
+        assert np.array_equal(tile.image, orig.image)
+        assert np.unique(tile.inst_map).size == 10
+        for k in range(1, 10):  # each nucleus: its best match by IoU, and that match's class
+            mine = orig.inst_map == k
+            ids, counts = np.unique(tile.inst_map[mine], return_counts=True)
+            j = ids[np.argmax(counts)]
+            theirs = tile.inst_map == j
+            iou = np.count_nonzero(mine & theirs) / np.count_nonzero(mine | theirs)
+            assert j > 0 and iou >= 0.95, (k, iou)
+            assert tile.inst_types[j] == orig.inst_types[k]
+        assert np.array_equal(tile.inst_map, orig.inst_map)  # exact, in fact
+
+
+def test_geojson_from_qupath_cells_annotations_and_errors(tmp_path):
+    folder = tmp_path / "qupath"
+    (folder / "images").mkdir(parents=True)
+    iio.imwrite(folder / "images" / "slide_a.png", np.zeros((40, 50, 3), np.uint8))
+    square = [[10, 5], [20, 5], [20, 9], [10, 9], [10, 5]]  # x 10..20, y 5..9: 10 px wide, 4 px tall
+    nucleus = [[30, 20], [34, 20], [34, 30], [30, 30], [30, 20]]
+    features = [
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [50, 0], [50, 40], [0, 40], [0, 0]]]},
+         "properties": {"objectType": "annotation", "classification": {"name": "Tumor", "color": [200, 0, 0]}}},
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [square]},
+         "properties": {"objectType": "detection", "classification": {"name": "Epithelial", "color": [0, 158, 115]}}},
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[28, 18], [36, 18], [36, 32], [28, 32], [28, 18]]]},
+         "properties": {"objectType": "cell", "nucleusGeometry": {"type": "Polygon", "coordinates": [nucleus]},
+                        "classification": {"name": "spindle"}}},
+    ]
+    (folder / "slide_a.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    d = ds.open_dataset(folder, "consep")
+    assert d.layout == "geojson"
+    tile = d[0]
+    assert tile.image.shape == (40, 50, 3)
+    assert np.array_equal(np.argwhere(tile.inst_map == 1).min(0), [5, 10]) and np.array_equal(np.argwhere(tile.inst_map == 1).max(0), [8, 19])
+    assert np.count_nonzero(tile.inst_map == 2) == 4 * 10  # the cell's nucleus, not the cell
+    assert tile.inst_types.tolist() == [0, 3, 4]
+    features[1]["properties"].pop("classification")
+    (folder / "slide_a.geojson").write_text(json.dumps(features))  # a bare list of features also reads
+    with pytest.raises(DatasetError, match=r"slide_a\.geojson: feature 1 has no classification name"):
+        ds.open_dataset(folder, "consep")[0]
+    features[1]["properties"]["classification"] = {"name": "Tumor"}
+    (folder / "slide_a.geojson").write_text(json.dumps(features))
+    with pytest.raises(SchemeError, match=r"feature 1 is classified 'Tumor', which is not a class of scheme 'consep'"):
+        ds.open_dataset(folder, "consep")[0]
+    (folder / "slide_a.geojson").write_text(json.dumps({"type": "FeatureCollection"}))
+    with pytest.raises(DatasetError, match=r"slide_a\.geojson: missing key 'features'"):
+        ds.open_dataset(folder, "consep")[0]
+    (folder / "images" / "slide_a.png").unlink()
+    with pytest.raises(DatasetError, match=r"GeoJSON carries no image size: no image beside 1 file\(s\) \['slide_a'\]"):
+        ds.open_dataset(folder, "consep")
+
+
+def test_geojson_export_of_a_store_with_its_originals(tmp_path, capsys):
+    import zarr
+
+    from napari_diffmix.export import create_store, write_items
+
+    path = tmp_path / "synth.zarr"
+    tiles = blob_tiles(n=3, size=(48, 48))
+    create_store(path, count=2, shape=(48, 48), attrs={"scheme": CONSEP.to_dict()}, originals=1)
+    g = zarr.open_group(str(path), mode="r+")
+    stack = lambda attr, ts: np.stack([getattr(t, attr) for t in ts])  # noqa: E731
+    write_items(g, 0, stack("image", tiles[:2]), stack("inst_map", tiles[:2]), stack("type_map", tiles[:2]), [{"index": 0}, {"index": 1}])
+    write_items(g["originals"], 0, stack("image", tiles[2:]), stack("inst_map", tiles[2:]), stack("type_map", tiles[2:]),
+                [{"index": 0, "kind": "original", "tile_name": "t", "origin": [0, 0]}])
+    assert main(["export", str(path), "--format", "geojson"]) == 0
+    out = tmp_path / "synth-geojson"
+    assert "wrote 3 GeoJSON" in capsys.readouterr().out
+    back = ds.open_dataset(out)
+    assert back.names == ["original_t_y0_x0", "synthetic_000000", "synthetic_000001"]
+    for name, orig in zip(back.names, [tiles[2], tiles[0], tiles[1]]):
+        tile = back[back.names.index(name)]
+        assert np.array_equal(tile.inst_map > 0, orig.inst_map > 0) and np.array_equal(tile.type_map, orig.type_map)
+    assert main(["export", str(path), "--format", "geojson"]) != 0  # exists: refused without --overwrite
+    assert "pass --overwrite to replace it" in capsys.readouterr().err
+    assert main(["export", str(path), "--format", "geojson", "--overwrite", "--originals", "skip"]) == 0
+    assert ds.open_dataset(out).names == ["synthetic_000000", "synthetic_000001"]
