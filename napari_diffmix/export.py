@@ -187,7 +187,12 @@ def write_items(
 
 def read_done(group: Any) -> np.ndarray:
     """The ``done`` mask; an unreadable (torn) flag counts as not done."""
-    arr = group[DONE]
+    try:
+        arr = group[DONE]
+    except KeyError:
+        raise StoreError(f"{_group_path(group)}: the store has no 'done' array; it is damaged or not a napari-diffmix store") from None
+    except Exception as exc:  # a damaged zarr.json of the array
+        raise StoreError(f"{_group_path(group)}: the 'done' array cannot be opened ({_short(exc)})") from None
     try:
         return np.asarray(arr[:], dtype=bool)
     except Exception:  # a torn chunk: decode or checksum error; fall back to item by item
@@ -196,6 +201,17 @@ def read_done(group: Any) -> np.ndarray:
             with contextlib.suppress(Exception):
                 out[i] = bool(arr[i])
         return out
+
+
+def _group_path(group: Any) -> str:
+    root = getattr(group.store, "root", None)
+    return os.path.join(os.fspath(root), group.path) if root is not None else str(group.store)
+
+
+def _short(exc: BaseException) -> str:
+    """One line about a decode/parse error (zarr and numcodecs messages can span many)."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:200]}"
 
 
 def remove_partial_files(path: str | os.PathLike) -> int:
@@ -258,6 +274,14 @@ class SyntheticStore:
         self._check_layout()
 
     def _check_layout(self) -> None:
+        try:
+            self._check_arrays()
+        except StoreError:
+            raise
+        except Exception as exc:  # a damaged zarr.json of an array: JSONDecodeError, ValueError, ...
+            raise StoreError(f"{self.path}: the store's array metadata cannot be read ({_short(exc)}); the store is damaged") from None
+
+    def _check_arrays(self) -> None:
         g = self.group
         missing = [k for k in (IMAGES, INST_MAPS, TYPE_MAPS, DONE) if k not in g]
         if missing:
@@ -301,14 +325,39 @@ class SyntheticStore:
     def provenance(self, i: int) -> dict[str, Any]:
         if PROVENANCE not in self.group:
             return {"index": i, "kind": self.kind}
-        text = self.group[PROVENANCE][i]
-        return json.loads(str(text)) if text else {"index": i, "kind": self.kind}
+        try:
+            text = self.group[PROVENANCE][i]
+            return json.loads(str(text)) if text else {"index": i, "kind": self.kind}
+        except Exception as exc:
+            raise self._damaged(i, f"its provenance cannot be read ({_short(exc)})") from None
+
+    def chunk_missing(self, name: str, i: int) -> bool:
+        """Whether item ``i``'s chunk of array ``name`` is absent from disk: zarr would read the
+        fill value (zeros) for it, an all-black image passed off as a finished item."""
+        arr = self.group[name]
+        key = arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1))
+        return not (self.path / name / key).is_file()
+
+    def _damaged(self, i: int, what: str) -> StoreError:
+        exc = StoreError(
+            f"{self.path}: item {i}: {what}; 'diffmix verify {self.path}' lists every damaged item, and running the "
+            "synthesis command again renders them anew"
+        )
+        exc.reason = what  # what verify_store reports for the item
+        return exc
 
     def item(self, i: int) -> StoreItem:
+        """Item ``i`` read whole; :class:`StoreError` when a chunk of it is missing or cannot be decoded."""
         g = self.group
-        return StoreItem(
-            i, np.asarray(g[IMAGES][i]), np.asarray(g[INST_MAPS][i]), np.asarray(g[TYPE_MAPS][i]), self.provenance(i)
-        )
+        arrays = []
+        for name in (IMAGES, INST_MAPS, TYPE_MAPS):
+            if self.chunk_missing(name, i):
+                raise self._damaged(i, f"its {name} chunk is missing")
+            try:
+                arrays.append(np.asarray(g[name][i]))
+            except Exception as exc:  # zstd checksum / decode errors of a damaged chunk
+                raise self._damaged(i, f"its {name} chunk cannot be decoded ({_short(exc)})") from None
+        return StoreItem(i, *arrays, self.provenance(i))
 
     def items(self, indices: Sequence[int] | None = None) -> Iterator[StoreItem]:
         """Finished items (``done``) in index order, or the given ``indices``."""

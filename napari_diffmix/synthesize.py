@@ -62,6 +62,7 @@ from .classes import ClassScheme
 from .datasets import LAYOUTS, Dataset, patch_grid
 from .errors import CheckpointError, DatasetError, DiffMixError, RenderError, SchemeError, StoreError
 from .export import (
+    DONE,
     ORIGINALS,
     create_store,
     original_patches,
@@ -331,6 +332,86 @@ def dataset_reference(dataset: Any, relative_to: str | os.PathLike | None = None
     return {"path": str(root), "layout": layout}
 
 
+@dataclass
+class StoreCheck:
+    """What :func:`verify_store` found: ``problems`` maps the index of each finished item that
+    fails to its reason (``original_problems`` the same for included originals)."""
+
+    path: Path
+    total: int
+    done: int
+    problems: dict[int, str]
+    original_problems: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and not self.original_problems
+
+    def summary(self, limit: int = 10) -> str:
+        lines = [f"{self.path}: {self.done} of {self.total} items finished; "
+                 + ("every finished item verified" if self.ok else
+                    f"{len(self.problems) + len(self.original_problems)} damaged (re-run the synthesis command to render them again)")]
+        for label, problems in (("item", self.problems), ("original", self.original_problems)):
+            for i, why in list(problems.items())[:limit]:
+                lines.append(f"  {label} {i}: {why}")
+            if len(problems) > limit:
+                lines.append(f"  ... and {len(problems) - limit} more {label}(s)")
+        return "\n".join(lines)
+
+
+# Provenance fields of a synthetic item that must equal the store's sampling settings.
+_SAMPLING_FIELDS = ("sampler", "steps", "spacing", "guidance", "init", "strength")
+
+
+def _item_problem(store: Any, i: int, sampling: Mapping[str, Any] | None) -> str | None:
+    from .nuclei import inst_types_from_maps, type_map_from
+
+    try:
+        item = store.item(i)
+    except StoreError as exc:
+        return getattr(exc, "reason", str(exc))
+    prov = item.provenance
+    if not isinstance(prov, dict) or prov.get("index") != i:
+        return f"its provenance names item {prov.get('index') if isinstance(prov, dict) else prov!r}"
+    try:
+        consistent = np.array_equal(item.type_map, type_map_from(item.inst_map, inst_types_from_maps(item.inst_map, item.type_map)))
+    except DiffMixError as exc:
+        return f"its label maps break the contract ({exc})"
+    if not consistent:
+        return "its type_map gives some nucleus more than one class"
+    if sampling is not None and store.kind == "synthetic":
+        for key in _SAMPLING_FIELDS:
+            if key in sampling and prov.get(key) != sampling[key]:
+                return f"rendered with {key} {prov.get(key)!r}, the store's settings say {sampling[key]!r}"
+        if "seed" in sampling and prov.get("seed") != item_seed(sampling["seed"], i):
+            return "rendered with another seed than the store's settings give it"
+    return None
+
+
+def verify_store(path: str | os.PathLike, *, pbar: Any | None = None) -> StoreCheck:
+    """Decode every finished item of the store at ``path`` and check it: all three chunks
+    present and readable, label maps consistent, provenance of this item and of the store's
+    sampling settings (steps, sampler, guidance, strength, seed, ...). Included originals are
+    checked the same way, less the sampling. A store that cannot be opened raises StoreError."""
+    from .export import open_store
+
+    store = open_store(path)
+    sampling = (store.attrs.get("settings") or {}).get("sampling")
+    parts = [(store, sampling)] + ([(store.originals, None)] if store.originals is not None else [])
+    masks = [part.done_mask() for part, _ in parts]
+    found: list[dict[int, str]] = []
+    with progress_bar(pbar, int(sum(m.sum() for m in masks)), "verify", unit="item") as bar:
+        for (part, settings), done in zip(parts, masks):
+            problems = {}
+            for i in np.flatnonzero(done):
+                why = _item_problem(part, int(i), settings)
+                if why is not None:
+                    problems[int(i)] = why
+                bar.update(1)
+            found.append(problems)
+    return StoreCheck(Path(path), len(store), int(masks[0].sum()), found[0], found[1] if len(found) > 1 else {})
+
+
 def check_finite_step(record: Any, what: str = "the render") -> None:
     """Stop a render whose sample turned NaN or Inf at this :class:`~napari_diffmix.model.samplers.StepRecord`:
     to_uint8 would quietly write black images into a store that then reads "complete"."""
@@ -517,8 +598,19 @@ class SynthesisJob:
                 raise StoreError(f"{self.out}: the store cannot be opened ({exc}); move it away or delete it to start again") from None
             if attrs.get("fingerprint") == fingerprint:
                 removed = remove_partial_files(self.out)
-                done = int(read_done(zarr.open_group(str(self.out), mode="r")).sum())
+                # Finished items that fail verification (a deleted or torn chunk, items of another
+                # writer) are rendered again rather than trusted.
+                check = verify_store(self.out)
+                group = zarr.open_group(str(self.out), mode="r+")
+                for part, problems in ((group, check.problems), (group[ORIGINALS] if ORIGINALS in group else None, check.original_problems)):
+                    for i in problems:
+                        part[DONE][i] = False
+                done = check.done - len(check.problems)
                 extra = f", removed {removed} partial chunk file(s) of an interrupted write" if removed else ""
+                if not check.ok:
+                    first = next(iter({**check.problems, **check.original_problems}.items()))
+                    extra += (f"; {len(check.problems) + len(check.original_problems)} finished item(s) failed verification "
+                              f"and are rendered again (e.g. item {first[0]}: {first[1]})")
                 return f"resuming {self.out}: {done} of {len(self.plan)} items already done{extra}"
             elif not self.overwrite:
                 diffs = _differences(attrs.get("settings") or {}, settings)

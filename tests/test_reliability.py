@@ -10,6 +10,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -460,3 +461,78 @@ def test_a_second_writer_is_refused_while_the_first_runs_and_a_killed_one_leaves
         pass
     with WriterLock(killed), pytest.raises(OutputLockedError, match=rf"pid {os.getpid()}"):
         WriterLock(killed).acquire()
+
+
+# -- item 5: diffmix verify, clear StoreErrors, resume re-renders damaged items -----------------
+@pytest.fixture(scope="module")
+def finished_store(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("verify") / "ref.zarr"
+    assert main(["synthesize", str(data["dataset"]), "--model", str(data["model"]), "--out", str(out), *FAST]) == 0
+    return out
+
+
+def _damage(store: Path, how: str) -> str:
+    """Damage a copy of a finished store as a disk or a careless user would; returns what verify must say."""
+    if how == "deleted chunk":
+        (store / "images" / "c" / "1" / "0" / "0" / "0").unlink()
+        return "item 1: its images chunk is missing"
+    if how == "flipped bytes":
+        chunk = store / "inst_maps" / "c" / "2" / "0" / "0"
+        raw = bytearray(chunk.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        chunk.write_bytes(bytes(raw))
+        return "item 2: its inst_maps chunk cannot be decoded"
+    if how == "other settings":
+        import zarr
+
+        g = zarr.open_group(str(store), mode="r+")
+        prov = json.loads(str(g["provenance"][3]))
+        prov["steps"] = 20
+        g["provenance"][3] = json.dumps(prov)
+        return "item 3: rendered with steps 20, the store's settings say 2"
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how", ["deleted chunk", "flipped bytes", "other settings"])
+def test_verify_finds_damaged_items_export_refuses_them_and_resume_renders_them_again(data, finished_store, tmp_path, how, capsys):
+    import shutil
+
+    import zarr
+
+    store = tmp_path / "s.zarr"
+    shutil.copytree(finished_store, store)
+    assert main(["verify", str(store)]) == 0 and "every finished item verified" in capsys.readouterr().out
+    expected = _damage(store, how)
+    assert main(["verify", str(store)]) == 1
+    assert expected in capsys.readouterr().out
+    if how != "other settings":  # the reader and export: one clear line, never zeros or a zstd traceback
+        assert main(["export", str(store), "--format", "pannuke", "--out", str(tmp_path / "exp")]) == 2
+        err = _err(capsys)
+        assert expected in err and "diffmix verify" in err and not (tmp_path / "exp").exists()
+    argv = ["synthesize", str(data["dataset"]), "--model", str(data["model"]), "--out", str(store), *FAST]
+    assert main(argv) == 0
+    assert "1 finished item(s) failed verification and are rendered again" in capsys.readouterr().out
+    assert main(["verify", str(store)]) == 0
+    a, b = zarr.open_group(str(finished_store), mode="r"), zarr.open_group(str(store), mode="r")
+    for name in ("images", "inst_maps", "type_maps", "provenance", "done"):
+        assert np.array_equal(a[name][:], b[name][:]), name
+    assert b.attrs["status"] == "complete"
+
+
+@pytest.mark.parametrize("how, expected", [
+    ("garbage array metadata", "the store's array metadata cannot be read"),
+    ("no done array", "missing array(s) ['done']"),
+])
+def test_a_store_that_cannot_be_opened_is_one_store_error(finished_store, tmp_path, how, expected, capsys):
+    import shutil
+
+    store = tmp_path / "s.zarr"
+    shutil.copytree(finished_store, store)
+    if how == "no done array":
+        shutil.rmtree(store / "done")
+    else:
+        (store / "images" / "zarr.json").write_text("{ not json")
+    for argv in (["verify", str(store)], ["export", str(store), "--format", "hovernet", "--out", str(tmp_path / "e")]):
+        assert main(argv) == 2
+        err = _err(capsys)
+        assert expected in err and "StoreError" not in err, err

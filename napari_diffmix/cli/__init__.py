@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "train",
     "synthesize",
     "export",
+    "verify",
     "evaluate",
     "segmentation",
 )
