@@ -811,7 +811,7 @@ def read_pannuke(root: str | os.PathLike, scheme: Any) -> Dataset:
 
 
 # -- HoVer-Net run_infer output -------------------------------------------------------------------
-def _image_size(path: Path) -> tuple[int, int] | None:
+def image_size(path: Path) -> tuple[int, int] | None:
     """(H, W) from an image file's header (no pixels decoded), None if it cannot be read."""
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
@@ -910,7 +910,7 @@ def read_hovernet(root: str | os.PathLike, scheme: Any) -> Dataset:
         size = None
         for candidate in [base / "mat" / f"{name}.mat", *(base / "overlay" / f"{name}{s}" for s in IMAGE_SUFFIXES)]:
             if candidate.is_file():
-                size = _loadmat(candidate)["inst_map"].shape if candidate.suffix == ".mat" else _image_size(candidate)
+                size = _loadmat(candidate)["inst_map"].shape if candidate.suffix == ".mat" else image_size(candidate)
                 if size is not None:
                     break
         if size is None:
@@ -924,7 +924,8 @@ def read_hovernet(root: str | os.PathLike, scheme: Any) -> Dataset:
     return Dataset.lazy(names, load, scheme, root=root, layout="hovernet")
 
 
-def _mat_keys(path: Path) -> list[str]:
+def mat_keys(path: str | os.PathLike) -> list[str]:
+    """The variable names of a ``.mat`` file, read from its header (empty if it cannot be read)."""
     from scipy.io import whosmat
 
     try:
@@ -934,7 +935,7 @@ def _mat_keys(path: Path) -> list[str]:
 
 
 def _lists_ids(path: Path) -> bool:
-    keys = _mat_keys(path)
+    keys = mat_keys(path)
     return "inst_uid" in keys or "id" in keys
 
 
@@ -1051,7 +1052,7 @@ def read_geojson_folder(root: str | os.PathLike, scheme: Any) -> Dataset:
     def load(i: int, with_image: bool = True) -> Tile:
         name = names[i]
         image = read_image(images[name]) if with_image else None
-        size = image.shape[:2] if image is not None else _image_size(images[name])
+        size = image.shape[:2] if image is not None else image_size(images[name])
         if size is None:
             raise DatasetError("cannot read the image size", images[name])
         inst_map, type_map = labels_from_features(read_geojson(shapes[name]), size, scheme, source=shapes[name])
@@ -1067,7 +1068,7 @@ def _first_mat(folder: Path) -> Path | None:
 
 
 def _is_lizard_mat(path: Path | None) -> bool:
-    keys = _mat_keys(path) if path is not None else []
+    keys = mat_keys(path) if path is not None else []
     return "id" in keys and "class" in keys
 
 

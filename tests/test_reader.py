@@ -103,7 +103,9 @@ def test_store_reader_errors_are_specific(tmp_path):
     import zarr
 
     zarr.open_group(str(other), mode="w").create_array("x", data=np.zeros(3))
-    assert get_reader(str(other)) is None  # not ours: napari asks the next reader
+    # Not a store: handed to napari's own reader, so that choosing this plugin for *.zarr opens any zarr.
+    handed = get_reader(str(other))
+    assert handed is not None and handed.__module__.startswith("napari_builtins")
     assert get_reader(str(tmp_path / "missing.mat")) is None
     np.savez(tmp_path / "features.npz", x=np.zeros(3))
     assert get_reader(str(tmp_path / "features.npz")) is None
@@ -169,3 +171,122 @@ def test_sample_data_layers_are_consistent():
     ((blank, blank_kwargs, _),) = blank_canvas()
     assert blank.shape == (256, 256) and not blank.any()
     assert blank_kwargs["metadata"]["diffmix"]["scheme"]["name"] == "demo"
+
+
+# -- files of other tools: HoVer-Net output, Lizard, QuPath GeoJSON ---------------------------------
+def _classes_by_id(features):
+    return {int(i): int(k) for i, k in zip(features["index"], features["class"])}
+
+
+@pytest.fixture
+def napari_plugins():
+    """napari's plugin registry with this package's manifest (what a running napari has)."""
+    from napari.plugins import _initialize_plugins
+
+    _initialize_plugins()
+
+
+def test_hovernet_mat_and_json_open_with_their_image_without_naming_the_plugin(tmp_path, napari_plugins):
+    import imageio.v3 as iio
+    from napari.components import ViewerModel
+    from test_formats import BOXES, H, W, box_map, hovernet_output
+
+    out = tmp_path / "consep_run"  # the path names the dataset: classes get CoNSeP's names
+    hovernet_output(out)
+    image = np.full((H, W, 3), 90, np.uint8)
+    iio.imwrite(out / "test_1.png", image)  # the tile HoVer-Net read, beside its output
+    for f in (out / "mat" / "test_1.mat", out / "json" / "test_1.json"):
+        viewer = ViewerModel()
+        viewer.open(str(f), plugin=None)  # napari's File > Open / drag and drop: no plugin named
+        assert [layer.name for layer in viewer.layers] == ["test_1 H&E", "test_1 nuclei"]
+        assert np.array_equal(viewer.layers["test_1 H&E"].data, image)
+        nuclei = viewer.layers["test_1 nuclei"]
+        assert np.array_equal(nuclei.data > 0, box_map() > 0 if f.suffix == ".json" else (box_map() > 0) | (np.arange(W)[None] < 2) & (np.arange(H)[:, None] < 1))
+        r, c, h, w = BOXES[3]
+        nid = int(nuclei.data[r, c])
+        assert _classes_by_id(nuclei.features)[nid] == 4  # the model's spindle, not merged again
+        assert nuclei.metadata["diffmix"]["scheme"]["name"] == "consep"
+
+
+def test_hovernet_prediction_elsewhere_gets_numbered_classes(tmp_path, monkeypatch):
+    import napari.utils.notifications as notifications
+    from test_formats import hovernet_output
+
+    warned = []
+    monkeypatch.setattr(notifications, "show_warning", warned.append)
+    monkeypatch.setattr(notifications, "show_info", lambda m: None)
+    hovernet_output(tmp_path / "run", with_overlay=True)
+    layers = _by_name(get_reader(str(tmp_path / "run" / "json" / "test_1.json"))(str(tmp_path / "run" / "json" / "test_1.json")))
+    _, kwargs, _ = layers["test_1 nuclei"]  # no image: overlay/ gives the size only
+    assert list(layers) == ["test_1 nuclei"]
+    assert kwargs["metadata"]["diffmix"]["scheme"]["classes"][3]["name"] == "class 4"
+    assert "numbered classes" in warned[-1]
+    (tmp_path / "notes.json").write_text(json.dumps({"nuclei": []}))
+    assert get_reader(str(tmp_path / "notes.json")) is None  # a JSON file that is not HoVer-Net's
+
+
+def test_lizard_mat_opens_with_lizard_classes_and_its_image(tmp_path):
+    import imageio.v3 as iio
+    from test_formats import H, W, lizard_mat
+
+    root = tmp_path / "data"
+    mat = root / "Lizard_Labels" / "Labels" / "glas_1.mat"
+    inst = lizard_mat(mat, [5, 9, 2, 30], [1, 5, 2, 6])
+    (root / "Lizard_Images2").mkdir(parents=True)
+    iio.imwrite(root / "Lizard_Images2" / "glas_1.png", np.full((H, W, 3), 77, np.uint8))
+    layers = _by_name(get_reader(str(mat))(str(mat)))
+    assert layers["glas_1 H&E"][0][0, 0, 0] == 77
+    data, kwargs, _ = layers["glas_1 nuclei"]
+    assert np.array_equal(data, inst)
+    classes = _classes_by_id(kwargs["features"])
+    assert [classes[i] for i in (5, 9, 2, 30)] == [1, 5, 2, 6]
+    assert kwargs["metadata"]["diffmix"]["scheme"]["name"] == "lizard"
+
+
+def test_geojson_opens_with_its_image_and_the_files_classes(tmp_path, napari_plugins):
+    import imageio.v3 as iio
+    from napari.components import ViewerModel
+
+    from napari_diffmix.geojson import feature_collection
+
+    inst = np.zeros((30, 40), np.int32)
+    inst[3:7, 5:20] = 1  # wide
+    inst[12:28, 30:34] = 2  # tall
+    types = np.array([0, 2, 4], np.uint8)[inst]
+    fc = feature_collection(inst, types, CONSEP)
+    fc["features"][0]["properties"]["classification"]["color"] = [10, 200, 30]  # a QuPath user's colour
+    (tmp_path / "review").mkdir()
+    (tmp_path / "review" / "slide.geojson").write_text(json.dumps(fc))
+    iio.imwrite(tmp_path / "review" / "slide.png", np.full((30, 40, 3), 5, np.uint8))
+    viewer = ViewerModel()
+    viewer.open(str(tmp_path / "review" / "slide.geojson"), plugin=None)
+    assert [layer.name for layer in viewer.layers] == ["slide H&E", "slide nuclei"]
+    nuclei = viewer.layers["slide nuclei"]
+    assert np.array_equal(nuclei.data, inst)
+    scheme = nuclei.metadata["diffmix"]["scheme"]
+    # No scheme.json and no dataset name in the path: the classes the file uses, with its colours.
+    assert [c["name"] for c in scheme["classes"]] == ["inflammatory", "spindle"]
+    assert scheme["classes"][0]["color"] == "#0AC81E"
+    assert _classes_by_id(nuclei.features) == {1: 1, 2: 2}
+    (tmp_path / "review" / "slide.png").unlink()
+    from napari_diffmix.errors import DatasetError
+
+    with pytest.raises(DatasetError, match=r"slide\.geojson: GeoJSON carries no image size"):
+        get_reader(str(tmp_path / "review" / "slide.geojson"))(str(tmp_path / "review" / "slide.geojson"))
+
+
+def test_store_opens_through_the_manifest_and_other_zarr_still_open(tmp_path, napari_plugins):
+    """viewer.open(path) defaults to napari's own reader (plugin='napari'); a store needs this plugin
+    named, or chosen once for *.zarr in napari's preferences, which stays safe for any other zarr."""
+    import zarr
+    from napari.components import ViewerModel
+
+    path = tmp_path / "synth.zarr"
+    _store(path)
+    viewer = ViewerModel()
+    viewer.open(str(path), plugin="napari-diffmix")
+    assert [layer.name for layer in viewer.layers][:3] == ["synth images", "synth classes", "synth nuclei"]
+    other = tmp_path / "plain.zarr"
+    zarr.open_group(str(other), mode="w").create_array("x", data=np.arange(12, dtype=np.float32).reshape(3, 4))
+    viewer.open(str(other), plugin="napari-diffmix")
+    assert np.array_equal(np.asarray(viewer.layers[-1].data), np.arange(12).reshape(3, 4))
