@@ -32,6 +32,7 @@ def generate(make_napari_viewer, tiny_model):
     widget.set_model(tiny_model)
     widget.picker.device_combo.setCurrentText("CPU")
     widget.steps.setValue(6)
+    assert widget.tile.value() == 0  # untiled by default, whatever the model's training size
     widget.tile.setValue(32)
     assert widget.labels_combo.currentText() == "crop nuclei"
     assert widget.guidance.value() == 2.0  # the model's stored default
@@ -118,13 +119,20 @@ def test_synchronous_mode_modes_and_caches(generate, monkeypatch):
     assert isinstance(widget.generate(), SyncWorker)
     first = _renders(viewer)[-1]
     assert widget.previews_shown >= 2
-    runner, _ = next(iter(widget._runners.values()))
+
+    def current_runner():
+        req = widget.request()
+        loaded = widget.renderer.load(req.model_path, req.device, req.precision, req.preset)
+        assert loaded.reused  # the widget's renders loaded it already
+        return loaded.runner
+
+    runner = current_runner()
     calls = []
     original = runner.model.spade_params
     monkeypatch.setattr(runner.model, "spade_params", lambda *a, **k: calls.append(1) or original(*a, **k))
     widget.seed.setValue(1)
     widget.generate()
-    assert next(iter(widget._runners.values()))[0] is runner  # the model stayed loaded
+    assert current_runner() is runner  # the model stayed loaded
     second = _renders(viewer)[-1].metadata["diffmix"]["provenance"]
     assert calls == [] and second["reused_model"] and second["reused_spade"]
     assert "SPADE features reused" in widget.status.text()
@@ -132,7 +140,7 @@ def test_synchronous_mode_modes_and_caches(generate, monkeypatch):
     # Another precision keeps the loaded model but not the SPADE cache, which is stored in the old one.
     widget.picker.precision_combo.setCurrentText("fp32")
     widget.generate()
-    fp32_runner = next(iter(widget._runners.values()))[0]
+    fp32_runner = current_runner()
     third = _renders(viewer)[-1].metadata["diffmix"]["provenance"]
     assert fp32_runner.model is runner.model and fp32_runner.precision == "fp32" == third["precision"]
     assert third["reused_model"] and (third["reused_spade"] is (runner.precision == "fp32"))
@@ -162,7 +170,14 @@ def test_synchronous_mode_modes_and_caches(generate, monkeypatch):
     info = first.metadata["diffmix"]
     mask = changed_mask(info["inst_map"], info["type_map"], canvas.inst_map, canvas.type_map, EDIT_MARGIN)
     assert changed.any() and not changed[~mask].any()
-    assert edited.metadata["diffmix"]["provenance"]["edited_pixels"] == int(mask.sum())
+    provenance = edited.metadata["diffmix"]["provenance"]
+    assert provenance["edited_pixels"] == int(mask.sum())
+    # The network ran on windows around the edit only, and they cover it.
+    assert provenance["edit_windows"]
+    covered = np.zeros(mask.shape, bool)
+    for y, x, h, w in provenance["edit_windows"]:
+        covered[y : y + h, x : x + w] = True
+    assert covered[mask].all() and not covered.all()
     canvas.detach()
 
 

@@ -1,25 +1,28 @@
 """Generate dock widget: render the current label map into tissue with a live preview.
 
-The model (:func:`napari_diffmix.model.checkpoint.load_model`) and its
-:class:`~napari_diffmix.model.samplers.Sampler` are cached per (file, device): rendering again
-reuses the loaded weights and, while the label map is unchanged, the SPADE modulation of the
-last condition (the sampler keys it by :func:`~napari_diffmix.model.samplers.condition_key`).
-The sampler's generator runs in a napari thread worker: every step the worker sends a small
+The engine is :class:`napari_diffmix.render.Renderer`: it loads the model once per (file,
+device, precision), checks memory, translates out-of-memory errors and writes the provenance;
+this widget only collects the settings and shows steps. Rendering again reuses the loaded
+weights and, while the label map is unchanged, the SPADE modulation of the last condition.
+The render's generator runs in a napari thread worker: every step the worker sends a small
 preview of the predicted clean image to the main thread, which paints it into a preview layer
 (a new preview is computed only once the last one was shown, so a slow screen never queues up
-frames) and updates the progress bar. Cancel stops the generator at its next step and leaves no
-layer. ``DIFFMIX_NAPARI_NOTHREADS=1`` runs the same generator synchronously.
+frames) and updates the progress bar. Cancel stops the run within a step (the sampler polls it
+between windows and between the two guidance halves) and leaves no layer.
+``DIFFMIX_NAPARI_NOTHREADS=1`` runs the same generator synchronously.
 
 Modes: from noise; from the chosen image (SDEdit, ``strength`` of the schedule); or re-render
 only the nuclei edited since that image was made (the image layer carries the label map it
-depicts; changed pixels, grown by a margin, are rendered, the rest of the image is kept).
-Canvases larger than the tile size are rendered in overlapping tiles blended at every step.
+depicts; changed pixels, grown by a margin, are rendered, the rest of the image is kept, and
+the network runs only on windows around the edit). The whole canvas is rendered at once unless
+a tile size is set (overlapping tiles blended at every step, to bound memory).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +42,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..classes import ClassScheme
-from ..errors import LabelError, SchemeError
+from ..errors import LabelError
 from ..nuclei import changed_mask, type_map_from
 from .._layers import KEY, info_of, role_of, scheme_of, types_from_features
 from ._model_picker import BUNDLED, ModelPicker
@@ -52,9 +55,6 @@ PREVIEW_SIDE = 512  # px: previews of larger canvases are subsampled
 PREVIEW_INTERVAL = 0.1  # s: at most this often (each repaint costs the event loop a few ms)
 GENERATE_KEY = "Shift-G"
 EDIT_MARGIN = 4  # px grown around edited nuclei, so their surroundings blend in
-# Canvas-sized float32 tensors a run keeps besides the network's own activations: x_t,
-# pred_x0, noise, the model output and its blend accumulator, init image, mask, condition.
-CANVAS_TENSORS = 24
 
 
 def warm_up_imports() -> None:
@@ -71,13 +71,8 @@ def warm_up_imports() -> None:
 
     for name in ("DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"):
         getattr(diffusers, name)
-    # train for its device helper (it imports the model modules too)
-    for module in ("train", "model.checkpoint", "model.condition", "model.samplers"):
+    for module in ("render", "model.checkpoint", "model.condition", "model.samplers"):
         importlib.import_module(f"napari_diffmix.{module}")
-
-
-def _size(n: float) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 @dataclass
@@ -133,8 +128,10 @@ class GenerateWidget(JobWidget, QWidget):
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None):
         super().__init__(parent)
         self.viewer = napari_viewer
-        self._runners: dict[tuple, tuple[Any, Any]] = {}
-        self._last_condition: str | None = None
+        from ..render import Renderer
+
+        self.renderer = Renderer()
+        self._stop = threading.Event()  # set by Cancel; the sampler polls it within a step
         self._preview_pending = False
         self.preview_layer: Any = None
         self.previews_shown = 0
@@ -203,8 +200,8 @@ class GenerateWidget(JobWidget, QWidget):
         self.tile.setSpecialValueText("off")
         self.tile.setSuffix(" px")
         self.tile.setToolTip(
-            "Canvases larger than this are rendered in overlapping tiles blended at every step (bounds memory); "
-            "default: the model's training size"
+            "off (default): the whole canvas at once. A size: canvases larger than it are rendered in overlapping "
+            "tiles blended at every step (bounds memory, costs time)"
         )
         form.addRow("Tile size", self.tile)
 
@@ -233,9 +230,10 @@ class GenerateWidget(JobWidget, QWidget):
         self.picker.set_model(path, preset)
 
     def _on_model_changed(self, info: Any) -> None:
-        if info is not None:  # a native model: start from its stored guidance and training size
+        if info is not None:  # a native model: start from its stored guidance
+            # No tiles by default: the demo model, trained on 64 px crops, keeps its measured quality
+            # at 256 px untiled (README, Performance), and tiles at the training size cost 2.7x.
             self.guidance.setValue(info.default_guidance)
-            self.tile.setValue(info.config.image_size)
 
     def _refresh_layers(self, event: Any = None) -> None:
         from napari.layers import Image, Labels
@@ -333,100 +331,47 @@ class GenerateWidget(JobWidget, QWidget):
         )
 
     # -- the run ------------------------------------------------------------------------------------
-    def _runner(self, req: Request) -> tuple[Any, Any, bool]:
-        """(Sampler, ModelInfo, reused) for the request's model, device and precision, loading the model once."""
-        from ..model.checkpoint import load_model
-        from ..model.samplers import Sampler, resolve_precision
-        from ..runtime import resolve_device
-
-        device = resolve_device(req.device)
-        stamp = req.model_path.stat().st_mtime_ns if req.model_path.exists() else None
-        key = (str(req.model_path), stamp, req.preset, str(device))
-        if key in self._runners:
-            runner, info = self._runners[key]
-            if runner.precision == resolve_precision(req.precision, device):
-                return runner, info, True
-            # Same weights, other precision: a new sampler, since the SPADE cache is stored in the precision.
-            runner = Sampler(runner.model, info.diffusion or None, precision=req.precision)
-            self._runners[key] = (runner, info)
-            self._last_condition = None
-            return runner, info, True
-        self._runners.clear()  # one model in memory at a time
-        model, info = load_model(req.model_path, device, preset=req.preset)
-        runner = Sampler(model, info.diffusion or None, precision=req.precision)
-        self._runners[key] = (runner, info)
-        return runner, info, False
-
     def _job(self, req: Request):
-        import torch
-
-        from ..model import samplers
-        from ..model.condition import make_condition
-        from ..model.samplers import condition_key, preview
+        from ..model.samplers import preview
+        from ..render import RenderJob
 
         yield Status(f"loading {req.model_path.name}…")
-        runner, info, reused_model = self._runner(req)
-        if info.scheme.names != req.scheme.names:
-            raise SchemeError(
-                f"the model was trained on classes {list(info.scheme.names)} (scheme {info.scheme.name!r}) but "
-                f"layer {req.labels_name!r} uses {list(req.scheme.names)} (scheme {req.scheme.name!r}); "
-                "choose a model of that scheme"
-            )
+        loaded = self.renderer.load(req.model_path, req.device, req.precision, req.preset)
+        job = RenderJob(
+            inst_map=req.inst_map, type_map=req.type_map, scheme=req.scheme, sampler=req.sampler, steps=req.steps,
+            guidance=req.guidance, seed=req.seed, mode=req.mode, strength=req.strength, image=req.image,
+            image_name=req.image_name, mask=req.mask, tile=req.tile, labels_name=req.labels_name,
+        )
+        run = self.renderer.start(loaded, job, should_stop=self._stop.is_set)
+        what = "cached model" if loaded.reused else "model loaded"
+        yield Status(f"{what}; label map {'unchanged, SPADE features reused' if run.reused_spade else 'encoded'}")
         h, w = req.inst_map.shape
-        need = h * w * 4 * (CANVAS_TENSORS + info.scheme.condition_channels)
-        free = samplers.free_bytes(runner.device)
-        if free is not None and need > free:
-            raise LabelError(
-                f"the {h}x{w} label map is too large for memory: it needs about {_size(need)} on {runner.device} "
-                f"but only {_size(free)} are free; render a smaller region"
-            )
-        cond = make_condition(req.inst_map, req.type_map, info.scheme)
-        key = condition_key(cond)
-        reused_spade = reused_model and key == self._last_condition and runner.cache
-        self._last_condition = key
-        what = "cached model" if reused_model else "model loaded"
-        yield Status(f"{what}; label map {'unchanged, SPADE features reused' if reused_spade else 'encoded'}")
         stride = max(1, math.ceil(max(h, w) / PREVIEW_SIDE))
         start = time.perf_counter()
         shown = -math.inf
-        last = None
-        try:
-            for record in runner.sample(
-                cond, sampler=req.sampler, steps=req.steps, guidance=req.guidance, seed=req.seed,
-                init_image=req.image, strength=req.strength, mask=req.mask, tile_size=req.tile,
-            ):
-                last = record
-                picture = None
-                now = time.perf_counter()
-                if not self._preview_pending and now - shown >= PREVIEW_INTERVAL and not record.done:
-                    self._preview_pending = True
-                    shown = now
-                    picture = preview(record, max_side=PREVIEW_SIDE)
-                yield Step(record.step, record.total, time.perf_counter() - start, picture, stride)
-        except torch.cuda.OutOfMemoryError:
-            raise LabelError(
-                f"out of memory on {runner.device} rendering {h}x{w}: lower the tile size, or use the CPU"
-            ) from None
-        except RuntimeError as exc:
-            if "out of memory" in str(exc).lower() or "can't allocate memory" in str(exc).lower():
-                raise LabelError(f"out of memory on {runner.device} rendering {h}x{w}: lower the tile size") from None
-            raise
-        image = last.images()[0]
-        provenance = {
-            "model": str(req.model_path), "model_sha256": info.sha256, "scheme": info.scheme.name,
-            "device": str(runner.device), "precision": runner.precision, "sampler": req.sampler, "steps": req.steps,
-            "guidance": req.guidance,
-            "seed": int(last.seeds[0]), "mode": req.mode, "strength": req.strength, "image": req.image_name,
-            "edited_pixels": int(req.mask.sum()) if req.mask is not None else None, "tile": req.tile,
-            "labels": req.labels_name, "seconds": round(time.perf_counter() - start, 3),
-            "reused_model": reused_model, "reused_spade": bool(reused_spade),
-        }
-        return Result(image, provenance)
+        steps = run.steps()
+        while True:
+            try:
+                record = next(steps)
+            except StopIteration as stop:
+                result = stop.value
+                break
+            picture = None
+            now = time.perf_counter()
+            if not self._preview_pending and now - shown >= PREVIEW_INTERVAL and not record.done:
+                self._preview_pending = True
+                shown = now
+                picture = preview(record, max_side=PREVIEW_SIDE)
+            yield Step(record.step, record.total, time.perf_counter() - start, picture, stride)
+        if result is None:  # stopped within a step
+            return None
+        return Result(result.image, result.provenance)
 
     def generate(self, *, block: bool = False) -> Any:
         """Start rendering (``block=True`` or DIFFMIX_NAPARI_NOTHREADS=1: synchronously)."""
         self._check_idle()
         req = self.request()
+        self._stop.clear()
         self.previews_shown = 0
         self._preview_pending = False
         self.progress.setRange(0, req.steps)
@@ -467,7 +412,14 @@ class GenerateWidget(JobWidget, QWidget):
         eta = item.elapsed / item.step * (item.total - item.step)
         show_progress(self.progress, item.step, item.total, f"step {item.step}/{item.total} · ETA {eta:.0f} s")
 
-    def _on_result(self, result: Result, req: Request) -> None:
+    def cancel(self) -> None:
+        """Stop the running render within its current step; nothing is added."""
+        self._stop.set()
+        super().cancel()
+
+    def _on_result(self, result: Result | None, req: Request) -> None:
+        if result is None:
+            return
         p = result.provenance
         name = f"render seed {p['seed']} {p['sampler']}×{p['steps']} cfg {p['guidance']:g}"
         if req.mode == "sdedit":

@@ -708,7 +708,7 @@ class Sampler:
             overlap = tile_size // 4 if tile_overlap is None else int(tile_overlap)
             windows = tile_windows(height, width, int(tile_size), overlap)
         if mask_t is not None and edit_context is not None:
-            boxes = edit_windows(mask_t, self._edit_context(edit_context), multiple)
+            boxes = edit_windows(mask_t, self.edit_context_px(edit_context), multiple)
             if tile_size is not None:  # windows larger than a tile are tiled in turn
                 boxes = [
                     (y + ty, x + tx, th, tw)
@@ -723,7 +723,8 @@ class Sampler:
         return _Run(cond, sampler, int(steps), float(guidance), seeds, init, strength, mask_t, float(eta),
                     bool(clip_denoised), cfg, windows, overlap, cond_key, budget, should_stop)
 
-    def _edit_context(self, edit_context: int | str) -> int:
+    def edit_context_px(self, edit_context: int | str) -> int:
+        """The px of context a local edit renders around its mask for ``edit_context`` ("auto" or px)."""
         if edit_context == "auto":
             size = getattr(getattr(self.model, "config", None), "image_size", 64)
             return int(size) // 2

@@ -1,0 +1,282 @@
+"""Render one label map into tissue: the engine behind the Generate widget and ``diffmix render``.
+
+A :class:`Renderer` owns what a session of interactive rendering keeps between runs and the
+rules of one run, so that its callers (a Qt widget, the command line, a test) only pass
+options in and consume steps:
+
+* the model, loaded once and cached per (file, its modification time, preset, device) with one
+  :class:`~napari_diffmix.model.samplers.Sampler` per precision (one model in memory at a
+  time; the sampler keeps the SPADE modulation of the last label map);
+* the memory check before a run and the one-line out-of-memory message during it;
+* the CPU threads a run uses (:func:`cpu_threads`: fewer when other work keeps the cores busy);
+* local edits: the sampler renders only the windows around the edit mask (their count and
+  pixels go into the provenance);
+* the one provenance schema of a render.
+
+:meth:`Renderer.start` checks a :class:`RenderJob` and returns a :class:`RenderRun`, whose
+:meth:`RenderRun.steps` is a generator of :class:`~napari_diffmix.model.samplers.StepRecord`
+returning a :class:`Rendered` (image + provenance); :func:`run_to_end` drains it.
+The module never imports Qt or napari.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Generator
+
+import numpy as np
+
+from .errors import LabelError, SchemeError
+
+if TYPE_CHECKING:
+    from .classes import ClassScheme
+    from .model.samplers import StepRecord
+
+# Canvas-sized float32 tensors a run keeps besides the network's own activations: x_t,
+# pred_x0, noise, the model output and its blend accumulator, init image, mask, condition.
+CANVAS_TENSORS = 24
+MODES = ("noise", "sdedit", "edited")
+
+
+def size_text(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+# ---------------------------------------------------------------------------------------------
+# threads
+# ---------------------------------------------------------------------------------------------
+def cpu_threads(requested: int | None = None, *, passive: bool | None = None, load: float | None = None,
+                cores: int | None = None) -> int:
+    """Torch threads for a CPU run: ``requested`` if given; else one per core while OpenMP waits
+    passively (``napari_diffmix.OMP_PASSIVE``, the default); else, with spinning threads (torch
+    was loaded before this package), one per core the other work leaves free by the 1-minute
+    load average (``load``, default: read now, less this process's own last run), at least 1.
+
+    Why: with spinning threads, another CPU-bound process holding a core made 2 threads slower
+    than 1 (README, Performance); sleeping waiters never measured slower than 1 thread.
+    """
+    if requested is not None:
+        return max(1, int(requested))
+    cores = cores or os.cpu_count() or 1
+    if passive is None:
+        from . import OMP_PASSIVE as passive
+    if passive:
+        return cores
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):  # Windows: no load average
+            return cores
+        # Our own last run's threads still count in the load average for a while.
+        load = max(0.0, load - (_last_threads[-1] if _last_threads else 0))
+    return max(1, min(cores, cores - math.floor(load + 0.5)))
+
+
+_last_threads: list[int] = []
+
+
+# ---------------------------------------------------------------------------------------------
+# the renderer
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Loaded:
+    """A model ready to render: its sampler, file info and whether it came from the cache."""
+
+    runner: Any  # model.samplers.Sampler
+    info: Any  # model.checkpoint.ModelInfo
+    reused: bool
+    path: Path
+
+
+@dataclass
+class Rendered:
+    """The final image (uint8 (H, W, 3)) and its provenance."""
+
+    image: np.ndarray
+    provenance: dict[str, Any]
+
+
+@dataclass
+class RenderJob:
+    """One render. ``mode``: "noise" (from noise), "sdedit" (``image`` noised to ``strength``),
+    "edited" (re-render ``mask`` of ``image``, keep the rest exactly). ``tile``: render in
+    overlapping windows of this size (None: the whole canvas at once). ``threads``: CPU threads
+    (None: :func:`cpu_threads`)."""
+
+    inst_map: np.ndarray
+    type_map: np.ndarray
+    scheme: "ClassScheme"
+    sampler: str = "dpm++2m"
+    steps: int = 15
+    guidance: float | None = None  # None: the model's default
+    seed: int = 0
+    mode: str = "noise"
+    strength: float | None = None
+    image: np.ndarray | None = None
+    image_name: str | None = None
+    mask: np.ndarray | None = None
+    tile: int | None = None
+    edit_context: int | str | None = "auto"
+    threads: int | None = None
+    labels_name: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Renderer:
+    """Loads models (cached) and renders :class:`RenderJob` s with them; see the module docstring."""
+
+    def __init__(self) -> None:
+        self._models: dict[tuple, tuple[Any, Any]] = {}  # key -> (model, info)
+        self._runners: dict[tuple, Any] = {}  # (key, precision) -> Sampler
+        self._last_condition: tuple | None = None
+
+    def load(self, path: str | os.PathLike, device: str = "auto", precision: str = "auto",
+             preset: str | None = None) -> Loaded:
+        """The model at ``path`` on ``device`` with a sampler in ``precision``, loaded once."""
+        from .model.checkpoint import load_model
+        from .model.samplers import Sampler, resolve_precision
+        from .runtime import resolve_device
+
+        path = Path(path)
+        dev = resolve_device(device)
+        stamp = path.stat().st_mtime_ns if path.exists() else None
+        key = (str(path), stamp, preset, str(dev))
+        reused = key in self._models
+        if not reused:
+            self._models.clear()  # one model in memory at a time
+            self._runners.clear()
+            self._last_condition = None
+            self._models[key] = load_model(path, dev, preset=preset)
+        model, info = self._models[key]
+        resolved = resolve_precision(precision, dev)
+        runner = self._runners.get((key, resolved))
+        if runner is None:
+            # One sampler per precision: the SPADE cache is stored in the precision.
+            runner = Sampler(model, info.diffusion or None, precision=resolved)
+            self._runners[(key, resolved)] = runner
+        return Loaded(runner, info, reused, path)
+
+    @staticmethod
+    def check_memory(shape: tuple[int, int], loaded: Loaded) -> None:
+        """Refuse a canvas that cannot fit in the device's free memory (a clear message, not an OOM)."""
+        from .model.samplers import free_bytes
+
+        h, w = shape
+        need = h * w * 4 * (CANVAS_TENSORS + loaded.info.scheme.condition_channels)
+        free = free_bytes(loaded.runner.device)
+        if free is not None and need > free:
+            raise LabelError(
+                f"the {h}x{w} label map is too large for memory: it needs about {size_text(need)} on "
+                f"{loaded.runner.device} but only {size_text(free)} are free; render a smaller region"
+            )
+
+    def start(self, loaded: Loaded, job: RenderJob, should_stop: Callable[[], bool] | None = None) -> "RenderRun":
+        """Check ``job`` against ``loaded`` (scheme, mode, memory) and prepare it; iterate the
+        returned run's :meth:`RenderRun.steps` to render. ``should_stop`` can end it within a step."""
+        from .model.condition import make_condition
+        from .model.samplers import condition_key
+
+        runner, info = loaded.runner, loaded.info
+        if job.mode not in MODES:
+            raise LabelError(f"mode must be one of {', '.join(MODES)}, got {job.mode!r}")
+        if info.scheme.names != job.scheme.names:
+            raise SchemeError(
+                f"the model was trained on classes {list(info.scheme.names)} (scheme {info.scheme.name!r}) but "
+                f"{'layer ' + repr(job.labels_name) if job.labels_name else 'the labels'} uses "
+                f"{list(job.scheme.names)} (scheme {job.scheme.name!r}); choose a model of that scheme"
+            )
+        if job.mode != "noise" and job.image is None:
+            raise LabelError(f"mode {job.mode!r} starts from an image; give one")
+        if job.mode == "edited" and (job.mask is None or not np.asarray(job.mask).any()):
+            raise LabelError("nothing to re-render: the edit mask is empty")
+        self.check_memory(job.inst_map.shape, loaded)
+        cond = make_condition(job.inst_map, job.type_map, info.scheme)
+        key = (id(runner), condition_key(cond))
+        reused_spade = bool(loaded.reused and key == self._last_condition and runner.cache)
+        self._last_condition = key
+        return RenderRun(loaded, job, cond, reused_spade, should_stop)
+
+
+class RenderRun:
+    """One prepared render (:meth:`Renderer.start`): ``reused_spade`` says whether the label
+    map's SPADE features come from the last run, ``windows`` which windows a local edit renders
+    (None: the whole canvas)."""
+
+    def __init__(self, loaded: Loaded, job: RenderJob, cond: Any, reused_spade: bool,
+                 should_stop: Callable[[], bool] | None):
+        self.loaded, self.job, self.cond, self.reused_spade = loaded, job, cond, reused_spade
+        self.should_stop = should_stop
+        self.guidance = loaded.info.default_guidance if job.guidance is None else float(job.guidance)
+        self.strength = job.strength if job.mode == "sdedit" else None
+        self.mask = job.mask if job.mode == "edited" else None
+        self.windows = _edit_windows(loaded.runner, self.mask, job)
+
+    def steps(self) -> Generator["StepRecord", None, Rendered | None]:
+        """Yields every step's record; returns the :class:`Rendered` (None when stopped early)."""
+        import torch
+
+        runner, info, job = self.loaded.runner, self.loaded.info, self.job
+        h, w = job.inst_map.shape
+        threads = None
+        if runner.device.type == "cpu":
+            threads = cpu_threads(job.threads)
+            torch.set_num_threads(threads)
+            _last_threads[:] = [threads]
+        start = time.perf_counter()
+        gen = runner.sample(
+            self.cond, sampler=job.sampler, steps=job.steps, guidance=self.guidance, seed=job.seed,
+            init_image=None if job.mode == "noise" else job.image, strength=self.strength, mask=self.mask,
+            tile_size=job.tile, edit_context=job.edit_context, should_stop=self.should_stop,
+        )
+        last = None
+        try:
+            for last in gen:
+                yield last
+        except torch.cuda.OutOfMemoryError:
+            raise LabelError(
+                f"out of memory on {runner.device} rendering {h}x{w}: lower the tile size, or use the CPU"
+            ) from None
+        except RuntimeError as exc:
+            if "out of memory" in str(exc).lower() or "can't allocate memory" in str(exc).lower():
+                raise LabelError(f"out of memory on {runner.device} rendering {h}x{w}: lower the tile size") from None
+            raise
+        if last is None or not last.done:
+            return None
+        provenance = {
+            "model": str(self.loaded.path), "model_sha256": info.sha256, "scheme": info.scheme.name,
+            "device": str(runner.device), "precision": runner.precision, "threads": threads,
+            "sampler": job.sampler, "steps": job.steps, "guidance": self.guidance, "seed": int(last.seeds[0]),
+            "mode": job.mode, "strength": self.strength, "image": job.image_name,
+            "edited_pixels": int(np.asarray(self.mask).sum()) if self.mask is not None else None,
+            "edit_windows": self.windows, "tile": job.tile, "labels": job.labels_name,
+            "seconds": round(time.perf_counter() - start, 3), "reused_model": self.loaded.reused,
+            "reused_spade": self.reused_spade, **job.extra,
+        }
+        return Rendered(last.images()[0], provenance)
+
+
+def _edit_windows(runner: Any, mask: np.ndarray | None, job: RenderJob) -> list[list[int]] | None:
+    """The windows a local edit renders (for the provenance), None for a whole-canvas run."""
+    if mask is None or job.edit_context is None:
+        return None
+    from .model.samplers import edit_windows
+
+    multiple = getattr(getattr(runner.model, "config", None), "size_multiple", 1)
+    boxes = edit_windows(mask, runner.edit_context_px(job.edit_context), multiple)
+    return [list(b) for b in boxes]
+
+
+def run_to_end(gen: Generator["StepRecord", None, Rendered | None],
+               on_step: Callable[["StepRecord"], None] | None = None) -> Rendered | None:
+    """Drain :meth:`RenderRun.steps`, calling ``on_step`` with every record; returns its result."""
+    while True:
+        try:
+            record = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        if on_step is not None:
+            on_step(record)
