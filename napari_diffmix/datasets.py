@@ -1,6 +1,10 @@
 """Dataset readers and writers, patch grids and per-class statistics.
 
-Three on-disk layouts are read (``open_dataset`` detects which):
+Seven on-disk layouts are read (``open_dataset`` detects which): this package's own and the
+public releases below, plus the files other tools make (``hovernet``: HoVer-Net ``run_infer``
+predictions, see :func:`read_hovernet`; ``lizard`` / ``conic``: the Lizard release and the CoNIC
+patches, see :func:`read_lizard`, :func:`read_conic`; ``geojson``: QuPath GeoJSON with images,
+see :func:`read_geojson_folder` and :mod:`napari_diffmix.geojson`).
 
 ``consep`` — CoNSeP / GLySAC releases (point at the folder holding ``Images`` and ``Labels``,
 e.g. ``CoNSeP/Train``)::
@@ -8,6 +12,7 @@ e.g. ``CoNSeP/Train``)::
     Images/<stem>.png|.tif|.tiff      H&E tile, RGB (an alpha channel is dropped)
     Labels/<stem>.mat                 inst_map (H, W), type_map (H, W) raw ids,
                                       inst_type (N, 1) raw id of nucleus 1..N, inst_centroid (x, y)
+                                      (ids beyond N: see :func:`read_consep_labels`)
 
   Images and labels are paired by file stem, never by listing order. Raw type ids are merged
   into scheme classes exactly once, here. ``inst_type`` is the authority for each nucleus's

@@ -14,7 +14,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "stats",
         help="count nuclei and nucleus pixels per class in a dataset and check its images",
         description=(
-            "Read a dataset (CoNSeP/GLySAC folder, generic folder, PanNuke-style .npy stacks, or 'demo') "
+            "Read a dataset (CoNSeP/GLySAC folder, generic folder, PanNuke-style .npy stacks, HoVer-Net output, "
+            "Lizard, CoNIC, QuPath GeoJSON, or 'demo') "
             "and print nuclei and pixel shares per class, merged by the class scheme. Every tile's image file "
             "is checked too: RGB (or RGBA) and the size of its label maps, read from the file headers; "
             "all tiles that fail are listed in one error."
