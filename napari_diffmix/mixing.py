@@ -1124,6 +1124,21 @@ def make_item(plan: Plan, dataset: Sequence[Any], i: int, *, cache: MixCache | N
     return out, type_map, provenance
 
 
+def unchanged_items(plan: Plan, dataset: Sequence[Any], *, cache: MixCache | None = None, limit: int = 64) -> tuple[int, int]:
+    """``(unchanged, checked)``: of up to ``limit`` items spread over the plan, how many come out
+    with no nucleus retyped or shifted, i.e. would only copy an original patch."""
+    n = len(plan.items)
+    if n == 0:
+        return 0, 0
+    picks = np.unique(np.linspace(0, n - 1, min(n, limit)).round().astype(int))
+    cache = cache if cache is not None else MixCache(dataset)
+    unchanged = 0
+    for i in picks:
+        prov = make_item(plan, dataset, int(i), cache=cache)[2]
+        unchanged += prov["retyped_nuclei"] == 0 and prov["shifted_nuclei"] == 0
+    return unchanged, int(picks.size)
+
+
 def iter_items(
     plan: Plan,
     dataset: Sequence[Any],

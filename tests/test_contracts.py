@@ -3,6 +3,7 @@ contracts and ruff's checks, both configured in pyproject.toml."""
 
 from __future__ import annotations
 
+import importlib
 import pkgutil
 import subprocess
 import sys
@@ -27,6 +28,13 @@ def test_every_core_module_is_under_the_core_contract():
     listed = {m.removeprefix("napari_diffmix.") for m in core["source_modules"]}
     present = {m.name for m in pkgutil.iter_modules(napari_diffmix.__path__)} - NOT_CORE
     assert present == listed, f"add to / remove from the contract: {sorted(present ^ listed)}"
+
+
+def test_every_module_imports():
+    # A moved module with a stale relative import fails here, not when a user opens a dock.
+    for info in pkgutil.walk_packages(napari_diffmix.__path__, "napari_diffmix."):
+        if not info.name.endswith("__main__"):
+            importlib.import_module(info.name)
 
 
 def test_import_contracts_hold():

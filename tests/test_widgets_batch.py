@@ -29,8 +29,19 @@ def test_plan_only_writes_nothing(batch, tmp_path, qtbot):
     viewer, widget = batch
     widget.start(dry_run=True, block=True)
     assert "plan of 4 patch(es) checked" in widget.status.text()
-    assert "other" in widget.plan_label.text()  # the plan's class table
+    assert "other" in widget.plan_view.toPlainText() and widget.plan_view.isVisible()  # the plan's class table
     assert not (tmp_path / "demo-synthetic.zarr").exists()
+
+
+def test_plan_says_when_patches_come_out_unchanged(batch):
+    viewer, widget = batch
+    widget.maps_combo.setCurrentText("add rare nuclei")
+    widget.patch_size.setValue(16)  # too small to hold a replaced nucleus: most patches stay as they were
+    widget.start(dry_run=True, block=True)
+    unchanged, checked = widget.unchanged
+    assert checked == 4 and unchanged >= 1
+    assert f"{unchanged} of 4 checked come out unchanged" in widget.status.text()
+    assert widget.plan_view.toPlainText().startswith(f"warning: {unchanged} of 4 patches checked come out unchanged")
 
 
 def test_official_checkpoint_with_a_preset(batch, tmp_path, tiny_model):
@@ -62,7 +73,7 @@ def test_cancel_then_resume_completes_and_opens_the_store(batch, tmp_path, qtbot
     store = tmp_path / "demo-synthetic.zarr"
     done_before = int(open_store(store).done_mask().sum())
     assert 1 <= done_before < 4
-    assert "items/s" in widget.progress.format()
+    assert widget.progress.format() == "cancelled"  # no ETA of a job that is gone
 
     worker = widget.start()
     with qtbot.waitSignal(worker.finished, timeout=120_000):
@@ -75,6 +86,34 @@ def test_cancel_then_resume_completes_and_opens_the_store(batch, tmp_path, qtbot
     assert "demo-synthetic originals images" in names  # the demo lives in memory: its patches are included
     images = viewer.layers["demo-synthetic images"].data
     assert images.shape == (4, 32, 32, 3) and np.asarray(images[3]).std() > 0
+
+    # Start again on the finished store: nothing to render, and its layers are not added twice.
+    count = len(viewer.layers)
+    worker = widget.start()
+    with qtbot.waitSignal(worker.finished, timeout=60_000):
+        pass
+    qtbot.waitUntil(lambda: not widget._running)
+    assert "already complete" in widget.status.text() and len(viewer.layers) == count
+
+
+def test_changed_settings_name_the_widgets_own_checkbox(batch, monkeypatch):
+    import napari.utils.notifications as notifications
+
+    from napari_diffmix._widgets._workers import NOTHREADS_ENV
+
+    viewer, widget = batch
+    shown = []
+    monkeypatch.setattr(notifications, "show_error", lambda message: shown.append(str(message)))
+    monkeypatch.setenv(NOTHREADS_ENV, "1")
+    widget.steps.setValue(2)
+    widget.patches.setValue(1)
+    widget.start_button.click()
+    widget.seed.setValue(5)  # another plan for the same store
+    widget.start_button.click()
+    assert "tick 'replace a store made with other settings'" in shown[-1] and "--" not in shown[-1]
+    widget.overwrite.setChecked(True)
+    widget.start_button.click()
+    assert widget.result is not None and widget.result.complete
 
 
 def test_export_errors_notify(batch, monkeypatch):

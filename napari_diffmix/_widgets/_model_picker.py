@@ -18,12 +18,16 @@ DEVICES = {"auto": "auto", "CPU": "cpu", "CUDA": "cuda", "MPS": "mps"}
 
 class ModelPicker(QWidget):
     """Model file (bundled demo by default, any native ``.safetensors`` or official ``.pt``), its
-    preset for official files, the device and the network precision. ``changed`` fires with the
-    model's info (or None)."""
+    architecture for official files, the device and the network precision. ``changed`` fires with
+    the model's info (or None).
+
+    ``advanced``: a form (the dock's "Advanced" section) that takes the architecture, device and
+    precision rows, so the first screen shows only the model and what it is.
+    """
 
     changed = Signal(object)
 
-    def __init__(self, parent: QWidget | None = None):
+    def __init__(self, parent: QWidget | None = None, advanced: QFormLayout | None = None):
         super().__init__(parent)
         form = QFormLayout(self)
         form.setContentsMargins(0, 0, 0, 0)
@@ -43,24 +47,25 @@ class ModelPicker(QWidget):
         self.preset_combo = QComboBox()
         self.preset_combo.addItems(list(UNetConfig.preset_names()))
         self.preset_combo.setToolTip("Architecture of an official .pt checkpoint (it carries no configuration)")
-        form.addRow("Official .pt preset", self.preset_combo)
         self.info_label = QLabel()
         self.info_label.setWordWrap(True)
         # A wrapped label's minimum is one line: in a full dock Qt squeezed the two-line model
         # summary into one, clipping both lines.
         self.info_label.setMinimumHeight(2 * self.info_label.fontMetrics().lineSpacing() + 2)
         form.addRow(self.info_label)
+        extra = form if advanced is None else advanced
+        extra.addRow("Architecture (.pt)", self.preset_combo)
         self.device_combo = QComboBox()
         self.device_combo.addItems(list(DEVICES))
         self.device_combo.setToolTip("auto: CUDA, else Apple MPS, else CPU")
-        form.addRow("Device", self.device_combo)
+        extra.addRow("Device", self.device_combo)
         self.precision_combo = QComboBox()
         self.precision_combo.addItems(list(PRECISIONS))
         self.precision_combo.setToolTip(
             "auto: bf16 where the hardware has it (GPUs, CPUs with avx512_bf16/AMX; about 1.5x faster, within a few "
             "grey levels of fp32), fp16 on older GPUs, else fp32. fp32: the same image on any hardware"
         )
-        form.addRow("Precision", self.precision_combo)
+        extra.addRow("Precision", self.precision_combo)
         self.info: Any = None
 
     def _browse(self) -> None:
@@ -105,19 +110,22 @@ class ModelPicker(QWidget):
 
     def _on_changed(self) -> None:
         self.info = None
+        self.info_label.setToolTip("")
         self.preset_combo.setEnabled(False)
         try:
             path = self.path()
             if not self.is_native(path):
                 self.preset_combo.setEnabled(True)
-                self.info_label.setText(f"{path.name}: official checkpoint; pick its preset below")
+                self.info_label.setText(f"{path.name}: official checkpoint; choose its architecture (Advanced)")
             else:
                 from ..model.checkpoint import read_info
 
                 info = read_info(path)
                 self.info_label.setText(
-                    f"{path.name}: scheme {info.scheme.name!r} ({', '.join(info.scheme.names)}), trained at "
-                    f"{info.config.image_size} px, default guidance {info.default_guidance:g}"
+                    f"{path.name}: draws {', '.join(info.scheme.names)} nuclei; learned on {info.config.image_size} px patches"
+                )
+                self.info_label.setToolTip(
+                    f"class scheme {info.scheme.name!r}, default guidance {info.default_guidance:g}"
                 )
                 self.info = info
         except CheckpointError as exc:  # shown here; running reports it again as a notification

@@ -15,7 +15,7 @@ from ..errors import DiffMixError
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def notify_error(exc: BaseException) -> None:
+def notify_error(exc: BaseException | str) -> None:
     from napari.utils.notifications import show_error
 
     show_error(str(exc))

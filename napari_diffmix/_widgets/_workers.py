@@ -118,6 +118,9 @@ def run_in_thread(
         state["result"] = value
 
     def finished() -> None:
+        # A cancelled job stops at a yield: close it now so its cleanup (a store's writer lock,
+        # open files) runs before the user can start again, not whenever the worker is collected.
+        gen.close()
         _deliver(state["result"], on_return, on_error, aborted=worker.abort_requested)
         if on_finish:
             on_finish()
@@ -145,8 +148,11 @@ class JobWidget:
     """
 
     busy_message = "a job is already running; cancel it first"
+    # Command-line words in the core's error messages -> this widget's own controls.
+    cli_words: tuple[tuple[str, str], ...] = ()
     worker: Any = None
     _running = False
+    _cancel_requested = False
 
     def _add_job_status(self, layout: Any) -> None:
         from qtpy.QtWidgets import QLabel, QProgressBar
@@ -164,6 +170,7 @@ class JobWidget:
 
     def _start_job(self, job: Callable[[], Any], *, on_yield, on_return, on_finish, block: bool) -> Any:
         self._running = True
+        self._cancel_requested = False
         self._update_enabled()
         worker = run_in_thread(
             job, on_yield=on_yield, on_return=on_return, on_error=self._on_error, on_finish=on_finish, block=block
@@ -175,6 +182,7 @@ class JobWidget:
     def cancel(self) -> None:
         """Stop the running job at its next step."""
         if self.worker is not None:
+            self._cancel_requested = True
             self.status.setText(CANCELLING)
             self.worker.quit()
 
@@ -182,12 +190,19 @@ class JobWidget:
         from ._notify import notify_error
 
         self.status.setText("failed")
+        self.progress.setFormat("failed")
         if isinstance(exc, DiffMixError):
-            notify_error(exc)
+            message = str(exc)
+            for cli, ours in self.cli_words:
+                message = message.replace(cli, ours)
+            notify_error(message)
 
     def _job_finished(self) -> bool:
         """Back to idle; True when the job ended because it was cancelled."""
-        cancelled = self.status.text() == CANCELLING
+        cancelled = self._cancel_requested
+        if cancelled:  # the bar would otherwise keep the last ETA of a job that is gone
+            self.progress.setFormat("cancelled")
+        self._cancel_requested = False
         self.worker = None
         self._running = False
         self._update_enabled()

@@ -24,6 +24,7 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QLineEdit,
+    QPlainTextEdit,
     QPushButton,
     QRadioButton,
     QSpinBox,
@@ -33,135 +34,129 @@ from qtpy.QtWidgets import (
 
 from ..classes import BUILTIN_SCHEMES
 from ..errors import DiffMixError
+from ._layout import Collapsible, join_sibling_tabs, scroll_body
 from ._model_picker import BUNDLED, ModelPicker
 from ._notify import user_errors
 from ._sampling import sampler_controls, seed_spin, strength_spin
 from ._workers import JobWidget, show_progress
 
 DATASET_SCHEME = "the dataset's"
-MAPS = {"balance and enlarge": ["balance", "enlarge"], "balance": ["balance"], "enlarge": ["enlarge"],
-        "both on every patch": ["balance+enlarge"]}
+MAPS = {
+    "add rare nuclei, or shift nuclei": ["balance", "enlarge"],
+    "add rare nuclei": ["balance"],
+    "shift nuclei": ["enlarge"],
+    "add rare nuclei and shift nuclei": ["balance+enlarge"],
+}
+OVERWRITE = "replace a store made with other settings"
+RESUME_ONLY = "only resume (error if there is no store)"
 
 
 class BatchExportWidget(JobWidget, QWidget):
     """Plan and render a class-balanced synthetic set into a resumable zarr store."""
 
     busy_message = "an export is already running; cancel it first"
+    cli_words = (
+        ("pass --overwrite to replace it", f"tick '{OVERWRITE}' to replace it"),
+        ("run without --resume to start it", f"untick '{RESUME_ONLY}' (Advanced) to start it"),
+        ("--overwrite", f"'{OVERWRITE}'"),
+        ("another --out", "another output folder"),
+    )
+
+    diffmix_dock = True  # join_sibling_tabs finds the plugin's docks by this
+
+    def showEvent(self, event: Any) -> None:  # noqa: N802 (Qt)
+        super().showEvent(event)
+        join_sibling_tabs(self)
 
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None):
         super().__init__(parent)
         self.viewer = napari_viewer
         self.result: Any = None
         self.plan: Any = None
+        self.unchanged = (0, 0)  # (unchanged, checked) label maps of the last plan
         self._build()
         self.picker.set_model(BUNDLED)
 
     # -- layout --------------------------------------------------------------------------------------
     def _build(self) -> None:
-        root = QVBoxLayout(self)
+        root = scroll_body(self)
+        advanced = Collapsible("Advanced", "Classes, patch grid, sampler, seed, device and precision")
+        adv = QFormLayout()
+        advanced.body.addLayout(adv)
 
         data = QGroupBox("Dataset")
         form = QFormLayout(data)
         self.dataset_edit = QLineEdit("demo")
         self.dataset_edit.setToolTip("A CoNSeP/GLySAC folder (e.g. CoNSeP/Train), a generic or PanNuke folder, or 'demo'")
         browse = QPushButton("Browse…")
+        browse.setToolTip("Choose the folder of the labelled tiles to balance")
         browse.clicked.connect(lambda *_: self._browse_dataset())
         row = QHBoxLayout()
         row.addWidget(self.dataset_edit, 1)
         row.addWidget(browse)
         form.addRow("Folder", row)
-        self.scheme_combo = QComboBox()
-        self.scheme_combo.addItems([DATASET_SCHEME, *BUILTIN_SCHEMES])
-        self.scheme_combo.setToolTip("Class scheme the labels are read with (default: the folder's scheme.json)")
-        form.addRow("Class scheme", self.scheme_combo)
         root.addWidget(data)
 
         model = QGroupBox("Model")
         layout = QVBoxLayout(model)
-        self.picker = ModelPicker()
+        self.picker = ModelPicker(advanced=adv)
         layout.addWidget(self.picker)
         root.addWidget(model)
 
-        plan = QGroupBox("Balancing")
+        plan = QGroupBox("What to make")
         form = QFormLayout(plan)
         self.maps_combo = QComboBox()
         self.maps_combo.addItems(list(MAPS))
-        self.maps_combo.setToolTip("Kinds of synthetic patch: rare-class insertion (balance), nucleus shifts (enlarge)")
-        form.addRow("Label maps", self.maps_combo)
+        self.maps_combo.setToolTip(
+            "Add rare nuclei: common-class nuclei are replaced by real rare-class nuclei (DiffMix's balancing map). "
+            "Shift nuclei: inner nuclei move a few pixels (DiffMix's enlarging map)."
+        )
+        form.addRow("Patches that", self.maps_combo)
         goal = QVBoxLayout()
-        self.goal_patches = QRadioButton("patches")
-        self.goal_share = QRadioButton("until every class holds")
-        self.goal_grid = QRadioButton("as many as the original grid")
+        self.goal_patches = QRadioButton("this many patches")
+        self.goal_patches.setToolTip("Make a fixed number of synthetic patches")
+        self.goal_share = QRadioButton("until every class is at least")
+        self.goal_share.setToolTip("Add patches until the rarest class reaches this share of all nuclei (or the plan runs out)")
+        self.goal_grid = QRadioButton("as many as the original patches")
+        self.goal_grid.setToolTip("One synthetic patch per original patch of the grid: the set doubles")
         self.goal_patches.setChecked(True)
         self.patches = QSpinBox()
         self.patches.setRange(1, 1_000_000)
         self.patches.setValue(16)
+        self.patches.setToolTip("Number of synthetic patches")
         self.share = QDoubleSpinBox()
         self.share.setRange(0.5, 100)
         self.share.setValue(15)
-        self.share.setSuffix(" % of nuclei")
+        self.share.setDecimals(1)
+        self.share.setSuffix(" %")
+        self.share.setToolTip("Share of all nuclei (%) every class should hold in the original + synthetic set")
         for button, spin in ((self.goal_patches, self.patches), (self.goal_share, self.share), (self.goal_grid, None)):
             row = QHBoxLayout()
             row.addWidget(button)
             if spin is not None:
                 row.addWidget(spin)
             goal.addLayout(row)
-        form.addRow("Target", goal)
-        self.patch_size = QSpinBox()
-        self.patch_size.setRange(16, 4096)
-        self.patch_size.setValue(256)
-        self.patch_size.setSuffix(" px")
-        self.stride = QSpinBox()
-        self.stride.setRange(1, 4096)
-        self.stride.setValue(76)
-        self.stride.setSuffix(" px")
-        row = QHBoxLayout()
-        row.addWidget(self.patch_size)
-        row.addWidget(QLabel("stride"))
-        row.addWidget(self.stride)
-        form.addRow("Patches", row)
+        form.addRow("How many", goal)
         root.addWidget(plan)
 
-        sampling = QGroupBox("Sampling")
-        form = QFormLayout(sampling)
-        self.sampler_combo, self.steps = sampler_controls()
-        row = QHBoxLayout()
-        row.addWidget(self.sampler_combo)
-        row.addWidget(QLabel("steps"))
-        row.addWidget(self.steps)
-        form.addRow("Sampler", row)
-        self.from_noise = QCheckBox("from noise (default: SDEdit from the original patch)")
-        form.addRow(self.from_noise)
-        self.strength = strength_spin("SDEdit: noise the original patch to this share of the schedule")
-        form.addRow("Strength", self.strength)
-        self.from_noise.toggled.connect(lambda on: self.strength.setEnabled(not on))
-        self.seed = seed_spin()
-        self.batch = QSpinBox()
-        self.batch.setRange(1, 256)
-        self.batch.setValue(8)
-        self.batch.setToolTip("Items rendered together (memory grows with it)")
-        row = QHBoxLayout()
-        row.addWidget(self.seed)
-        row.addWidget(QLabel("batch"))
-        row.addWidget(self.batch)
-        form.addRow("Seed", row)
-        root.addWidget(sampling)
-
-        store = QGroupBox("Output store")
+        store = QGroupBox("Save to")
         form = QFormLayout(store)
         self.out_edit = QLineEdit()
         self.out_edit.setPlaceholderText("synthetic.zarr")
+        self.out_edit.setToolTip("The store to write (a .zarr folder); the same settings again continue a stopped run")
         browse = QPushButton("Browse…")
+        browse.setToolTip("Choose where to save the synthetic set")
         browse.clicked.connect(lambda *_: self._browse_out())
         row = QHBoxLayout()
         row.addWidget(self.out_edit, 1)
         row.addWidget(browse)
         form.addRow("Folder", row)
-        self.overwrite = QCheckBox("replace a store made with other settings")
-        self.resume_only = QCheckBox("only resume (error if there is no store)")
+        self.overwrite = QCheckBox(OVERWRITE)
+        self.overwrite.setToolTip("A store made with other settings is deleted and made again (never a folder this tool did not make)")
         self.open_when_done = QCheckBox("open the store when finished")
+        self.open_when_done.setToolTip("Show the synthetic patches and their nuclei in the viewer at the end")
         self.open_when_done.setChecked(True)
-        for box in (self.overwrite, self.resume_only, self.open_when_done):
+        for box in (self.overwrite, self.open_when_done):
             form.addRow(box)
         root.addWidget(store)
 
@@ -179,10 +174,62 @@ class BatchExportWidget(JobWidget, QWidget):
             row.addWidget(b)
         root.addLayout(row)
         self._add_job_status(root)
-        self.plan_label = QLabel()
-        self.plan_label.setWordWrap(True)
-        self.plan_label.setStyleSheet("font-family: monospace")
-        root.addWidget(self.plan_label)
+        # A table: no wrapping (it would break its columns), a few lines high, scrolling.
+        self.plan_view = QPlainTextEdit()
+        self.plan_view.setReadOnly(True)
+        self.plan_view.setLineWrapMode(QPlainTextEdit.LineWrapMode.NoWrap)
+        self.plan_view.setStyleSheet("font-family: monospace")
+        self.plan_view.setFixedHeight(9 * self.plan_view.fontMetrics().lineSpacing())
+        self.plan_view.setToolTip("Nuclei per class: original patches, planned synthetic patches and both together")
+        self.plan_view.setVisible(False)
+        root.addWidget(self.plan_view)
+
+        self.scheme_combo = QComboBox()
+        self.scheme_combo.addItems([DATASET_SCHEME, *BUILTIN_SCHEMES])
+        self.scheme_combo.setToolTip("The classes the labels are read with (default: the folder's scheme.json)")
+        adv.addRow("Classes", self.scheme_combo)
+        self.patch_size = QSpinBox()
+        self.patch_size.setRange(16, 4096)
+        self.patch_size.setValue(256)
+        self.patch_size.setSuffix(" px")
+        self.patch_size.setToolTip("Side of each synthetic patch (DiffMix: 256 px)")
+        self.stride = QSpinBox()
+        self.stride.setRange(1, 4096)
+        self.stride.setValue(76)
+        self.stride.setSuffix(" px")
+        self.stride.setToolTip("Step between the patches cut from each tile (DiffMix: 76 px, a 10 x 10 grid on 1000 px tiles)")
+        row = QHBoxLayout()
+        row.addWidget(self.patch_size)
+        row.addWidget(QLabel("step"))
+        row.addWidget(self.stride)
+        adv.addRow("Patch size", row)
+        self.sampler_combo, self.steps = sampler_controls()
+        row = QHBoxLayout()
+        row.addWidget(self.sampler_combo)
+        row.addWidget(QLabel("steps"))
+        row.addWidget(self.steps)
+        adv.addRow("Sampler", row)
+        self.from_noise = QCheckBox("from noise (default: start from the original patch, noised part way)")
+        self.from_noise.setToolTip("Render from pure noise instead of DiffMix's SDEdit start from the original patch")
+        adv.addRow(self.from_noise)
+        self.strength = strength_spin("How far the original patch is noised before rendering")
+        adv.addRow("Strength", self.strength)
+        self.from_noise.toggled.connect(lambda on: self.strength.setEnabled(not on))
+        self.seed = seed_spin()
+        self.batch = QSpinBox()
+        self.batch.setRange(1, 256)
+        self.batch.setValue(8)
+        self.batch.setToolTip("Items rendered together (memory grows with it)")
+        row = QHBoxLayout()
+        row.addWidget(self.seed)
+        row.addWidget(QLabel("batch"))
+        row.addWidget(self.batch)
+        adv.addRow("Seed", row)
+        self.resume_only = QCheckBox(RESUME_ONLY)
+        self.resume_only.setToolTip("Continue the store in the folder; never start a new one")
+        adv.addRow(self.resume_only)
+        self.advanced = advanced
+        root.addWidget(advanced)
         root.addStretch(1)
         self._update_enabled()
 
@@ -233,7 +280,7 @@ class BatchExportWidget(JobWidget, QWidget):
 
     def _job(self, s: dict[str, Any], dry_run: bool):
         from ..datasets import open_dataset
-        from ..mixing import MixCache, plan_balanced_set
+        from ..mixing import MixCache, plan_balanced_set, unchanged_items
         from ..synthesize import SynthesisConfig, SynthesisJob
 
         yield ("status", f"opening {s['dataset']}…")
@@ -244,7 +291,9 @@ class BatchExportWidget(JobWidget, QWidget):
             dataset, patches=s["patches"], target_share=s["target_share"], maps=s["maps"],
             patch_size=s["patch_size"], stride=s["stride"], seed=s["seed"], cache=cache,
         )
-        yield ("plan", plan)
+        yield ("status", "checking the planned label maps…")
+        unchanged, checked = unchanged_items(plan, dataset, cache=cache)
+        yield ("plan", plan, unchanged, checked)
         config = SynthesisConfig(
             sampler=s["sampler"], steps=s["steps"], init=s["init"], strength=s["strength"], seed=s["seed"],
             batch_size=s["batch_size"], device=s["device"], precision=s["precision"],
@@ -282,8 +331,17 @@ class BatchExportWidget(JobWidget, QWidget):
         if kind == "status":
             self.status.setText(item[1])
         elif kind == "plan":
-            self.plan = item[1]
-            self.plan_label.setText(self.plan.table())
+            _, self.plan, unchanged, checked = item
+            text = self.plan.table()
+            if unchanged:
+                # Such patches only copy an original: the plan should change before any rendering.
+                text = (
+                    f"warning: {unchanged} of {checked} patches checked come out unchanged (no nucleus replaced or "
+                    "shifted): they would only copy original patches\n" + text
+                )
+            self.unchanged = (unchanged, checked)
+            self.plan_view.setPlainText(text)
+            self.plan_view.setVisible(True)
         elif kind == "event":
             _, event, rate = item
             left = event.total - event.done
@@ -297,18 +355,32 @@ class BatchExportWidget(JobWidget, QWidget):
         kind, job = value
         if kind == "dry-run":
             init = "SDEdit" if job.config.init == "original" else "from noise"
+            unchanged, checked = self.unchanged
+            same = f"; {unchanged} of {checked} checked come out unchanged" if unchanged else ""
             self.status.setText(
-                f"plan of {len(job.plan)} patch(es) checked; {job.config.sampler} × {job.config.steps} steps, "
+                f"plan of {len(job.plan)} patch(es) checked{same}; {job.config.sampler} × {job.config.steps} steps, "
                 f"guidance {job.guidance:g}, {init}; nothing written"
             )
             return
         self.result = result = job.result
         if result.complete:
-            self.status.setText(f"done: {result.done} items in {result.store} ({result.rendered} rendered now)")
-            if self.open_when_done.isChecked():
+            if result.rendered:
+                self.status.setText(f"done: {result.done} items in {result.store} ({result.rendered} rendered now)")
+            else:
+                self.status.setText(f"{result.store} is already complete ({result.done} items): nothing to render")
+            # Layers of this store already in the viewer would come in twice ("name [1]").
+            if self.open_when_done.isChecked() and not self._store_is_open(result.store):
                 self.viewer.open(str(result.store), plugin="napari-diffmix")
         else:
             self.status.setText(f"stopped: {result.total - result.done} item(s) left; Start again to resume")
+
+    def _store_is_open(self, store: Path) -> bool:
+        target = Path(store).resolve()
+        for layer in self.viewer.layers:
+            path = getattr(getattr(layer, "source", None), "path", None)
+            if path and Path(path).resolve() == target:
+                return True
+        return False
 
     def _on_finish(self) -> None:
         self.progress.setRange(0, max(self.progress.maximum(), 1))

@@ -24,19 +24,19 @@ from qtpy.QtWidgets import (
     QLabel,
     QPushButton,
     QSpinBox,
-    QVBoxLayout,
     QWidget,
 )
 
 from .. import nuclei
 from ..classes import BUILTIN_SCHEMES, ClassScheme, load_scheme
 from ..errors import DiffMixError, LabelError, SchemeError
-from ._canvas import NucleiCanvas, shortcut
 from .._layers import nuclei_layer_data, role_of, scheme_of
+from ._canvas import NucleiCanvas, shortcut
+from ._layout import Collapsible, join_sibling_tabs, scroll_body
 from ._notify import notify_error, user_errors
 from ._workers import run_in_thread
 
-BANK_DEMO, BANK_MAP, BANK_DATASET, BANK_FILE = "demo set", "this map", "dataset folder…", "bank file (.npz)…"
+BANK_DEMO, BANK_MAP, BANK_DATASET, BANK_FILE = "demo set", "this map", "dataset folder…", "saved shapes (.npz)…"
 BANK_BORDER = 1  # px: nuclei cut by the map edge are poor shapes to stamp elsewhere
 SCHEME_FILE = "from file…"
 
@@ -57,6 +57,12 @@ def _button(text: str, tip: str, slot: Callable[[], Any]) -> QPushButton:
 class NucleiEditorWidget(QWidget):
     """Paint, select, move, rotate, flip, duplicate, delete, retype and insert nuclei; balance/enlarge."""
 
+    diffmix_dock = True  # join_sibling_tabs finds the plugin's docks by this
+
+    def showEvent(self, event: Any) -> None:  # noqa: N802 (Qt)
+        super().showEvent(event)
+        join_sibling_tabs(self)
+
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None):
         super().__init__(parent)
         self.viewer = napari_viewer
@@ -75,7 +81,7 @@ class NucleiEditorWidget(QWidget):
 
     # -- layout --------------------------------------------------------------------------------------
     def _build(self) -> None:
-        root = QVBoxLayout(self)
+        root = scroll_body(self)
 
         source = QGroupBox("Label map")
         form = QFormLayout(source)
@@ -86,37 +92,37 @@ class NucleiEditorWidget(QWidget):
         self.scheme_combo = QComboBox()
         self.scheme_combo.addItems([*BUILTIN_SCHEMES, SCHEME_FILE])
         self.scheme_combo.setCurrentText("demo")
-        self.scheme_combo.setToolTip("Class scheme for new canvases and for layers that carry none")
+        self.scheme_combo.setToolTip(
+            "The nucleus classes of new canvases and of layers that carry none: CoNSeP, GLySAC, the demo's, or a file"
+        )
         self.scheme_combo.activated.connect(lambda *_: user_errors(self._on_scheme_chosen)())
         self._custom_scheme: ClassScheme | None = None
-        form.addRow("Class scheme", self.scheme_combo)
+        form.addRow("Classes", self.scheme_combo)
         row = QHBoxLayout()
-        self.canvas_size = QSpinBox()
-        self.canvas_size.setRange(16, 8192)
-        self.canvas_size.setValue(256)
-        self.canvas_size.setSuffix(" px")
-        self.canvas_size.setToolTip("Side of a new blank canvas")
-        row.addWidget(self.canvas_size)
-        row.addWidget(_button("New canvas", "Add an empty nuclei layer to paint on", self.new_canvas))
+        row.addWidget(_button("New canvas", "Add an empty nuclei layer to paint on (its size is under Advanced)", self.new_canvas))
         row.addWidget(_button("Demo tile", "Open the bundled demo tile and its nuclei", self.open_demo))
         form.addRow(row)
         root.addWidget(source)
 
         tools = QGroupBox("Tools")
-        row = QHBoxLayout(tools)
+        grid = QGridLayout(tools)
         self.tool_buttons: dict[str, QPushButton] = {}
-        for mode, text, tip in (
+        for i, (mode, text, tip) in enumerate((
             ("paint", "Paint", "Brush (P): every stroke paints a new nucleus of the active class"),
             ("pick", "Select / move", "Select (L): click a nucleus to select it, drag it to move it"),
             ("erase", "Erase", "Eraser (E)"),
             ("pan_zoom", "Pan", "Pan and zoom (Z)"),
-        ):
+        )):
             b = QPushButton(text)  # napari's theme shows a checked push button, not a tool button
             b.setToolTip(tip)
             b.setCheckable(True)
             b.clicked.connect(lambda *_, m=mode: user_errors(self.set_mode)(m))
             self.tool_buttons[mode] = b
-            row.addWidget(b)
+            grid.addWidget(b, 0, i)
+        self.undo_button = _button("Undo", f"Undo the last stroke or edit ({shortcut('undo')})", lambda: self._c().undo())
+        self.redo_button = _button("Redo", f"Redo ({shortcut('redo')})", lambda: self._c().redo())
+        grid.addWidget(self.undo_button, 1, 0, 1, 2)
+        grid.addWidget(self.redo_button, 1, 2, 1, 2)
         root.addWidget(tools)
 
         self.palette_box = QGroupBox("Classes")
@@ -146,46 +152,64 @@ class NucleiEditorWidget(QWidget):
             b = _button(text, f"{tip} ({shortcut(verb)})", slot)
             self.verb_buttons[verb] = b
             grid.addWidget(b, 1 + i // 4, i % 4)
-        self.rotate_step = QDoubleSpinBox()
-        self.rotate_step.setRange(0.5, 180)
-        self.rotate_step.setValue(15)
-        self.rotate_step.setSuffix("°")
-        self.rotate_step.setToolTip(f"Rotation step ({shortcut('rotate_ccw')} / {shortcut('rotate_cw')})")
-        self.rotate_step.valueChanged.connect(self._sync_steps)
-        self.move_step = QSpinBox()
-        self.move_step.setRange(1, 200)
-        self.move_step.setValue(10)
-        self.move_step.setSuffix(" px")
-        self.move_step.setToolTip("Move with the arrow keys: 1 px, or this far with Shift; or drag with the select tool")
-        self.move_step.valueChanged.connect(self._sync_steps)
-        grid.addWidget(QLabel("Rotate step"), 3, 0)
-        grid.addWidget(self.rotate_step, 3, 1)
-        grid.addWidget(QLabel("Shift+arrow"), 3, 2)
-        grid.addWidget(self.move_step, 3, 3)
         root.addWidget(edit)
 
         insert = QGroupBox("Insert real nuclei")
         form = QFormLayout(insert)
         self.bank_combo = QComboBox()
         self.bank_combo.addItems([BANK_DEMO, BANK_MAP, BANK_DATASET, BANK_FILE])
-        self.bank_combo.setToolTip("Where inserted nuclei shapes (and balancing donors) come from")
+        self.bank_combo.setToolTip("Where the shapes of inserted nuclei (and of added rare nuclei) come from")
         self.bank_combo.activated.connect(lambda *_: user_errors(self._on_bank_chosen)())
-        form.addRow("Nuclei bank", self.bank_combo)
-        self.bank_label = QLabel("no bank loaded")
+        form.addRow("Shapes from", self.bank_combo)
+        self.bank_label = QLabel("no shapes loaded")
+        self.bank_label.setWordWrap(True)
         form.addRow(self.bank_label)
         self.insert_button = _button(
             "Insert nucleus of the active class",
-            f"Stamp a real nucleus of the active class from the bank at the cursor ({shortcut('insert')})",
+            f"Stamp a real nucleus of the active class at the cursor ({shortcut('insert')})",
             lambda: self._c().insert(self._c().cursor_point()),
         )
         form.addRow(self.insert_button)
         root.addWidget(insert)
 
-        maps = QGroupBox("DiffMix label maps")
-        form = QFormLayout(maps)
+        maps = QGroupBox("Rebalance the map")
+        row = QHBoxLayout(maps)
+        self.balance_button = _button(
+            "Add rare nuclei",
+            "Replace common-class nuclei by real rare-class nuclei that fit in their place (DiffMix's balancing map)",
+            self.balance,
+        )
+        self.enlarge_button = _button("Shift nuclei", "Move inner nuclei a few pixels at random (DiffMix's enlarging map)", self.enlarge)
+        row.addWidget(self.balance_button)
+        row.addWidget(self.enlarge_button)
+        root.addWidget(maps)
+
+        advanced = Collapsible("Advanced", "Canvas size, edit steps and the settings of the DiffMix label maps")
+        form = QFormLayout()
+        advanced.body.addLayout(form)
+        self.canvas_size = QSpinBox()
+        self.canvas_size.setRange(16, 8192)
+        self.canvas_size.setValue(256)
+        self.canvas_size.setSuffix(" px")
+        self.canvas_size.setToolTip("Side of a new blank canvas")
+        form.addRow("New canvas size", self.canvas_size)
+        self.rotate_step = QDoubleSpinBox()
+        self.rotate_step.setRange(0.5, 180)
+        self.rotate_step.setValue(15)
+        self.rotate_step.setSuffix("°")
+        self.rotate_step.setToolTip(f"Rotation step ({shortcut('rotate_ccw')} / {shortcut('rotate_cw')})")
+        self.rotate_step.valueChanged.connect(self._sync_steps)
+        form.addRow("Rotate step", self.rotate_step)
+        self.move_step = QSpinBox()
+        self.move_step.setRange(1, 200)
+        self.move_step.setValue(10)
+        self.move_step.setSuffix(" px")
+        self.move_step.setToolTip("Move with the arrow keys: 1 px, or this far with Shift; or drag with the select tool")
+        self.move_step.valueChanged.connect(self._sync_steps)
+        form.addRow("Shift+arrow step", self.move_step)
         self.map_seed = QSpinBox()
         self.map_seed.setRange(0, 2**31 - 1)
-        self.map_seed.setToolTip("Seed of the balancing/enlarging draws (same seed, same map)")
+        self.map_seed.setToolTip("Seed of the random draws of 'Add rare nuclei' and 'Shift nuclei' (same seed, same map)")
         row = QHBoxLayout()
         row.addWidget(self.map_seed)
         row.addWidget(_button("Random", "Roll a new seed", lambda: self.map_seed.setValue(int(np.random.default_rng().integers(2**31 - 1)))))
@@ -194,37 +218,26 @@ class NucleiEditorWidget(QWidget):
         self.target_fraction.setRange(0.0, 1.0)
         self.target_fraction.setSingleStep(0.05)
         self.target_fraction.setValue(0.8)
-        self.target_fraction.setToolTip("Share of eligible major-class nuclei replaced by rare donors (published: 0.8)")
-        form.addRow("Balance: targets", self.target_fraction)
-        self.balance_button = _button(
-            "Balance", "Replace major-class nuclei by rare-class donors from the bank (GradMix/DiffMix balancing map)", self.balance
-        )
-        form.addRow(self.balance_button)
+        self.target_fraction.setToolTip("Share of the eligible common-class nuclei that 'Add rare nuclei' replaces (published: 0.8)")
+        form.addRow("Rare nuclei: share replaced", self.target_fraction)
         row = QHBoxLayout()
         self.shift_max = QSpinBox()
         self.shift_max.setRange(0, 100)
         self.shift_max.setValue(15)
+        self.shift_max.setSuffix(" px")
         self.shift_max.setToolTip("Shifts are drawn from -max..max-1 px per axis (published: 15)")
         self.shift_prob = QDoubleSpinBox()
         self.shift_prob.setRange(0.0, 1.0)
         self.shift_prob.setSingleStep(0.05)
         self.shift_prob.setValue(0.3)
         self.shift_prob.setToolTip("Chance that a nucleus shifts along each axis (published: 0.3)")
-        row.addWidget(QLabel("±"))
+        row.addWidget(QLabel("up to"))
         row.addWidget(self.shift_max)
-        row.addWidget(QLabel("p"))
+        row.addWidget(QLabel("chance"))
         row.addWidget(self.shift_prob)
-        form.addRow("Enlarge: shift", row)
-        self.enlarge_button = _button("Enlarge", "Shift interior nuclei at random (DiffMix enlarging map)", self.enlarge)
-        form.addRow(self.enlarge_button)
-        root.addWidget(maps)
-
-        row = QHBoxLayout()
-        self.undo_button = _button("Undo", f"Undo the last stroke or edit ({shortcut('undo')})", lambda: self._c().undo())
-        self.redo_button = _button("Redo", f"Redo ({shortcut('redo')})", lambda: self._c().redo())
-        row.addWidget(self.undo_button)
-        row.addWidget(self.redo_button)
-        root.addLayout(row)
+        form.addRow("Shift nuclei", row)
+        self.advanced = advanced
+        root.addWidget(advanced)
         root.addStretch(1)
         for keys, slot in ((QKeySequence.StandardKey.Undo, lambda: self._c().undo()), (QKeySequence.StandardKey.Redo, lambda: self._c().redo())):
             sc = QShortcut(QKeySequence(keys), self)
@@ -423,7 +436,7 @@ class NucleiEditorWidget(QWidget):
 
             if c.scheme.names != DEMO.names:
                 if quiet:
-                    self.bank_label.setText("demo set: other classes than this map; choose another bank")
+                    self.bank_label.setText("demo set: other classes than this map; choose where shapes come from")
                     return
                 raise SchemeError(
                     f"the demo nuclei are of classes {list(DEMO.names)}, this map's scheme {c.scheme.name!r} has "
@@ -474,7 +487,7 @@ class NucleiEditorWidget(QWidget):
         return self._bank_worker
 
     def _bank_failed(self, exc: BaseException) -> None:
-        self.bank_label.setText("no bank loaded")
+        self.bank_label.setText("no shapes loaded")
         notify_error(exc)
 
     def _set_bank(self, key: tuple, bank: Any, what: str) -> None:

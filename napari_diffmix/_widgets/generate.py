@@ -45,6 +45,7 @@ from ..classes import ClassScheme
 from ..errors import LabelError
 from ..nuclei import changed_mask, type_map_from
 from .._layers import KEY, info_of, role_of, scheme_of, types_from_features
+from ._layout import join_sibling_tabs, scroll_body
 from ._model_picker import BUNDLED, ModelPicker
 from ._notify import user_errors
 from ._sampling import sampler_controls, seed_spin, strength_spin
@@ -125,6 +126,12 @@ class GenerateWidget(JobWidget, QWidget):
 
     busy_message = "a generation is already running; cancel it first"
 
+    diffmix_dock = True  # join_sibling_tabs finds the plugin's docks by this
+
+    def showEvent(self, event: Any) -> None:  # noqa: N802 (Qt)
+        super().showEvent(event)
+        join_sibling_tabs(self)
+
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None):
         super().__init__(parent)
         self.viewer = napari_viewer
@@ -145,7 +152,7 @@ class GenerateWidget(JobWidget, QWidget):
 
     # -- layout --------------------------------------------------------------------------------------
     def _build(self) -> None:
-        root = QVBoxLayout(self)
+        root = scroll_body(self)
         form = QFormLayout()
         root.addLayout(form)
 
