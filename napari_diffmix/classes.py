@@ -296,8 +296,7 @@ LIZARD = ClassScheme(
 
 BUILTIN_SCHEMES: dict[str, ClassScheme] = {s.name: s for s in (CONSEP, GLYSAC, DEMO, LIZARD)}
 
-# Words in a folder path that name a built-in scheme. Lizard and CoNIC come first: Lizard's tiles
-# are named after their source sets (consep_1, glas_3, ...), and CoNIC patches use Lizard's classes.
+# Words in a folder name that name a built-in scheme (CoNIC patches use Lizard's classes).
 _PATH_WORDS = (("lizard", LIZARD), ("conic", LIZARD), ("glysac", GLYSAC), ("consep", CONSEP))
 
 
@@ -305,13 +304,16 @@ def scheme_named_by_path(path: str | os.PathLike) -> ClassScheme | None:
     """The built-in scheme that a folder on ``path`` names (``.../CoNSeP/Test``, ``Lizard_Labels``), else None.
 
     Dataset releases keep their name in their folders; the napari reader and ``diffmix evaluate``
-    use this when no scheme is given. A file's own name is not looked at.
+    use this when no scheme is given. The folder nearest the data decides (``lizard/CoNSeP/...``
+    is CoNSeP); a file's own name is not looked at, since Lizard names its tiles after their
+    source sets (``consep_1.mat``, ``glas_3.mat``).
     """
     p = Path(path).resolve()
     folders = p.parts if p.is_dir() else p.parent.parts
-    for word, scheme in _PATH_WORDS:
-        if any(word in part.lower() for part in folders):
-            return scheme
+    for part in reversed(folders):
+        for word, scheme in _PATH_WORDS:
+            if word in part.lower():
+                return scheme
     return None
 
 

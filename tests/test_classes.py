@@ -155,3 +155,22 @@ def test_load_scheme_sources(tmp_path):
 def test_rank_by_scarcity():
     assert rank_by_scarcity(np.array([0, 50, 3, 3, 9])) == (2, 3, 4, 1)
     assert rank_by_scarcity({1: 4, 2: 1}, classes=(1, 2, 3)) == (3, 2, 1)
+
+
+def test_six_class_scheme_and_schemes_named_by_folders(tmp_path):
+    # (the test's name keeps dataset names out of tmp_path)
+    from napari_diffmix.classes import LIZARD, scheme_named_by_path
+
+    assert load_scheme("lizard") is LIZARD and load_scheme("Lizard") is LIZARD
+    assert LIZARD.names == ("neutrophil", "epithelial", "lymphocyte", "plasma", "eosinophil", "connective")
+    assert LIZARD.rare == (1, 5) and LIZARD.condition_channels == 8
+    assert LIZARD.merge_raw(np.arange(7)).tolist() == [0, 1, 2, 3, 4, 5, 6]  # Lizard/CoNIC ids are the classes
+    labels = tmp_path / "Lizard_Labels" / "Labels"
+    labels.mkdir(parents=True)
+    (labels / "consep_1.mat").write_bytes(b"")
+    assert scheme_named_by_path(labels / "consep_1.mat") is LIZARD  # a Lizard tile named after its source set
+    (tmp_path / "data" / "GLySAC" / "Test").mkdir(parents=True)
+    assert scheme_named_by_path(tmp_path / "data" / "GLySAC" / "Test").name == "glysac"
+    (tmp_path / "CoNSeP" / "Test").mkdir(parents=True)
+    assert scheme_named_by_path(tmp_path / "CoNSeP" / "Test").name == "consep"
+    assert scheme_named_by_path(tmp_path / "data") is None
