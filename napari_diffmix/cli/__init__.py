@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "labels",
     "train",
     "synthesize",
+    "render",
     "export",
     "verify",
     "evaluate",
