@@ -889,17 +889,18 @@ def _hovernet_sources(root: Path) -> tuple[dict[str, Path], str]:
         files = _files_by_stem(folder, (suffix,))
         if files:
             return files, sub
-    files = _files_by_stem(root, (".mat",))
-    if files:
-        return files, "mat"
-    raise DatasetError("a HoVer-Net output folder needs mat/*.mat or json/*.json (run_infer's output) or .mat files", root)
+    for suffix, kind in ((".mat", "mat"), (".json", "json")):  # a folder of either, under another name
+        files = _files_by_stem(root, (suffix,))
+        if files:
+            return files, kind
+    raise DatasetError("a HoVer-Net output folder needs mat/*.mat or json/*.json (run_infer's output), or .mat or .json files", root)
 
 
 def read_hovernet(root: str | os.PathLike, scheme: Any) -> Dataset:
     """Predictions without images: HoVer-Net ``run_infer`` output (the output folder, its ``mat/``
     or its ``json/``) or any folder of ``.mat`` label files. Classes are the model's, used as they
     are (``scheme`` must be the one the model was trained with). ``.json`` files carry no image
-    size: it comes from the ``.mat`` or the ``overlay/<stem>.png`` beside them."""
+    size: it comes from ``mat/<stem>.mat``, ``overlay/<stem>.png`` or the tile's image beside them."""
     root = Path(root)
     scheme = load_scheme(scheme)
     files, kind = _hovernet_sources(root)
@@ -913,15 +914,18 @@ def read_hovernet(root: str | os.PathLike, scheme: Any) -> Dataset:
             inst_map, type_map = read_consep_labels(path, scheme) if _lists_ids(path) else _mat_as_classes(path, scheme)
             return Tile(name, None, inst_map, type_map, source=os.fspath(path))
         size = None
-        for candidate in [base / "mat" / f"{name}.mat", *(base / "overlay" / f"{name}{s}" for s in IMAGE_SUFFIXES)]:
-            if candidate.is_file():
-                size = _loadmat(candidate)["inst_map"].shape if candidate.suffix == ".mat" else image_size(candidate)
-                if size is not None:
-                    break
+        images = [folder / f"{name}{s}" for folder in (base / "overlay", path.parent, base) for s in IMAGE_SUFFIXES]
+        for candidate in [base / "mat" / f"{name}.mat", *images]:
+            if candidate.suffix == ".mat" and candidate.is_file() and "inst_map" in mat_keys(candidate):
+                size = _as_labels(_loadmat(candidate)["inst_map"], "inst_map", np.int32, os.fspath(candidate)).shape
+            elif candidate.suffix != ".mat":
+                size = image_size(candidate)
+            if size is not None:
+                break
         if size is None:
             raise DatasetError(
-                f"HoVer-Net .json files carry no image size; expected {base / 'mat' / (name + '.mat')} or "
-                f"{base / 'overlay' / (name + '.png')} beside {path.parent.name}/", path,
+                f"HoVer-Net .json files carry no image size; expected {base / 'mat' / (name + '.mat')}, "
+                f"{base / 'overlay' / (name + '.png')} or the tile's image {name}.png beside it", path,
             )
         inst_map, type_map = read_hovernet_json_labels(path, size[:2], scheme)
         return Tile(name, None, inst_map, type_map, source=os.fspath(path))

@@ -370,3 +370,13 @@ def test_geojson_export_of_a_store_with_its_originals(tmp_path, capsys):
     assert "pass --overwrite to replace it" in capsys.readouterr().err
     assert main(["export", str(path), "--format", "geojson", "--overwrite", "--originals", "skip"]) == 0
     assert ds.open_dataset(out).names == ["synthetic_000000", "synthetic_000001"]
+
+
+def test_hovernet_json_folder_under_another_name_sized_by_its_images(tmp_path):
+    hovernet_output(tmp_path / "run", with_overlay=False)
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    (tmp_path / "run" / "json" / "test_1.json").rename(preds / "test_1.json")
+    iio.imwrite(preds / "test_1.png", np.zeros((H, W, 3), np.uint8))
+    d = ds.open_dataset(preds, "consep", layout="hovernet")
+    assert np.array_equal(d[0].inst_map, box_map()) and d[0].inst_types.tolist() == [0, 1, 2, 3, 4]
