@@ -304,6 +304,13 @@ def test_geojson_round_trip_dataset_to_qupath_and_back(tmp_path, capsys):
             assert j > 0 and iou >= 0.95, (k, iou)
             assert tile.inst_types[j] == orig.inst_types[k]
         assert np.array_equal(tile.inst_map, orig.inst_map)  # exact, in fact
+    capsys.readouterr()
+    res = tmp_path / "res.json"
+    assert main(["evaluate", str(tmp_path / "qp"), str(src), "--out", str(res)]) == 0  # any pair of layouts scores
+    summary = json.loads(res.read_text())["summary"]
+    assert summary["pq"] == 1.0 and summary["f_d"] == 1.0 and summary["type_accuracy"] == 1.0
+    assert main(["stats", str(tmp_path / "qp")]) == 0
+    assert "layout geojson, scheme consep" in capsys.readouterr().out
 
 
 def test_geojson_from_qupath_cells_annotations_and_errors(tmp_path):
