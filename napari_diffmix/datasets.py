@@ -1100,6 +1100,9 @@ def detect_layout(root: str | os.PathLike) -> str:
         return "generic"
     if (root / "inst_maps.npy").is_file() or (root / "type_maps.npy").is_file() or _find_one(root, "masks.npy"):
         return "pannuke"
+    if root.name.lower() == "labels" and _child_dir(root.parent, "images") and _first_mat(root) is not None:
+        # Ground truth, not a folder of predictions: its raw types need the CoNSeP/GLySAC merge.
+        raise DatasetError(f"point at the folder that holds Images and Labels: {root.parent}", root)
     if _find_one(root, "labels.npy", 1):
         return "conic"
     if any(p.suffix.lower() in (".geojson",) for p in entries):

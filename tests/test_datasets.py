@@ -622,3 +622,9 @@ def test_all_zero_type_map_defers_to_inst_type(tmp_path):
     _write_mat(tmp_path / "Labels" / "pred.mat", inst_map=inst, type_map=np.zeros_like(inst))
     with pytest.raises(DatasetError, match=r"pred\.mat: missing key 'inst_type' \(the type_map is all zero"):
         ds.open_dataset(tmp_path, "consep")[0]
+
+
+def test_pointing_at_labels_of_a_consep_folder_says_where_to_point(tmp_path):
+    consep_folder(tmp_path)
+    with pytest.raises(DatasetError, match=rf"point at the folder that holds Images and Labels: {tmp_path}"):
+        ds.open_dataset(tmp_path / "Labels", "consep")
