@@ -8,8 +8,9 @@
 #                                         extra ARGS go to bench_gpu.py
 #   FULL=1 bash scripts/gpu_check.sh      the full benchmark (<= 8 min)
 #
-# The device tool's call (carry the wheels; $OUT comes back):
-#   run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=420)
+# The device tool's calls (carry the wheels; $OUT comes back):
+#   run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=300)
+#   run(command="FULL=1 bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=600)
 # Writes $OUT/bench_gpu.json (rewritten after every measurement, so a timeout still leaves
 # results), $OUT/bench_gpu.log and $OUT/nvidia-smi.txt.
 set -u
