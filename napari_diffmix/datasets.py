@@ -476,7 +476,8 @@ def read_consep_labels(mat_path: str | os.PathLike, scheme: Any) -> tuple[np.nda
     sorted ids and the ids are renumbered 1..N, provided ``type_map`` or ``inst_centroid`` confirms
     that order; anything else is refused as ambiguous.
 
-    Files that list their ids (HoVer-Net output ``inst_uid``, Lizard ``id``): see :func:`_listed_labels`.
+    Files that list their ids (HoVer-Net output ``inst_uid``, Lizard ``id``): see :func:`_listed_labels`;
+    older HoVer-Net output's ``inst_type`` of (N, 2) rows ``[id, type]`` (no ``type_map``) is read the same way.
     """
     mat_path = Path(mat_path)
     scheme = load_scheme(scheme)
@@ -486,6 +487,11 @@ def read_consep_labels(mat_path: str | os.PathLike, scheme: Any) -> tuple[np.nda
     if "inst_map" not in mat:
         raise DatasetError(f"missing key 'inst_map' (keys in file: {keys})", mat_path)
     inst_map = _as_labels(mat["inst_map"], "inst_map", np.int32, where)
+    pairs = np.asarray(mat.get("inst_type", np.zeros((0, 1))))
+    if "inst_uid" not in mat and "type_map" not in mat and pairs.ndim == 2 and pairs.shape[1] == 2 and pairs.shape[0] != 2:
+        # HoVer-Net's run_infer before inst_uid (2020) saved inst_type as (N, 2) rows [id, type].
+        # (2, 2) is left alone: it could be a transposed 2-nucleus column.
+        mat = {**mat, "inst_uid": pairs[:, :1], "inst_type": pairs[:, 1:]}
     if "inst_uid" in mat or "id" in mat:
         return inst_map, _as_labels(_listed_labels(mat, inst_map, scheme, mat_path, keys), "type_map", np.uint8, where)
     raw_type_map = None

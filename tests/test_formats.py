@@ -387,3 +387,13 @@ def test_hovernet_json_folder_under_another_name_sized_by_its_images(tmp_path):
     iio.imwrite(preds / "test_1.png", np.zeros((H, W, 3), np.uint8))
     d = ds.open_dataset(preds, "consep", layout="hovernet")
     assert np.array_equal(d[0].inst_map, box_map()) and d[0].inst_types.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_older_hovernet_mat_with_id_type_pairs(tmp_path):
+    """run_infer before inst_uid: inst_type (N, 2) rows [id, type], no type_map."""
+    (tmp_path / "mat").mkdir()
+    inst = box_map(ids=[4, 9, 2, 7])
+    savemat(tmp_path / "mat" / "t.mat", {"inst_map": inst, "inst_type": np.array([[2, 3], [4, 1], [7, 4], [9, 2]])})
+    tile = ds.open_dataset(tmp_path / "mat", "consep")[0]
+    assert np.array_equal(tile.inst_map, inst)
+    assert [tile.inst_types[i] for i in (4, 9, 2, 7)] == [1, 2, 3, 4]
