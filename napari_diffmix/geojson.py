@@ -196,18 +196,27 @@ def labels_from_features(data: Any, shape: Sequence[int], scheme: Any, *, source
         else:
             raise DatasetError(f"feature {i} is a {gtype}; nuclei must be Polygon or MultiPolygon outlines", where)
         k = _class_id(props, scheme, i, where)
-        mask = np.zeros(inst_map.shape, bool)
         try:
-            for poly in polygons:
-                for j, ring in enumerate(poly):
-                    rr, cc = fill_polygon(ring, inst_map.shape)
-                    mask[rr, cc] = j == 0  # outer ring fills, inner rings (holes) clear
+            rings = [[np.asarray(ring, dtype=np.float64).reshape(-1, 2) for ring in poly] for poly in polygons]
         except (TypeError, ValueError) as exc:
             raise DatasetError(f"feature {i}: coordinates are not lists of [x, y] points ({exc})", where) from None
+        # Fill within the feature's bounding box (clipped to the image): a tile holds ~1000 nuclei.
+        allpts = np.concatenate([r for poly in rings for r in poly]) if rings else np.zeros((0, 2))
+        if allpts.size == 0:
+            continue
+        x0, y0 = max(int(np.floor(allpts[:, 0].min())), 0), max(int(np.floor(allpts[:, 1].min())), 0)
+        x1, y1 = min(int(np.ceil(allpts[:, 0].max())), inst_map.shape[1]), min(int(np.ceil(allpts[:, 1].max())), inst_map.shape[0])
+        if x1 <= x0 or y1 <= y0:
+            continue  # outside the image
+        mask = np.zeros((y1 - y0, x1 - x0), bool)
+        for poly in rings:
+            for j, ring in enumerate(poly):
+                rr, cc = fill_polygon(ring - [x0, y0], mask.shape)
+                mask[rr, cc] = j == 0  # outer ring fills, inner rings (holes) clear
         if not mask.any():
-            continue  # outside the image or smaller than a pixel
+            continue  # smaller than a pixel
         types.append(k)
-        inst_map[mask] = len(types) - 1
+        inst_map[y0:y1, x0:x1][mask] = len(types) - 1
     inst_types = np.asarray(types, np.uint8)
     return inst_map, inst_types[inst_map]
 
