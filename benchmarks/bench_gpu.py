@@ -16,8 +16,11 @@ What it measures (each a section; ``--only`` / ``--skip`` pick them, each has a 
                auto) of 256 px patches at batch 1 and at the best batch of ``step``: seconds,
                images/s; DiffMix's default (100-step DDIM, SDEdit 0.55 = 55 steps, CFG as two
                fp32 forwards = 110 forwards, no cache) at batch 1 in the same run, and the ratio
-  interactive  the bundled demo model rendering a 256 px crop of the demo labels as the Generate
-               widget does: time to the first preview and to the whole render, cold and warm
+  interactive  the figures of bench_interactive.py on this device: the bundled demo model on its
+               256 px window of the demo labels with the Generate widget's defaults: first
+               preview, whole render of new labels, SDEdit 0.55 of it, one nucleus moved 6 px
+               and re-rendered in its windows (a ``measure(device=, size=)`` function in
+               bench_interactive.py is called instead once it has one)
   graphs       the guided step (bf16) captured whole in a CUDA graph and replayed: speed-up
   train        training steps/s of the published preset (batch 16, 256 px crops, precision auto,
                AdamW, EMA) with and without gradient checkpointing, peak memory
@@ -712,6 +715,24 @@ def _interactive_module():
     return module if {"device", "size"} <= set(params) else None
 
 
+def _demo_edit(inst_map: np.ndarray, type_map: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The nucleus nearest the centre moved by 6 px along x, as bench_interactive.py edits it:
+    (moved inst_map, moved type_map, mask of the pixels to re-render), or None without nuclei."""
+    from napari_diffmix.nuclei import changed_mask, move_nucleus
+
+    ids = [int(i) for i in np.unique(inst_map) if i]
+    if not ids:
+        return None
+    types = np.zeros(int(inst_map.max()) + 1, np.int32)
+    types[inst_map.ravel()] = type_map.ravel()
+    h, w = inst_map.shape
+    centre = np.array([h / 2, w / 2])
+    nid = min(ids, key=lambda i: float(np.hypot(*(np.argwhere(inst_map == i).mean(axis=0) - centre))))
+    moved_inst, moved_types = move_nucleus(inst_map, types, nid, 0, 6)
+    moved_type = np.asarray(moved_types)[moved_inst].astype(np.uint8)
+    return moved_inst, moved_type, changed_mask(inst_map, type_map, moved_inst, moved_type, 4)
+
+
 def section_interactive(bench: Bench, rec: dict[str, Any]) -> None:
     from napari_diffmix.demo_data import load_demo_labels
     from napari_diffmix.model.checkpoint import require_bundled_model, load_model
@@ -726,25 +747,49 @@ def section_interactive(bench: Bench, rec: dict[str, Any]) -> None:
         rec["result"] = result
         print(f"   bench_interactive.measure: {result}", flush=True)
         return
-    rec["source"] = "bench_gpu.py (Sampler on the bundled demo model)"
+    # bench_interactive.py (the CPU figures) has no function that takes a device yet: the same
+    # figures here, through the Sampler (the Generate widget's defaults), on this device.
+    rec["source"] = "bench_gpu.py: the figures of bench_interactive.py through the Sampler"
     path = require_bundled_model("train one with scripts/train_demo_model.py")
     model, info = load_model(path, device)
     inst, types = load_demo_labels()
-    crops = [(0, 0), (size // 2, size // 2)]  # a second crop: warm renders see new labels, as after an edit
-    conds = [make_condition(inst[y:y + size, x:x + size], types[y:y + size, x:x + size], info.scheme)[None].to(device)
-             for y, x in crops]
-    sampler = Sampler(model)  # the Generate widget's defaults: precision auto, SPADE cache
+    y0 = x0 = 128  # bench_interactive.py's window of the demo tile
+    window = (inst[y0:y0 + size, x0:x0 + size], types[y0:y0 + size, x0:x0 + size])
+    other = (inst[:size, :size], types[:size, :size])
+
+    def cond_of(labels):
+        return make_condition(labels[0], labels[1], info.scheme)[None].to(device)
+
+    sampler = Sampler(model)  # precision auto, SPADE cache: the Generate widget's defaults
+    settings = dict(FAST_SETTINGS, guidance=info.default_guidance)
     rec.update(model=path.name, parameters=model.num_parameters(), size_px=size, guidance=info.default_guidance,
-               precision=sampler.precision, settings=dict(FAST_SETTINGS))
-    renders = [("cold (first render)", conds[0]), ("warm (new labels)", conds[1])]
-    if not bench.args.tiny:
-        renders.append(("warm (same labels)", conds[1]))
-    for label, cond in renders:
+               precision=sampler.precision, settings=dict(FAST_SETTINGS), figures={})
+    figures = rec["figures"]
+
+    def measure(label: str, figure: str | None, cond: torch.Tensor, **kwargs: Any) -> dict[str, Any]:
         bench.check()
-        row = {"render": label, **_render(sampler, cond, device, **dict(FAST_SETTINGS, guidance=info.default_guidance))}
+        row = {"render": label, **_render(sampler, cond, device, **dict(settings, **kwargs))}
+        if figure:
+            figures[figure] = row["seconds"]
         bench.record("interactive", "rows", row,
-                     f"   demo model {size} px, {label:<20}: first preview {row['first_preview_s']:.3f} s, "
-                     f"whole render {row['seconds']:.3f} s ({row['steps']} steps)")
+                     f"   demo model {size} px, {label:<36}: first preview {row['first_preview_s']:.3f} s, "
+                     f"whole {row['seconds']:.3f} s ({row['steps']} steps)")
+        return row
+
+    measure("warm-up (other labels, first render)", None, cond_of(other))
+    row = measure("render (new labels)", "render_256_s", cond_of(window))
+    figures["first_preview_s"] = row["first_preview_s"]
+    *_, last = sampler.sample(cond_of(window), seed=0, **settings)  # the image the edits start from
+    image = to_uint8(last.x_t)
+    measure("SDEdit 0.55 of that render", "sdedit_256_s", cond_of(window), init_image=image, strength=0.55)
+    edit = _demo_edit(*window)
+    if edit is None:
+        rec["local_edit"] = "no nucleus in the window"
+    else:
+        moved_inst, moved_type, mask = edit
+        rec["local_edit_pixels"] = int(mask.sum())
+        measure("local edit (one nucleus moved 6 px)", "local_edit_s", cond_of((moved_inst, moved_type)),
+                init_image=image, mask=mask)
 
 
 def _graph_row(bench: Bench, model: SDMUNet, batch: int) -> dict[str, Any]:
@@ -1019,7 +1064,7 @@ def print_summary(bench: Bench) -> None:
             elif name == "render":
                 line(name, f"{r['name']} ({r['precision']})", r["batch"], r.get("seconds"), r.get("images_per_s"), note=err or "")
             elif name == "interactive":
-                line(name, f"{r['render']}: first preview {r['first_preview_s']:.3f} s", 1, r.get("seconds"))
+                line(name, f"{r['render'][:28]}: preview {r['first_preview_s']:.3f} s", 1, r.get("seconds"))
             elif name == "graphs":
                 line(name, f"CUDA graph guided bf16 ({r['speedup']:.2f}x)" if "speedup" in r else "CUDA graph guided bf16",
                      r["batch"], r.get("graph_s"), r.get("images_per_s"), note=err or "")

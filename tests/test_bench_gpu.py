@@ -112,8 +112,14 @@ def test_tiny_cpu_run_values_are_sane(tiny_run):
 
     inter = sections["interactive"]
     assert inter["model"].endswith(".safetensors") and inter["parameters"] > 0
-    assert [r["render"] for r in inter["rows"]] == ["cold (first render)", "warm (new labels)"]
-    assert all(r["seconds"] >= r["first_preview_s"] > 0 and r["steps"] == 15 for r in inter["rows"])
+    assert [r["render"] for r in inter["rows"]] == [
+        "warm-up (other labels, first render)", "render (new labels)", "SDEdit 0.55 of that render",
+        "local edit (one nucleus moved 6 px)"]
+    assert all(r["seconds"] >= r["first_preview_s"] > 0 for r in inter["rows"])
+    assert [r["steps"] for r in inter["rows"]] == [15, 15, 8, 15]  # SDEdit: floor(0.55 * 15) steps
+    # The figure names of benchmarks/bench_interactive.py (its CPU figures), here per device.
+    assert set(inter["figures"]) == {"first_preview_s", "render_256_s", "sdedit_256_s", "local_edit_s"}
+    assert all(v > 0 for v in inter["figures"].values()) and inter["local_edit_pixels"] > 0
 
     train = sections["train"]["rows"]
     assert [r["gradient_checkpointing"] for r in train] == [True, False]
