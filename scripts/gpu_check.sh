@@ -52,7 +52,7 @@ if [ -n "${FULL:-}" ]; then MODE=(); LIMIT=500; else MODE=(--quick); LIMIT=200; 
 
 # SIGTERM at the limit: bench_gpu marks the JSON "interrupted" and prints its table; KILL 15 s later.
 timeout --signal=TERM --kill-after=15 "$LIMIT" \
-    $PY benchmarks/bench_gpu.py "${MODE[@]}" --json "$OUT/bench_gpu.json" "$@" 2>&1 | tee "$OUT/bench_gpu.log"
+    $PY benchmarks/bench_gpu.py ${MODE[@]+"${MODE[@]}"} --json "$OUT/bench_gpu.json" "$@" 2>&1 | tee "$OUT/bench_gpu.log"
 rc=${PIPESTATUS[0]}
 echo "gpu_check: bench_gpu.py exited $rc; results in $OUT"
 ls -la "$OUT"
