@@ -47,6 +47,7 @@ from .atomic import atomic_path, save_png, write_json
 from .classes import ClassScheme, load_scheme
 from .data.crops import EXTRA, CropStream, Source, drawn_shares, share_summary
 from .errors import CheckpointError, DatasetError, LabelError, TrainingError
+from .outputs import WriterLock
 from .progress import StopRequests, progress_bar, set_bar_start
 from .runtime import (
     PRECISIONS,
@@ -505,10 +506,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: training checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # truncated/corrupt file or not a torch file: say so, no deep traceback
-        raise CheckpointError(f"{path}: cannot read training checkpoint ({type(exc).__name__}: {exc})") from None
+    from .model.checkpoint import load_tensors_only
+
+    ckpt = load_tensors_only(path, what="training checkpoint", map_location=map_location)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a napari-diffmix training checkpoint (for a model to fine-tune from, use --init)")
     return ckpt
@@ -776,8 +776,11 @@ def train(
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     out_dir = Path(config.out_dir)
+    # One writer per run folder: a second `diffmix train` on it would interleave checkpoints.
+    lock = WriterLock(out_dir, what="training run") if info.is_main else contextlib.nullcontext()
     try:
-        return _run(config, scheme, sources, val_crops, info, device, out_dir, resume, pbar, should_stop, max_steps)
+        with lock:
+            return _run(config, scheme, sources, val_crops, info, device, out_dir, resume, pbar, should_stop, max_steps)
     finally:
         if info.owns_group:
             import torch.distributed as dist

@@ -119,7 +119,13 @@ def test_predict_never_replaces_ground_truth(data, tmp_path, capsys):
     before = snapshot(truth)
     args = ["predict", str(model), str(truth), "--out", str(truth), "--overwrite", "--device", "cpu"]
     assert main(args) == 2
-    assert "not a napari-diffmix output" in _err(capsys) and snapshot(truth) == before
+    assert "is the input" in _err(capsys) and snapshot(truth) == before
+    other = tmp_path / "other-truth"  # a foreign folder that is not an input: refused even with --overwrite
+    write_generic(open_dataset(data["dataset"]), other)
+    (other / MARKER).unlink()
+    kept = snapshot(other)
+    assert main(["predict", str(model), str(truth), "--out", str(other), "--overwrite", "--device", "cpu"]) == 2
+    assert "not a napari-diffmix output" in _err(capsys) and snapshot(other) == kept
     pred = tmp_path / "pred"
     assert main(["predict", str(model), str(truth), "--out", str(pred), "--device", "cpu"]) == 0
     assert main(["predict", str(model), str(truth), "--out", str(pred), "--device", "cpu", "--overwrite"]) == 0  # its own
@@ -360,6 +366,77 @@ def test_malicious_checkpoint_refused_in_one_line_without_torch_advice(data, tmp
     with pytest.raises(CheckpointError, match="cannot read the training checkpoint") as caught:
         load_tensors_only(evil, what="training checkpoint")
     assert "\n" not in str(caught.value)
+
+
+def test_training_resumes_refuse_malicious_state_in_one_line(data, tmp_path, capsys):
+    from napari_diffmix.errors import CheckpointError
+    from napari_diffmix.seg.checkpoint import TRAIN_STATE, load_seg_run
+    from napari_diffmix.train import load_checkpoint
+
+    pwned = tmp_path / "pwned"
+    evil = tmp_path / "step-0000100.pt"
+    torch.save({"format": "napari-diffmix-train/1", "x": _Payload(pwned)}, evil)
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(evil)
+    assert "\n" not in str(caught.value) and "weights_only" not in str(caught.value) and not pwned.exists()
+    # a segmentation model folder whose train_state.pt carries code
+    model = tmp_path / "seg"
+    assert main(["train-seg", "--data", str(data["dataset"]), "--out", str(model), "--preset", "tiny", "--steps", "1",
+                 "--batch-size", "1", "--crop-size", "32", "--device", "cpu", "--threads", "1"]) == 0
+    torch.save({"x": _Payload(pwned)}, model / TRAIN_STATE)
+    with pytest.raises(CheckpointError) as caught:
+        load_seg_run(model)
+    assert "\n" not in str(caught.value) and "weights_only" not in str(caught.value) and not pwned.exists()
+
+
+@pytest.mark.parametrize("command", ["train-seg", "predict", "compare", "train"])
+def test_trainers_and_predict_never_write_into_their_inputs(data, tmp_path, command, capsys):
+    train = data["dataset"]
+    before = snapshot(train.parent)
+    inside = train / "out"
+    argv = {
+        "train-seg": ["train-seg", "--data", str(train), "--out", str(inside), "--steps", "1"],
+        "predict": ["predict", str(tmp_path / "nomodel"), str(train), "--out", str(train)],
+        "compare": ["compare", "--data", str(train), "--synthetic", str(tmp_path / "none.zarr"), "--test", str(train),
+                    "--out", str(train.parent)],
+        "train": ["train", str(train), "--preset", "tiny", "--steps", "1", "--out", str(inside)],
+    }[command]
+    assert main(argv) == 2
+    err = _err(capsys)
+    assert "write outside every input (nothing was written)" in err, err
+    assert snapshot(train.parent) == before
+
+
+def test_compare_overwrite_replaces_only_its_own_folder(data, finished_store, tmp_path, capsys):
+    foreign = tmp_path / "results"
+    (foreign / "baseline").mkdir(parents=True)
+    (foreign / "baseline" / "notes.txt").write_text("mine")
+    argv = ["compare", "--data", str(data["dataset"]), "--synthetic", str(finished_store), "--test", str(data["dataset"]),
+            "--preset", "tiny", "--steps", "1", "--batch-size", "1", "--crop-size", "32", "--device", "cpu", "--threads", "1",
+            "--window", "32", "--overlap", "8"]
+    assert main([*argv, "--out", str(foreign), "--overwrite"]) == 2
+    assert "is not a napari-diffmix output; nothing there is replaced" in _err(capsys)
+    assert (foreign / "baseline" / "notes.txt").read_text() == "mine"
+    # its own folder: refused without --overwrite, replaced with it
+    ours = tmp_path / "cmp"
+    assert main([*argv, "--out", str(ours)]) == 0
+    assert output_kind(ours) == "compare"
+    capsys.readouterr()
+    assert main([*argv, "--out", str(ours)]) == 2
+    assert "pass --overwrite to replace it" in _err(capsys)
+    assert main([*argv, "--out", str(ours), "--overwrite"]) == 0
+
+
+def test_a_second_training_run_on_one_folder_is_refused(data, tmp_path, capsys):
+    from napari_diffmix.outputs import WriterLock
+
+    run = tmp_path / "run"
+    with WriterLock(run, what="training run"):
+        assert main(["train", str(data["dataset"]), "--preset", "tiny", "--steps", "1", "--sample-every", "0",
+                     "--threads", "1", "--out", str(run)]) == 2
+        assert "another process is writing this training run" in _err(capsys)
+    assert main(["train", str(data["dataset"]), "--preset", "tiny", "--steps", "1", "--sample-every", "0",
+                 "--threads", "1", "--out", str(run)]) == 0
 
 
 # -- item 10: scheme files and missed goals ------------------------------------------------------

@@ -184,6 +184,7 @@ def run_train(args: argparse.Namespace) -> int:
     from ..classes import ClassScheme, load_scheme
     from ..datasets import open_dataset
     from ..errors import DiffMixError, SchemeError
+    from ..outputs import refuse_overlap
     from ..seg.data import open_synthetic_store
     from ..seg.train import train_segmentation
 
@@ -201,6 +202,7 @@ def run_train(args: argparse.Namespace) -> int:
             args.scheme = ClassScheme.from_dict(saved["scheme"], source=f"{args.out}/config.json")
     if args.data is None and args.synthetic is None:
         raise DiffMixError("give --data, --synthetic or both: there is nothing to train on")
+    refuse_overlap(args.out, [args.data, args.synthetic])
     data = None if args.data is None else open_dataset(args.data, args.scheme, args.layout)
     scheme = data.scheme if data is not None else (load_scheme(args.scheme) if args.scheme else None)
     store = None if args.synthetic is None else open_synthetic_store(args.synthetic, scheme)
@@ -239,10 +241,12 @@ def run_predict(args: argparse.Namespace) -> int:
 
     from ..seg.checkpoint import load_seg_model
     from ..seg.data import open_tiles
-    from ..seg.predict import predict_to_folder
+    from ..outputs import refuse_overlap
     from ..runtime import resolve_device
+    from ..seg.predict import predict_to_folder
 
     kwargs = _predict_kwargs(args)
+    refuse_overlap(args.out, [args.tiles, args.model])
     model, info = load_seg_model(args.model, resolve_device(args.device))
     has_own = (Path(args.tiles) / "scheme.json").is_file()
     scheme = args.scheme if args.scheme else (None if has_own else info.scheme)
@@ -255,9 +259,11 @@ def run_predict(args: argparse.Namespace) -> int:
 
 def run_compare(args: argparse.Namespace) -> int:
     from ..datasets import open_dataset
+    from ..outputs import refuse_overlap
     from ..seg.compare import compare
     from ..seg.data import open_synthetic_store
 
+    refuse_overlap(args.out, [args.data, args.test, args.synthetic])
     data = open_dataset(args.data, args.scheme, args.layout)
     test = open_dataset(args.test, args.scheme if args.scheme else data.scheme, args.test_layout)
     store = open_synthetic_store(args.synthetic, data.scheme)  # fail before any training

@@ -104,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from ..errors import TrainingError
+    from ..outputs import refuse_overlap
     from ..train import TrainConfig, export_checkpoint, train
 
     if not logging.getLogger().handlers:
@@ -158,6 +159,10 @@ def run(args: argparse.Namespace) -> int:
         specs = {"extra_labels": None, **json.loads(data_file.read_text(encoding="utf-8"))}
         if extra:
             specs["extra_labels"] = extra
+    inputs = [*(specs["data"] or []), *(specs["val"] or []), *(specs["extra_labels"] or []), config.init]
+    refuse_overlap(config.out_dir, inputs)
+    if args.export:
+        refuse_overlap(args.export, inputs, flag="--export")
     data, scheme, val = _open_data(argparse.Namespace(**specs), saved_scheme=_saved_scheme(config.out_dir) if args.resume else None)
     if int(os.environ.get("RANK", "0")) == 0:
         from ..atomic import write_json

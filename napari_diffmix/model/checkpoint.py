@@ -392,10 +392,13 @@ def load_tensors_only(
     except pickle.UnpicklingError as exc:
         # torch words it "Unsupported global: GLOBAL x.y" or "unsupported GLOBAL x.y whose module ..."
         found = re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)", str(exc), re.IGNORECASE)
-        named = f" (found {found.group(1)})" if found else ""
+        if found is None:  # not a pickle torch can read at all (garbage, another format)
+            detail = re.search(r"WeightsUnpickler error: \s*(.+)", str(exc))
+            reason = detail.group(1).strip().splitlines()[0] if detail else "not a torch file"
+            raise CheckpointError(f"{path}: cannot read the {what}: not a torch file or damaged ({reason})") from None
         raise CheckpointError(
-            f"{path}: refused: the file contains pickled Python objects{named}, not only tensors; unpickling "
-            f"could run code, so only tensors and plain containers are loaded{hint}"
+            f"{path}: refused: the file contains pickled Python objects (found {found.group(1)}), not only tensors; "
+            f"unpickling could run code, so only tensors and plain containers are loaded{hint}"
         ) from None
     except Exception as exc:  # truncated archive, I/O errors, not a torch file
         reason = (str(exc).strip().splitlines() or [""])[0]

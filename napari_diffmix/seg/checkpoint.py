@@ -178,10 +178,9 @@ def load_seg_run(path: str | os.PathLike) -> SegRun | None:
             f"{path}: the model has no training state ({TRAIN_STATE}), so its training cannot be resumed; "
             "pass --overwrite to train a new model there"
         )
-    try:
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated, corrupt or not a torch file: one clear line
-        raise CheckpointError(f"{state_path}: cannot read the training state ({type(exc).__name__}: {exc})") from None
+    from ..model.checkpoint import load_tensors_only
+
+    state = load_tensors_only(state_path, what="training state")
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{state_path}: not a napari-diffmix segmentation training state (expected format {STATE_FORMAT!r})")
     return SegRun(model, info, state)

@@ -20,6 +20,7 @@ from ..classes import load_scheme
 from ..data.crops import SYNTHETIC
 from ..errors import DatasetError
 from ..metrics import Evaluation, evaluate
+from ..outputs import check_replace, write_marker
 from .model import SegConfig
 from .predict import predict_to_folder
 from .train import SegTrainConfig, train_segmentation
@@ -96,12 +97,12 @@ def compare(
     if test_scheme.names != scheme.names:
         raise DatasetError(f"the test set uses classes {list(test_scheme.names)}, the training data {list(scheme.names)}")
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise DatasetError("output folder exists and is not empty; pass --overwrite to replace its runs", out_dir)
+    # Only a compare folder of ours is ever cleared: --overwrite on another folder is refused.
+    if check_replace(out_dir, overwrite, ["compare"]):
         for name in (*RUNS, *(f"pred_{r}" for r in RUNS)):
             shutil.rmtree(out_dir / name, ignore_errors=True)
     out_dir.mkdir(parents=True, exist_ok=True)
+    write_marker(out_dir, "compare")
     config = config or SegTrainConfig()
     results, shares = {}, {}
     for run in RUNS:

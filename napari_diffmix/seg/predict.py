@@ -130,5 +130,5 @@ def predict_to_folder(
 
     # Streamed: one tile in memory at a time; the predict bar is the only one shown.
     predicted = predict_tiles(model, tiles, pbar=pbar, **kwargs)
-    return write_generic(predicted, out_dir, scheme=scheme, overwrite=overwrite, pbar=tqdm(disable=True))
+    return write_generic(predicted, out_dir, scheme=scheme, overwrite=overwrite, pbar=tqdm(disable=True), kind="predict")
 
