@@ -61,7 +61,10 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if precision == "auto":
         if device.type != "cuda":
             return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # is_bf16_supported() also says yes where bf16 is only emulated (T4, V100), which is
+        # slower than fp16; native bf16 starts with compute capability 8 (ROCm reports it right).
+        native = torch.cuda.is_bf16_supported() if torch.version.hip else torch.cuda.get_device_capability(device)[0] >= 8
+        return torch.bfloat16 if native else torch.float16
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
