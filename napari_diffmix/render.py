@@ -8,7 +8,8 @@ options in and consume steps:
   :class:`~napari_diffmix.model.samplers.Sampler` per precision (one model in memory at a
   time; the sampler keeps the SPADE modulation of the last label map);
 * the memory check before a run and the one-line out-of-memory message during it;
-* the CPU threads a run uses (:func:`cpu_threads`: fewer when other work keeps the cores busy);
+* the CPU threads of a run: one per core that other processes leave free, followed step by
+  step (:func:`cpu_threads`, :class:`OtherLoad`);
 * local edits: the sampler renders only the windows around the edit mask (their count and
   pixels go into the provenance);
 * the one provenance schema of a render.
@@ -49,23 +50,19 @@ def size_text(n: float) -> str:
 # ---------------------------------------------------------------------------------------------
 # threads
 # ---------------------------------------------------------------------------------------------
-def cpu_threads(requested: int | None = None, *, passive: bool | None = None, load: float | None = None,
-                cores: int | None = None) -> int:
-    """Torch threads for a CPU run: ``requested`` if given; else one per core while OpenMP waits
-    passively (``napari_diffmix.OMP_PASSIVE``, the default); else, with spinning threads (torch
-    was loaded before this package), one per core the other work leaves free by the 1-minute
-    load average (``load``, default: read now, less this process's own last run), at least 1.
+def cpu_threads(requested: int | None = None, *, load: float | None = None, cores: int | None = None) -> int:
+    """Torch threads to start a CPU run with: ``requested`` if given, else one per core the other
+    work leaves free by the 1-minute load average (``load``, default: read now, less this
+    process's own last run), at least 1. :class:`OtherLoad` then follows the load step by step.
 
-    Why: with spinning threads, another CPU-bound process holding a core made 2 threads slower
-    than 1 (README, Performance); sleeping waiters never measured slower than 1 thread.
+    Why: torch's threads wait for each other at every operator, so a thread that loses its core
+    to another process holds the others up. On 2 cores with one other CPU-bound process, a 256
+    px render took 38 s with 2 threads against 30 s with 1 (README, Performance), although
+    OpenMP waits passively (``napari_diffmix.OMP_PASSIVE``: spinning waiters were worse still).
     """
     if requested is not None:
         return max(1, int(requested))
     cores = cores or os.cpu_count() or 1
-    if passive is None:
-        from . import OMP_PASSIVE as passive
-    if passive:
-        return cores
     if load is None:
         try:
             load = os.getloadavg()[0]
@@ -77,6 +74,42 @@ def cpu_threads(requested: int | None = None, *, passive: bool | None = None, lo
 
 
 _last_threads: list[int] = []
+
+
+class OtherLoad:
+    """Cores that other processes kept busy since the last :meth:`cores` call, from the kernel's
+    counters (Linux ``/proc``: the machine's busy time less this process's own); None where
+    they cannot be read. Cheap (two small file reads), so a run can ask after every step."""
+
+    def __init__(self) -> None:
+        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._last = self._read()
+
+    @staticmethod
+    def _read() -> tuple[float, float, float] | None:
+        try:
+            with open("/proc/stat") as fh:
+                fields = [int(v) for v in fh.readline().split()[1:]]
+            with open("/proc/self/stat") as fh:
+                own = fh.read().rsplit(")", 1)[1].split()
+        except (OSError, ValueError, IndexError):
+            return None
+        # user nice system idle iowait irq softirq steal ...: busy = all but idle and iowait
+        busy = sum(fields[:8]) - fields[3] - fields[4]
+        return float(busy), float(int(own[11]) + int(own[12])), time.monotonic()  # utime + stime
+
+    def cores(self) -> float | None:
+        now = self._read()
+        last, self._last = self._last, now
+        if now is None or last is None or now[2] - last[2] < 0.05:
+            return None
+        return max(0.0, (now[0] - last[0]) - (now[1] - last[1])) / self._tick / (now[2] - last[2])
+
+
+def threads_for(other_cores: float, cores: int | None = None) -> int:
+    """One thread per core the other processes leave free (at least 1)."""
+    cores = cores or os.cpu_count() or 1
+    return max(1, min(cores, cores - math.floor(other_cores + 0.5)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,10 +255,14 @@ class RenderRun:
         runner, info, job = self.loaded.runner, self.loaded.info, self.job
         h, w = job.inst_map.shape
         threads = None
+        used: list[int] = []
+        follow = None
         if runner.device.type == "cpu":
             threads = cpu_threads(job.threads)
             torch.set_num_threads(threads)
-            _last_threads[:] = [threads]
+            used.append(threads)
+            # Unless the caller fixed the threads, follow the other processes' load step by step.
+            follow = OtherLoad() if job.threads is None else None
         start = time.perf_counter()
         gen = runner.sample(
             self.cond, sampler=job.sampler, steps=job.steps, guidance=self.guidance, seed=job.seed,
@@ -235,6 +272,12 @@ class RenderRun:
         last = None
         try:
             for last in gen:
+                if follow is not None:
+                    others = follow.cores()
+                    if others is not None and threads_for(others) != threads:
+                        threads = threads_for(others)
+                        torch.set_num_threads(threads)
+                        used.append(threads)
                 yield last
         except torch.cuda.OutOfMemoryError:
             raise LabelError(
@@ -244,11 +287,15 @@ class RenderRun:
             if "out of memory" in str(exc).lower() or "can't allocate memory" in str(exc).lower():
                 raise LabelError(f"out of memory on {runner.device} rendering {h}x{w}: lower the tile size") from None
             raise
+        finally:
+            if used:
+                _last_threads[:] = [threads]
         if last is None or not last.done:
             return None
         provenance = {
             "model": str(self.loaded.path), "model_sha256": info.sha256, "scheme": info.scheme.name,
-            "device": str(runner.device), "precision": runner.precision, "threads": threads,
+            "device": str(runner.device), "precision": runner.precision,
+            "threads": (used[0] if len(used) == 1 else used) if used else None,
             "sampler": job.sampler, "steps": job.steps, "guidance": self.guidance, "seed": int(last.seeds[0]),
             "mode": job.mode, "strength": self.strength, "image": job.image_name,
             "edited_pixels": int(np.asarray(self.mask).sum()) if self.mask is not None else None,

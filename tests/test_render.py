@@ -24,7 +24,9 @@ def _job(labels, **kw):
     from napari_diffmix.render import RenderJob
 
     inst_map, type_map = labels
-    return RenderJob(inst_map=inst_map, type_map=type_map, scheme=DEMO, steps=3, threads=1, **kw)
+    kw.setdefault("steps", 3)
+    kw.setdefault("threads", 1)
+    return RenderJob(inst_map=inst_map, type_map=type_map, scheme=DEMO, **kw)
 
 
 def _deleted_nucleus(labels):
@@ -109,16 +111,53 @@ def test_stop_and_errors(tiny_model, labels, monkeypatch):
         renderer.start(loaded, _job(labels))
 
 
-def test_cpu_threads():
-    from napari_diffmix.render import cpu_threads
+def test_cpu_threads_follow_the_other_processes(tiny_model, labels, monkeypatch):
+    import torch
+
+    from napari_diffmix import render
+    from napari_diffmix.render import Renderer, cpu_threads, run_to_end, threads_for
 
     assert cpu_threads(3) == 3 and cpu_threads(0) == 1
-    # Passive OpenMP waiters never made more threads slower: all cores.
-    assert cpu_threads(passive=True, load=5.0, cores=4) == 4
-    # Spinning waiters: one thread per core the other work leaves free, at least one.
-    assert cpu_threads(passive=False, load=1.2, cores=4) == 3
-    assert cpu_threads(passive=False, load=7.0, cores=2) == 1
-    assert cpu_threads(passive=False, load=0.0, cores=2) == 2
+    # One thread per core the other work leaves free, at least one.
+    assert cpu_threads(load=1.2, cores=4) == 3 and cpu_threads(load=7.0, cores=2) == 1
+    assert cpu_threads(load=0.0, cores=2) == 2
+    assert threads_for(0.3, cores=2) == 2 and threads_for(0.8, cores=2) == 1 and threads_for(3.0, cores=2) == 1
+
+    # A run starts with the free cores and follows the other processes' load after every step.
+    seen = iter([0.0, 1.0, 1.0, 0.0])
+
+    class FakeLoad:
+        def cores(self):
+            return next(seen, 0.0)
+
+    monkeypatch.setattr(render, "OtherLoad", FakeLoad)
+    monkeypatch.setattr(render.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(render.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    threads_during = []
+    renderer = Renderer()
+    loaded = renderer.load(tiny_model, "cpu", "fp32")
+    job = _job(labels, steps=4)
+    job.threads = None
+    before = torch.get_num_threads()
+    try:
+        result = run_to_end(renderer.start(loaded, job).steps(), lambda r: threads_during.append(torch.get_num_threads()))
+    finally:
+        torch.set_num_threads(before)
+    assert threads_during == [2, 1, 1, 2] and result.provenance["threads"] == [2, 1, 2]
+
+
+def test_other_load_reads_the_kernel_counters():
+    import sys
+    import time
+
+    from napari_diffmix.render import OtherLoad
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("/proc counters are Linux's")
+    probe = OtherLoad()
+    time.sleep(0.1)
+    cores = probe.cores()
+    assert cores is not None and cores >= 0
 
 
 def test_import_sets_passive_openmp_waiting_before_torch():
