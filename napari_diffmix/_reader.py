@@ -1,6 +1,6 @@
 """napari reader: napari-diffmix stores, labelled ``.mat`` files, HoVer-Net JSON, QuPath GeoJSON, saved label maps.
 
-* ``*.zarr`` export store (:mod:`napari_diffmix.export`: ``images`` (N, H, W, 3) uint8,
+* ``*.zarr`` export store (:mod:`napari_diffmix.store`: ``images`` (N, H, W, 3) uint8,
   ``inst_maps`` (N, H, W) int32, ``type_maps`` (N, H, W) uint8, ``done``; ``attrs["scheme"]``):
   the images as an RGB stack, the class maps coloured by the scheme and the instance maps
   (hidden); included original patches as hidden layers. Arrays stay lazy (zarr reads the item
@@ -105,7 +105,7 @@ def _one(path: Any) -> Path:
 
 # -- zarr stores ---------------------------------------------------------------------------------
 def _store_layers(store: Any, scheme: ClassScheme, stem: str, visible: bool) -> list[tuple]:
-    from .export import IMAGES, INST_MAPS, TYPE_MAPS
+    from .store import IMAGES, INST_MAPS, TYPE_MAPS
 
     g, where = store.group, str(store.path)
     meta = {"diffmix": {"role": "store-nuclei", "scheme": scheme.to_dict(), "store": where}}
@@ -118,7 +118,7 @@ def _store_layers(store: Any, scheme: ClassScheme, stem: str, visible: bool) -> 
 
 def read_store(path: Any) -> list[tuple]:
     """Layers of an export store: images, class maps, nuclei (and the included originals, hidden)."""
-    from .export import open_store
+    from .store import open_store
 
     p = _one(path)
     store = open_store(p)

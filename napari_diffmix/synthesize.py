@@ -3,7 +3,7 @@
 Pipeline: dataset + class scheme + model -> :class:`~napari_diffmix.mixing.Plan` (balanced set
 planner) -> label maps (:func:`~napari_diffmix.mixing.make_item`: balancing / enlarging per
 item) -> images (batched sampling with the fast sampler; by default DiffMix's SDEdit from the
-original patch, optionally from pure noise) -> the store of :mod:`napari_diffmix.export`.
+original patch, optionally from pure noise) -> the store of :mod:`napari_diffmix.store`.
 
 Driving a job
 -------------
@@ -28,7 +28,7 @@ Items are grouped in fixed batches (``batch_size`` consecutive plan items) whate
 of processes, each item's sampling noise comes from its own seed (derived from ``seed`` and
 the item index) and its label map from the plan alone, so any item renders identically in any
 run. A batch is written item arrays first and ``done`` flags last (see
-:func:`napari_diffmix.export.write_items`); a re-run of the same command finds the store,
+:func:`napari_diffmix.store.write_items`); a re-run of the same command finds the store,
 checks that it was made with the same settings (``fingerprint``) and renders only the batches
 that still have unfinished items. A store made with other settings is refused unless
 ``overwrite``.
@@ -61,22 +61,13 @@ from . import __version__
 from .classes import ClassScheme
 from .datasets import LAYOUTS, Dataset, patch_grid
 from .errors import CheckpointError, DatasetError, DiffMixError, RenderError, SchemeError, StoreError
-from .export import (
-    DONE,
-    ORIGINALS,
-    create_store,
-    original_patches,
-    read_done,
-    remove_partial_files,
-    update_attrs,
-    write_items,
-    write_training_files,
-)
+from .export import write_training_files
 from .mixing import MixCache, Plan, make_item
 from .model.checkpoint import ModelInfo
 from .model.samplers import DIFFMIX_SETTINGS, FAST_SETTINGS, TIMESTEP_SPACING
 from .outputs import WriterLock, check_replace, output_kind, refuse_overlap
 from .progress import StopRequests, progress_bar
+from .store import DONE, ORIGINALS, create_store, original_patches, read_done, remove_partial_files, update_attrs, write_items
 
 log = logging.getLogger(__name__)
 
@@ -393,7 +384,7 @@ def verify_store(path: str | os.PathLike, *, pbar: Any | None = None) -> StoreCh
     present and readable, label maps consistent, provenance of this item and of the store's
     sampling settings (steps, sampler, guidance, strength, seed, ...). Included originals are
     checked the same way, less the sampling. A store that cannot be opened raises StoreError."""
-    from .export import open_store
+    from .store import open_store
 
     store = open_store(path)
     sampling = (store.attrs.get("settings") or {}).get("sampling")

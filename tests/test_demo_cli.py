@@ -9,7 +9,7 @@ import zarr
 from napari_diffmix.classes import CONSEP, DEMO
 from napari_diffmix.cli import main
 from napari_diffmix.errors import CheckpointError
-from napari_diffmix.export import open_store
+from napari_diffmix.store import open_store
 
 FAST = ["--patches", "4", "--patch-size", "64", "--stride", "64", "--steps", "4", "--batch-size", "2", "--threads", "1",
         "--device", "cpu"]

@@ -22,21 +22,16 @@ from napari_diffmix.datasets import open_dataset, write_generic
 from napari_diffmix.errors import StoreError, UnsafeOutputError
 from napari_diffmix.export import (
     _CONFIG_EDIT,
-    create_store,
     export_hovernet,
     export_pannuke,
     hovernet_config_edits,
     hovernet_patch,
-    open_store,
-    original_patches,
     pannuke_masks,
-    read_done,
-    remove_partial_files,
-    write_items,
     write_training_files,
 )
 from napari_diffmix.nuclei import inst_types_from_maps, type_map_from
 from napari_diffmix.phantom import make_phantom_dataset
+from napari_diffmix.store import create_store, open_store, original_patches, read_done, remove_partial_files, write_items
 
 SIZE = 32
 

@@ -355,7 +355,7 @@ def test_geojson_from_qupath_cells_annotations_and_errors(tmp_path):
 def test_geojson_export_of_a_store_with_its_originals(tmp_path, capsys):
     import zarr
 
-    from napari_diffmix.export import create_store, write_items
+    from napari_diffmix.store import create_store, write_items
 
     path = tmp_path / "synth.zarr"
     tiles = blob_tiles(n=3, size=(48, 48))

@@ -47,7 +47,7 @@ def test_writer_refuses_stacks(tmp_path):
 def _store(path, n=2, size=16, scheme=DEMO, finished=None):
     import zarr
 
-    from napari_diffmix.export import create_store, write_items
+    from napari_diffmix.store import create_store, write_items
 
     attrs = {} if scheme is None else {"scheme": scheme.to_dict()}
     create_store(path, count=n, shape=(size, size), attrs=attrs, originals=1)

@@ -21,7 +21,7 @@ from _subprocess import process_group, run_group
 from napari_diffmix.classes import CONSEP
 from napari_diffmix.datasets import Dataset, open_dataset, write_generic
 from napari_diffmix.errors import CheckpointError, DatasetError, SchemeError, StoreError, UnsafeOutputError
-from napari_diffmix.export import open_store
+from napari_diffmix.store import open_store
 from napari_diffmix.mixing import make_item, plan_balanced_set
 from napari_diffmix.model.checkpoint import load_model, read_info, save_model
 from napari_diffmix.model.samplers import resolve_precision

@@ -58,7 +58,7 @@ def test_official_checkpoint_with_a_preset(batch, tmp_path, tiny_model):
 
 
 def test_cancel_then_resume_completes_and_opens_the_store(batch, tmp_path, qtbot):
-    from napari_diffmix.export import open_store
+    from napari_diffmix.store import open_store
 
     viewer, widget = batch
     events = []

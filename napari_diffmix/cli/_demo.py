@@ -135,7 +135,7 @@ def montage(store_path: Path, dataset, rows: int = MONTAGE_ROWS, gap: int = 4):
     original patch | edited label map | rendered image."""
     import numpy as np
 
-    from ..export import open_store
+    from ..store import open_store
     from ..train import label_preview
 
     store = open_store(store_path)

@@ -50,7 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import StoreError
-    from ..export import export_store, open_store
+    from ..export import export_store
+    from ..store import open_store
 
     if args.format == "geojson":
         return _export_geojson(args)
@@ -81,7 +82,7 @@ def _export_geojson(args: argparse.Namespace) -> int:
     from itertools import chain
 
     from ..errors import StoreError
-    from ..export import open_store, referenced_dataset, referenced_originals
+    from ..store import open_store, referenced_dataset, referenced_originals
     from ..geojson import export_geojson
     from ..seg.data import is_synthetic_store, open_tiles
 

@@ -1,6 +1,6 @@
 """Training data for the segmentation network: dataset tiles plus an optional synthetic store.
 
-The synthetic store is opened with :func:`napari_diffmix.export.open_store`, which knows its
+The synthetic store is opened with :func:`napari_diffmix.store.open_store`, which knows its
 layout; only finished items (``done``) are used. Items are read lazily, crop by crop, so a
 store larger than memory is fine.
 """
@@ -17,7 +17,7 @@ import numpy as np
 
 from ..classes import ClassScheme, load_scheme
 from ..errors import SchemeError, StoreError
-from ..export import IMAGES, INST_MAPS, TYPE_MAPS, SyntheticStore, open_store
+from ..store import IMAGES, INST_MAPS, TYPE_MAPS, SyntheticStore, open_store
 
 log = logging.getLogger(__name__)
 
