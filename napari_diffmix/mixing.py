@@ -53,6 +53,7 @@ patches counts once per patch): the unit the segmentation network trains on.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections import OrderedDict
@@ -877,24 +878,40 @@ class _Selector:
             self._take(j, counts)
 
 
+@dataclass(frozen=True)
+class PlanSpec:
+    """What a balanced-set plan is made from: the goal, the kinds of map, the rules and the seed.
+
+    Built once from a command's options or a widget's fields (``diffmix labels``, ``synthesize``,
+    ``demo``, Batch export) and turned into a :class:`Plan` by :func:`plan_balanced_set`, so every
+    planner takes the same options with the same defaults (the published ones).
+    """
+
+    patches: int | None = None  # an explicit count; with target_share None and this None: the original grid
+    target_share: float | None = None  # every class at least this % of the nuclei
+    maps: tuple[str | Sequence[str], ...] = ("balance", "enlarge")
+    rare: tuple[int, ...] | None = None  # class ids (None: the scheme's)
+    patch_size: int = 256
+    stride: int = 76
+    balance: BalanceParams = BalanceParams()
+    enlarge: EnlargeParams = EnlargeParams()
+    seed: int = 0
+    max_variants: int = 4
+
+
 def plan_balanced_set(
     dataset: Sequence[Any],
+    spec: PlanSpec | None = None,
     *,
-    patches: int | None = None,
-    target_share: float | None = None,
-    maps: Sequence[str | Sequence[str]] = ("balance", "enlarge"),
-    rare: Sequence[int] | None = None,
-    patch_size: int = 256,
-    stride: int = 76,
-    balance: BalanceParams = BalanceParams(),
-    enlarge: EnlargeParams = EnlargeParams(),
-    seed: int = 0,
-    max_variants: int = 4,
     scheme: Any = None,
     cache: MixCache | None = None,
     pbar: Any | None = None,
+    **fields: Any,
 ) -> Plan:
     """Choose patches (and maps) for a synthetic set; no images are used.
+
+    ``spec`` holds the settings (:class:`PlanSpec`); without it, ``fields`` are PlanSpec's
+    fields (``patches=``, ``maps=``, ...), the rest keeping their defaults.
 
     Goal, one of: ``patches`` (an explicit count), ``target_share`` (every class at least
     this % of the nuclei in original + synthetic patches), or neither (as many patches as
@@ -911,6 +928,16 @@ def plan_balanced_set(
     neediest class cannot be raised further the plan says so (``reached`` False and
     ``reason``). Items are ordered by tile and variant so consecutive items share work.
     """
+    if spec is None:
+        unknown = set(fields) - {f.name for f in dataclasses.fields(PlanSpec)}
+        if unknown:
+            raise TypeError(f"plan_balanced_set() got unknown plan setting(s) {sorted(unknown)}")
+        spec = PlanSpec(**fields)
+    elif fields:
+        raise TypeError("give the plan settings as a PlanSpec or as keywords, not both")
+    patches, target_share, maps, rare = spec.patches, spec.target_share, spec.maps, spec.rare
+    patch_size, stride, balance, enlarge = spec.patch_size, spec.stride, spec.balance, spec.enlarge
+    seed, max_variants = spec.seed, spec.max_variants
     scheme = load_scheme(scheme if scheme is not None else getattr(dataset, "scheme", None) or _need_scheme())
     kinds = []
     for m in maps:

@@ -484,3 +484,29 @@ def test_donor_pool_from_tiles_matches_the_cache_pool(dataset):
     for i in range(len(pool)):
         tile = dataset[int(pool.bank.sources[i])]
         np.testing.assert_array_equal(pool.bank.mask(i), local_mask(tile.inst_map, pool.ids[i]))
+
+
+def test_plan_spec_is_the_one_set_of_plan_settings_for_every_command():
+    from napari_diffmix.cli import build_parser
+    from napari_diffmix.cli._common import plan_spec
+    from napari_diffmix.cli._synthesize import build_plan
+    from napari_diffmix.demo_data import demo_dataset
+
+    dataset = demo_dataset()
+    spec = mx.PlanSpec(patches=4, maps=("balance",), patch_size=64, stride=64, seed=2)
+    by_spec = mx.plan_balanced_set(dataset, spec)
+    by_keywords = mx.plan_balanced_set(dataset, patches=4, maps=["balance"], patch_size=64, stride=64, seed=2)
+    assert [it.to_dict() for it in by_spec.items] == [it.to_dict() for it in by_keywords.items]
+    with pytest.raises(TypeError, match="unknown plan setting"):
+        mx.plan_balanced_set(dataset, patchez=4)
+    # synthesize plans with the balancing/enlarging rules `diffmix labels` takes (it used the defaults)
+    parser = build_parser()
+    common = ["demo", "--balance", "--patches", "4", "--patch-size", "64", "--stride", "64", "--seed", "2"]
+    labels = parser.parse_args(["labels", *common, "--fit-ratio", "50", "--shift-prob", "0.9", "--dry-run"])
+    synth = parser.parse_args(["synthesize", *common, "--fit-ratio", "50", "--shift-prob", "0.9", "--model", "m.safetensors", "--out", "o.zarr"])
+    assert plan_spec(labels, dataset.scheme) == plan_spec(synth, dataset.scheme)
+    assert plan_spec(synth, dataset.scheme).balance.fit_ratio == 50 and plan_spec(synth, dataset.scheme).enlarge.probability == 0.9
+    strict = build_plan(synth, dataset)
+    assert strict.balance.fit_ratio == 50
+    # a donor must fit 50 times over: balancing replaces fewer nuclei than with the published 2.3
+    assert strict.planned_counts[1] < by_spec.planned_counts[1]

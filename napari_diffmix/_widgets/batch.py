@@ -251,6 +251,8 @@ class BatchExportWidget(JobWidget, QWidget):
     # -- the job ------------------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
         """The choices, read on the main thread."""
+        from ..mixing import PlanSpec
+
         out = self.out_edit.text().strip()
         if not out:
             raise DiffMixError("choose an output store folder (e.g. synthetic.zarr)")
@@ -262,11 +264,12 @@ class BatchExportWidget(JobWidget, QWidget):
             "preset": self.picker.preset(),
             "device": self.picker.device(),
             "precision": self.picker.precision(),
-            "maps": MAPS[self.maps_combo.currentText()],
-            "patches": self.patches.value() if self.goal_patches.isChecked() else None,
-            "target_share": self.share.value() if self.goal_share.isChecked() else None,
-            "patch_size": self.patch_size.value(),
-            "stride": self.stride.value(),
+            "plan": PlanSpec(
+                patches=self.patches.value() if self.goal_patches.isChecked() else None,
+                target_share=self.share.value() if self.goal_share.isChecked() else None,
+                maps=tuple(MAPS[self.maps_combo.currentText()]), patch_size=self.patch_size.value(),
+                stride=self.stride.value(), seed=self.seed.value(),
+            ),
             "sampler": self.sampler_combo.currentText(),
             "steps": self.steps.value(),
             "init": "noise" if self.from_noise.isChecked() else "original",
@@ -287,10 +290,7 @@ class BatchExportWidget(JobWidget, QWidget):
         dataset = open_dataset(s["dataset"], s["scheme"])
         cache = MixCache(dataset)
         yield ("status", f"planning on {len(dataset)} tile(s)…")
-        plan = plan_balanced_set(
-            dataset, patches=s["patches"], target_share=s["target_share"], maps=s["maps"],
-            patch_size=s["patch_size"], stride=s["stride"], seed=s["seed"], cache=cache,
-        )
+        plan = plan_balanced_set(dataset, s["plan"], cache=cache)
         yield ("status", "checking the planned label maps…")
         unchanged, checked = unchanged_items(plan, dataset, cache=cache)
         yield ("plan", plan, unchanged, checked)

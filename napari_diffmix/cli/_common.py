@@ -43,7 +43,7 @@ def add_device_arguments(group: Any, *, threads: bool = True, torchrun: bool = F
 
 
 def add_plan_arguments(p: argparse.ArgumentParser) -> None:
-    """The label-plan options of :func:`napari_diffmix.mixing.plan_balanced_set` (read back by :func:`plan_kwargs`)."""
+    """The label-plan options of :func:`napari_diffmix.mixing.plan_balanced_set` (read back by :func:`plan_spec`)."""
     kinds = p.add_argument_group("label maps", _MAPS_HELP)
     kinds.add_argument("--balance", action="store_true", help="make balancing patches")
     kinds.add_argument("--enlarge", action="store_true", help="make enlarging patches")
@@ -59,6 +59,15 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--patch-size", type=int, default=256, help="patch size in px (default 256)")
     g.add_argument("--stride", type=int, default=76, help="patch grid stride in px (default 76: 10x10 patches per 1000 px tile)")
     g.add_argument("--max-variants", type=int, default=4, help="with --target-share: re-balancings of each tile to draw from (default 4)")
+    b = p.add_argument_group("balancing rules (published defaults)")
+    b.add_argument("--border", type=int, default=30, help="px: nuclei with a centroid this close to the tile edge stay (default 30)")
+    b.add_argument("--target-fraction", type=float, default=0.8, help="share of eligible major nuclei drawn as targets (default 0.8)")
+    b.add_argument("--dilation", type=int, default=2, help="px the target grows before the fit test (default 2)")
+    b.add_argument("--fit-ratio", type=float, default=2.3, help="dilated target area >= RATIO x donor area (default 2.3)")
+    e = p.add_argument_group("enlarging rules (published defaults)")
+    e.add_argument("--band", type=int, default=32, help="px: nuclei touching this outer band stay (default 32)")
+    e.add_argument("--shift-range", type=int, nargs=2, default=(-15, 14), metavar=("LOW", "HIGH"), help="inclusive shift range in px (default -15 14)")
+    e.add_argument("--shift-prob", type=float, default=0.3, help="chance of a shift along each axis (default 0.3)")
 
 
 def plan_maps(args: argparse.Namespace) -> list[str]:
@@ -70,11 +79,17 @@ def plan_maps(args: argparse.Namespace) -> list[str]:
     return ["balance", "enlarge"]
 
 
-def plan_kwargs(args: argparse.Namespace, scheme: Any) -> dict[str, Any]:
-    """:func:`~napari_diffmix.mixing.plan_balanced_set` keywords from :func:`add_plan_arguments`'s options and --seed."""
-    return dict(
-        patches=args.patches, target_share=args.target_share, maps=plan_maps(args), rare=rare_ids(scheme, args.rare),
-        patch_size=args.patch_size, stride=args.stride, seed=args.seed, max_variants=args.max_variants,
+def plan_spec(args: argparse.Namespace, scheme: Any):
+    """The :class:`~napari_diffmix.mixing.PlanSpec` of :func:`add_plan_arguments`'s options and --seed."""
+    from ..mixing import BalanceParams, EnlargeParams, PlanSpec
+
+    rare = rare_ids(scheme, args.rare)
+    return PlanSpec(
+        patches=args.patches, target_share=args.target_share, maps=tuple(plan_maps(args)),
+        rare=None if rare is None else tuple(rare), patch_size=args.patch_size, stride=args.stride,
+        balance=BalanceParams(args.border, args.target_fraction, args.dilation, args.fit_ratio),
+        enlarge=EnlargeParams(args.band, tuple(args.shift_range), args.shift_prob),
+        seed=args.seed, max_variants=args.max_variants,
     )
 
 

@@ -173,7 +173,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from ..classes import DEMO
     from ..datasets import open_dataset
     from ..export import TRAIN_SH, TRAINING_DIR, TRAINING_MD
-    from ..mixing import MixCache, plan_balanced_set
+    from ..mixing import MixCache, PlanSpec, plan_balanced_set
     from ..model.checkpoint import require_bundled_model
     from ..outputs import refuse_overlap
     from ..synthesize import SynthesisJob, check_model_fits
@@ -189,10 +189,8 @@ def run_demo(args: argparse.Namespace) -> int:
     train_dir, held_out_dir = _demo_data(out, args.overwrite)
     dataset = open_dataset(train_dir)
     cache = MixCache(dataset)
-    plan = plan_balanced_set(
-        dataset, patches=args.patches, maps=("balance", "enlarge"), patch_size=args.patch_size, stride=args.stride,
-        seed=args.seed, cache=cache,
-    )
+    spec = PlanSpec(patches=args.patches, patch_size=args.patch_size, stride=args.stride, seed=args.seed)
+    plan = plan_balanced_set(dataset, spec, cache=cache)
     store = out / DEMO_STORE
     owner = _store_owner(store)
     replace = args.overwrite or owner == "demo"

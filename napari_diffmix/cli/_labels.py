@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from ._common import add_dataset_arguments, add_plan_arguments, plan_kwargs
+from ._common import add_dataset_arguments, add_plan_arguments, plan_spec
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,15 +24,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=None, help="output folder (required unless --dry-run)")
     add_plan_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="plan seed; the same seed gives identical patches (default 0)")
-    b = p.add_argument_group("balancing rules (published defaults)")
-    b.add_argument("--border", type=int, default=30, help="px: nuclei with a centroid this close to the tile edge stay (default 30)")
-    b.add_argument("--target-fraction", type=float, default=0.8, help="share of eligible major nuclei drawn as targets (default 0.8)")
-    b.add_argument("--dilation", type=int, default=2, help="px the target grows before the fit test (default 2)")
-    b.add_argument("--fit-ratio", type=float, default=2.3, help="dilated target area >= RATIO x donor area (default 2.3)")
-    e = p.add_argument_group("enlarging rules (published defaults)")
-    e.add_argument("--band", type=int, default=32, help="px: nuclei touching this outer band stay (default 32)")
-    e.add_argument("--shift-range", type=int, nargs=2, default=(-15, 14), metavar=("LOW", "HIGH"), help="inclusive shift range in px (default -15 14)")
-    e.add_argument("--shift-prob", type=float, default=0.3, help="chance of a shift along each axis (default 0.3)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier 'diffmix labels' output in --out (never another folder)")
     p.set_defaults(func=run)
@@ -44,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from ..atomic import atomic_dir, write_json, write_text
     from ..datasets import Tile, open_dataset, write_generic
     from ..errors import DatasetError
-    from ..mixing import BalanceParams, EnlargeParams, MixCache, iter_items, plan_balanced_set
+    from ..mixing import MixCache, iter_items, plan_balanced_set
     from ..outputs import check_replace, refuse_overlap
     from ..progress import progress_bar
 
@@ -57,10 +48,8 @@ def run(args: argparse.Namespace) -> int:
 
     dataset = open_dataset(args.dataset, args.scheme, args.layout)
     scheme = dataset.scheme
-    balance = BalanceParams(args.border, args.target_fraction, args.dilation, args.fit_ratio)
-    enlarge = EnlargeParams(args.band, tuple(args.shift_range), args.shift_prob)
     cache = MixCache(dataset)
-    plan = plan_balanced_set(dataset, **plan_kwargs(args, scheme), balance=balance, enlarge=enlarge, cache=cache)
+    plan = plan_balanced_set(dataset, plan_spec(args, scheme), cache=cache)
     where = dataset.root if dataset.root is not None else args.dataset
     rare_names = ", ".join(scheme.class_name(k) for k in plan.rare)
     print(f"{where}: {len(dataset)} tile(s), scheme {scheme.name}, rare: {rare_names}; plan seed {plan.seed}")

@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from ._common import PRECISIONS, add_dataset_arguments, add_device_arguments, add_plan_arguments, plan_kwargs
+from ._common import PRECISIONS, add_dataset_arguments, add_device_arguments, add_plan_arguments, plan_spec
 
 EPILOG = """examples:
   diffmix synthesize /data/CoNSeP/Train --scheme consep --model consep.safetensors --out consep-synthetic.zarr
@@ -82,7 +82,7 @@ def build_plan(args: argparse.Namespace, dataset, *, cache=None):
 
             raise DiffMixError(f"--plan gives the label plan; drop {', '.join(given)} (or plan here without --plan)")
         return Plan.load(args.plan)
-    return plan_balanced_set(dataset, **plan_kwargs(args, dataset.scheme), cache=cache)
+    return plan_balanced_set(dataset, plan_spec(args, dataset.scheme), cache=cache)
 
 
 def sampling_config(args: argparse.Namespace, **fixed):
