@@ -104,20 +104,27 @@ def _one(path: Any) -> Path:
 
 
 # -- zarr stores ---------------------------------------------------------------------------------
-def _store_layers(store: Any, scheme: ClassScheme, stem: str, visible: bool) -> list[tuple]:
-    from .store import IMAGES, INST_MAPS, TYPE_MAPS
+def _store_layers(store: Any, scheme: ClassScheme, stem: str, visible: bool, rows: Any = None) -> list[tuple]:
+    """Images, classes and nuclei of ``store``; ``rows``: show these items of it, in this order
+    (the originals aligned with the synthetic items made from them)."""
+    from .store import IMAGES, INST_MAPS, TYPE_MAPS, RowsView
 
     g, where = store.group, str(store.path)
+
+    def stack(name: str) -> Any:
+        return g[name] if rows is None else RowsView(g[name], rows)
+
     meta = {"diffmix": {"role": "store-nuclei", "scheme": scheme.to_dict(), "store": where}}
-    image = image_layer_data(g[IMAGES], f"{stem} images", store=where)
+    image = image_layer_data(stack(IMAGES), f"{stem} images", store=where)
     image[1]["visible"] = visible
-    classes = class_layer_data(g[TYPE_MAPS], scheme, f"{stem} classes", store=where)
+    classes = class_layer_data(stack(TYPE_MAPS), scheme, f"{stem} classes", store=where)
     classes[1]["visible"] = visible
-    return [image, classes, (g[INST_MAPS], {"name": f"{stem} nuclei", "metadata": meta, "visible": False}, "labels")]
+    return [image, classes, (stack(INST_MAPS), {"name": f"{stem} nuclei", "metadata": meta, "visible": False}, "labels")]
 
 
 def read_store(path: Any) -> list[tuple]:
-    """Layers of an export store: images, class maps, nuclei (and the included originals, hidden)."""
+    """Layers of an export store: images, class maps, nuclei, and, hidden, the included original
+    patch of each item at the same slider position (one stack as long as the synthetic one)."""
     from .store import open_store
 
     p = _one(path)
@@ -134,7 +141,7 @@ def read_store(path: Any) -> list[tuple]:
     layers = _store_layers(store, scheme, p.stem, visible=True)
     originals = store.originals
     if originals is not None:
-        layers += _store_layers(originals, scheme, f"{p.stem} originals", visible=False)
+        layers += _store_layers(originals, scheme, f"{p.stem} originals", visible=False, rows=store.original_index())
     return layers
 
 

@@ -353,6 +353,19 @@ class SyntheticStore:
             return None
         return SyntheticStore(self.path / ORIGINALS, self.group[ORIGINALS], kind="original")
 
+    def original_index(self) -> np.ndarray:
+        """For each item, the index of the included original patch it was made from (-1: none,
+        e.g. an unfinished item or a store whose originals are referenced, not included)."""
+        patches = (self.attrs.get("originals") or {}).get("patches") or []
+        where = {tuple(int(v) for v in p): k for k, p in enumerate(patches)}
+        out = np.full(len(self), -1, np.int64)
+        done = self.done_mask()
+        for i in np.flatnonzero(done):
+            prov = self.provenance(int(i))
+            if "tile" in prov and "origin" in prov:
+                out[i] = where.get((int(prov["tile"]), *(int(v) for v in prov["origin"])), -1)
+        return out
+
     def class_counts(self) -> np.ndarray:
         """Nuclei per class (index = class id, 0 unused) over the finished items, from the maps."""
         from .datasets import class_counts
@@ -363,6 +376,36 @@ class SyntheticStore:
         for item in self.items():
             total += class_counts(item.inst_map, inst_types_from_maps(item.inst_map, item.type_map), c)
         return total
+
+
+class RowsView:
+    """Rows ``index`` of an array (a zarr array of the store), read when sliced: a stack as long
+    as ``index`` without copying it. Rows at -1 read as zeros (no such row)."""
+
+    def __init__(self, array: Any, index: np.ndarray):
+        self.array = array
+        self.index = np.asarray(index, np.int64)
+        self.dtype = np.dtype(array.dtype)
+        self.shape = (int(self.index.size), *array.shape[1:])
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        first, rest = key[0], key[1:]
+        rows = self.index[first]
+        if np.ndim(rows) == 0:
+            r = int(rows)
+            return np.zeros(self.shape[1:], self.dtype)[rest] if r < 0 else np.asarray(self.array[(r, *rest)])
+        return np.stack([self[(int(i), *rest)] for i in np.arange(self.shape[0])[first]]) if rows.size else np.zeros(
+            (0, *np.zeros(self.shape[1:], self.dtype)[rest].shape), self.dtype
+        )
 
 
 def open_store(path: str | os.PathLike) -> SyntheticStore:

@@ -290,3 +290,30 @@ def test_store_opens_through_the_manifest_and_other_zarr_still_open(tmp_path, na
     zarr.open_group(str(other), mode="w").create_array("x", data=np.arange(12, dtype=np.float32).reshape(3, 4))
     viewer.open(str(other), plugin="napari-diffmix")
     assert np.array_equal(np.asarray(viewer.layers[-1].data), np.arange(12).reshape(3, 4))
+
+
+def test_store_originals_align_with_their_synthetic_items(tmp_path, tiny_model):
+    """One slider position shows a synthetic item and the original patch it came from (the store
+    holds 3 items and the whole grid of originals: the slider must not span the grid)."""
+    from napari_diffmix.demo_data import demo_split
+    from napari_diffmix.datasets import Dataset
+    from napari_diffmix.mixing import MixCache, PlanSpec, plan_balanced_set
+    from napari_diffmix.store import open_store
+    from napari_diffmix.synthesize import SynthesisConfig, SynthesisJob
+
+    dataset = Dataset([demo_split().train], DEMO)  # in memory: its original patches are included
+    cache = MixCache(dataset)
+    plan = plan_balanced_set(dataset, PlanSpec(patches=3, patch_size=32, stride=32, seed=1), cache=cache)
+    out = tmp_path / "s.zarr"
+    config = SynthesisConfig(steps=2, batch_size=3, device="cpu", precision="fp32", originals="include")
+    SynthesisJob(dataset, plan, tiny_model, out, config, cache=cache).run()
+    store = open_store(out)
+    assert len(store.originals) > 3  # the whole grid
+    layers = {kw["name"]: data for data, kw, _ in get_reader(str(out))(str(out))}
+    synthetic, originals = layers["s images"], layers["s originals images"]
+    assert originals.shape == synthetic.shape == (3, 32, 32, 3)
+    tile = dataset[0].image
+    for i in range(3):
+        y, x = store.provenance(i)["origin"]
+        np.testing.assert_array_equal(np.asarray(originals[i]), tile[y : y + 32, x : x + 32])
+    assert layers["s originals nuclei"].shape == (3, 32, 32)
