@@ -68,17 +68,54 @@ TYPE_MAP_TOLERANCE = 0.01
 
 
 # -- tiles ---------------------------------------------------------------------------------------
-def _as_rgb(image: Any, where: str) -> np.ndarray:
+def _as_rgb(image: Any, where: str, note_key: Any = None) -> np.ndarray:
+    """(H, W, 3) uint8 from RGB or RGBA pixels (planar too); wider integers as :func:`_to_8_bit` says.
+    ``note_key`` groups the notes about wide images (a folder, a stack); default ``where``."""
     image = np.asarray(image)
     if image.ndim == 3 and image.shape[0] in (3, 4) and image.shape[2] not in (3, 4):
         image = np.moveaxis(image, 0, -1)  # planar (C, H, W) TIFF
     if image.ndim != 3 or image.shape[2] not in (3, 4):
         raise DatasetError(f"image is not RGB: shape {image.shape}, expected (H, W, 3)", where)
     if image.dtype != np.uint8:
-        if not np.issubdtype(image.dtype, np.integer) or image.size and (image.min() < 0 or image.max() > 255):
-            raise DatasetError(f"image must be 8-bit RGB (uint8), got {image.dtype}", where)
-        image = image.astype(np.uint8)
+        image = _to_8_bit(image[..., :3], where, where if note_key is None else note_key)
     return np.ascontiguousarray(image[..., :3])
+
+
+def _to_8_bit(image: np.ndarray, where: str, note_key: Any) -> np.ndarray:
+    """uint8 pixels from an integer image wider than 8 bits.
+
+    All values within 0..255: taken as they are (tools that write 8-bit data into 16-bit files
+    mean those values); said once per ``note_key`` at info level. A uint16 image using more
+    of its range is scaled by 1/257, which maps 65535 to 255 and undoes the usual 8 -> 16-bit
+    widening (v * 257) exactly; said once per ``note_key`` as a warning, since data of fewer
+    bits stored in 16 (12-bit scans) comes out dark and should be converted by the user.
+    Floats and wider integers have no agreed full range and are refused.
+    """
+    if image.dtype == bool or not np.issubdtype(image.dtype, np.integer):
+        raise DatasetError(f"image must be 8-bit RGB (uint8) or 16-bit, got {image.dtype}", where)
+    if image.size == 0:
+        return image.astype(np.uint8)
+    lo, hi = int(image.min()), int(image.max())
+    bits = 8 * image.dtype.itemsize
+    if lo < 0:
+        raise DatasetError(f"image has negative values (down to {lo}); expected 8-bit RGB, 0..255", where)
+    if hi <= 255:
+        _note_once(("8-bit values", note_key), f"{where}: {bits}-bit image holding only 0..255: read as 8-bit values "
+                   "(so are further such images here)")
+        return image.astype(np.uint8)
+    if image.dtype != np.uint16:
+        raise DatasetError(
+            f"image must be 8-bit RGB (uint8) or 16-bit; got {image.dtype} with values up to {hi}: convert it to 8-bit RGB", where
+        )
+    if ("16-bit scaled", note_key) not in _NOTED:
+        _NOTED.add(("16-bit scaled", note_key))
+        log.warning(
+            "%s: 16-bit image with values up to %d: scaled to 8 bits as round(value / 257) (65535 -> 255); "
+            "if its data do not span 0..65535 (12-bit scans), convert it to 8-bit RGB yourself. "
+            "Further 16-bit images here are scaled without a message.", where, hi,
+        )
+    # round(v / 257) in integers: 257 is odd, so no value lies half-way.
+    return ((image.astype(np.uint32) + 128) // 257).astype(np.uint8)
 
 
 def _as_labels(a: Any, name: str, dtype: type, where: str) -> np.ndarray:
@@ -176,15 +213,18 @@ class Dataset(Sequence[Tile]):
         labels_loader: Callable[[int], Tile] | None = None,
         root: str | os.PathLike | None = None,
         layout: str,
+        image_check: Callable[[int, tuple[int, int]], tuple[str, str | None] | None] | None = None,
     ) -> "Dataset":
         """A dataset whose tile ``i`` is read by ``loader(i)`` on access.
 
         ``labels_loader(i)``: tile ``i`` without its image (``image`` None), read without
-        decoding the image; default ``loader(i)`` with the image dropped.
+        decoding the image; default ``loader(i)`` with the image dropped. ``image_check``:
+        see :meth:`check_image` (:func:`_file_check`, :func:`_stack_check` make one).
         """
         ds = cls.__new__(cls)
         ds.scheme = load_scheme(scheme)
         ds._init(list(names), loader, labels_loader or (lambda i: _without_image(loader(i))), root, layout)
+        ds._image_check = image_check
         return ds
 
     def _init(
@@ -196,6 +236,7 @@ class Dataset(Sequence[Tile]):
         self._names = names
         self._loader = loader
         self._labels_loader = labels_loader
+        self._image_check: Callable[[int, tuple[int, int]], tuple[str, str | None] | None] | None = None
         self.root = None if root is None else Path(root)
         self.layout = layout
 
@@ -229,6 +270,20 @@ class Dataset(Sequence[Tile]):
     def __iter__(self) -> Iterator[Tile]:
         for k in range(len(self)):
             yield self._loader(k)
+
+    @property
+    def checks_images(self) -> bool:
+        """Whether :meth:`check_image` can judge this dataset's images (False: in memory, the demo)."""
+        return self._image_check is not None
+
+    def check_image(self, i: int, shape: Sequence[int] | None = None) -> tuple[str, str | None] | None:
+        """Decode tile ``i``'s image as the reader will: ``(where it is read from, why it does not
+        fit or None)``, or None when the tile has no image (a label-only layout or tile). ``shape``
+        (H, W) is the size of its label maps (read when not given)."""
+        if self._image_check is None:
+            return None
+        k = self._index(i)
+        return self._image_check(k, tuple(shape) if shape is not None else self.labels(k).shape)
 
     def __repr__(self) -> str:
         where = f" at {self.root}" if self.root else ""
@@ -287,67 +342,125 @@ def _pair(groups: dict[str, dict[str, Path]], root: Path) -> list[str]:
     return sorted(all_stems, key=_natural_key)
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """An RGB uint8 image from PNG / TIFF / JPEG; alpha is dropped, grayscale is refused."""
-    path = Path(path)
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_header(path: Path) -> tuple[int, int] | None:
+    """(bit depth, colour type) from a PNG's IHDR chunk; None for a file that is not a PNG."""
+    with open(path, "rb") as f:
+        head = f.read(26)
+    if len(head) < 26 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
+        return None
+    return head[24], head[25]
+
+
+def _read_png16(path: Path, colour_type: int) -> np.ndarray:
+    """The samples of a 16-bit RGB (colour type 2) or RGBA (6) PNG, as uint16.
+
+    Pillow holds RGB in 8 bits and keeps each sample's high byte, so a 16-bit PNG holding
+    0..255 reads as zeros. Its PNG decoder also unpacks the little-endian variant of the same
+    48/64-bit pixel, which keeps the other byte of each (big-endian) sample. Decoding twice,
+    once per byte, and joining the two gives the samples exactly, while zlib, unfiltering and
+    interlacing stay Pillow's own.
+    """
+    from PIL import Image
+
+    mode = "RGB" if colour_type == 2 else "RGBA"
+    planes = []
+    for rawmode in (f"{mode};16B", f"{mode};16L"):
+        with Image.open(path) as im:
+            if im.mode != mode or not im.tile or any(t[3] != f"{mode};16B" for t in im.tile):
+                raise DatasetError(f"cannot read 16-bit PNG: Pillow opened it as {im.mode} {[t[3] for t in im.tile]}", path)
+            im.tile = [t._replace(args=rawmode) if hasattr(t, "_replace") else (*t[:3], rawmode) for t in im.tile]
+            im.load()
+            planes.append(np.asarray(im, dtype=np.uint16))
+    return (planes[0] << 8) | planes[1]
+
+
+def _decode_image(path: Path) -> np.ndarray:
+    """Every pixel of an image file as its decoder gives it (any dtype, any channel count);
+    a DatasetError naming the file if it is missing, truncated or not an image."""
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
             import tifffile
 
-            image = tifffile.imread(path)
-        else:
-            import imageio.v3 as iio
+            return tifffile.imread(path)
+        png = _png_header(path)
+        if png is not None and png[0] == 16 and png[1] in (2, 6):
+            return _read_png16(path, png[1])
+        if png == (16, 4):  # Pillow would widen grey + alpha to RGBA of high bytes
+            raise DatasetError("grey with alpha (16-bit PNG), expected RGB (3 channels) or RGBA", path)
+        import imageio.v3 as iio
 
-            image = iio.imread(path, plugin="pillow")
+        return iio.imread(path, plugin="pillow")
+    except DatasetError:
+        raise
     except FileNotFoundError:
         raise DatasetError("image file does not exist", path) from None
     except Exception as exc:  # decoders raise many types; report the file, not a deep traceback
         raise DatasetError(f"cannot read image: {exc}", path) from None
-    return _as_rgb(image, os.fspath(path))
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """An RGB uint8 image from PNG / TIFF / JPEG; alpha is dropped, grayscale is refused.
+
+    16-bit files (PNG and TIFF) are read in full: values within 0..255 are taken as 8-bit, a
+    wider range is scaled by 1/257 with a warning (see :func:`_to_8_bit`); notes come once per folder.
+    """
+    path = Path(path)
+    return _as_rgb(_decode_image(path), os.fspath(path), note_key=path.parent)
 
 
 def image_problem(path: str | os.PathLike, shape: Sequence[int]) -> str | None:
     """Why :func:`read_image` would refuse ``path`` or not pair it with label maps of ``shape`` (H, W),
     as "what was found, what was expected"; None when the image fits.
 
-    Judged from the file's header where that settles it (Pillow and tifffile decode no pixels):
-    the reader accepts 8-bit RGB or RGBA, planar TIFF included. Files whose header leaves it
-    open (TIFFs of wider integers, whose values decide; multi-frame files) are read in full.
+    The file is decoded in full, as the reader will: a header can be whole while the pixel data
+    are truncated or damaged, and the values of a 16-bit image decide how it is read.
     """
     path = Path(path)
-    found: tuple[int, ...] | None = None
     try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
-
-            with tifffile.TiffFile(path) as tif:
-                series = tif.series[0]  # what tifffile.imread returns
-                if series.dtype == np.uint8:
-                    found = tuple(series.shape)
-        else:
-            from PIL import Image, ImageMode
-
-            with Image.open(path) as im:
-                if getattr(im, "n_frames", 1) == 1:
-                    mode = im.palette.mode if im.mode == "P" else im.mode  # the reader applies the palette
-                    bands = len(ImageMode.getmode(mode).bands)
-                    found = (im.height, im.width) + ((bands,) if bands > 1 else ())
-        if found is None:
-            found = read_image(path).shape
+        pixels = _decode_image(path)
+        found = tuple(pixels.shape)
+        if len(found) == 3 and found[0] in (3, 4) and found[2] not in (3, 4):
+            found = (*found[1:], found[0])  # planar (C, H, W), as _as_rgb reads it
+        if len(found) != 3 or found[2] not in (3, 4):
+            what = "grey (1 channel)" if len(found) == 2 else f"{found[2]} channels" if len(found) == 3 else f"shape {found}"
+            return f"{what}, expected RGB (3 channels) or RGBA"
+        _as_rgb(pixels, os.fspath(path), note_key=path.parent)
     except DatasetError as exc:
         return str(exc).removeprefix(f"{exc.path}: ")
-    except FileNotFoundError:
-        return "image file does not exist"
-    except Exception as exc:  # see read_image
-        return f"cannot read image: {exc}"
-    if len(found) == 3 and found[0] in (3, 4) and found[2] not in (3, 4):
-        found = (*found[1:], found[0])  # planar (C, H, W), as _as_rgb reads it
-    if len(found) != 3 or found[2] not in (3, 4):
-        what = "grey (1 channel)" if len(found) == 2 else f"{found[2]} channels" if len(found) == 3 else f"shape {found}"
-        return f"{what}, expected RGB (3 channels) or RGBA"
     if tuple(found[:2]) != tuple(shape):
         return f"{found[0]}x{found[1]} px, expected {shape[0]}x{shape[1]} px (the size of its label maps)"
     return None
+
+
+def _file_check(names: Sequence[str], files: dict[str, Path] | Callable[[str], Path | None] | None) -> Callable:
+    """An ``image_check`` (see :meth:`Dataset.check_image`) for layouts with one image file per tile."""
+
+    def check(i: int, shape: tuple[int, int]) -> tuple[str, str | None] | None:
+        path = None if files is None else files(names[i]) if callable(files) else files.get(names[i])
+        return None if path is None else (os.fspath(path), image_problem(path, shape))
+
+    return check
+
+
+def _stack_check(images: np.ndarray | None, path: Path | None) -> Callable:
+    """An ``image_check`` for an ``images.npy`` stack: each image is read as the tile loader reads it."""
+
+    def check(i: int, shape: tuple[int, int]) -> tuple[str, str | None] | None:
+        if images is None:
+            return None
+        where = f"{path}[{i}]"
+        try:
+            image = _stack_image(images, i, path)
+        except DatasetError as exc:
+            return where, str(exc).removeprefix(f"{exc.path}: ")
+        if image.shape[:2] != tuple(shape):
+            return where, f"{image.shape[0]}x{image.shape[1]} px, expected {shape[0]}x{shape[1]} px (the size of its label maps)"
+        return where, None
+
+    return check
 
 
 def _read_label_file(path: Path) -> np.ndarray:
@@ -591,7 +704,9 @@ def read_consep(root: str | os.PathLike, scheme: Any) -> Dataset:
         name = names[i]
         return read_consep_tile(images[name] if with_image else None, labels[name], scheme, name)
 
-    return Dataset.lazy(names, load, scheme, labels_loader=lambda i: load(i, False), root=root, layout="consep")
+    return Dataset.lazy(
+        names, load, scheme, labels_loader=lambda i: load(i, False), root=root, layout="consep", image_check=_file_check(names, images)
+    )
 
 
 # -- generic folders -----------------------------------------------------------------------------
@@ -657,7 +772,9 @@ def read_generic(root: str | os.PathLike, scheme: Any) -> Dataset:
             raise DatasetError(f"cannot read label file: {exc}", path) from None
         return _generic_tile(name, image, image_path, inst_map, type_map, path, scheme)
 
-    return Dataset.lazy(names, load, scheme, labels_loader=lambda i: load(i, False), root=root, layout="generic")
+    return Dataset.lazy(
+        names, load, scheme, labels_loader=lambda i: load(i, False), root=root, layout="generic", image_check=_file_check(names, images)
+    )
 
 
 def write_generic(
@@ -741,12 +858,23 @@ def _mmap(path: Path) -> np.ndarray:
 
 
 def _stack_image(images: np.ndarray, i: int, path: Path) -> np.ndarray:
+    """Image ``i`` of an ``images.npy`` stack as (H, W, 3) uint8; PanNuke stores 0..255 as float64."""
     image = np.asarray(images[i])
-    if np.issubdtype(image.dtype, np.floating):  # PanNuke stores 0..255 as float64
+    where = f"{path}[{i}]"
+    if np.issubdtype(image.dtype, np.floating):
+        nan = np.isnan(image)
+        odd = nan if nan.any() else np.isinf(image)
+        if odd.any():
+            # NaN would become 0 with only a numpy warning: a black pixel in the training data.
+            y, x = np.argwhere(odd)[0][:2]
+            raise DatasetError(
+                f"image {i} has {int(odd.sum())} {'NaN' if nan.any() else 'infinite'} pixel value(s) "
+                f"(first at row {y}, column {x}); expected 0..255", path,
+            )
         if image.size and (image.min() < 0 or image.max() > 255):
             raise DatasetError(f"image {i} has values outside 0..255", path)
         image = np.rint(image).astype(np.uint8)
-    return image
+    return _as_rgb(image, where, note_key=path)
 
 
 def _masks_to_labels(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -808,7 +936,7 @@ def read_pannuke(root: str | os.PathLike, scheme: Any) -> Dataset:
         where = f"{label_file}[{i}]"
         image = None
         if images is not None and with_image:
-            image = _as_rgb(_stack_image(images, i, images_path), f"{images_path}[{i}]")
+            image = _stack_image(images, i, images_path)
         if masks_path is None:
             return _generic_tile(names[i], image, images_path, inst_maps[i], type_maps[i], Path(where), scheme)
         m = np.asarray(masks[i])
@@ -818,7 +946,10 @@ def read_pannuke(root: str | os.PathLike, scheme: Any) -> Dataset:
         inst_types = scheme.merge_raw(raw, source=where).astype(np.int32)
         return Tile(names[i], image, inst_map, type_map_from(inst_map, inst_types), source=where)
 
-    return Dataset.lazy(names, load, scheme, labels_loader=lambda i: load(i, False), root=root, layout="pannuke")
+    return Dataset.lazy(
+        names, load, scheme, labels_loader=lambda i: load(i, False), root=root, layout="pannuke",
+        image_check=_stack_check(images, images_path),
+    )
 
 
 # -- HoVer-Net run_infer output -------------------------------------------------------------------
@@ -936,7 +1067,12 @@ def read_hovernet(root: str | os.PathLike, scheme: Any) -> Dataset:
         inst_map, type_map = read_hovernet_json_labels(path, size[:2], scheme)
         return Tile(name, None, inst_map, type_map, source=os.fspath(path))
 
-    return Dataset.lazy(names, load, scheme, root=root, layout="hovernet")
+    def beside(name: str) -> Path | None:
+        # run_infer keeps no copy of its input tiles; they count where they sit beside its output.
+        folders = [files[name].parent, base, base / "images", base / "Images", base / "imgs"]
+        return next((f / (name + s) for f in folders for s in IMAGE_SUFFIXES if (f / (name + s)).is_file()), None)
+
+    return Dataset.lazy(names, load, scheme, root=root, layout="hovernet", image_check=_file_check(names, beside))
 
 
 def mat_keys(path: str | os.PathLike) -> list[str]:
@@ -998,7 +1134,9 @@ def read_lizard(root: str | os.PathLike, scheme: Any) -> Dataset:
         name = names[i]
         return read_consep_tile(images[name] if with_image and images else None, labels[name], scheme, name)
 
-    return Dataset.lazy(names, load, scheme, labels_loader=lambda i: load(i, False), root=root, layout="lizard")
+    return Dataset.lazy(
+        names, load, scheme, labels_loader=lambda i: load(i, False), root=root, layout="lizard", image_check=_file_check(names, images)
+    )
 
 
 def read_conic(root: str | os.PathLike, scheme: Any) -> Dataset:
@@ -1034,10 +1172,13 @@ def read_conic(root: str | os.PathLike, scheme: Any) -> Dataset:
             raise DatasetError(f"{unclassed.size} nuclei have class 0 in the class channel (ids {unclassed[:10].tolist()})", where)
         image = None
         if images is not None and with_image:
-            image = _as_rgb(_stack_image(images, i, images_path), f"{images_path}[{i}]")
+            image = _stack_image(images, i, images_path)
         return Tile(names[i], image, inst_map, type_map_from(inst_map, inst_types), source=where)
 
-    return Dataset.lazy(names, load, scheme, labels_loader=lambda i: load(i, False), root=root, layout="conic")
+    return Dataset.lazy(
+        names, load, scheme, labels_loader=lambda i: load(i, False), root=root, layout="conic",
+        image_check=_stack_check(images, images_path),
+    )
 
 
 # -- QuPath GeoJSON ------------------------------------------------------------------------------
@@ -1073,7 +1214,9 @@ def read_geojson_folder(root: str | os.PathLike, scheme: Any) -> Dataset:
         inst_map, type_map = labels_from_features(read_geojson(shapes[name]), size, scheme, source=shapes[name])
         return Tile(name, image, inst_map, type_map, source=os.fspath(shapes[name]))
 
-    return Dataset.lazy(names, load, scheme, labels_loader=lambda i: load(i, False), root=root, layout="geojson")
+    return Dataset.lazy(
+        names, load, scheme, labels_loader=lambda i: load(i, False), root=root, layout="geojson", image_check=_file_check(names, images)
+    )
 
 
 # -- opening -------------------------------------------------------------------------------------

@@ -628,3 +628,199 @@ def test_pointing_at_labels_of_a_consep_folder_says_where_to_point(tmp_path):
     consep_folder(tmp_path)
     with pytest.raises(DatasetError, match=rf"point at the folder that holds Images and Labels: {tmp_path}"):
         ds.open_dataset(tmp_path / "Labels", "consep")
+
+
+# -- 16-bit images, NaN pixels, decoding image checks (issue 15 item 4) ------------------------------
+def write_png16(path, image):
+    """A 16-bit RGB(A) PNG written byte by byte as the PNG standard says (Pillow cannot write one):
+    big-endian samples, filter Sub on odd rows and Up on every third, so the decoder's unfiltering
+    with 6- or 8-byte pixels is exercised."""
+    import struct
+    import zlib
+
+    a = np.ascontiguousarray(image, dtype=">u2")
+    h, w, c = a.shape
+    bpp = 2 * c
+    rows = a.reshape(h, w * bpp // 2).view(np.uint8).reshape(h, w * bpp).astype(np.int16)
+    out = bytearray()
+    for y in range(h):
+        row, kind = rows[y], (2 if y and y % 3 == 0 else 1 if y % 2 else 0)
+        if kind == 1:
+            row = row - np.r_[np.zeros(bpp, np.int16), row[:-bpp]]
+        elif kind == 2:
+            row = row - rows[y - 1]
+        out += bytes([kind]) + (row % 256).astype(np.uint8).tobytes()
+
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, {3: 2, 4: 6}[c], 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(out))) + chunk(b"IEND", b""))
+
+
+def test_16_bit_png_holding_8_bit_values_reads_them_and_says_so_once(tmp_path, caplog):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (9, 13, 3)).astype(np.uint16)
+    write_png16(tmp_path / "a.png", image)
+    write_png16(tmp_path / "b.png", image[::-1])
+    with caplog.at_level("INFO", logger="napari_diffmix.datasets"):
+        a, b = ds.read_image(tmp_path / "a.png"), ds.read_image(tmp_path / "b.png")
+    assert a.dtype == np.uint8 and np.array_equal(a, image) and np.array_equal(b, image[::-1])  # was all zeros
+    notes = [r for r in caplog.records if "16-bit" in r.getMessage()]
+    assert len(notes) == 1 and notes[0].levelname == "INFO" and "0..255" in notes[0].getMessage()
+    rgba = np.dstack([image, np.full(image.shape[:2], 255, np.uint16)])
+    write_png16(tmp_path / "c.png", rgba)
+    assert np.array_equal(ds.read_image(tmp_path / "c.png"), image)  # alpha dropped
+    assert ds.image_problem(tmp_path / "c.png", (9, 13)) is None
+
+
+def test_16_bit_range_is_scaled_to_8_bits_with_a_warning(tmp_path, caplog):
+    rng = np.random.default_rng(1)
+    image8 = rng.integers(0, 256, (8, 10, 3)).astype(np.uint8)
+    image8[0, 0, 0] = 7
+    wide = image8.astype(np.uint16) * 257  # how 8-bit data is widened (255 -> 65535)
+    wide[0, 0, 0] += 100  # not an exact multiple: rounds to the nearest 8-bit value
+    write_png16(tmp_path / "full.png", wide)
+    tifffile.imwrite(tmp_path / "full.tif", wide, photometric="rgb")
+    with caplog.at_level("INFO", logger="napari_diffmix.datasets"):
+        png, tif = ds.read_image(tmp_path / "full.png"), ds.read_image(tmp_path / "full.tif")
+    assert np.array_equal(png, image8) and np.array_equal(tif, image8)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "full.png" in warned[0] and "/ 257" in warned[0] and str(int(wide.max())) in warned[0]
+    # Wider integers have no agreed full range: refused, naming what was found.
+    tifffile.imwrite(tmp_path / "int32.tif", wide.astype(np.int32) * 1000, photometric="rgb")
+    with pytest.raises(DatasetError, match=r"int32\.tif: image must be 8-bit RGB \(uint8\) or 16-bit; got int32 with values up to"):
+        ds.read_image(tmp_path / "int32.tif")
+    tifffile.imwrite(tmp_path / "neg.tif", np.full((4, 4, 3), -3, np.int16), photometric="rgb")
+    with pytest.raises(DatasetError, match=r"neg\.tif: image has negative values"):
+        ds.read_image(tmp_path / "neg.tif")
+
+
+def _pannuke_fold(root, images):
+    n, h, w = images.shape[:3]
+    masks = np.zeros((n, h, w, 6))
+    masks[:, 2:6, 2:6, 0] = 1
+    masks[..., 5] = masks[..., :5].sum(-1) == 0
+    root.mkdir(parents=True, exist_ok=True)
+    np.save(root / "images.npy", images)
+    np.save(root / "masks.npy", masks)
+    return root
+
+
+def test_nan_pixels_in_a_pannuke_stack_are_refused_naming_file_and_image(tmp_path):
+    import warnings
+
+    images = np.full((3, 16, 16, 3), 120.0)
+    images[1, 4, 5, 2] = np.nan
+    images[2, 0, 0, 0] = np.inf
+    root = _pannuke_fold(tmp_path / "fold", images)
+    d = ds.open_dataset(root, PANNUKE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # was a numpy RuntimeWarning and a black pixel
+        assert d[0].image[0, 0, 0] == 120
+        with pytest.raises(DatasetError, match=r"images\.npy: image 1 has 1 NaN pixel value\(s\) \(first at row 4, column 5\); expected 0\.\.255"):
+            d[1]
+        with pytest.raises(DatasetError, match=r"images\.npy: image 2 has 1 infinite pixel value\(s\)"):
+            d[2]
+    assert d.labels(1).image is None  # the labels alone still read
+
+
+def test_stats_decodes_every_image_and_catches_truncated_and_nan(tmp_path, capsys):
+    root = tmp_path / "consep"
+    consep_folder(root)
+    png = sorted((root / "Images").glob("*.png"))[0]
+    data = png.read_bytes()
+    png.write_bytes(data[: len(data) // 2])  # its header is whole: only decoding finds the damage
+    assert main(["stats", str(root), "--scheme", "consep"]) == 2
+    err = capsys.readouterr().err
+    assert f"{png}: cannot read image: image file is truncated" in err and "1 of 3 tile image(s)" in err
+    png.write_bytes(data)
+    assert main(["stats", str(root), "--scheme", "consep"]) == 0
+    assert "images: 3 decoded (8-bit RGB, the size of their label maps)" in capsys.readouterr().out
+
+    images = np.full((3, 16, 16, 3), 99.0)
+    images[2, 1, 1, 1] = np.nan
+    fold = _pannuke_fold(tmp_path / "fold", images)
+    PANNUKE.save(tmp_path / "pannuke.json")
+    assert main(["stats", str(fold), "--scheme", str(tmp_path / "pannuke.json")]) == 2
+    err = capsys.readouterr().err
+    assert "1 of 3 tile image(s) do not fit" in err and f"{fold / 'images.npy'}[2]: image 2 has 1 NaN pixel value(s)" in err
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return data
+
+
+def _image_layouts(tmp_path):
+    """One small folder per layout that has images, each with 2 tiles: (layout, folder, scheme,
+    what to damage (a PNG to truncate, or an images.npy stack to poison with NaN at image 1))."""
+    tiles = make_tiles(2)
+    generic = ds.write_generic(ds.Dataset(tiles, GLYSAC), tmp_path / "generic")
+    yield "generic", generic, None, generic / "images" / "tile1.png"
+    assert main(["export", str(generic), "--format", "geojson", "--out", str(tmp_path / "qupath")]) == 0
+    yield "geojson", tmp_path / "qupath", None, tmp_path / "qupath" / "tile1.png"
+
+    liz = tmp_path / "lizard"
+    (liz / "Lizard_Labels" / "Labels").mkdir(parents=True)
+    (liz / "Lizard_Images1").mkdir()
+    for t in tiles:
+        ids = np.unique(t.inst_map)[1:]
+        savemat(liz / "Lizard_Labels" / "Labels" / f"{t.name}.mat", {
+            "inst_map": t.inst_map, "id": ids[:, None], "class": t.inst_types[ids][:, None].astype(np.int32),
+        })
+        iio.imwrite(liz / "Lizard_Images1" / f"{t.name}.png", t.image)
+    yield "lizard", liz, None, liz / "Lizard_Images1" / "tile1.png"
+
+    hov = tmp_path / "hovernet_out"
+    (hov / "mat").mkdir(parents=True)
+    (hov / "images").mkdir()  # run_infer's input tiles, kept beside its output
+    for t in tiles:
+        ids = np.unique(t.inst_map)[1:]
+        savemat(hov / "mat" / f"{t.name}.mat", {
+            "inst_map": t.inst_map, "inst_uid": ids[:, None], "inst_type": t.inst_types[ids][:, None], "inst_centroid": np.zeros((ids.size, 2)),
+        })
+        iio.imwrite(hov / "images" / f"{t.name}.png", t.image)
+    yield "hovernet", hov / "mat", "glysac", hov / "images" / "tile1.png"
+
+    conic = tmp_path / "conic"
+    conic.mkdir()
+    labels = np.stack([np.stack([t.inst_map, t.type_map], -1) for t in tiles]).astype(np.uint16)
+    np.save(conic / "labels.npy", labels)
+    np.save(conic / "images.npy", np.stack([t.image for t in tiles]).astype(np.float64))
+    yield "conic", conic, None, conic / "images.npy"
+
+    pan = tmp_path / "stacks"
+    pan.mkdir()
+    np.save(pan / "inst_maps.npy", np.stack([t.inst_map for t in tiles]))
+    np.save(pan / "type_maps.npy", np.stack([t.type_map for t in tiles]))
+    np.save(pan / "images.npy", np.stack([t.image for t in tiles]).astype(np.float64))
+    yield "pannuke", pan, "glysac", pan / "images.npy"
+
+
+def test_stats_decodes_the_images_of_every_layout_that_has_them(tmp_path, capsys):
+    for layout, root, scheme, damage in _image_layouts(tmp_path):
+        args = ["stats", str(root)] + (["--scheme", scheme] if scheme else [])
+        capsys.readouterr()
+        assert main(args) == 0, layout
+        out = capsys.readouterr().out
+        assert f"layout {layout}" in out and "images: 2 decoded (8-bit RGB, the size of their label maps)" in out, (layout, out)
+        if damage.suffix == ".png":
+            data = _truncate(damage)
+            expected = f"{damage}: cannot read image: image file is truncated"
+        else:
+            data = damage.read_bytes()
+            stack = np.load(damage)
+            stack[1, 3, 2, 0] = np.nan
+            np.save(damage, stack)
+            expected = f"{damage}[1]: image 1 has 1 NaN pixel value(s) (first at row 3, column 2)"
+        assert main(args) == 2, layout
+        err = capsys.readouterr().err
+        assert "1 of 2 tile image(s) do not fit" in err and expected in err, (layout, err)
+        damage.write_bytes(data)
+    # HoVer-Net output with no tile image beside it: labels only, nothing to decode.
+    (tmp_path / "hovernet_out" / "images" / "tile0.png").unlink()
+    (tmp_path / "hovernet_out" / "images" / "tile1.png").unlink()
+    assert main(["stats", str(tmp_path / "hovernet_out" / "mat"), "--scheme", "glysac"]) == 0
+    assert "images: none (label maps only)" in capsys.readouterr().out

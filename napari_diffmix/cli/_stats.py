@@ -16,8 +16,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Read a dataset (CoNSeP/GLySAC folder, generic folder, PanNuke-style .npy stacks, HoVer-Net output, "
             "Lizard, CoNIC, QuPath GeoJSON, or 'demo') "
-            "and print nuclei and pixel shares per class, merged by the class scheme. Every tile's image file "
-            "is checked too: RGB (or RGBA) and the size of its label maps, read from the file headers; "
+            "and print nuclei and pixel shares per class, merged by the class scheme. Every tile's image "
+            "(files, .npy stacks, images beside HoVer-Net output) is decoded too, as training will read it: "
+            "RGB (or RGBA), whole (not truncated), no NaN, the size of its label maps; "
             "all tiles that fail are listed in one error."
         ),
     )
@@ -35,44 +36,39 @@ class _LabelShapes(Sequence):
 
     def __init__(self, dataset):
         self.dataset = dataset
-        self.shapes: dict[str, tuple[int, int]] = {}
+        self.shapes: dict[int, tuple[int, int]] = {}
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, i):
         tile = self.dataset.labels(i)
-        self.shapes[tile.name] = tile.shape
+        self.shapes[i] = tile.shape
         return tile
 
 
-def image_files(dataset) -> dict[str, Path] | None:
-    """Each tile's image file, for the layouts that keep one file per tile (CoNSeP/GLySAC, generic);
-    None for the others (PanNuke stacks are checked when opened, the demo lives in memory)."""
-    from ..datasets import IMAGE_SUFFIXES, _child_dir, _files_by_stem
-
-    if dataset.root is None or dataset.layout not in ("consep", "generic"):
-        return None
-    folder = _child_dir(dataset.root, "images")
-    return {} if folder is None else _files_by_stem(folder, IMAGE_SUFFIXES)
-
-
-def check_images(images: dict[str, Path], shapes: dict[str, tuple[int, int]], root) -> None:
-    """A DatasetError listing every tile whose image the readers would refuse or whose size differs from its labels."""
-    from ..datasets import image_problem
+def check_images(dataset, shapes: dict[int, tuple[int, int]], root) -> int:
+    """Decode every tile's image (:meth:`~napari_diffmix.datasets.Dataset.check_image`); the number
+    decoded, or a DatasetError listing every tile whose image the readers would refuse or whose
+    size differs from its labels. A header alone misses truncated files and NaN pixels."""
     from ..errors import DatasetError
 
-    problems = []
-    for name, shape in shapes.items():
-        problem = image_problem(images[name], shape)
+    problems, checked = [], 0
+    for i in range(len(dataset)):
+        result = dataset.check_image(i, shapes.get(i))
+        if result is None:
+            continue
+        checked += 1
+        where, problem = result
         if problem is not None:
-            problems.append(f"{images[name]}: {problem}")
+            problems.append(f"{where}: {problem}")
     if problems:
         raise DatasetError(
-            f"{len(problems)} of {len(shapes)} tile image(s) do not fit (expected 8-bit RGB the size of the tile's "
+            f"{len(problems)} of {checked} tile image(s) do not fit (expected 8-bit RGB the size of the tile's "
             "label maps; --no-check-images skips this check):\n  " + "\n  ".join(problems),
             root,
         )
+    return checked
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,12 +84,13 @@ def run(args: argparse.Namespace) -> int:
     if args.per_tile:
         print()
         print(stats.tile_table())
-    images = image_files(dataset) if args.check_images else None
-    if images == {}:
-        print("images: none (label maps only)")
-    elif images:
-        check_images(images, labels.shapes, where)
-        print(f"images: {len(images)} checked (RGB, the size of their label maps)")
+    if args.check_images and dataset.checks_images:
+        checked = check_images(dataset, labels.shapes, where)
+        if checked == 0:
+            print("images: none (label maps only)")
+        else:
+            without = f"; {len(dataset) - checked} tile(s) have no image" if checked < len(dataset) else ""
+            print(f"images: {checked} decoded (8-bit RGB, the size of their label maps){without}")
     if args.json is not None:
         write_json(args.json, stats.to_dict())
         print(f"wrote {args.json}")
