@@ -827,9 +827,10 @@ class Sampler:
     def _tiled(self, x, t_model, run: _Run, weights) -> torch.Tensor:
         """The model output on the run's windows, blended where they overlap; 0 where none covers.
 
-        Windows of one size go through the network as one batch (``tile_batch`` at a time):
-        on 2 CPU cores 25 windows of 64 px one at a time cost 2.7x the untiled step, most of it
-        per-call overhead on tiny feature maps, not the 1.6x more pixels.
+        Windows of one size go through the network as one batch (``tile_batch`` at a time), one
+        call per step instead of one per window. On 2 CPU cores the 25 windows of 64 px over a
+        256 px canvas then took 2.59 s per step against 2.77 s one by one (and 1.99 s untiled,
+        under the same load): the rest of the tiled cost is their 1.6x more pixels.
         """
         n = x.shape[0]
         out_channels = None
