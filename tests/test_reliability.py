@@ -649,3 +649,82 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_store(data
         assert np.array_equal(a[name][:], b[name][:]), name
     assert b.attrs["status"] == "complete" and a.attrs["fingerprint"] == b.attrs["fingerprint"]
     assert not list(out.rglob("*.partial"))
+
+
+# -- item 7: a synthesis that will not fit memory is refused up front ----------------------------
+def _free(monkeypatch, nbytes):
+    """The device's free memory as the sampler asks for it (samplers.free_bytes), set to ``nbytes``."""
+    import napari_diffmix.model.samplers as samplers
+
+    monkeypatch.setattr(samplers, "free_bytes", lambda device: nbytes)
+
+
+def test_synthesis_that_will_not_fit_memory_is_refused_before_planning_with_the_numbers(data, tmp_path, monkeypatch, capsys):
+    import napari_diffmix.mixing as mixing
+    from napari_diffmix.model.unet import UNetConfig
+    from napari_diffmix.synthesize import estimate_synthesis_memory
+
+    need8 = estimate_synthesis_memory(UNetConfig.preset("tiny"), 64, 8, "cpu", "fp32").needed
+    need2 = estimate_synthesis_memory(UNetConfig.preset("tiny"), 64, 2, "cpu", "fp32").needed
+    assert need2 < need8
+    _free(monkeypatch, (need2 + need8) // 2)
+    monkeypatch.setattr(mixing, "plan_balanced_set", lambda *a, **k: pytest.fail("planned a run that cannot fit"))
+    out = tmp_path / "synthetic.zarr"
+    argv = ["synthesize", str(data["dataset"]), "--model", str(data["model"]), "--out", str(out), *FAST,
+            "--patch-size", "64", "--batch-size", "8", "--precision", "fp32"]
+    assert main(argv) == 2  # was: ran, and on a real machine swapped or was killed part-way
+    err = _err(capsys)
+    assert "sampling 8 patches of 64 px at a time will not fit in memory on cpu: it needs about" in err, err
+    assert "activations" in err and "are free; use --batch-size" in err and "or lower" in err, err
+    k = int(err.split("use --batch-size ")[1].split()[0])
+    assert 2 <= k < 8
+    assert not out.exists() and not (tmp_path / ".synthetic.zarr.lock").exists()  # nothing written
+    # The advice holds: the batch it names fits, one more does not.
+    assert estimate_synthesis_memory(UNetConfig.preset("tiny"), 64, k, "cpu", "fp32").fits
+    assert not estimate_synthesis_memory(UNetConfig.preset("tiny"), 64, k + 1, "cpu", "fp32").fits
+    _free(monkeypatch, 1)
+    assert main(argv) == 2
+    assert "even one item does not fit: use a smaller --patch-size" in _err(capsys)
+
+
+def test_the_library_job_refuses_a_batch_that_will_not_fit_before_writing(data, tmp_path, monkeypatch):
+    from napari_diffmix.errors import RenderError
+    from napari_diffmix.mixing import plan_balanced_set
+    from napari_diffmix.synthesize import SynthesisConfig, SynthesisJob
+
+    ds = open_dataset(data["dataset"])
+    plan = plan_balanced_set(ds, patches=2, patch_size=32, stride=32, maps=["balance"], seed=0)
+    out = tmp_path / "s.zarr"
+    job = SynthesisJob(ds, plan, data["model"], out, SynthesisConfig(steps=2, strength=0.5, batch_size=2, device="cpu"))
+    _free(monkeypatch, 2**20)
+    with pytest.raises(RenderError, match=r"sampling 2 patches of 32 px at a time will not fit in memory on cpu: .* only 1\.0 MiB are free"):
+        job.run()
+    assert not out.exists()
+
+
+def test_memory_estimate_parts_and_the_cache_budget(monkeypatch):
+    from napari_diffmix.model.unet import SDMUNet, UNetConfig
+    from napari_diffmix.synthesize import estimate_synthesis_memory
+
+    config = UNetConfig.preset("tiny")
+    _free(monkeypatch, 2**40)
+    e = estimate_synthesis_memory(config, 64, 4, "cpu", "fp32")
+    model = SDMUNet(config)
+    assert e.weights == 4 * model.num_parameters()
+    assert e.spade_cond == sum(d["nbytes"] for d in model.spade_layout(64, 64, 4, 4))  # the model's own layout
+    assert e.spade_null == e.spade_cond // 4  # one image's worth
+    assert e.fits and e.cache_budget == 2**39  # plenty free: the sampler's own default, half of it
+    half = estimate_synthesis_memory(config, 64, 4, "cpu", "bf16")
+    assert half.spade_cond == e.spade_cond // 2 and half.weights == 6 * model.num_parameters()
+    assert estimate_synthesis_memory(config, 64, 4, "cpu", "fp32", weights_on_device=True).weights == 0
+    # Activations grow with the batch and the patch area.
+    e8 = estimate_synthesis_memory(config, 64, 8, "cpu", "fp32")
+    assert e8.activations == 2 * e.activations
+    assert estimate_synthesis_memory(config, 128, 4, "cpu", "fp32").activations > 3 * e.activations
+    # Little to spare: the cache gets what is left beside the rest, never more.
+    _free(monkeypatch, e.needed + 1000)
+    tight = estimate_synthesis_memory(config, 64, 4, "cpu", "fp32")
+    assert tight.fits and tight.cache_budget == 1000
+    _free(monkeypatch, None)  # a device that cannot say: nothing is refused
+    unknown = estimate_synthesis_memory(config, 64, 4, "cpu", "fp32")
+    assert unknown.fits and unknown.cache_budget is None

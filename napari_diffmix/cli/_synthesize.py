@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_dataset_arguments(p, "training dataset folder (CoNSeP/GLySAC, generic, PanNuke) or 'demo'")
     p.add_argument("--model", "-m", type=Path, help="diffusion model (.safetensors from 'diffmix train'; default: the bundled demo model)")
-    p.add_argument("--preset", help="architecture of an official guided-diffusion .pt checkpoint, e.g. diffmix-consep, diffmix-glysac")
+    p.add_argument("--preset", help="architecture of an official guided-diffusion .pt checkpoint, e.g. diffmix-consep, diffmix-glysac, diffmix-lizard")
     p.add_argument("--out", "-o", required=True, type=Path, help="output store folder, e.g. synthetic.zarr")
     p.add_argument("--plan", type=Path, help="use a plan.json written by 'diffmix labels' instead of planning here")
     add_plan_arguments(p)
@@ -111,6 +111,16 @@ def check_model(path: Path, config, preset: str | None = None):
     return info
 
 
+def check_memory(info, patch_size: int, config):
+    """Refuse, before planning, a batch that will not fit the device's free memory (see
+    :func:`~napari_diffmix.synthesize.estimate_synthesis_memory`); the estimate otherwise."""
+    from ..runtime import resolve_device
+    from ..synthesize import check_synthesis_memory, estimate_synthesis_memory
+
+    device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
+    return check_synthesis_memory(estimate_synthesis_memory(info.config, patch_size, config.batch_size, device, config.precision))
+
+
 def run(args: argparse.Namespace) -> int:
     from ..datasets import open_dataset
     from ..mixing import MixCache
@@ -125,8 +135,11 @@ def run(args: argparse.Namespace) -> int:
     dataset = open_dataset(args.dataset, args.scheme, args.layout)
     if args.plan is None:  # a --plan file loads at once and the job checks its patch size
         check_model_fits(info, dataset.scheme, args.patch_size)
+        memory = check_memory(info, args.patch_size, config)
     cache = MixCache(dataset)
     plan = build_plan(args, dataset, cache=cache)
+    if args.plan is not None:
+        memory = check_memory(info, plan.patch_size, config)
     job = SynthesisJob(
         dataset, plan, model, args.out, config, overwrite=args.overwrite, resume=args.resume, cache=cache,
         preset=args.preset, model_info=info,
@@ -137,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
         init = f"SDEdit from the original patch, strength {config.strength}" if config.init == "original" else "from noise"
         print(f"sampling: {config.sampler}, {config.steps} steps, guidance {job.guidance:g}, {init}, seed {config.seed}, "
               f"batch {config.batch_size}; originals: {job.originals_mode}")
+        print(f"memory: {memory.text()}")
     if args.dry_run:
         return 0
     result = job.run()
