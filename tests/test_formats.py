@@ -397,3 +397,28 @@ def test_older_hovernet_mat_with_id_type_pairs(tmp_path):
     tile = ds.open_dataset(tmp_path / "mat", "consep")[0]
     assert np.array_equal(tile.inst_map, inst)
     assert [tile.inst_types[i] for i in (4, 9, 2, 7)] == [1, 2, 3, 4]
+
+
+# -- a training preset for Lizard / CoNIC ------------------------------------------------------------
+def test_lizard_training_preset_is_the_published_recipe_for_six_classes(tmp_path):
+    import dataclasses
+
+    from napari_diffmix.model.unet import PRESET_SCHEMES, UNetConfig
+    from napari_diffmix.train import TrainConfig
+
+    lizard, consep = TrainConfig.from_preset("diffmix-lizard"), TrainConfig.from_preset("diffmix-consep")
+    assert dataclasses.replace(lizard, model="diffmix-consep", preset="diffmix-consep") == consep  # the same recipe
+    assert [(s.steps, s.lr, s.cond_dropout) for s in lizard.stages] == [(5900, 1e-4, 0.0), (4100, 2e-5, 0.2)]
+    net = UNetConfig.preset("diffmix-lizard")
+    assert net.cond_channels == LIZARD.condition_channels == 8 and PRESET_SCHEMES["diffmix-lizard"] == "lizard"
+    assert dataclasses.replace(net, cond_channels=6) == UNetConfig.preset("diffmix-consep")  # the same network
+    # From the command line on CoNIC patches (scheme lizard from the layout); a tiny network and
+    # one step keep the test fast, the rest is the preset's.
+    conic_folder(tmp_path / "conic", size=64)
+    run = tmp_path / "run"
+    argv = ["train", str(tmp_path / "conic"), "--preset", "diffmix-lizard", "--model", "tiny", "--steps", "1",
+            "--crop-size", "32", "--batch-size", "2", "--sample-every", "0", "--device", "cpu", "--out", str(run)]
+    assert main(argv) == 0  # was: argparse's "invalid choice: 'diffmix-lizard'"
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["preset"] == "diffmix-lizard" and saved["ema_rate"] == 0.9999 and saved["guidance"] == 1.5
+    assert (run / "model.safetensors").is_file()

@@ -61,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", "-o", help="run folder: checkpoints, log.csv, samples, exported model (default: runs/<preset>)")
     p.add_argument("--config", help="a TrainConfig JSON file (e.g. a run's config.json) to start from")
     g = p.add_argument_group("model and schedule")
-    g.add_argument("--model", help="UNet preset name (demo, tiny, diffmix-consep, diffmix-glysac) or a UNet config JSON file")
+    g.add_argument("--model", help="UNet preset name (demo, tiny, diffmix-consep, diffmix-glysac, diffmix-lizard) or a UNet config JSON file")
     g.add_argument("--init", help="fine-tune from this model (a native .safetensors or an official SDM/DiffMix .pt, read with the --model/preset architecture)")
     g.add_argument("--stages", help="stages as STEPS:LR:COND_DROPOUT,... e.g. 5900:1e-4:0,4100:2e-5:0.2")
     g.add_argument("--steps", type=int, help="total steps (stage lengths are scaled to it)")
@@ -97,7 +97,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _preset_names() -> tuple[str, ...]:
-    return ("demo", "tiny", "diffmix-consep", "diffmix-glysac")
+    return ("demo", "tiny", "diffmix-consep", "diffmix-glysac", "diffmix-lizard")
 
 
 def run(args: argparse.Namespace) -> int:

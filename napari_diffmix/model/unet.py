@@ -188,7 +188,8 @@ class UNetConfig:
         """A named configuration, optionally with some fields changed.
 
         ``diffmix-consep`` / ``diffmix-glysac``: the published 256 px models (~652 M
-        parameters; 6 / 5 condition channels). ``demo``: the ~3.5 M-parameter model of the
+        parameters; 6 / 5 condition channels); ``diffmix-lizard``: the same network for
+        Lizard/CoNIC's six classes (8 condition channels). ``demo``: the ~3.5 M-parameter model of the
         bundled demo (3-class scheme, trained on 64 px crops). ``tiny``: 32 px, for tests.
         """
         try:
@@ -205,6 +206,8 @@ class UNetConfig:
 _PRESETS: dict[str, UNetConfig] = {
     "diffmix-consep": UNetConfig(cond_channels=6),
     "diffmix-glysac": UNetConfig(cond_channels=5),
+    # Lizard / CoNIC: the same network for their six classes (background + 6 + edges).
+    "diffmix-lizard": UNetConfig(cond_channels=8),
     "demo": UNetConfig(
         image_size=64,
         model_channels=32,
@@ -232,6 +235,7 @@ _PRESETS: dict[str, UNetConfig] = {
 PRESET_SCHEMES: dict[str, str] = {
     "diffmix-consep": "consep",
     "diffmix-glysac": "glysac",
+    "diffmix-lizard": "lizard",
     "demo": "demo",
     "tiny": "demo",
 }
