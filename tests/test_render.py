@@ -238,3 +238,35 @@ def test_cli_render_errors(tiny_model, labels, tmp_path, capsys):
                  *common]) == 2
     assert "nothing to re-render" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_early_preview_from_noise_on_a_large_canvas(tiny_model):
+    from napari_diffmix.classes import DEMO
+    from napari_diffmix.render import Renderer, RenderJob, run_to_end
+
+    inst_map = np.zeros((160, 160), np.int32)  # over 128 px: an early look at 80 px
+    inst_map[100:120, 60:80] = 1
+    type_map = (inst_map > 0).astype(np.uint8)
+    renderer = Renderer()
+    loaded = renderer.load(tiny_model, "cpu", "fp32")
+    job = RenderJob(inst_map=inst_map, type_map=type_map, scheme=DEMO, steps=2, threads=1)
+    records = []
+    result = run_to_end(renderer.start(loaded, job).steps(), records.append)
+    # Step 0: the half-resolution look, full size; then the schedule's steps as usual.
+    assert [r.step for r in records] == [0, 1, 2] and records[0].pred_x0.shape == (1, 3, 160, 160)
+    assert records[0].images().shape == (1, 160, 160, 3) and result.image.shape == (160, 160, 3)
+    # It leaves the run's SPADE cache alone: the next run of the same labels computes no SPADE.
+    loaded = renderer.load(tiny_model, "cpu", "fp32")
+    calls = []
+    spade = loaded.runner.model.spade_params
+    loaded.runner.model.spade_params = lambda *a, **k: calls.append(1) or spade(*a, **k)
+    try:
+        run = renderer.start(loaded, job)
+        run_to_end(run.steps())
+    finally:
+        del loaded.runner.model.spade_params
+    assert run.reused_spade and calls == []
+    records.clear()
+    job.early_preview = False
+    run_to_end(renderer.start(loaded, job).steps(), records.append)
+    assert [r.step for r in records] == [1, 2]

@@ -356,6 +356,7 @@ class GenerateWidget(JobWidget, QWidget):
         stride = max(1, math.ceil(max(h, w) / PREVIEW_SIDE))
         start = time.perf_counter()
         shown = -math.inf
+        early_shown = False
         steps = run.steps()
         while True:
             try:
@@ -365,7 +366,14 @@ class GenerateWidget(JobWidget, QWidget):
                 break
             picture = None
             now = time.perf_counter()
-            if not self._preview_pending and now - shown >= PREVIEW_INTERVAL and not record.done:
+            # After the early half-resolution look (step 0), the first third of the steps' own
+            # estimates are noisier than it (the demo model's x0 estimate is noise down to t ~ 700):
+            # keep it on screen until they are worth showing.
+            early_kept = early_shown and record.step <= record.total // 3
+            if record.step == 0:
+                early_shown = True
+            if record.step == 0 or (not early_kept and not self._preview_pending and now - shown >= PREVIEW_INTERVAL
+                                    and not record.done):
                 self._preview_pending = True
                 shown = now
                 picture = preview(record, max_side=PREVIEW_SIDE)
@@ -416,6 +424,9 @@ class GenerateWidget(JobWidget, QWidget):
                 layer.data = item.preview
             self.previews_shown += 1
         self._preview_pending = False
+        if item.step == 0:  # the early half-resolution estimate, before the first step
+            show_progress(self.progress, 0, item.total, f"first look · step 1/{item.total} running")
+            return
         eta = item.elapsed / item.step * (item.total - item.step)
         show_progress(self.progress, item.step, item.total, f"step {item.step}/{item.total} · ETA {eta:.0f} s")
 

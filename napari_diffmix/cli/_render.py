@@ -183,7 +183,8 @@ def run(args: argparse.Namespace) -> int:
         with progress_bar(None, None, "rendering", unit="step") as bar:
             def on_step(record) -> None:
                 bar.total = record.total
-                bar.update(1)
+                if record.step:  # step 0 is the early preview, no step of the schedule
+                    bar.update(1)
 
             result = run_to_end(run_.steps(), on_step)
     if result is None:
