@@ -687,6 +687,14 @@ def test_synthesis_that_will_not_fit_memory_is_refused_before_planning_with_the_
     assert "even one item does not fit: use a smaller --patch-size" in _err(capsys)
 
 
+def test_demo_refuses_a_batch_that_will_not_fit_before_writing_its_data(data, tmp_path, monkeypatch, capsys):
+    _free(monkeypatch, 2**20)
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--model", str(data["model"]), "--patch-size", "32", "--stride", "32",
+                 "--patches", "2", "--steps", "2", "--device", "cpu"]) == 2
+    assert "will not fit in memory on cpu" in _err(capsys) and not out.exists()
+
+
 def test_the_library_job_refuses_a_batch_that_will_not_fit_before_writing(data, tmp_path, monkeypatch):
     from napari_diffmix.errors import RenderError
     from napari_diffmix.mixing import plan_balanced_set

@@ -177,13 +177,14 @@ def run_demo(args: argparse.Namespace) -> int:
     from ..model.checkpoint import require_bundled_model
     from ..outputs import refuse_overlap
     from ..synthesize import SynthesisJob, check_model_fits
-    from ._synthesize import check_model, job_summary, sampling_config
+    from ._synthesize import check_memory, check_model, job_summary, sampling_config
 
     out: Path = args.out
     model = args.model if args.model is not None else require_bundled_model("pass --model")
     config = sampling_config(args, originals="reference")
     info = check_model(model, config)
     check_model_fits(info, DEMO, args.patch_size)  # the demo data's scheme: refused before anything is written
+    check_memory(info, args.patch_size, config)
     for replaced in (out / DEMO_DATA, out / DEMO_STORE, out / DEMO_MONTAGE):
         refuse_overlap(replaced, [model])
     train_dir, held_out_dir = _demo_data(out, args.overwrite)
