@@ -4,7 +4,9 @@ One run measures, on a 256 px window of the demo tile with the product's setting
 15 steps, the model's guidance 3, untiled, through :class:`napari_diffmix.render.Renderer`,
 the Generate widget's engine), at ``--precision`` (default fp32) and ``--threads`` (default 2):
 
-  first_preview_s   from pressing Generate (model already loaded) to the first step's preview
+  first_preview_s   from pressing Generate (model already loaded) to the first preview: the
+                    early half-resolution look (render.early_estimate); first_step_s: to the
+                    first full step
   render_256_s      a whole render from noise of a label map not seen before (SPADE encoded)
   sdedit_256_s      SDEdit (strength 0.55) of that render
   local_edit_s      one nucleus moved by 6 px, re-rendered in its windows only (mode "edited")
@@ -12,11 +14,12 @@ the Generate widget's engine), at ``--precision`` (default fp32) and ``--threads
   flop_bound_ratio  measured s/step over the compute bound: FLOPs of one steady-state step
                     (torch FlopCounterMode: conv + matmul) / the FLOP rate of a 2048^2 fp32
                     GEMM measured here, now, on the same threads
-  contended_ratio   a whole render with one other CPU-bound process running (started by this
-                    benchmark), threads chosen by the Renderer (the free cores, followed step
-                    by step), over the faster of the two idle renders; also the same with the
-                    threads fixed at --threads and at 1, so that "more threads never slower
-                    than fewer" can be read off
+  contended_ratio   seconds per step with one other CPU-bound process running (started by
+                    this benchmark) over seconds per step without it, threads chosen by the
+                    Renderer (the free cores, followed step by step); also per step with the
+                    threads fixed at --threads and at 1, interleaved in rounds, so that "more
+                    threads never slower than fewer" can be read off (a per-step ratio is the
+                    whole render's: every step costs the same)
   precision, threads, cpu, load (1-min load average before and after: the machine is shared)
 
 Also per-step seconds untiled, tiled at the 64 px training crop with the windows batched (the
@@ -120,6 +123,8 @@ def timed_render(renderer, loaded, job, should_stop=None):
     def on_step(record):
         if not first:
             first.append(time.perf_counter() - t0)
+        if record.step == 1:
+            timed_render.first_step = time.perf_counter() - t0
 
     run = renderer.start(loaded, job, should_stop=should_stop)
     result = run_to_end(run.steps(), on_step)
@@ -175,6 +180,7 @@ def main(argv=None) -> int:
 
     first, total, result = timed_render(renderer, loaded, job(labels))
     out["first_preview_s"], out["render_256_s"] = round(first, 3), round(total, 3)
+    out["first_step_s"] = round(timed_render.first_step, 3)  # the first full-resolution step's estimate
     image = result.image
     _, total, _ = timed_render(renderer, loaded, job(labels, mode="sdedit", image=image, strength=0.55))
     out["sdedit_256_s"] = round(total, 3)
@@ -220,7 +226,8 @@ def main(argv=None) -> int:
     if not args.no_tiles:
         from napari_diffmix.model.samplers import Sampler
 
-        single = Sampler(runner.model, loaded.info.diffusion or None, precision=args.precision, tile_batch=1)
+        single = Sampler(runner.model, loaded.info.diffusion or None, precision=args.precision, tile_batch=1,
+                         channels_last=runner.channels_last)
         out["step_s_tiled64_batched"] = round(step_times(runner, cond, 2, tile_size=64), 3)
         out["step_s_tiled64_one_by_one"] = round(step_times(single, cond, 2, tile_size=64), 3)
 
@@ -234,21 +241,46 @@ def main(argv=None) -> int:
 
     print(json.dumps(out), file=sys.stderr, flush=True)
     if not args.no_contended:
-        # The product's own choice (threads=None: the free cores, followed step by step) and
-        # both fixed counts, each against one other CPU-bound process; then idle again, since
-        # the machine's other load drifts over the run.
+        # Seconds per step (5 steps after the first) of renders through the Renderer: its own
+        # thread choice (threads=None: the free cores, followed step by step), fixed --threads and
+        # fixed 1, interleaved in rounds so that the machine's drifting other load hits all
+        # alike; with one other CPU-bound process (started here), then without it.
+        def per_step(threads, seed):
+            from napari_diffmix.render import run_to_end
+
+            times = []
+            last = [None]
+
+            def on_step(record):
+                now = time.perf_counter()
+                if record.step >= 1:
+                    if last[0] is not None:
+                        times.append(now - last[0])
+                    last[0] = now
+                if len(times) >= 5:
+                    stop.set()
+
+            stop = threading.Event()
+            run_to_end(renderer.start(loaded, job(labels, seed=seed, threads=threads, early_preview=False),
+                                      should_stop=stop.is_set).steps(), on_step)
+            return float(np.median(times))
+
+        modes = {"auto": None, f"{args.threads}threads": args.threads, "1thread": 1}
+        contended = {m: [] for m in modes}
+        idle = {m: [] for m in modes}
         with Hog():
-            _, auto, contended = timed_render(renderer, loaded, job(labels, seed=1, threads=None))
-            _, fixed, _ = timed_render(renderer, loaded, job(labels, seed=1))
-            _, one, _ = timed_render(renderer, loaded, job(labels, seed=1, threads=1))
-        _, idle_again, _ = timed_render(renderer, loaded, job(labels, seed=1))
-        out["render_256_contended_s"] = round(auto, 3)
-        out["contended_threads_used"] = contended.provenance["threads"]
-        out[f"render_256_contended_{args.threads}threads_s"] = round(fixed, 3)
-        out["render_256_contended_1thread_s"] = round(one, 3)
-        out["render_256_idle_again_s"] = round(idle_again, 3)
-        idle = min(out["render_256_s"], idle_again)
-        out["contended_ratio"] = round(auto / idle, 2)
+            for r in range(3):
+                for m, th in modes.items():
+                    contended[m].append(per_step(th, 10 + r))
+        for r in range(2):
+            for m, th in modes.items():
+                idle[m].append(per_step(th, 20 + r))
+        for m in modes:
+            out[f"step_s_contended_{m}"] = round(float(np.median(contended[m])), 3)
+            out[f"step_s_idle_{m}"] = round(float(np.median(idle[m])), 3)
+        out["contended_ratio"] = round(out["step_s_contended_auto"] / out["step_s_idle_auto"], 2)
+        out[f"contended_ratio_fixed_{args.threads}threads"] = round(
+            out[f"step_s_contended_{args.threads}threads"] / out[f"step_s_idle_{args.threads}threads"], 2)
 
     out["load_after"] = round(os.getloadavg()[0], 2)
     print(json.dumps(out, indent=1))

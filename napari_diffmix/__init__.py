@@ -11,8 +11,8 @@ __version__ = "0.1.0"
 
 # torch's OpenMP threads (libgomp) spin while they wait for each other. When other work holds a
 # core, the spinning threads starve the one they wait for: on 2 cores with one other busy
-# process, a 256 px step took 1.5x longer with 2 threads than with 1, passive waiters about as
-# long as 1 thread (README, Performance; render.py also drops threads while others hold cores).
+# process, a 256 px step took 1.5x longer with 2 threads than with 1; with passive waiters 2
+# threads were faster than 1 (README, Performance; render.cpu_threads).
 # libgomp reads the policy once, when torch loads it, so it is set here, before any module of
 # ours imports torch; a user's value wins. OMP_PASSIVE: whether it is in effect (False also
 # when torch was loaded before us).

@@ -55,7 +55,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy import ndimage
 
-from . import datasets
+from .data.tiles import Dataset, Tile
 from .classes import DEMO
 from .errors import DatasetError
 from .nuclei import remap_ids, type_map_from
@@ -99,8 +99,8 @@ class DemoFeatures:
 class DemoSplit(NamedTuple):
     """Train and held-out crops of the demo tile."""
 
-    train: "datasets.Tile"
-    held_out: "datasets.Tile"
+    train: Tile
+    held_out: Tile
 
 
 # -- derivation --------------------------------------------------------------------------------
@@ -264,7 +264,7 @@ def load_demo_labels(path: str | os.PathLike = DEMO_LABELS) -> tuple[np.ndarray,
     return inst_map.copy(), type_map.copy()
 
 
-def load_demo_tile(path: str | os.PathLike = DEMO_LABELS) -> "datasets.Tile":
+def load_demo_tile(path: str | os.PathLike = DEMO_LABELS) -> Tile:
     """The demo tile: skimage's IHC image with the shipped labels (scheme ``classes.DEMO``)."""
     inst_map, type_map, digest = _shipped_labels(os.fspath(path))
     image = demo_image()
@@ -274,12 +274,12 @@ def load_demo_tile(path: str | os.PathLike = DEMO_LABELS) -> "datasets.Tile":
             "were derived from; regenerate them with scripts/make_demo_data.py",
             path,
         )
-    return datasets.Tile(name=DEMO_NAME, image=image, inst_map=inst_map.copy(), type_map=type_map.copy(), source=DEMO_SOURCE)
+    return Tile(name=DEMO_NAME, image=image, inst_map=inst_map.copy(), type_map=type_map.copy(), source=DEMO_SOURCE)
 
 
-def demo_dataset() -> "datasets.Dataset":
-    """The demo as a one-tile :class:`~napari_diffmix.datasets.Dataset` with scheme ``DEMO``."""
-    return datasets.Dataset([load_demo_tile()], DEMO, root=DEMO_DIR, layout="demo")
+def demo_dataset() -> "Dataset":
+    """The demo as a one-tile :class:`~napari_diffmix.Dataset` with scheme ``DEMO``."""
+    return Dataset([load_demo_tile()], DEMO, root=DEMO_DIR, layout="demo")
 
 
 def demo_split() -> DemoSplit:
@@ -295,6 +295,6 @@ def demo_split() -> DemoSplit:
     return DemoSplit(train, held_out)
 
 
-def demo_split_dataset() -> "datasets.Dataset":
+def demo_split_dataset() -> "Dataset":
     """:func:`demo_split` as a two-tile Dataset (train first, held-out second), scheme ``DEMO``."""
-    return datasets.Dataset(list(demo_split()), DEMO, root=DEMO_DIR, layout="demo")
+    return Dataset(list(demo_split()), DEMO, root=DEMO_DIR, layout="demo")

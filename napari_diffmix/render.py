@@ -8,8 +8,9 @@ options in and consume steps:
   :class:`~napari_diffmix.model.samplers.Sampler` per precision (one model in memory at a
   time; the sampler keeps the SPADE modulation of the last label map);
 * the memory check before a run and the one-line out-of-memory message during it;
-* the CPU threads of a run: one per core that other processes leave free, followed step by
-  step (:func:`cpu_threads`, :class:`OtherLoad`);
+* the CPU threads of a run (:func:`cpu_threads`): every core while OpenMP waits passively (the
+  package's default), else one per core the other processes leave free, followed step by step
+  (:class:`OtherLoad`);
 * local edits: the sampler renders only the windows around the edit mask (their count and
   pixels go into the provenance);
 * the one provenance schema of a render.
@@ -51,19 +52,33 @@ def size_text(n: float) -> str:
 # ---------------------------------------------------------------------------------------------
 # threads
 # ---------------------------------------------------------------------------------------------
-def cpu_threads(requested: int | None = None, *, load: float | None = None, cores: int | None = None) -> int:
-    """Torch threads to start a CPU run with: ``requested`` if given, else one per core the other
-    work leaves free by the 1-minute load average (``load``, default: read now, less this
-    process's own last run), at least 1. :class:`OtherLoad` then follows the load step by step.
+def passive_waiting() -> bool:
+    """Whether torch's OpenMP threads sleep while they wait (``napari_diffmix.OMP_PASSIVE``)."""
+    from . import OMP_PASSIVE
 
-    Why: torch's threads wait for each other at every operator, so a thread that loses its core
-    to another process holds the others up. On 2 cores with one other CPU-bound process, a 256
-    px render took 38 s with 2 threads against 30 s with 1 (README, Performance), although
-    OpenMP waits passively (``napari_diffmix.OMP_PASSIVE``: spinning waiters were worse still).
+    return OMP_PASSIVE
+
+
+def cpu_threads(requested: int | None = None, *, passive: bool | None = None, load: float | None = None,
+                cores: int | None = None) -> int:
+    """Torch threads to start a CPU run with: ``requested`` if given; else every core while
+    OpenMP waits passively (the package's default); else, with spinning waiters (torch was
+    loaded before this package), one per core the other work leaves free by the 1-minute load
+    average (``load``, default: read now, less this process's own last run), at least 1, and
+    :class:`OtherLoad` follows the load step by step.
+
+    Measured on 2 cores with one other CPU-bound process, seconds per 256 px step (bench_interactive,
+    interleaved): passive waiters 1.70 with 2 threads, 2.05 with 1, 2.01 when dropping to 1 while
+    the other process ran; spinning waiters 2.24 with 2 threads, 1.45 with 1. So fewer threads
+    pay only when the waiters spin.
     """
     if requested is not None:
         return max(1, int(requested))
     cores = cores or os.cpu_count() or 1
+    if passive is None:
+        passive = passive_waiting()
+    if passive:
+        return cores
     if load is None:
         try:
             load = os.getloadavg()[0]
@@ -268,8 +283,9 @@ class RenderRun:
             threads = cpu_threads(job.threads)
             torch.set_num_threads(threads)
             used.append(threads)
-            # Unless the caller fixed the threads, follow the other processes' load step by step.
-            follow = OtherLoad() if job.threads is None else None
+            # With spinning OpenMP waiters, and unless the caller fixed the threads, follow the
+            # other processes' load step by step (see cpu_threads).
+            follow = OtherLoad() if job.threads is None and not passive_waiting() else None
         start = time.perf_counter()
         if job.early_preview and job.mode == "noise":
             early = early_estimate(runner, self.cond, job.steps, self.guidance, job.seed)

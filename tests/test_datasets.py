@@ -663,7 +663,7 @@ def test_16_bit_png_holding_8_bit_values_reads_them_and_says_so_once(tmp_path, c
     image = rng.integers(0, 256, (9, 13, 3)).astype(np.uint16)
     write_png16(tmp_path / "a.png", image)
     write_png16(tmp_path / "b.png", image[::-1])
-    with caplog.at_level("INFO", logger="napari_diffmix.datasets"):
+    with caplog.at_level("INFO", logger="napari_diffmix.data.tiles"):
         a, b = ds.read_image(tmp_path / "a.png"), ds.read_image(tmp_path / "b.png")
     assert a.dtype == np.uint8 and np.array_equal(a, image) and np.array_equal(b, image[::-1])  # was all zeros
     notes = [r for r in caplog.records if "16-bit" in r.getMessage()]
@@ -682,7 +682,7 @@ def test_16_bit_range_is_scaled_to_8_bits_with_a_warning(tmp_path, caplog):
     wide[0, 0, 0] += 100  # not an exact multiple: rounds to the nearest 8-bit value
     write_png16(tmp_path / "full.png", wide)
     tifffile.imwrite(tmp_path / "full.tif", wide, photometric="rgb")
-    with caplog.at_level("INFO", logger="napari_diffmix.datasets"):
+    with caplog.at_level("INFO", logger="napari_diffmix.data.tiles"):
         png, tif = ds.read_image(tmp_path / "full.png"), ds.read_image(tmp_path / "full.tif")
     assert np.array_equal(png, image8) and np.array_equal(tif, image8)
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]

@@ -111,19 +111,23 @@ def test_stop_and_errors(tiny_model, labels, monkeypatch):
         renderer.start(loaded, _job(labels))
 
 
-def test_cpu_threads_follow_the_other_processes(tiny_model, labels, monkeypatch):
+def test_cpu_threads_and_following_the_other_processes(tiny_model, labels, monkeypatch):
     import torch
 
     from napari_diffmix import render
     from napari_diffmix.render import Renderer, cpu_threads, run_to_end, threads_for
 
     assert cpu_threads(3) == 3 and cpu_threads(0) == 1
-    # One thread per core the other work leaves free, at least one.
-    assert cpu_threads(load=1.2, cores=4) == 3 and cpu_threads(load=7.0, cores=2) == 1
-    assert cpu_threads(load=0.0, cores=2) == 2
+    # Passive OpenMP waiters (the package's default): every core, whatever the load.
+    assert cpu_threads(passive=True, load=5.0, cores=4) == 4
+    # Spinning waiters: one thread per core the other work leaves free, at least one.
+    assert cpu_threads(passive=False, load=1.2, cores=4) == 3 and cpu_threads(passive=False, load=7.0, cores=2) == 1
+    assert cpu_threads(passive=False, load=0.0, cores=2) == 2
     assert threads_for(0.3, cores=2) == 2 and threads_for(0.8, cores=2) == 1 and threads_for(3.0, cores=2) == 1
 
-    # A run starts with the free cores and follows the other processes' load after every step.
+    # With spinning waiters a run starts with the free cores and follows the other processes'
+    # load after every step.
+    monkeypatch.setattr(render, "passive_waiting", lambda: False)
     seen = iter([0.0, 1.0, 1.0, 0.0])
 
     class FakeLoad:
@@ -144,6 +148,15 @@ def test_cpu_threads_follow_the_other_processes(tiny_model, labels, monkeypatch)
     finally:
         torch.set_num_threads(before)
     assert threads_during == [2, 1, 1, 2] and result.provenance["threads"] == [2, 1, 2]
+    # Passive waiters: all cores throughout.
+    monkeypatch.setattr(render, "passive_waiting", lambda: True)
+    seen = iter([1.0, 1.0, 1.0, 1.0])
+    threads_during.clear()
+    try:
+        result = run_to_end(renderer.start(loaded, job).steps(), lambda r: threads_during.append(torch.get_num_threads()))
+    finally:
+        torch.set_num_threads(before)
+    assert threads_during == [2, 2, 2, 2] and result.provenance["threads"] == 2
 
 
 def test_other_load_reads_the_kernel_counters():

@@ -1,2 +1,2 @@
-"""Training data as the trainers see it: checked tiles grouped by where they come from, and the
-random crop stream that draws from them."""
+"""The data model and training data: tiles and datasets (:mod:`.tiles`), and the random crop
+stream the trainers draw from (:mod:`.crops`)."""
