@@ -828,9 +828,9 @@ class Sampler:
         """The model output on the run's windows, blended where they overlap; 0 where none covers.
 
         Windows of one size go through the network as one batch (``tile_batch`` at a time), one
-        call per step instead of one per window. On 2 CPU cores the 25 windows of 64 px over a
-        256 px canvas then took 2.59 s per step against 2.77 s one by one (and 1.99 s untiled,
-        under the same load): the rest of the tiled cost is their 1.6x more pixels.
+        call per step instead of one per window. On 2 CPU cores (channels_last, fp32) the 25
+        windows of 64 px over a 256 px canvas took 1.36 s per step against 3.02 s one by one
+        (untiled: 0.77 s), benchmarks/bench_interactive.py.
         """
         n = x.shape[0]
         out_channels = None
