@@ -450,7 +450,7 @@ def test_local_edit_computes_only_the_windows_around_the_edit(model):
     assert np.array_equal(out[~mask], image[0][~mask]) and np.abs(out[mask].astype(int) - image[0][mask]).mean() > 5
 
 
-def test_should_stop_acts_between_windows_and_between_cfg_halves(model):
+def test_should_stop_acts_between_windows_cfg_halves_and_network_stages(model):
     cond = _conditions(1, size=28, seed=3)[0]
     calls = []
 
@@ -472,6 +472,16 @@ def test_should_stop_acts_between_windows_and_between_cfg_halves(model):
     records = list(runner.sample(cond, steps=4, seed=0, tile_size=16, tile_overlap=4, guidance=2.0,
                                  should_stop=lambda: len(calls) >= 4 and len(calls) % 2 == 0))
     assert records == [] and len(calls) == 4 < 2 * windows
+    # Within a network pass: the stop lands before the next UNet stage, not at the end of the pass.
+    stages = []
+    hooks = [stage.register_forward_hook(lambda *a: stages.append(1))
+             for stage in [*model.input_blocks, *model.output_blocks]]
+    try:
+        records = list(Sampler(model).sample(cond, steps=4, seed=0, guidance=2.0, should_stop=lambda: len(stages) >= 2))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert records == [] and len(stages) == 2 < len(model.input_blocks)
     # Never asked to stop: every step, two halves per window.
     calls.clear()
     records = list(runner.sample(cond, steps=2, seed=0, tile_size=16, tile_overlap=4, guidance=2.0,

@@ -559,6 +559,7 @@ class Sampler:
         self.channels_last = bool(channels_last)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
+        self.compiled = bool(compile)
         self._forward = model
         self._encode = getattr(model, "encode", None)
         self._decode = getattr(model, "decode", None)
@@ -774,6 +775,7 @@ class Sampler:
 
         was_training = self.model.training
         self.model.eval()
+        hooks = self._stop_hooks(run.should_stop)
         try:
             for k, t in enumerate(timesteps):
                 if k and run.should_stop is not None and run.should_stop():
@@ -812,7 +814,23 @@ class Sampler:
         except _Stopped:
             return
         finally:
+            for hook in hooks:
+                hook.remove()
             self.model.train(was_training)
+
+    def _stop_hooks(self, should_stop: Callable[[], bool] | None) -> list:
+        """Checks of ``should_stop`` before every UNet stage, so that a stop lands within a stage
+        of the network (~1/20 of a demo step), not only between the CFG halves (up to half a
+        step: 0.55 s on a loaded 2-core CPU). Not with torch.compile (hooks break its graphs)."""
+        if should_stop is None or self.compiled:
+            return []
+
+        def check(module, args):
+            if should_stop():
+                raise _Stopped
+
+        stages = [*getattr(self.model, "input_blocks", ()), *getattr(self.model, "output_blocks", ())]
+        return [stage.register_forward_pre_hook(check) for stage in stages]
 
     # -- model evaluation ----------------------------------------------------------------------
     def _autocast(self):
