@@ -48,8 +48,10 @@ their noise (same configuration, same run: 1.29 vs 1.99 s/step). Three runs:
   load 1.6-3.3:  first_preview_s 0.67, render_256_s 19.3, sdedit_256_s 13.0, local_edit_s 1.82,
     cancel_s 0.55, flop_bound_ratio 1.25 (GEMM 122, measured at a busier moment than the
     step), contended 2 threads 1.29 / 1 thread 1.33 / idle 0.81 s/step: 1.6
-Met: first preview, local edit, cancel (not in the busiest run), contended ratio (not in the
-second run); 2 threads within noise of 1 under contention. Missed: the render (12.5 s, 1.25x)
+  after stop checks before every UNet stage (load 3.1-4.5, GEMM 51 GFLOP/s): cancel_s 0.06,
+    first_preview_s 1.27, local_edit_s 1.93, render_256_s 28.8
+Met: first preview, local edit, cancel, contended ratio (not in the second run); 2 threads
+within noise of 1 under contention. Missed: the render (12.5 s, 1.25x)
 and flop_bound_ratio (1.64, 1.1x). Profile: docs/design-notes.md, section 6b.
 """
 
