@@ -147,12 +147,23 @@ def space_timesteps(num_timesteps: int, spec: str | int | Sequence[int]) -> np.n
     return np.unique(np.concatenate(kept))
 
 
+# Schedule tables on each device they were gathered on, so a sampler step on a GPU copies no
+# table (each blocking copy synchronised the stream and kept a step out of a CUDA graph).
+# Keyed by id with the table itself kept, so a freed table's id is never mistaken for it.
+_ON_DEVICE: dict[tuple[int, torch.device, torch.dtype], tuple[np.ndarray, torch.Tensor]] = {}
+
+
 def _gather(table: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``table[t]`` per sample, shaped to broadcast over ``like`` (N, ...)."""
-    source = torch.from_numpy(table)
     # MPS has no float64; everywhere else gather in float64 and round once.
-    source = source.to(t.device, torch.float32 if t.device.type == "mps" else torch.float64)
-    return source[t.long()].to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+    dtype = torch.float32 if t.device.type == "mps" else torch.float64
+    key = (id(table), t.device, dtype)
+    hit = _ON_DEVICE.get(key)
+    if hit is None or hit[0] is not table:
+        if len(_ON_DEVICE) > 512:  # schedules come and go with respacing: bound the cache
+            _ON_DEVICE.clear()
+        hit = _ON_DEVICE[key] = (table, torch.from_numpy(table).to(t.device, dtype))
+    return hit[1][t.long()].to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
 
 
 def _mean_flat(x: torch.Tensor) -> torch.Tensor:
@@ -217,6 +228,8 @@ class GaussianDiffusion:
         )
         self.posterior_log_variance_clipped = np.log(np.maximum(posterior, 1e-20))
         self.log_betas = np.log(betas)
+        # The fixed "large" variance (beta, with beta-tilde at t = 0) of models without learned sigma.
+        self.log_large_variance = np.log(np.append(self.posterior_variance[1] if len(kept) > 1 else betas[0], betas[1:]))
         self.posterior_mean_coef1 = betas * np.sqrt(alpha_bar_prev) / (1.0 - alpha_bar)
         self.posterior_mean_coef2 = (1.0 - alpha_bar_prev) * np.sqrt(1.0 - betas) / (1.0 - alpha_bar)
 
@@ -233,7 +246,7 @@ class GaussianDiffusion:
 
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """The timestep values the network is evaluated at for this diffusion's indices ``t``."""
-        original = torch.from_numpy(self.timestep_map).to(t.device)[t.long()]
+        original = _gather(self.timestep_map, t, t.long()).reshape(t.shape)
         if self.config.rescale_timesteps:
             return original.float() * (1000.0 / self.config.num_timesteps)
         return original
@@ -294,8 +307,7 @@ class GaussianDiffusion:
             log_variance = frac * max_log + (1 - frac) * min_log
         else:
             eps = model_output[:, :channels]
-            large = np.append(self.posterior_variance[1] if self.num_timesteps > 1 else self.betas[0], self.betas[1:])
-            log_variance = _gather(np.log(large), t, x_t).expand_as(x_t)
+            log_variance = _gather(self.log_large_variance, t, x_t).expand_as(x_t)
         pred_x0 = self.predict_x0_from_eps(x_t, t, eps)
         if clip_denoised:
             pred_x0 = pred_x0.clamp(-1, 1)
