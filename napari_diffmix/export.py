@@ -109,6 +109,7 @@ def export_hovernet(
     valid_stride: int | None = None,
     overwrite: bool = False,
     pbar: Any | None = None,
+    min_fidelity: float | None = None,
 ) -> Path:
     """Write HoVer-Net training patches: ``out/train/*.npy`` (originals + finished synthetic
     items), ``out/valid/*.npy`` (patches of the ``valid`` dataset, if given), ``type_info.json``
@@ -117,12 +118,13 @@ def export_hovernet(
     ``originals``: "auto" (those the store includes or references), "include" (error if none)
     or "skip". ``valid``: a dataset (path or Dataset) cut into store-sized patches
     (``valid_stride`` px apart, default the patch size, last row/column flush with the edge).
+    ``min_fidelity``: leave out the synthetic items whose fidelity (``diffmix score``) is lower.
     """
     store = store if isinstance(store, SyntheticStore) else open_store(store)
     out = Path(out)
     _check_out(out, overwrite, store, "hovernet", valid)
     scheme = store.scheme
-    done = store.done_mask()
+    done, keep = _kept_items(store, min_fidelity)
     orig = _originals_for_export(store, originals)
     val = _valid_items(valid, scheme, store.patch_shape[0], valid_stride) if valid is not None else None
     total = int(done.sum()) + (orig[1] if orig else 0) + (val[1] if val else 0)
@@ -131,7 +133,7 @@ def export_hovernet(
             (tmp / "train").mkdir()
             lines = []
             sources = [orig[0]] if orig else []
-            for item in _chain(*sources, store.items()):
+            for item in _chain(*sources, store.items(keep)):
                 np.save(tmp / "train" / f"{item.name}.npy", hovernet_patch(item.image, item.inst_map, item.type_map))
                 lines.append(json.dumps({"file": f"train/{item.name}.npy", **item.provenance}))
                 bar.update(1)
@@ -142,10 +144,29 @@ def export_hovernet(
                     bar.update(1)
             write_json(tmp / "type_info.json", hovernet_type_info(scheme))
             write_text(tmp / "provenance.jsonl", "\n".join(lines) + "\n")
-            write_marker(tmp, "export-hovernet", store=str(store.path))
+            write_marker(tmp, "export-hovernet", store=str(store.path), **_fidelity_note(store, keep, min_fidelity))
     except OSError as exc:
         raise StoreError(f"{out}: export failed: {os_reason(exc)}") from None
     return out
+
+
+def _kept_items(store: SyntheticStore, min_fidelity: float | None) -> tuple[np.ndarray, Any]:
+    """(mask of the synthetic items exported, their indices or None for all finished ones)."""
+    if min_fidelity is None:
+        return store.done_mask(), None
+    from .fidelity_records import select_items
+
+    keep = select_items(store, min_fidelity).indices
+    mask = np.zeros(len(store), bool)
+    mask[keep] = True
+    return mask, keep
+
+
+def _fidelity_note(store: SyntheticStore, keep: Any, min_fidelity: float | None) -> dict[str, Any]:
+    # The export records which threshold made it, so a training run can say what it trained on.
+    if min_fidelity is None:
+        return {}
+    return {"min_fidelity": float(min_fidelity), "synthetic_kept": int(len(keep)), "synthetic_finished": int(store.done_mask().sum())}
 
 
 def _chain(*iterables: Iterator[StoreItem]) -> Iterator[StoreItem]:
@@ -171,11 +192,12 @@ def export_pannuke(
     originals: str = "auto",
     overwrite: bool = False,
     pbar: Any | None = None,
+    min_fidelity: float | None = None,
 ) -> Path:
     """Write stacked arrays (originals first, then the finished synthetic items): ``images.npy``,
     ``masks.npy`` (PanNuke channels), ``inst_maps.npy``, ``type_maps.npy``, ``scheme.json`` and
     ``provenance.jsonl`` (row by row). Arrays are written through memory maps, so stores larger
-    than memory export fine. Appears whole or not at all."""
+    than memory export fine. Appears whole or not at all. ``min_fidelity``: as for :func:`export_hovernet`."""
     from numpy.lib.format import open_memmap
 
     store = store if isinstance(store, SyntheticStore) else open_store(store)
@@ -184,7 +206,7 @@ def export_pannuke(
     scheme = store.scheme
     c = scheme.num_classes
     h, w = store.patch_shape
-    done = store.done_mask()
+    done, keep = _kept_items(store, min_fidelity)
     orig = _originals_for_export(store, originals)
     n = int(done.sum()) + (orig[1] if orig else 0)
     if n == 0:
@@ -200,7 +222,7 @@ def export_pannuke(
             lines = []
             sources = [orig[0]] if orig else []
             row = 0
-            for item in _chain(*sources, store.items()):
+            for item in _chain(*sources, store.items(keep)):
                 arrays["images"][row] = item.image
                 arrays["masks"][row] = pannuke_masks(item.inst_map, item.type_map, c)
                 arrays["inst_maps"][row] = item.inst_map
@@ -215,7 +237,7 @@ def export_pannuke(
             del arrays
             scheme.save(tmp / "scheme.json")
             write_text(tmp / "provenance.jsonl", "\n".join(lines) + "\n")
-            write_marker(tmp, "export-pannuke", store=str(store.path))
+            write_marker(tmp, "export-pannuke", store=str(store.path), **_fidelity_note(store, keep, min_fidelity))
     except OSError as exc:
         raise StoreError(f"{out}: export failed: {os_reason(exc)}") from None
     return out
@@ -250,7 +272,7 @@ def hovernet_mode(patch_size: int) -> str | None:
 
 
 def training_commands(
-    store_name: str, *, data: str | None, scheme: ClassScheme, patch_size: int, originals: str
+    store_name: str, *, data: str | None, scheme: ClassScheme, patch_size: int, originals: str, min_fidelity: float | None = None
 ) -> dict[str, list[list[str]]]:
     """The commands (argument lists) ``train.sh`` runs from the folder holding the store.
 
@@ -258,21 +280,23 @@ def training_commands(
     the store's originals mode ("included" / "referenced" / "none"). With included originals
     the store is exported as stacked arrays (originals + synthetic) and trained on as one
     dataset; otherwise ``train-seg`` reads the dataset (``--data``) and the store
-    (``--synthetic``).
+    (``--synthetic``). ``min_fidelity``: the items of a scored store below it are left out.
     """
     base = store_name.rstrip("/")
     scheme_arg = scheme.name if scheme.name in ("consep", "glysac", "demo") else f"{base}/{TRAINING_DIR}/scheme.json"
     crop = ["--crop-size", str(patch_size)] if patch_size < 256 else []
     seg: list[list[str]] = []
+    keep = [] if min_fidelity is None else ["--min-fidelity", f"{min_fidelity:g}"]
     if originals == "included":
-        seg.append(["diffmix", "export", base, "--format", "pannuke", "--out", f"{base}-pannuke", "--overwrite"])
+        seg.append(["diffmix", "export", base, "--format", "pannuke", *keep, "--out", f"{base}-pannuke", "--overwrite"])
         seg.append(["diffmix", "train-seg", "--data", f"{base}-pannuke", "--scheme", scheme_arg, *crop,
                     "--out", f"{base}-seg", "--overwrite"])
     else:
         data_arg = ["--data", data] if data else []
-        seg.append(["diffmix", "train-seg", *data_arg, "--synthetic", base, "--scheme", scheme_arg, *crop,
+        syn_keep = [] if min_fidelity is None else ["--synthetic-min-fidelity", f"{min_fidelity:g}"]
+        seg.append(["diffmix", "train-seg", *data_arg, "--synthetic", base, *syn_keep, "--scheme", scheme_arg, *crop,
                     "--out", f"{base}-seg", "--overwrite"])
-    hover = [["diffmix", "export", base, "--format", "hovernet", "--out", f"{base}-hovernet", "--overwrite"]]
+    hover = [["diffmix", "export", base, "--format", "hovernet", *keep, "--out", f"{base}-hovernet", "--overwrite"]]
     return {"train_seg": seg, "hovernet_export": hover}
 
 
@@ -289,9 +313,12 @@ def write_training_files(
     counts: Mapping[str, Sequence[int]],
     originals: str,
     items: int,
+    fidelity: Mapping[str, Any] | None = None,
 ) -> tuple[Path, Path]:
     """Write ``TRAINING.md``, ``train.sh`` and ``scheme.json`` into the store's ``training`` group
-    (``items``: the store's number of synthetic patches)."""
+    (``items``: the store's number of synthetic patches). ``fidelity``: for a scored store, the
+    threshold the commands apply and how many items it keeps (``metric``, ``threshold``, ``kept``,
+    ``finished``; :meth:`napari_diffmix.fidelity.Selection.to_dict`)."""
     import zarr
 
     path = Path(path)
@@ -300,12 +327,27 @@ def write_training_files(
         {"description": "how to train on original + synthetic data", "files": [TRAINING_MD, TRAIN_SH, "scheme.json"]}
     )
     scheme.save(folder / "scheme.json")
-    cmds = training_commands(path.name, data=data, scheme=scheme, patch_size=patch_size, originals=originals)
+    threshold = None if not fidelity else float(fidelity["threshold"])
+    cmds = training_commands(path.name, data=data, scheme=scheme, patch_size=patch_size, originals=originals, min_fidelity=threshold)
     mode = hovernet_mode(patch_size)
-    write_text(folder / TRAIN_SH, _train_sh(cmds, mode, scheme.num_classes + 1, path.name))
-    write_text(folder / TRAINING_MD, _training_md(cmds, mode, path.name, data, scheme, patch_size, counts, originals, items))
+    sh = _train_sh(cmds, mode, scheme.num_classes + 1, path.name)
+    md = _training_md(cmds, mode, path.name, data, scheme, patch_size, counts, originals, items)
+    if fidelity:
+        note = _fidelity_text(fidelity)
+        sh = sh.replace("set -euo pipefail\n", f"set -euo pipefail\n# {note}\n", 1)
+        md = md.replace("\n\n`" + path.name + "/" + TRAINING_DIR + "/train.sh` runs", f"\n\n## Label fidelity\n\n{note}\n\n`{path.name}/{TRAINING_DIR}/train.sh` runs", 1)
+    write_text(folder / TRAIN_SH, sh)
+    write_text(folder / TRAINING_MD, md)
     os.chmod(folder / TRAIN_SH, 0o755)
     return folder / TRAINING_MD, folder / TRAIN_SH
+
+
+def _fidelity_text(fidelity: Mapping[str, Any]) -> str:
+    return (
+        f"Label fidelity filter: synthetic items with {fidelity.get('metric', 'pq').upper()} >= {float(fidelity['threshold']):g} "
+        f"(agreement of a segmentation model's prediction on the rendered image with its label map, 'diffmix score') "
+        f"are used: {int(fidelity['kept'])} of {int(fidelity['finished'])} items kept, {int(fidelity['finished']) - int(fidelity['kept'])} left out."
+    )
 
 
 def hovernet_config_edits(nr_type: int, mode: str) -> list[tuple[str, str]]:

@@ -607,8 +607,13 @@ class SynthesisJob:
         cache: MixCache | None = None,
         preset: str | None = None,
         model_info: ModelInfo | None = None,
+        scorer: Any = None,
+        min_fidelity: float | None = None,
     ):
         self.dataset = dataset
+        # Label fidelity (napari_diffmix.fidelity.Scorer): each batch is scored as it is written.
+        self.scorer = scorer
+        self.min_fidelity = min_fidelity
         self.cache = cache if cache is not None else MixCache(dataset)
         self.plan = plan
         self.out = Path(out)
@@ -897,6 +902,11 @@ class SynthesisJob:
         group = zarr.open_group(str(self.out), mode="r+")
         if info.is_main:
             self._write_originals(group, should_stop)
+            if self.scorer is not None:
+                from .fidelity import ensure_fidelity_array
+
+                self.scorer.check_scheme(self.scheme, self.out)
+                ensure_fidelity_array(group)
         if dist is not None:
             dist.barrier()  # originals and partial-file cleanup finish before any rank writes
         done = read_done(group)
@@ -914,7 +924,7 @@ class SynthesisJob:
         cache, tiles = self.cache, _Tiles(self.dataset)
         c = self.config
         # "writing" counts only the time the loop waits for the writer thread (and the final attributes).
-        timings = {"labels": 0.0, "sampling": 0.0, "writing": 0.0}
+        timings = {"labels": 0.0, "sampling": 0.0, "writing": 0.0, **({"scoring": 0.0} if self.scorer is not None else {})}
         rendered, stopped = 0, False
         with _Writer() as writer:
             for idx in batches:
@@ -941,6 +951,13 @@ class SynthesisJob:
                 t2 = time.perf_counter()
                 writer.submit(write_items, group, idx[0], images, inst_maps, type_maps, provs, where=str(self.out))
                 timings["writing"] += time.perf_counter() - t2
+                if self.scorer is not None:  # overlaps the writer thread's write of the same batch
+                    from .fidelity import write_record
+
+                    t3 = time.perf_counter()
+                    for k, i in enumerate(idx):
+                        write_record(group, i, self.scorer.score(images[k], inst_maps[k], type_maps[k], provs[k]), self.out)
+                    timings["scoring"] += time.perf_counter() - t3
                 n_done += int((~done[idx[0] : idx[-1] + 1]).sum())
                 done[idx[0] : idx[-1] + 1] = True
                 rendered += len(idx)
@@ -984,11 +1001,21 @@ class SynthesisJob:
         complete = bool(done.all())
         status = "complete" if complete else ("stopped" if stopped else "in progress")
         update_attrs(self.out, {"class_counts": counts, "status": status, "items_done": int(done.sum())})
+        fidelity = None
+        if self.scorer is not None:
+            from .fidelity import DEFAULT_MIN_FIDELITY, score_store, training_fidelity
+            from .store import open_store
+
+            # Items finished by an earlier run without scoring are scored now (the lock is ours already).
+            threshold = DEFAULT_MIN_FIDELITY if self.min_fidelity is None else self.min_fidelity
+            score_store(self.out, self.scorer, min_fidelity=threshold, lock=False, training_files=False)
+            fidelity = training_fidelity(open_store(self.out))
         if complete:
             ref = self.reference["path"] if self.reference and self.originals_mode == "reference" else None
             write_training_files(
                 self.out, data=ref, scheme=self.scheme, patch_size=self.plan.patch_size, counts=counts, items=len(self.plan),
                 originals={"include": "included", "reference": "referenced", "none": "none"}[self.originals_mode],
+                fidelity=fidelity,
             )
         return SynthesisResult(self.out, len(self.plan), int(done.sum()), 0, stopped, complete, counts)
 

@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "labels",
     "train",
     "synthesize",
+    "score",
     "render",
     "export",
     "verify",

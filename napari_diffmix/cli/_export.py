@@ -42,6 +42,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--valid", help="hovernet: held-out dataset cut into store-sized patches for valid/")
     p.add_argument("--valid-stride", type=int, help="hovernet: stride of the --valid patches (default: the patch size)")
+    p.add_argument(
+        "--min-fidelity", type=float, metavar="PQ",
+        help="leave out the synthetic items whose label fidelity (PQ of a segmentation model's prediction against the "
+             "item's label map, written by 'diffmix score') is below PQ; every finished item must be scored",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export of the same format (never another folder)")
     p.add_argument("--scheme", help="geojson from a dataset: " + SCHEME_HELP)
     add_layout_argument(p, of="a geojson export's input dataset")
@@ -59,7 +64,11 @@ def run(args: argparse.Namespace) -> int:
         raise StoreError("--scheme and --layout apply to --format geojson only (stores record their scheme)")
     store = open_store(args.store)
     out = args.out or args.store.with_name(f"{args.store.name.removesuffix('.zarr')}-{args.format}")
-    kwargs = {"originals": args.originals, "overwrite": args.overwrite}
+    kwargs = {"originals": args.originals, "overwrite": args.overwrite, "min_fidelity": args.min_fidelity}
+    if args.min_fidelity is not None:
+        from ..fidelity_records import select_items
+
+        print(f"label fidelity: {select_items(store, args.min_fidelity).text()}")
     if args.format == "hovernet":
         kwargs.update(valid=args.valid, valid_stride=args.valid_stride)
     elif args.valid is not None:
@@ -88,6 +97,8 @@ def _export_geojson(args: argparse.Namespace) -> int:
 
     if args.valid is not None or args.valid_stride is not None:
         raise StoreError("--valid applies to --format hovernet only")
+    if args.min_fidelity is not None:
+        raise StoreError("--min-fidelity applies to --format hovernet and pannuke (training formats) only")
     src = args.store
     out = args.out or src.with_name(f"{src.name.removesuffix('.zarr')}-geojson")
     tiles = open_tiles(src, args.scheme, args.layout)

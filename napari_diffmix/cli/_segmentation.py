@@ -87,6 +87,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--scheme", help=SCHEME_HELP)
     add_layout_argument(t, of="--data")
     t.add_argument("--synthetic", help="synthetic zarr store to add to the training pool (alone if --data is not given)")
+    t.add_argument(
+        "--synthetic-min-fidelity", type=float, metavar="PQ",
+        help="use only the synthetic items whose label fidelity ('diffmix score') reaches PQ",
+    )
     t.add_argument("--out", "-o", required=True, help="model folder to write (model.safetensors, config.json, train_state.pt)")
     again = t.add_mutually_exclusive_group()
     again.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
@@ -205,7 +209,12 @@ def run_train(args: argparse.Namespace) -> int:
     refuse_overlap(args.out, [args.data, args.synthetic])
     data = None if args.data is None else open_dataset(args.data, args.scheme, args.layout)
     scheme = data.scheme if data is not None else (load_scheme(args.scheme) if args.scheme else None)
-    store = None if args.synthetic is None else open_synthetic_store(args.synthetic, scheme)
+    min_fid = getattr(args, "synthetic_min_fidelity", None)
+    if min_fid is not None and args.synthetic is None:
+        raise DiffMixError("--synthetic-min-fidelity needs --synthetic")
+    store = None if args.synthetic is None else open_synthetic_store(args.synthetic, scheme, min_fidelity=min_fid)
+    if store is not None and store.selection is not None:
+        print(f"{args.synthetic}: label fidelity {store.selection.text()}")
     scheme = scheme or store.scheme
     if scheme is None:
         raise SchemeError(f"{args.synthetic}: the store records no class scheme; pass --scheme")
@@ -219,7 +228,8 @@ def run_train(args: argparse.Namespace) -> int:
         out_dir=args.out,
         overwrite=args.overwrite,
         resume=args.resume,
-        record={"data": args.data, "synthetic": args.synthetic, "layout": args.layout},
+        record={"data": args.data, "synthetic": args.synthetic, "layout": args.layout,
+                **({} if store is None or store.selection is None else {"synthetic_fidelity": store.selection.to_dict()})},
     )
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports (and saves)
         return 0

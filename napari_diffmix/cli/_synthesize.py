@@ -66,6 +66,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     o.add_argument("--resume", action="store_true", help="only continue an existing store (error if there is none)")
     o.add_argument("--overwrite", action="store_true", help="replace a store made with other settings (never a folder that is not a store)")
     o.add_argument("--dry-run", action="store_true", help="check the inputs, print the plan and write nothing")
+    from ._score import add_seg_model_arguments
+
+    add_seg_model_arguments(p.add_argument_group("label fidelity (scored as items are written; see 'diffmix score')"), required=False)
     p.set_defaults(func=run, originals="auto")
 
 
@@ -140,9 +143,14 @@ def run(args: argparse.Namespace) -> int:
     plan = build_plan(args, dataset, cache=cache)
     if args.plan is not None:
         memory = check_memory(info, plan.patch_size, config)
+    scorer = None
+    if args.seg_model is not None:
+        from ._score import load_scorer_from_args
+
+        scorer = load_scorer_from_args(args)
     job = SynthesisJob(
         dataset, plan, model, args.out, config, overwrite=args.overwrite, resume=args.resume, cache=cache,
-        preset=args.preset, model_info=info,
+        preset=args.preset, model_info=info, scorer=scorer, min_fidelity=args.min_fidelity,
     )
     if rank == 0:
         print(f"{args.dataset}: {len(dataset)} tile(s), scheme {dataset.scheme.name}; model {model}")
@@ -168,6 +176,10 @@ def job_summary(job, result) -> str:
     t = result.timings
     rate = f", {result.items_per_s:.2f} items/s" if result.rendered else ""
     lines.append(f"rendered {result.rendered} item(s) in {t.get('total', 0):.0f} s{rate}; {result.done} of {result.total} done")
+    if "scoring" in t:
+        share = 100.0 * t["scoring"] / max(t.get("sampling", 0.0), 1e-9)
+        lines.append(f"label fidelity scored as items were written: {t['scoring']:.1f} s ({share:.0f} % of the sampling time); "
+                     f"see 'diffmix export ... --min-fidelity'")
     if result.counts:
         import numpy as np
 

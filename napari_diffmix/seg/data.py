@@ -53,6 +53,7 @@ class SyntheticItems(Sequence[SyntheticItem]):
         self.path = store.path
         self.indices = indices
         self.scheme = scheme
+        self.selection = None  # the fidelity filter that chose ``indices`` (napari_diffmix.fidelity.Selection)
 
     @property
     def patch_shape(self) -> tuple[int, int]:
@@ -80,16 +81,25 @@ class SyntheticItems(Sequence[SyntheticItem]):
         return Tile(f"synthetic_{i:06d}", image, np.asarray(g[INST_MAPS][i]), np.asarray(g[TYPE_MAPS][i]), source=f"{self.path}[{i}]")
 
 
-def open_synthetic_store(path: str | os.PathLike, scheme: Any = None) -> SyntheticItems:
+def open_synthetic_store(path: str | os.PathLike, scheme: Any = None, min_fidelity: float | None = None) -> SyntheticItems:
     """The finished items of a synthetic store; StoreError if it is missing, malformed or has none.
 
     If the store records a class scheme (``attrs["scheme"]``) it must name the same classes
-    as ``scheme``.
+    as ``scheme``. ``min_fidelity``: keep only the items whose label fidelity (``diffmix score``)
+    reaches it (``selection`` on the result says how many).
     """
     store = open_store(path)
     indices = np.flatnonzero(store.done_mask())
     if indices.size == 0:
         raise StoreError(f"{store.path}: no finished items in the store (done is all False); run the synthesis first")
+    selection = None
+    if min_fidelity is not None:
+        from ..fidelity_records import select_items
+
+        selection = select_items(store, min_fidelity)
+        log.info("%s: label fidelity %s", store.path, selection.text())
+        if selection.kept == 0:
+            raise StoreError(f"{store.path}: no synthetic item reaches the minimum fidelity {min_fidelity:g}; lower it or drop it")
     if indices.size < len(store):
         log.warning(
             "%s is not complete: %d of %d items are done (items %s); only those are used. "
@@ -103,7 +113,9 @@ def open_synthetic_store(path: str | os.PathLike, scheme: Any = None) -> Synthet
             raise SchemeError(
                 f"{store.path}: the synthetic store uses classes {list(store_scheme.names)}, the training data {list(wanted.names)}"
             )
-    return SyntheticItems(store, indices, store_scheme)
+    items = SyntheticItems(store, indices if selection is None else selection.indices, store_scheme)
+    items.selection = selection
+    return items
 
 
 def index_ranges(indices: Sequence[int]) -> str:
