@@ -11,7 +11,7 @@ CROP = (slice(200, 264), slice(160, 224))  # a 64 x 64 window of the demo tile
 
 
 @pytest.fixture
-def generate(make_napari_viewer, tiny_model):
+def generate(make_napari_viewer, tiny_model, qtbot):
     """(viewer, widget) with a 64 px crop of the demo tile (image + nuclei) and the tiny model chosen."""
     from napari_diffmix._layers import image_layer_data, nuclei_layer_data
     from napari_diffmix._widgets.generate import GenerateWidget
@@ -29,6 +29,9 @@ def generate(make_napari_viewer, tiny_model):
     viewer.add_labels(data, **kwargs)
     widget = GenerateWidget(viewer)
     viewer.window.add_dock_widget(widget)
+    # The sampler library loads in the background while the dock opens; Generate waits for it.
+    assert widget.progress.format() == "loading the renderer…" or widget.ready
+    qtbot.waitUntil(lambda: widget.ready, timeout=60_000)
     widget.set_model(tiny_model)
     widget.picker.device_combo.setCurrentText("CPU")
     widget.steps.setValue(6)
@@ -80,7 +83,11 @@ def test_generate_streams_previews_keeps_ui_responsive_and_adds_a_layer(generate
     assert stall < 100, f"the UI froze for {stall} ms"
     assert widget.previews_shown >= 2
     (result,) = _renders(viewer)
-    assert result.name == "render seed 7 dpm++2m×20 cfg 2"
+    assert result.name == "render 1"  # short: the settings are in its metadata and the status line
+    assert result.metadata["diffmix"]["description"] == "seed 7, dpm++2m × 20 steps, guidance 2"
+    assert "render 1 done" in widget.status.text() and "seed 7" in widget.status.text()
+    # under the nuclei layer, so its outlines stay visible on the render
+    assert viewer.layers.index(result) < viewer.layers.index("crop nuclei")
     assert result.data.shape == (64, 64, 3) and result.data.dtype == np.uint8
     provenance = result.metadata["diffmix"]["provenance"]
     assert provenance["seed"] == 7 and provenance["steps"] == 20 and provenance["device"] == "cpu"
@@ -151,7 +158,8 @@ def test_synchronous_mode_modes_and_caches(generate, monkeypatch):
     widget.strength.setValue(0.5)
     widget.generate()
     sdedit = _renders(viewer)[-1]
-    assert sdedit.name.endswith("sdedit 0.5") and sdedit.metadata["diffmix"]["provenance"]["mode"] == "sdedit"
+    assert sdedit.metadata["diffmix"]["description"].endswith(f"from {first.name} at strength 0.5")
+    assert sdedit.metadata["diffmix"]["provenance"]["mode"] == "sdedit"
     # Move one nucleus, then re-render only that edit: the rest of the image is kept exactly.
     layer = viewer.layers["crop nuclei"]
     canvas = NucleiCanvas(viewer, layer)
@@ -159,10 +167,11 @@ def test_synchronous_mode_modes_and_caches(generate, monkeypatch):
     canvas.select(nid)
     canvas.move(0, 3)
     widget.set_mode("edited")
+    assert widget.image_combo.currentText() == sdedit.name  # the latest render, not the first image
     widget.image_combo.setCurrentText(first.name)
     widget.generate()
     edited = _renders(viewer)[-1]
-    assert edited.name.endswith(" edit")
+    assert edited.metadata["diffmix"]["description"].endswith(f"edit of {first.name}")
     changed = np.any(edited.data != first.data, axis=-1)
     from napari_diffmix._widgets.generate import EDIT_MARGIN
     from napari_diffmix.nuclei import changed_mask
@@ -247,3 +256,24 @@ def test_errors_reach_the_user_as_notifications(generate, errors, monkeypatch, t
     assert "nothing to re-render" in errors[-1]
     assert len(viewer.layers) == n_layers + 1  # only the consep layer was added; no preview left behind
     assert not widget._running and widget.generate_button.isEnabled()
+
+
+def test_render_only_the_visible_part_of_the_map(generate, qtbot):
+    from qtpy.QtWidgets import QApplication
+
+    viewer, widget = generate
+    widget.tile.setValue(0)
+    widget.steps.setValue(2)
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera  # napari >= 0.9 / older
+    camera.center = (0, 16, 16)
+    camera.zoom = camera.zoom * 6  # only the top-left corner of the 64 px map shows
+    for _ in range(5):
+        QApplication.processEvents()
+    widget.region.setCurrentText("visible part")
+    widget.generate(block=True)
+    (result,) = _renders(viewer)
+    h, w = result.data.shape[:2]
+    assert (h, w) != (64, 64) and h % 32 == 0 and w % 32 == 0
+    assert tuple(result.translate) == (0.0, 0.0)  # the window starts at the map's corner
+    assert result.metadata["diffmix"]["inst_map"].shape == (h, w)
+    assert "region at (0, 0)" in result.metadata["diffmix"]["description"]

@@ -59,7 +59,7 @@ def test_all_docks_fit_a_laptop_screen_as_tabs(docks):
     assert {_dock(widgets["Generate tissue"]), _dock(widgets["Batch export"])} <= tabbed
 
 
-@pytest.mark.parametrize("name", ["Nuclei editor", "Batch export"])
+@pytest.mark.parametrize("name", ["Nuclei editor", "Generate tissue", "Batch export"])
 def test_first_screen_speaks_plain_words(docks, name):
     _, widgets = docks
     widget = widgets[name]

@@ -45,13 +45,18 @@ from ..classes import ClassScheme
 from ..errors import LabelError
 from ..nuclei import changed_mask, type_map_from
 from .._layers import KEY, info_of, role_of, scheme_of, types_from_features
-from ._layout import join_sibling_tabs, scroll_body
+from ._layout import Collapsible, join_sibling_tabs, scroll_body
 from ._model_picker import BUNDLED, ModelPicker
 from ._notify import user_errors
 from ._sampling import sampler_controls, seed_spin, strength_spin
-from ._workers import JobWidget, show_progress
+from ._workers import JobWidget, run_in_thread, show_progress
 
 MODES = ("noise", "sdedit", "edited")
+# Quality in a pathologist's words -> solver steps (the model card passes its measure at 10-25).
+QUALITY = {"draft (fastest)": 10, "standard": 15, "best (slowest)": 25}
+DEFAULT_QUALITY = "standard"
+CUSTOM_QUALITY = "custom (Advanced)"
+REGIONS = {"whole map": "whole", "visible part": "visible"}
 PREVIEW_SIDE = 512  # px: previews of larger canvases are subsampled
 PREVIEW_INTERVAL = 0.1  # s: at most this often (each repaint costs the event loop a few ms)
 GENERATE_KEY = "Shift-G"
@@ -143,8 +148,9 @@ class GenerateWidget(JobWidget, QWidget):
         self.preview_layer: Any = None
         self.previews_shown = 0
         self.last_result: Any = None
-        warm_up_imports()
+        self.renders = 0  # results so far: layers are named "render 1", "render 2", ...
         self._build()
+        self._warm_up()
         for emitter in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
             emitter.connect(self._refresh_layers)
         self._refresh_layers()
@@ -153,55 +159,85 @@ class GenerateWidget(JobWidget, QWidget):
     # -- layout --------------------------------------------------------------------------------------
     def _build(self) -> None:
         root = scroll_body(self)
+        advanced = Collapsible("Advanced", "Sampler, steps, guidance, strength, region, tiles, device and precision")
+        adv = QFormLayout()
+        advanced.body.addLayout(adv)
         form = QFormLayout()
         root.addLayout(form)
 
-        self.picker = ModelPicker()
+        self.picker = ModelPicker(advanced=adv)
         self.picker.changed.connect(self._on_model_changed)
         form.addRow(self.picker)
 
         self.labels_combo = QComboBox()
-        self.labels_combo.setToolTip("The nuclei layer to render (classes from its features)")
-        form.addRow("Labels", self.labels_combo)
+        self.labels_combo.setToolTip("The nuclei layer to render (its classes come with it)")
+        form.addRow("Nuclei", self.labels_combo)
 
         modes = QVBoxLayout()
         self.mode_buttons = {
-            "noise": QRadioButton("from noise"),
-            "sdedit": QRadioButton("from the image (SDEdit)"),
-            "edited": QRadioButton("re-render edited nuclei only"),
+            "noise": QRadioButton("the whole map, new tissue"),
+            "sdedit": QRadioButton("from my image, keeping its look"),
+            "edited": QRadioButton("only the nuclei I changed"),
         }
         self.mode_buttons["noise"].setChecked(True)
-        self.mode_buttons["sdedit"].setToolTip("Start from the image noised to 'strength' of the schedule")
+        self.mode_buttons["noise"].setToolTip("Render tissue for every nucleus of the map, from scratch (from noise)")
+        self.mode_buttons["sdedit"].setToolTip(
+            "Re-render the chosen image so it follows the map, keeping its colours and layout "
+            "(SDEdit: the image is noised part way, see Strength under Advanced)"
+        )
         self.mode_buttons["edited"].setToolTip(
-            "Render only where the labels differ from the ones the image was made from; keep the rest"
+            "Render only where the nuclei differ from the ones the chosen image was made from; every other pixel is kept"
         )
         for b in self.mode_buttons.values():
             modes.addWidget(b)
             b.toggled.connect(lambda *_: self._update_enabled())
-        form.addRow("Mode", modes)
+        form.addRow("Render", modes)
         self.image_combo = QComboBox()
-        self.image_combo.setToolTip("The RGB image to start from (SDEdit) or to edit")
+        self.image_combo.setToolTip("The image to start from or to edit (default: the latest render)")
         form.addRow("Image", self.image_combo)
-        self.strength = strength_spin("Share of the schedule re-run from the noised image")
-        form.addRow("Strength", self.strength)
-
-        self.sampler_combo, self.steps = sampler_controls()
-        form.addRow("Sampler", self.sampler_combo)
-        form.addRow("Steps", self.steps)
-        self.guidance = QDoubleSpinBox()
-        self.guidance.setRange(0.0, 20.0)
-        self.guidance.setSingleStep(0.25)
-        self.guidance.setValue(3.0)
-        self.guidance.setToolTip("Classifier-free guidance scale (1 = plain conditional model)")
-        form.addRow("Guidance", self.guidance)
+        self.quality = QComboBox()
+        self.quality.addItems(list(QUALITY))
+        self.quality.setCurrentText(DEFAULT_QUALITY)
+        self.quality.setToolTip("More denoising steps: finer tissue, slower. The exact step count is under Advanced")
+        self.quality.currentTextChanged.connect(lambda text: self.steps.setValue(QUALITY[text]) if text in QUALITY else None)
+        form.addRow("Quality", self.quality)
         self.seed = seed_spin()
         dice = QPushButton("Random")
-        dice.setToolTip("Roll a new seed")
+        dice.setToolTip("Roll a new seed: other tissue for the same nuclei")
         dice.clicked.connect(lambda *_: self.roll_seed())
         row = QHBoxLayout()
         row.addWidget(self.seed, 1)
         row.addWidget(dice)
         form.addRow("Seed", row)
+
+        row = QHBoxLayout()
+        self.generate_button = QPushButton("Generate")
+        self.generate_button.setToolTip("Render the nuclei (Shift+G in the viewer)")
+        self.generate_button.clicked.connect(lambda *_: user_errors(self.generate)())
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setToolTip("Stop within the current step; nothing is added")
+        self.cancel_button.clicked.connect(lambda *_: self.cancel())
+        row.addWidget(self.generate_button)
+        row.addWidget(self.cancel_button)
+        root.addLayout(row)
+        self._add_job_status(root)
+
+        self.strength = strength_spin("How far the image is noised before rendering (from my image)")
+        adv.addRow("Strength", self.strength)
+        self.sampler_combo, self.steps = sampler_controls()
+        self.steps.valueChanged.connect(self._sync_quality)
+        adv.addRow("Sampler", self.sampler_combo)
+        adv.addRow("Steps", self.steps)
+        self.guidance = QDoubleSpinBox()
+        self.guidance.setRange(0.0, 20.0)
+        self.guidance.setSingleStep(0.25)
+        self.guidance.setValue(3.0)
+        self.guidance.setToolTip("Classifier-free guidance scale: how strongly the tissue follows the classes (1 = plain conditional model)")
+        adv.addRow("Guidance", self.guidance)
+        self.region = QComboBox()
+        self.region.addItems(list(REGIONS))
+        self.region.setToolTip("Render the whole map, or only the part of it the canvas shows now (large maps)")
+        adv.addRow("Region", self.region)
         self.tile = QSpinBox()
         self.tile.setRange(0, 4096)
         self.tile.setSpecialValueText("off")
@@ -210,22 +246,42 @@ class GenerateWidget(JobWidget, QWidget):
             "off (default): the whole canvas at once. A size: canvases larger than it are rendered in overlapping "
             "tiles blended at every step (bounds memory, costs time)"
         )
-        form.addRow("Tile size", self.tile)
-
-        row = QHBoxLayout()
-        self.generate_button = QPushButton("Generate")
-        self.generate_button.setToolTip("Render the labels (Shift+G in the viewer)")
-        self.generate_button.clicked.connect(lambda *_: user_errors(self.generate)())
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setToolTip("Stop after the current step; nothing is added")
-        self.cancel_button.clicked.connect(lambda *_: self.cancel())
-        row.addWidget(self.generate_button)
-        row.addWidget(self.cancel_button)
-        root.addLayout(row)
-        self._add_job_status(root)
+        adv.addRow("Tile size", self.tile)
+        self.advanced = advanced
+        root.addWidget(advanced)
         root.addStretch(1)
         self.viewer.bind_key(GENERATE_KEY, lambda viewer: user_errors(self.generate)(), overwrite=True)
         self._update_enabled()
+
+    def _warm_up(self) -> None:
+        """Import the sampler library in the background while the dock opens (it froze the window
+        for seconds on the main thread); Generate waits for it with a visible state."""
+        self.ready = False
+        self._imported = threading.Event()  # a run waits for it: two threads importing one module race
+        self.generate_button.setEnabled(False)
+        self.progress.setFormat("loading the renderer…")
+
+        def warm() -> None:
+            try:
+                warm_up_imports()
+            finally:
+                self._imported.set()
+
+        def done(*_: Any) -> None:
+            self.ready = True
+            if not self._running:
+                self.progress.setFormat("idle")
+            self._update_enabled()
+
+        self._warm_worker = run_in_thread(warm, on_finish=done)
+
+    def _sync_quality(self, steps: int) -> None:
+        label = next((name for name, n in QUALITY.items() if n == steps), CUSTOM_QUALITY)
+        if self.quality.findText(CUSTOM_QUALITY) < 0 and label == CUSTOM_QUALITY:
+            self.quality.addItem(CUSTOM_QUALITY)
+        self.quality.blockSignals(True)
+        self.quality.setCurrentText(label)
+        self.quality.blockSignals(False)
 
     # -- choices --------------------------------------------------------------------------------------
     def roll_seed(self) -> int:
@@ -256,6 +312,9 @@ class GenerateWidget(JobWidget, QWidget):
                 combo.setCurrentText(current)
             elif layers:
                 combo.setCurrentIndex(len(layers) - 1 if combo is self.labels_combo else 0)
+        # An edit or SDEdit starts from the latest render by default, not from the first image.
+        if self.last_result is not None and self.last_result in self.viewer.layers:
+            self.image_combo.setCurrentText(self.last_result.name)
 
     def mode(self) -> str:
         return next(m for m, b in self.mode_buttons.items() if b.isChecked())
@@ -265,7 +324,7 @@ class GenerateWidget(JobWidget, QWidget):
 
     def _update_enabled(self) -> None:
         running = self._running
-        self.generate_button.setEnabled(not running)
+        self.generate_button.setEnabled(not running and getattr(self, "ready", False))
         self.cancel_button.setEnabled(running)
         needs_image = self.mode() != "noise"
         self.image_combo.setEnabled(needs_image)
@@ -297,23 +356,41 @@ class GenerateWidget(JobWidget, QWidget):
             raise LabelError(f"image {name!r} is {image.shape[:2]} but the label map is {shape}; they must match")
         return layer, image
 
+    def _visible_window(self, layer: Any, shape: tuple[int, int]) -> tuple[slice, slice]:
+        """The part of the map the canvas shows, grown to multiples of 32 px (the network's sizes)."""
+        corners = np.asarray(layer.corner_pixels)[:, -2:]
+        (y0, x0), (y1, x1) = corners[0], corners[1] + 1
+        y0, x0 = max(0, int(y0) // 32 * 32), max(0, int(x0) // 32 * 32)
+        y1, x1 = min(shape[0], -(-int(y1) // 32) * 32), min(shape[1], -(-int(x1) // 32) * 32)
+        if y1 - y0 < 32 or x1 - x0 < 32:
+            raise LabelError("the visible part of the map is too small to render: zoom out, or render the whole map")
+        return slice(y0, y1), slice(x0, x1)
+
     def request(self) -> Request:
         """The run the current settings describe (validated on the main thread)."""
         layer, inst_map, type_map, scheme = self._labels()
+        window = (slice(None), slice(None))
+        if REGIONS[self.region.currentText()] == "visible":
+            window = self._visible_window(layer, inst_map.shape)
+        full_shape = inst_map.shape
+        inst_map, type_map = inst_map[window], type_map[window]
         mode = self.mode()
         image = mask = None
         image_name = None
         if mode != "noise":
-            image_layer, image = self._image(inst_map.shape)
+            image_layer, image = self._image(full_shape)
+            image = image[window]
             image_name = image_layer.name
             if mode == "edited":
                 info = info_of(image_layer)
                 if info.get("inst_map") is None or info.get("type_map") is None:
                     raise LabelError(
                         f"image {image_name!r} does not record the label map it shows, so edits cannot be found; "
-                        "use 'from the image (SDEdit)' or render it here first"
+                        "use 'from my image' or render it here first"
                     )
-                mask = changed_mask(info["inst_map"], info["type_map"], inst_map, type_map, EDIT_MARGIN)
+                if np.shape(info["inst_map"]) != full_shape:
+                    raise LabelError(f"image {image_name!r} shows a part of the map only; edit from a render of the whole map")
+                mask = changed_mask(info["inst_map"][window], info["type_map"][window], inst_map, type_map, EDIT_MARGIN)
                 if not mask.any():
                     raise LabelError(f"no nucleus differs from the labels of {image_name!r}: nothing to re-render")
         return Request(
@@ -335,6 +412,7 @@ class GenerateWidget(JobWidget, QWidget):
             mask=mask,
             tile=self.tile.value() or None,
             labels_name=layer.name,
+            extra={"origin": (window[0].start or 0, window[1].start or 0), "full_shape": full_shape},
         )
 
     # -- the run ------------------------------------------------------------------------------------
@@ -342,8 +420,12 @@ class GenerateWidget(JobWidget, QWidget):
         from ..model.samplers import preview
         from ..render import RenderJob
 
-        yield Status(f"loading {req.model_path.name}…")
+        if not self._imported.is_set():
+            yield Status("loading the renderer…")
+            self._imported.wait()
+        yield Status(f"loading model {req.model_path.name}…")
         loaded = self.renderer.load(req.model_path, req.device, req.precision, req.preset)
+        yield Status("preparing the label map…")
         job = RenderJob(
             inst_map=req.inst_map, type_map=req.type_map, scheme=req.scheme, sampler=req.sampler, steps=req.steps,
             guidance=req.guidance, seed=req.seed, mode=req.mode, strength=req.strength, image=req.image,
@@ -391,7 +473,7 @@ class GenerateWidget(JobWidget, QWidget):
         self._preview_pending = False
         self.progress.setRange(0, req.steps)
         self.progress.setValue(0)
-        self.progress.setFormat("starting…")
+        self.progress.setFormat("loading model…")
         self._make_preview_layer(req)
         return self._start_job(
             lambda: self._job(req),
@@ -407,12 +489,13 @@ class GenerateWidget(JobWidget, QWidget):
         stride = max(1, math.ceil(max(h, w) / PREVIEW_SIDE))
         self.preview_layer = self.viewer.add_image(
             np.array(base[::stride, ::stride]), name="rendering…", rgb=True, scale=(stride, stride),
-            metadata={KEY: {"role": "preview"}},
+            translate=req.extra.get("origin", (0, 0)), metadata={KEY: {"role": "preview"}},
         )
 
     def _on_yield(self, item: Any) -> None:
         if isinstance(item, Status):
             self.status.setText(item.text)
+            self.progress.setFormat(item.text)
             return
         layer = self.preview_layer
         if item.preview is not None and layer is not None:
@@ -439,22 +522,38 @@ class GenerateWidget(JobWidget, QWidget):
         if result is None:
             return
         p = result.provenance
-        name = f"render seed {p['seed']} {p['sampler']}×{p['steps']} cfg {p['guidance']:g}"
+        settings = f"seed {p['seed']}, {p['sampler']} × {p['steps']} steps, guidance {p['guidance']:g}"
         if req.mode == "sdedit":
-            name += f" sdedit {req.strength:g}"
+            settings += f", from {req.image_name} at strength {req.strength:g}"
         elif req.mode == "edited":
-            name += " edit"
-        meta = {KEY: {"role": "image", "inst_map": req.inst_map, "type_map": req.type_map, "provenance": p}}
+            settings += f", edit of {req.image_name}"
+        if req.inst_map.shape != req.extra.get("full_shape", req.inst_map.shape):
+            settings += f", region at {tuple(req.extra['origin'])}"
+        self.renders += 1
+        name = f"render {self.renders}"
+        meta = {KEY: {"role": "image", "inst_map": req.inst_map, "type_map": req.type_map, "provenance": p,
+                      "description": settings}}
         # The preview layer becomes the result: creating a layer is what would stall the event loop.
         layer, self.preview_layer = self.preview_layer, None
         layer.data = result.image
         layer.scale = (1, 1)
         layer.metadata = meta
         layer.name = name
+        self._below_nuclei(layer)
         self.last_result = layer
         self._refresh_layers()
         reused = " (cached model" + (", SPADE features reused)" if p["reused_spade"] else ")") if p["reused_model"] else ""
-        self.status.setText(f"done in {p['seconds']:.1f} s on {p['device']}{reused}: {name}")
+        self.status.setText(f"{name} done in {p['seconds']:.1f} s on {p['device']}{reused}: {settings}")
+
+    def _below_nuclei(self, layer: Any) -> None:
+        """Put a render under the label layers, so the nuclei outlines stay visible on it."""
+        from napari.layers import Labels
+
+        layers = self.viewer.layers
+        labels = [i for i, l in enumerate(layers) if isinstance(l, Labels)]
+        here = layers.index(layer)
+        if labels and min(labels) < here:
+            layers.move(here, min(labels))
 
     def _on_finish(self) -> None:
         if self.preview_layer is not None and self.preview_layer in self.viewer.layers:
