@@ -239,3 +239,90 @@ def test_a_model_of_other_classes_is_refused(setup, tmp_path):
     train_segmentation(ds, model_config=SegConfig.preset("tiny", 3), config=cfg, out_dir=other)
     with pytest.raises(StoreError, match=r"the store's classes \['other', 'epithelial', 'stromal'\] differ"):
         score_store(_copy(setup, tmp_path), load_scorer(other))
+
+
+# -- item 3: the HTML report ---------------------------------------------------------------------
+def _images(page: str) -> list[tuple[str, bytes]]:
+    import base64
+    import re
+
+    return [(m.group(1), base64.b64decode(m.group(2)))
+            for m in re.finditer(r'<img [^>]*?(?:id|class)="([^"]+)"[^>]*?src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)]
+
+
+def test_report_is_self_contained_with_every_figure(scored, setup, tmp_path, capsys):
+    from io import BytesIO
+
+    from PIL import Image
+
+    out = tmp_path / "report.html"
+    assert main(["report", str(scored), "--out", str(out), "--items", "2"]) == 0
+    assert "self-contained" in capsys.readouterr().out
+    page = out.read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    for section in ("Class counts", "Label fidelity", "Montage", "Worst", "Best", "Settings", "Diffusion model", "Scoring model"):
+        assert f">{section}</h" in page, section
+    imgs = _images(page)
+    kinds = [k for k, _ in imgs]
+    assert kinds.count("class-counts") == 1 and kinds.count("fidelity-histogram") == 1 and kinds.count("montage-item") == 4
+    for kind, data in imgs:
+        im = Image.open(BytesIO(data))
+        im.load()  # a whole, decodable PNG
+        assert im.format == "PNG" and im.width > 0
+        if kind == "montage-item":  # label map | render | predicted nuclei, each upscaled to >= 160 px
+            assert im.height >= 160 and im.width >= 3 * im.height
+    assert "src=\"http" not in page and "<script" not in page and "<link" not in page  # nothing fetched
+    # item order: worst first (PQ 0.1 is item 0), best first (item 1, PQ 0.9; item 2's undefined PQ counts as agreement)
+    worst, best = page.index(">Worst</h3>"), page.index(">Best</h3>")
+    assert "item 0: PQ 0.100" in page[worst:best] and "item 1: PQ 0.900" in page[best:]
+    assert main(["report", str(scored), "--out", str(out)]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+
+
+def test_report_of_an_unscored_store_shows_the_maps_and_says_why(setup, tmp_path):
+    from napari_diffmix.report import build_report
+
+    page = build_report(setup["store"], tmp_path / "r.html", items=2).read_text()
+    assert "The store is not scored" in page and "no segmentation model" in page
+    kinds = [k for k, _ in _images(page)]
+    assert kinds == ["class-counts", "montage-item", "montage-item"]
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="needs Chromium (apt-get install chromium)")
+def test_report_loads_in_headless_chromium_with_every_image(scored, tmp_path):
+    """A real browser: no console error, every <img> decoded (naturalWidth > 0)."""
+    import subprocess
+
+    out = tmp_path / "report.html"
+    from napari_diffmix.report import build_report
+
+    build_report(scored, out, items=2)
+    # The check runs in the page; its verdict becomes the document title, which --dump-dom prints.
+    probe = tmp_path / "probe.html"
+    page = out.read_text()
+    n = page.count("<img ")
+    script = (
+        "<script>window.errors=[];window.addEventListener('error',e=>window.errors.push(String(e.message||e)));"
+        "window.addEventListener('load',()=>{const imgs=[...document.images];"
+        "const bad=imgs.filter(i=>!(i.complete&&i.naturalWidth>0)).length;"
+        "document.title='PROBE images='+imgs.length+' broken='+bad+' errors='+window.errors.length;});</script>"
+    )
+    probe.write_text(page.replace("<head>", "<head>" + script, 1))
+    res = subprocess.run(
+        [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--enable-logging=stderr",
+         "--v=0", "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"<title>PROBE images={n} broken=0 errors=0</title>" in res.stdout, res.stdout[:500] + res.stderr[-1500:]
+    # the page itself (no probe): the console shows no error of the page
+    res = subprocess.run(
+        [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--enable-logging=stderr",
+         "--v=0", "--virtual-time-budget=5000", "--dump-dom", out.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert res.returncode == 0 and "CONSOLE" not in res.stderr and "Uncaught" not in res.stderr, res.stderr[-2000:]

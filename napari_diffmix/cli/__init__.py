@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "train",
     "synthesize",
     "score",
+    "report",
     "render",
     "export",
     "verify",

@@ -1,0 +1,265 @@
+"""A report a person looks at: one self-contained HTML page about a synthetic store.
+
+The page holds, as PNG figures embedded in base64 (no file beside it, no network):
+
+- nuclei per class before (the original patches), planned (the synthetic label maps the plan
+  asked for) and after (originals + synthetic), as grouped bars;
+- the histogram of the items' label fidelity (``diffmix score``) and its means;
+- a montage of the best and the worst items by fidelity: label map | render | predicted nuclei
+  (predicted again with the scoring model, or the model given, for these few items only);
+- the settings that decided the store and the provenance of the diffusion and scoring models.
+
+Figures are drawn with Pillow (a dependency already): the report adds no plotting library.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .errors import StoreError
+
+BAR_COLOURS = {"before": (120, 120, 120), "planned": (230, 159, 0), "after": (0, 114, 178)}
+# Montage tiles are shown at least this many pixels wide (nearest-neighbour upscaling keeps label edges sharp).
+MIN_TILE_PX = 160
+
+
+# ---------------------------------------------------------------------------------------------
+# drawing
+# ---------------------------------------------------------------------------------------------
+def _png(image: Any) -> str:
+    """A PIL image or uint8 array as a base64 PNG data URI."""
+    from PIL import Image
+
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _hex_rgb(colour: str) -> tuple[int, int, int]:
+    c = colour.lstrip("#")
+    return int(c[0:2], 16), int(c[2:4], 16), int(c[4:6], 16)
+
+
+def label_rgb(inst_map: np.ndarray, type_map: np.ndarray, colours: Sequence[str]) -> np.ndarray:
+    """Class colours (the scheme's) on black, with every nucleus outlined in white so touching
+    nuclei stay apart."""
+    lut = np.zeros((len(colours) + 1, 3), np.uint8)
+    for k, c in enumerate(colours, start=1):
+        lut[k] = _hex_rgb(c)
+    rgb = lut[np.clip(type_map, 0, len(colours))]
+    edge = np.zeros(inst_map.shape, bool)
+    edge[:-1] |= inst_map[:-1] != inst_map[1:]
+    edge[1:] |= inst_map[1:] != inst_map[:-1]
+    edge[:, :-1] |= inst_map[:, :-1] != inst_map[:, 1:]
+    edge[:, 1:] |= inst_map[:, 1:] != inst_map[:, :-1]
+    rgb[edge & (inst_map > 0)] = 255
+    return rgb
+
+
+def _upscale(image: np.ndarray) -> np.ndarray:
+    f = max(1, math.ceil(MIN_TILE_PX / max(image.shape[:2])))
+    return np.repeat(np.repeat(image, f, axis=0), f, axis=1) if f > 1 else image
+
+
+def bar_chart(groups: Mapping[str, Sequence[float]], names: Sequence[str], title: str, width: int = 640, height: int = 300):
+    """Grouped bars: one group per class, one bar per series (``groups``: series -> value per class)."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    left, right, top, bottom = 50, 10, 30, 40
+    d.text((left, 8), title, fill="black")
+    vmax = max([float(v) for vals in groups.values() for v in vals] + [1.0])
+    d.line([(left, top), (left, height - bottom), (width - right, height - bottom)], fill="black")
+    for frac in (0.5, 1.0):
+        y = height - bottom - frac * (height - top - bottom)
+        d.line([(left - 4, y), (left, y)], fill="black")
+        d.text((4, y - 6), f"{vmax * frac:.0f}", fill="black")
+    n_series = max(len(groups), 1)
+    slot = (width - left - right) / max(len(names), 1)
+    bar = slot * 0.8 / n_series
+    for k, name in enumerate(names):
+        x0 = left + k * slot + slot * 0.1
+        for s, (series, vals) in enumerate(groups.items()):
+            v = float(vals[k])
+            h = v / vmax * (height - top - bottom)
+            xa = x0 + s * bar
+            d.rectangle([xa, height - bottom - h, xa + bar - 2, height - bottom], fill=BAR_COLOURS.get(series, (0, 0, 0)))
+            d.text((xa, height - bottom - h - 12), f"{v:.0f}", fill="black")
+        d.text((x0, height - bottom + 6), str(name)[:18], fill="black")
+    x = width - right - 90 * n_series
+    for series in groups:
+        d.rectangle([x, 10, x + 10, 20], fill=BAR_COLOURS.get(series, (0, 0, 0)))
+        d.text((x + 14, 8), series, fill="black")
+        x += 90
+    return img
+
+
+def histogram(values: Sequence[float], title: str, threshold: float | None = None, bins: int = 20, width: int = 640, height: int = 260):
+    """Histogram of values in [0, 1]; the threshold (if any) as a red line."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    left, right, top, bottom = 40, 10, 30, 30
+    d.text((left, 8), title, fill="black")
+    counts, edges = np.histogram(np.clip(np.asarray(values, float), 0, 1), bins=bins, range=(0.0, 1.0))
+    cmax = max(int(counts.max()) if counts.size else 0, 1)
+    pw, ph = width - left - right, height - top - bottom
+    d.line([(left, top), (left, height - bottom), (width - right, height - bottom)], fill="black")
+    d.text((4, top - 6), str(cmax), fill="black")
+    for k, c in enumerate(counts):
+        x0 = left + k * pw / bins
+        h = c / cmax * ph
+        d.rectangle([x0 + 1, height - bottom - h, x0 + pw / bins - 1, height - bottom], fill=(0, 114, 178))
+    for v in (0.0, 0.5, 1.0):
+        d.text((left + v * pw - 8, height - bottom + 6), f"{v:g}", fill="black")
+    if threshold is not None and 0 <= threshold <= 1:
+        x = left + threshold * pw
+        d.line([(x, top), (x, height - bottom)], fill=(213, 94, 0), width=2)
+        d.text((x + 4, top), f"min {threshold:g}", fill=(213, 94, 0))
+    return img
+
+
+# ---------------------------------------------------------------------------------------------
+# the page
+# ---------------------------------------------------------------------------------------------
+def _fmt(v: Any) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else (f"{v:.3f}" if isinstance(v, float) else str(v))
+
+
+def _table(rows: Sequence[Sequence[Any]], head: Sequence[str]) -> str:
+    th = "".join(f"<th>{html.escape(str(h))}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _pre(obj: Any) -> str:
+    return f"<pre>{html.escape(json.dumps(obj, indent=2, default=str))}</pre>"
+
+
+def _scorer_for(store: Any, seg_model: str | os.PathLike | None, device: str) -> tuple[Any, str]:
+    """The model that predicts the montage's nuclei: the one given, else the one that scored the store
+    (when its folder still exists). (None, why) when there is none."""
+    from .fidelity import load_scorer
+
+    path = seg_model or ((store.attrs.get("fidelity") or {}).get("model") or {}).get("path")
+    if not path:
+        return None, "no segmentation model: the store is not scored and --seg-model was not given"
+    if seg_model is None and not Path(path).is_dir():
+        return None, f"the scoring model {path} is no longer there; pass --seg-model to show predicted nuclei"
+    scorer = load_scorer(path, device=device)
+    scorer.check_scheme(store.scheme, store.path)
+    return scorer, ""
+
+
+def build_report(
+    store: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    seg_model: str | os.PathLike | None = None,
+    items: int = 4,
+    metric: str = "pq",
+    device: str = "cpu",
+) -> Path:
+    """Write the HTML report of the store at ``store`` to ``out`` (atomically); returns ``out``.
+
+    ``items``: how many best and how many worst items the montage shows. ``seg_model``: the model
+    that predicts their nuclei (default: the one that scored the store).
+    """
+    from .atomic import write_text
+    from .fidelity_records import metric_value, read_records
+    from .store import open_store
+
+    st = open_store(store)
+    scheme = st.scheme
+    names = list(scheme.names)
+    attrs = st.attrs
+    done = st.done_mask()
+    sections: list[str] = []
+
+    counts = attrs.get("class_counts") or {}
+    series = {k: [int(v) for v in counts[k][1:]] for k in ("before", "planned", "after") if counts.get(k)}
+    if series:
+        chart = bar_chart(series, names, "nuclei per class: before / planned / after")
+        rows = [[n, *(series[k][i] for k in series)] for i, n in enumerate(names)]
+        sections.append(f'<h2>Class counts</h2><img id="class-counts" alt="class counts" src="{_png(chart)}">'
+                        + _table(rows, ["class", *series]))
+    else:
+        sections.append("<h2>Class counts</h2><p>The store records no class counts yet (synthesis not finished).</p>")
+
+    records = read_records(st.group)
+    fid = attrs.get("fidelity") or {}
+    scored = [i for i in np.flatnonzero(done) if records[i]]
+    if scored:
+        values = np.array([metric_value(records[i], metric) for i in scored])
+        finite = values[~np.isnan(values)]
+        hist = histogram(finite, f"label fidelity ({metric.upper()}) of {len(scored)} items", fid.get("min_fidelity"))
+        summ = fid.get("summary") or {}
+        rows = [[k.removeprefix("mean_"), v] for k, v in summ.items() if k.startswith("mean_")]
+        sections.append(f'<h2>Label fidelity</h2><p>{len(scored)} of {int(done.sum())} finished items scored; '
+                        f'rare-class recall basis: {html.escape(str(fid.get("rare_basis", "")))}.</p>'
+                        f'<img id="fidelity-histogram" alt="fidelity histogram" src="{_png(hist)}">' + _table(rows, ["mean", "value"]))
+        order = [i for _, i in sorted(zip(np.nan_to_num(values, nan=1.0), scored))]
+        picks = {"Worst": order[:items], "Best": order[::-1][:items]}
+    else:
+        sections.append("<h2>Label fidelity</h2><p>The store is not scored: run <code>diffmix score STORE --seg-model MODEL</code>.</p>")
+        finished = [int(i) for i in np.flatnonzero(done)]
+        picks = {"Items": finished[:items]}
+
+    scorer, why = _scorer_for(st, seg_model, device)
+    montage = [f"<h2>Montage</h2><p>label map | render{' | predicted nuclei' if scorer else ''}"
+               f"{'' if scorer else ' (' + html.escape(why) + ')'}. Class colours: "
+               + ", ".join(f'<span style="color:{c}">&#9632;</span> {html.escape(n)}' for n, c in zip(names, scheme.colors)) + "</p>"]
+    for title, idx in picks.items():
+        montage.append(f"<h3>{title}</h3><div class='montage'>")
+        for i in idx:
+            item = st.item(int(i))
+            panels = [label_rgb(item.inst_map, item.type_map, scheme.colors), item.image]
+            if scorer is not None:
+                panels.append(label_rgb(*scorer.predict(item.image), scheme.colors))
+            gap = np.full((item.image.shape[0], 4, 3), 255, np.uint8)
+            row = np.concatenate([p for panel in panels for p in (_upscale(panel), _upscale(gap))][:-1], axis=1)
+            label = f"item {int(i)}" + (f": {metric.upper()} {_fmt(metric_value(records[int(i)], metric))}" if records[int(i)] else "")
+            montage.append(f'<figure><img class="montage-item" alt="{html.escape(label)}" src="{_png(row)}">'
+                           f"<figcaption>{html.escape(label)}</figcaption></figure>")
+        montage.append("</div>")
+    sections.append("".join(montage))
+
+    sections.append("<h2>Settings</h2>" + _pre(attrs.get("settings", {})))
+    model = dict(attrs.get("model") or {})
+    sections.append("<h2>Diffusion model</h2>" + _pre(model))
+    if fid:
+        sections.append("<h2>Scoring model</h2>" + _pre({k: fid.get(k) for k in ("model", "metric", "min_fidelity", "rare_classes", "definitions")}))
+    title = f"napari-diffmix report: {st.path.name}"
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; max-width: 1100px; }}
+table {{ border-collapse: collapse; margin: 0.5em 0; }} td, th {{ border: 1px solid #ccc; padding: 2px 8px; text-align: right; }}
+pre {{ background: #f6f6f6; padding: 0.5em; overflow-x: auto; font-size: 85%; }}
+figure {{ display: inline-block; margin: 4px; }} figcaption {{ font-size: 85%; }}
+</style></head>
+<body>
+<h1>{html.escape(title)}</h1>
+<p>{html.escape(str(st.path))}: {int(done.sum())} of {len(st)} items finished (status {html.escape(str(attrs.get("status", "?")))}),
+scheme {html.escape(scheme.name)} ({html.escape(", ".join(names))}), {st.patch_shape[0]} x {st.patch_shape[1]} px.</p>
+{"".join(sections)}
+</body></html>
+"""
+    out = Path(out)
+    if out.is_dir():
+        raise StoreError(f"{out}: is a folder; the report is one HTML file, e.g. {out / 'report.html'}")
+    write_text(out, page)
+    return out
