@@ -39,7 +39,7 @@ def test_render_of_the_demo_labels_looks_like_tissue(make_napari_viewer, tmp_pat
     original = tile.image[window].copy()
 
     viewer = make_napari_viewer(show=True)
-    viewer.window._qt_window.resize(1500, 950)
+    viewer.window._qt_window.resize(1366, 768)  # a laptop screen: what the README shows
     data, kwargs, _ = image_layer_data(original, "demo IHC", inst_map=inst_map, type_map=type_map)
     viewer.add_image(data, **kwargs)
     data, kwargs, _ = nuclei_layer_data(inst_map, inst_types, DEMO, "demo nuclei")
@@ -89,9 +89,19 @@ def test_render_of_the_demo_labels_looks_like_tissue(make_napari_viewer, tmp_pat
         viewer.reset_view()
         from qtpy.QtWidgets import QApplication, QDockWidget
 
+        from napari_diffmix._widgets.batch import BatchExportWidget
+
+        viewer.window.add_dock_widget(BatchExportWidget(viewer), name="Batch export")
         # Docks added to the test fixture's window start hidden; a user's napari shows them.
-        for dock in viewer.window._qt_window.findChildren(QDockWidget):
-            if dock.windowTitle() in ("Nuclei editor", "Generate tissue"):
-                dock.show()
-        QApplication.processEvents()
-        iio.imwrite(docs_shot, viewer.window.screenshot(canvas_only=False, flash=False))
+        docks = {d.windowTitle(): d for d in viewer.window._qt_window.findChildren(QDockWidget)}
+        for title in ("Nuclei editor", "Generate tissue", "Batch export"):
+            docks[title].show()
+            QApplication.processEvents()
+        shots = {"Generate tissue": docs_shot}
+        stem = docs_shot.rsplit(".", 1)[0]
+        shots.update({"Nuclei editor": f"{stem}_editor.png", "Batch export": f"{stem}_batch.png"})
+        for title, path in shots.items():  # the docks are tabs: one picture per tab, as a user sees it
+            docks[title].raise_()
+            for _ in range(5):
+                QApplication.processEvents()
+            iio.imwrite(path, viewer.window.screenshot(canvas_only=False, flash=False))

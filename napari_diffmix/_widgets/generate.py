@@ -269,7 +269,7 @@ class GenerateWidget(JobWidget, QWidget):
 
         def done(*_: Any) -> None:
             self.ready = True
-            if not self._running:
+            if self.progress.format() == "loading the renderer…":
                 self.progress.setFormat("idle")
             self._update_enabled()
 
