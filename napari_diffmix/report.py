@@ -206,7 +206,10 @@ def build_report(
         values = np.array([metric_value(records[i], metric) for i in scored])
         finite = values[~np.isnan(values)]
         hist = histogram(finite, f"label fidelity ({metric.upper()}) of {len(scored)} items", fid.get("min_fidelity"))
-        summ = fid.get("summary") or {}
+        from .fidelity_records import summary
+
+        # From the records themselves: the attrs' means date from the last scoring run.
+        summ = summary([records[i] for i in scored], names)
         rows = [[k.removeprefix("mean_"), v] for k, v in summ.items() if k.startswith("mean_")]
         sections.append(f'<h2>Label fidelity</h2><p>{len(scored)} of {int(done.sum())} finished items scored; '
                         f'rare-class recall basis: {html.escape(str(fid.get("rare_basis", "")))}.</p>'

@@ -275,6 +275,7 @@ def test_report_is_self_contained_with_every_figure(scored, setup, tmp_path, cap
     # item order: worst first (PQ 0.1 is item 0), best first (item 1, PQ 0.9; item 2's undefined PQ counts as agreement)
     worst, best = page.index(">Worst</h3>"), page.index(">Best</h3>")
     assert "item 0: PQ 0.100" in page[worst:best] and "item 1: PQ 0.900" in page[best:]
+    assert "<td>pq</td><td>0.433</td>" in page  # the means of the records as they are now (0.1, 0.9, 0.3)
     assert main(["report", str(scored), "--out", str(out)]) == 2
     assert "pass --overwrite" in capsys.readouterr().err
 

@@ -75,7 +75,10 @@ def run(args: argparse.Namespace) -> int:
     if result.stopped:
         why = f" by {result.signal}" if result.signal else ""
         print(f"stopped{why}; run the same command again to continue")
-        return 130 if result.signal == "SIGINT" else 1
+        import signal
+
+        # As synthesize: 128 + the signal number when a signal left items unscored.
+        return 128 + int(getattr(signal, result.signal)) if result.signal else 0
     from ..fidelity import training_fidelity
     from ..store import open_store
 
