@@ -52,6 +52,8 @@ def test_all_docks_fit_a_laptop_screen_as_tabs(docks):
     for name, widget in widgets.items():
         assert _dock(widget).minimumSizeHint().height() <= 200, name  # scrolls instead of growing
         assert widget.minimumSizeHint().width() <= 480, name
+        body = widget.scroll_area.widget()
+        assert body.width() >= body.minimumSizeHint().width(), f"{name}: its right edge is clipped"
     assert window.minimumSizeHint().height() <= 768
     assert window.height() <= 768
     main = _dock(widgets["Nuclei editor"]).parentWidget()

@@ -5,7 +5,7 @@ first screen."""
 
 from __future__ import annotations
 
-from qtpy.QtCore import QSize, Qt
+from qtpy.QtCore import QEvent, QObject, QSize, Qt
 from qtpy.QtWidgets import QDockWidget, QFrame, QMainWindow, QScrollArea, QSizePolicy, QToolButton, QVBoxLayout, QWidget
 
 # The least a dock asks for: its first rows stay visible, the rest scrolls.
@@ -21,6 +21,13 @@ class _VerticalScroll(QScrollArea):
         width = (body.minimumSizeHint().width() if body is not None else 0) + self.verticalScrollBar().sizeHint().width()
         return QSize(width, MIN_BODY_HEIGHT)
 
+    def eventFilter(self, watched: QObject, event: QEvent) -> bool:  # noqa: N802 (Qt)
+        # The body's minimum grows after it is built (a model summary, a plan): pass it on, or
+        # the dock keeps its first width and clips the body's right edge.
+        if watched is self.widget() and event.type() == QEvent.Type.LayoutRequest:
+            self.updateGeometry()
+        return False
+
 
 def scroll_body(widget: QWidget) -> QVBoxLayout:
     """Give ``widget`` a scrolling body and return the layout to fill."""
@@ -32,6 +39,7 @@ def scroll_body(widget: QWidget) -> QVBoxLayout:
     area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
     body = QWidget()
     area.setWidget(body)
+    body.installEventFilter(area)
     outer.addWidget(area)
     widget.scroll_area = area  # type: ignore[attr-defined]  # tests and callers scroll to a section
     return QVBoxLayout(body)

@@ -107,6 +107,9 @@ class BatchExportWidget(JobWidget, QWidget):
         form = QFormLayout(plan)
         self.maps_combo = QComboBox()
         self.maps_combo.addItems(list(MAPS))
+        # Long choices must not set the dock's width: the combo elides them (the list shows them whole).
+        self.maps_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.maps_combo.setMinimumContentsLength(14)
         self.maps_combo.setToolTip(
             "Add rare nuclei: common-class nuclei are replaced by real rare-class nuclei (DiffMix's balancing map). "
             "Shift nuclei: inner nuclei move a few pixels (DiffMix's enlarging map)."
@@ -130,6 +133,8 @@ class BatchExportWidget(JobWidget, QWidget):
         self.share.setDecimals(1)
         self.share.setSuffix(" %")
         self.share.setToolTip("Share of all nuclei (%) every class should hold in the original + synthetic set")
+        for spin in (self.patches, self.share):
+            spin.setMaximumWidth(110)
         for button, spin in ((self.goal_patches, self.patches), (self.goal_share, self.share), (self.goal_grid, None)):
             row = QHBoxLayout()
             row.addWidget(button)

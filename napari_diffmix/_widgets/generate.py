@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
@@ -49,7 +50,7 @@ from ._layout import Collapsible, join_sibling_tabs, scroll_body
 from ._model_picker import BUNDLED, ModelPicker
 from ._notify import user_errors
 from ._sampling import sampler_controls, seed_spin, strength_spin
-from ._workers import JobWidget, run_in_thread, show_progress
+from ._workers import JobWidget, show_progress
 
 MODES = ("noise", "sdedit", "edited")
 # Quality in a pathologist's words -> solver steps (the model card passes its measure at 10-25).
@@ -267,13 +268,22 @@ class GenerateWidget(JobWidget, QWidget):
             finally:
                 self._imported.set()
 
-        def done(*_: Any) -> None:
+        def poll() -> None:
+            if not self._imported.is_set():
+                return
+            self._warm_timer.stop()
             self.ready = True
             if self.progress.format() == "loading the renderer…":
                 self.progress.setFormat("idle")
             self._update_enabled()
 
-        self._warm_worker = run_in_thread(warm, on_finish=done)
+        # A plain daemon thread and a timer owned by the widget: nothing Qt crosses threads, so
+        # closing napari while it imports cannot touch a deleted Qt object.
+        threading.Thread(target=warm, name="diffmix-warm-up", daemon=True).start()
+        self._warm_timer = QTimer(self)
+        self._warm_timer.setInterval(100)
+        self._warm_timer.timeout.connect(poll)
+        self._warm_timer.start()
 
     def _sync_quality(self, steps: int) -> None:
         label = next((name for name, n in QUALITY.items() if n == steps), CUSTOM_QUALITY)
