@@ -327,3 +327,37 @@ def test_report_loads_in_headless_chromium_with_every_image(scored, tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert res.returncode == 0 and "CONSOLE" not in res.stderr and "Uncaught" not in res.stderr, res.stderr[-2000:]
+
+
+def test_ctrl_c_stops_diffmix_score_after_the_current_item_and_the_same_command_continues(setup, tmp_path):
+    """A real SIGINT to the command; scoring is slowed in the child so the signal lands mid-run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from _subprocess import process_group
+
+    store = _copy(setup, tmp_path)
+    slow = ("import sys, time; from napari_diffmix import fidelity; real = fidelity.Scorer.score\n"
+            "def score(self, *a, **k):\n    time.sleep(0.5); return real(self, *a, **k)\n"
+            "fidelity.Scorer.score = score\nfrom napari_diffmix.cli import main; sys.exit(main(sys.argv[1:]))")
+    argv = [sys.executable, "-c", slow, "score", str(store), "--seg-model", str(setup["seg"]), *SEG, "--threads", "1"]
+    env = {**os.environ, "DIFFMIX_QUIET": "1", "OMP_NUM_THREADS": "1"}
+    with process_group(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        chunks = store / FIDELITY / "c"
+        deadline = time.monotonic() + 120
+        while not (chunks.is_dir() and any(chunks.iterdir())):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, output
+    assert "stopped by SIGINT; run the same command again to continue" in output
+    first = sum(r is not None for r in read_records(zarr.open_group(str(store), mode="r")))
+    assert 1 <= first < ITEMS
+    res = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"scored {ITEMS - first} item(s)" in res.stdout and f"{first} already scored" in res.stdout
+    assert all(r is not None for r in read_records(zarr.open_group(str(store), mode="r")))
