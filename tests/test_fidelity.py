@@ -361,3 +361,20 @@ def test_ctrl_c_stops_diffmix_score_after_the_current_item_and_the_same_command_
     assert res.returncode == 0, res.stdout + res.stderr
     assert f"scored {ITEMS - first} item(s)" in res.stdout and f"{first} already scored" in res.stdout
     assert all(r is not None for r in read_records(zarr.open_group(str(store), mode="r")))
+
+
+def test_the_cli_parser_stays_light_and_names_the_default_threshold():
+    import subprocess
+    import sys
+
+    from napari_diffmix.fidelity import DEFAULT_MIN_FIDELITY
+
+    code = ("import sys; from napari_diffmix.cli import build_parser; build_parser(); "
+            "print('numpy' in sys.modules, 'napari_diffmix.fidelity' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split() == ["False", "False"]
+    from napari_diffmix.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    for cmd in ("score", "synthesize"):
+        opt = next(a for a in sub.choices[cmd]._actions if a.dest == "min_fidelity")
+        assert opt.default is None and f"(default {DEFAULT_MIN_FIDELITY:g})" in opt.help, cmd

@@ -38,13 +38,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def add_seg_model_arguments(p: argparse.ArgumentParser, *, required: bool = True) -> None:
-    """``--seg-model``, ``--min-fidelity`` and the prediction window (shared with synthesize)."""
-    from ..fidelity import DEFAULT_MIN_FIDELITY
+    """``--seg-model``, ``--min-fidelity`` and the prediction window (shared with synthesize).
 
+    No package import here: building the parser must not load numpy (``diffmix --help`` stays
+    fast); None stands for :data:`napari_diffmix.fidelity_records.DEFAULT_MIN_FIDELITY`, which
+    the help names (a test keeps the two equal)."""
     p.add_argument("--seg-model", type=Path, required=required, help="segmentation model folder from 'diffmix train-seg'")
     p.add_argument(
-        "--min-fidelity", type=float, default=DEFAULT_MIN_FIDELITY, metavar="PQ",
-        help=f"threshold recorded in the store: its TRAINING.md / train.sh leave out items below it (default {DEFAULT_MIN_FIDELITY})",
+        "--min-fidelity", type=float, metavar="PQ",
+        help="threshold recorded in the store: its TRAINING.md / train.sh leave out items below it (default 0.5)",
     )
     p.add_argument("--seg-window", type=int, default=256, help="prediction window in px (default 256)")
 
@@ -60,12 +62,13 @@ def load_scorer_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..fidelity import score_store
+    from ..fidelity import DEFAULT_MIN_FIDELITY, score_store
 
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     scorer = load_scorer_from_args(args)
-    result = score_store(args.store, scorer, min_fidelity=args.min_fidelity, rescore=args.rescore)
+    threshold = DEFAULT_MIN_FIDELITY if args.min_fidelity is None else args.min_fidelity
+    result = score_store(args.store, scorer, min_fidelity=threshold, rescore=args.rescore)
     s = result.attrs["summary"]
     print(f"scored {result.scored_now} item(s) in {result.seconds:.1f} s, {result.skipped} already scored; "
           f"{s['items_scored']} of {result.finished} finished items have a score")
