@@ -31,7 +31,8 @@ from napari_diffmix.datasets import Dataset, open_dataset, write_generic
 from napari_diffmix.demo_data import demo_split
 from napari_diffmix.mixing import MixCache, plan_balanced_set
 from napari_diffmix.model.checkpoint import save_model
-from napari_diffmix.model.samplers import FAST_SETTINGS, PRECISIONS
+from napari_diffmix.model.samplers import FAST_SETTINGS
+from napari_diffmix.runtime import PRECISIONS
 from napari_diffmix.model.unet import SDMUNet, UNetConfig
 from napari_diffmix.synthesize import SynthesisConfig, SynthesisJob
 

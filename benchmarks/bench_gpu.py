@@ -914,7 +914,7 @@ def section_compile(bench: Bench, rec: dict[str, Any]) -> None:
 
 def section_train(bench: Bench, rec: dict[str, Any]) -> None:
     from napari_diffmix import train as train_module
-    from napari_diffmix.runtime import resolve_precision as training_precision
+    from napari_diffmix.runtime import precision_dtype, resolve_precision
 
     device = bench.device
     preset = "tiny" if bench.args.tiny else "diffmix-consep"
@@ -924,7 +924,7 @@ def section_train(bench: Bench, rec: dict[str, Any]) -> None:
         overrides["crop_size"] = bench.size
     config = train_module.TrainConfig.from_preset(preset, **overrides)
     scheme = load_scheme(PRESET_SCHEMES[config.model])
-    dtype = training_precision(config.precision, device)
+    dtype = precision_dtype(resolve_precision(config.precision, device, training=True))
     rec.update(preset=preset, batch=config.batch_size, crop_px=config.crop_size,
                precision="fp32" if dtype is None else str(dtype).replace("torch.", ""),
                published_default_checkpointing=config.grad_checkpointing)

@@ -48,7 +48,8 @@ import time
 
 import torch
 
-from napari_diffmix.model.samplers import DIFFMIX_SETTINGS, FAST_SETTINGS, Sampler, native_bf16, resolve_precision
+from napari_diffmix.model.samplers import DIFFMIX_SETTINGS, FAST_SETTINGS, Sampler
+from napari_diffmix.runtime import native_bf16, resolve_precision
 from napari_diffmix.model.unet import SDMUNet, UNetConfig
 
 TARGET_STEP_RATIO = 0.5

@@ -190,7 +190,8 @@ class Renderer:
              preset: str | None = None) -> Loaded:
         """The model at ``path`` on ``device`` with a sampler in ``precision``, loaded once."""
         from .model.checkpoint import load_model
-        from .model.samplers import Sampler, resolve_precision
+        from .model.samplers import Sampler
+        from .runtime import resolve_precision
         from .runtime import resolve_device
 
         path = Path(path)

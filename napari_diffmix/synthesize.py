@@ -91,7 +91,7 @@ class SynthesisConfig:
     into the store, "reference" records the dataset they come from, "auto" references a
     dataset on disk and includes otherwise, "none" leaves them out. ``precision``: the
     network's ("auto": bf16 where the hardware has it, see
-    :func:`~napari_diffmix.model.samplers.resolve_precision`); each item's provenance records
+    :func:`~napari_diffmix.runtime.resolve_precision`); each item's provenance records
     the one used.
     """
 
@@ -108,7 +108,8 @@ class SynthesisConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        from .model.samplers import PRECISIONS, SAMPLERS
+        from .model.samplers import SAMPLERS
+        from .runtime import PRECISIONS
 
         if self.sampler not in SAMPLERS:
             raise DiffMixError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -398,7 +399,8 @@ def estimate_synthesis_memory(
     """
     import torch
 
-    from .model.samplers import free_bytes, resolve_precision
+    from .model.samplers import free_bytes
+    from .runtime import resolve_precision
     from .model.unet import AttentionBlock, ResBlock, SDMUNet
     from .render import CANVAS_TENSORS
 
@@ -553,19 +555,6 @@ def verify_store(path: str | os.PathLike, *, pbar: Any | None = None) -> StoreCh
                 bar.update(1)
             found.append(problems)
     return StoreCheck(Path(path), len(store), int(masks[0].sum()), found[0], found[1] if len(found) > 1 else {})
-
-
-def check_finite_step(record: Any, what: str = "the render") -> None:
-    """Stop a render whose sample turned NaN or Inf at this :class:`~napari_diffmix.model.samplers.StepRecord`:
-    to_uint8 would quietly write black images into a store that then reads "complete"."""
-    import torch
-
-    if not bool(torch.isfinite(record.x_t).all()):
-        raise RenderError(
-            f"{what}: the sample became non-finite (NaN or Inf) at denoising step {record.step} of {record.total} "
-            f"(timestep {record.t}); nothing of it was written. The model's output overflowed: check the model file, "
-            "or sample in fp32 (--precision fp32)"
-        )
 
 
 def check_store_out(out: str | os.PathLike, inputs: Sequence[str | os.PathLike | None] = ()) -> None:
@@ -938,10 +927,14 @@ class SynthesisJob:
                 kwargs = dict(init_image=init, strength=c.strength) if c.init == "original" else {}
                 last = None
                 t_step = time.perf_counter()
-                for last in sampler.sample(
-                    cond, sampler=c.sampler, steps=c.steps, guidance=self.guidance, seed=seeds, **kwargs
-                ):
-                    check_finite_step(last, f"items {idx[0]}..{idx[-1]}")
+                steps = sampler.sample(cond, sampler=c.sampler, steps=c.steps, guidance=self.guidance, seed=seeds, **kwargs)
+                while True:
+                    try:
+                        last = next(steps)
+                    except StopIteration:
+                        break
+                    except RenderError as exc:  # nothing of this batch is written
+                        raise RenderError(f"items {idx[0]}..{idx[-1]}: {exc}; nothing of them was written") from None
                     timings["sampling"] += time.perf_counter() - t_step
                     yield SynthesisEvent("step", n_done, total, pending, tuple(idx), last.step, last.total, last)
                     t_step = time.perf_counter()

@@ -55,6 +55,7 @@ from .runtime import (
     capture_rng,
     check_ranks_in_sync,
     pooled_means,
+    precision_dtype,
     resolve_precision,
     restore_rng,
     seed_int,
@@ -801,7 +802,7 @@ def _run(config, scheme, sources, val_crops, info, device, out_dir, resume, pbar
     model.to(memory_format=memory_format)
     diffusion = build_diffusion(config, bool(model_cfg.get("learn_sigma", True)))
     ema_model = copy.deepcopy(model).requires_grad_(False).eval()
-    autocast_dtype = resolve_precision(config.precision, device)
+    autocast_dtype = precision_dtype(resolve_precision(config.precision, device, training=True))
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
     opt = torch.optim.AdamW(model.parameters(), lr=config.stages[0].lr, weight_decay=config.weight_decay, betas=tuple(config.adam_betas))
     stream = CropStream(sources, config.crop_size, config.batch_size, seed=config.seed, rank=info.rank,

@@ -228,6 +228,22 @@ def test_a_render_that_turns_non_finite_stops_naming_the_step(data, tmp_path):
     assert g.attrs["status"] != "complete" and not g["done"][:].any()
 
 
+def test_every_renderer_stops_a_non_finite_sample_naming_the_step(data):
+    """The check lives in the sampler: the Generate widget and `diffmix render` get it too."""
+    from napari_diffmix.classes import load_scheme
+    from napari_diffmix.errors import RenderError
+    from napari_diffmix.model.condition import condition_batch
+    from napari_diffmix.model.samplers import Sampler
+
+    model, info = _poisoned(data["model"], "out.2.weight", float("inf"))
+    tile = open_dataset(data["dataset"])[0]
+    cond = condition_batch([tile.inst_map[:32, :32]], [tile.type_map[:32, :32]], load_scheme(info.scheme).num_classes)
+    sampler = Sampler(model, precision="fp32")
+    with pytest.raises(RenderError, match=r"non-finite \(NaN or Inf\) at denoising step 1 of 3"):
+        for _ in sampler.sample(cond, steps=3, seed=0):
+            pass
+
+
 # -- item 6: a signal that leaves a store unfinished is not a success ----------------------------
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
 def test_signal_mid_synthesis_exits_128_plus_signal_with_the_store_stopped(data, tmp_path, sig):

@@ -7,7 +7,8 @@ import torch
 from napari_diffmix.classes import DEMO
 from napari_diffmix.errors import DiffMixError
 from napari_diffmix.model.checkpoint import load_model
-from napari_diffmix.model.samplers import PRECISIONS, Sampler, native_bf16, resolve_precision
+from napari_diffmix.model.samplers import Sampler
+from napari_diffmix.runtime import PRECISIONS, native_bf16, resolve_precision
 from napari_diffmix.model.unet import SDMUNet, UNetConfig
 
 

@@ -24,7 +24,7 @@ from napari_diffmix.errors import CheckpointError, DatasetError, SchemeError, St
 from napari_diffmix.store import open_store
 from napari_diffmix.mixing import make_item, plan_balanced_set
 from napari_diffmix.model.checkpoint import load_model, read_info, save_model
-from napari_diffmix.model.samplers import resolve_precision
+from napari_diffmix.runtime import resolve_precision
 from napari_diffmix.model.unet import SDMUNet, UNetConfig
 from napari_diffmix.nuclei import inst_types_from_maps, type_map_from
 from napari_diffmix.phantom import make_phantom_dataset

@@ -117,7 +117,7 @@ def test_cancel_stops_within_a_step_and_adds_nothing(generate, qtbot):
 
 
 def test_synchronous_mode_modes_and_caches(generate, monkeypatch):
-    from napari_diffmix.model.samplers import resolve_precision
+    from napari_diffmix.runtime import resolve_precision
     from napari_diffmix._widgets._canvas import NucleiCanvas
     from napari_diffmix._widgets._workers import NOTHREADS_ENV, SyncWorker
 

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 # datasets.LAYOUTS plus "auto"; spelled out so that building the parser imports no numpy/scipy.
 LAYOUT_CHOICES = ("auto", "consep", "generic", "pannuke", "hovernet", "lizard", "conic", "geojson")
-# runtime.PRECISIONS and model.samplers.PRECISIONS (the same names), spelled out for the same reason.
+# runtime.PRECISIONS, spelled out for the same reason.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEME_HELP = "class scheme: consep, glysac, lizard, demo or a JSON/YAML file (default: the dataset's scheme.json)"
 

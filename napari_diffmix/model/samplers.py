@@ -47,8 +47,9 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..errors import DiffMixError, LabelError
+from ..errors import DiffMixError, LabelError, RenderError
 from ..progress import progress_bar
+from ..runtime import resolve_precision
 from .diffusion import DiffusionConfig, GaussianDiffusion
 from .unet import SpadeCache
 
@@ -71,14 +72,10 @@ __all__ = [
     "ode_agreement",
     "log_snr_timesteps",
     "TIMESTEP_SPACING",
-    "PRECISIONS",
-    "native_bf16",
-    "resolve_precision",
 ]
 
 SAMPLERS = ("dpm++2m", "ddim", "ddpm", "unipc")
 CFG_MODES = ("batched", "separate")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 FAST_SETTINGS: Mapping[str, Any] = MappingProxyType({"sampler": "dpm++2m", "steps": 15, "cfg": "batched"})
@@ -273,21 +270,6 @@ def edit_windows(
 # ---------------------------------------------------------------------------------------------
 # precision
 # ---------------------------------------------------------------------------------------------
-def native_bf16(device: torch.device | str) -> bool:
-    """Whether ``device`` has bf16 arithmetic in hardware (GPUs from Ampere on, CPUs with
-    avx512_bf16 or AMX). Elsewhere bf16 autocast still works but is emulated, and slower."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        if torch.version.hip:
-            return torch.cuda.is_bf16_supported()
-        return torch.cuda.get_device_capability(device)[0] >= 8  # this device, not the current one
-    if device.type == "cpu":
-        # torch.cpu's probes are private; a torch without them counts as "no" (fp32 is never wrong).
-        probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-        return any(probe is not None and probe() for probe in probes)
-    return False
-
-
 def _cpu_compile_missing() -> str | None:
     """What torch.compile's CPU backend (C++ kernels that include Python.h) lacks here, or None."""
     import shutil
@@ -302,25 +284,6 @@ def _cpu_compile_missing() -> str | None:
     if not os.path.exists(headers):
         return f"Python's C headers ({headers}, e.g. from the python3-dev package)"
     return None
-
-
-def resolve_precision(precision: str, device: torch.device | str) -> str:
-    """The network precision a sampling run uses: ``precision`` itself, or for "auto" bf16 where
-    the hardware has it, fp16 on other CUDA GPUs and fp32 elsewhere.
-
-    Reduced precision is what makes the fast default fast (README, Performance: 0.32x of the
-    reference step for the published model on a bf16 CPU, 0.57x in fp32), and its accuracy
-    holds: renders of the demo model differ from fp32 ones by about half a grey level on
-    average (tested). Pass "fp32" for results that do not depend on the hardware.
-    """
-    if precision not in PRECISIONS:
-        raise DiffMixError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision != "auto":
-        return precision
-    device = torch.device(device)
-    if native_bf16(device):
-        return "bf16"
-    return "fp16" if device.type == "cuda" else "fp32"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,7 +379,10 @@ def _resolve_diffusion(diffusion: Any, model: torch.nn.Module) -> GaussianDiffus
 def free_bytes(device: torch.device) -> int | None:
     """Free memory on ``device`` now, or None where it cannot be asked."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        # Memory PyTorch's allocator holds but does not use is free to this process: without it a
+        # long-lived widget's SPADE budget shrank after every render.
+        unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + unused
     if device.type == "cpu" and hasattr(os, "sysconf"):
         try:
             return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -810,6 +776,12 @@ class Sampler:
                     x_next = torch.where(run.mask, x_next, known)
                     pred_x0 = torch.where(run.mask, pred_x0, run.init)
                 x = x_next
+                # A NaN or Inf would quietly become a black image (to_uint8) in a store or a layer.
+                if not bool(torch.isfinite(x).all()):
+                    raise RenderError(
+                        f"the sample became non-finite (NaN or Inf) at denoising step {k + 1} of {total} (timestep {t}); "
+                        "the model's output overflowed: check the model file, or sample in fp32 (--precision fp32)"
+                    )
                 yield StepRecord(k + 1, total, t, x, pred_x0, run.seeds)
         except _Stopped:
             return

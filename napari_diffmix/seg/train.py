@@ -40,6 +40,7 @@ from ..runtime import (
     capture_rng,
     check_ranks_in_sync,
     pooled_means,
+    precision_dtype,
     resolve_precision,
     restore_rng,
     setup_distributed,
@@ -267,7 +268,7 @@ def _check_resumable(run: SegRun, out_dir: Path, config: SegTrainConfig, model_c
 
 
 def _train(config, model_config, scheme, sources, info: DistInfo, device, out_dir, run, pbar, should_stop, record) -> SegTrainResult:
-    autocast_dtype = resolve_precision(config.precision, device)
+    autocast_dtype = precision_dtype(resolve_precision(config.precision, device, training=True))
     if run is not None:
         model = run.model.to(device).train()
     else:
