@@ -18,7 +18,9 @@ so items are scored independently and a run continues where it stopped. Images a
 are never written. An item's record names the model (sha256 of its weights) and the digest of
 the image it scored; a record counts only while both still match (a re-rendered item, or another
 model, is scored again). ``attrs["fidelity"]`` holds the model provenance, the metric
-definitions, the threshold the training files apply and a summary.
+definitions, the threshold the training files apply and a summary. The array's reading, writing
+and the threshold filter live in :mod:`napari_diffmix.fidelity_records` (re-exported here), which
+needs only the store: export and the segmentation data filter without importing the scorer.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -84,7 +86,6 @@ class Scorer:
     window: int = 256
     overlap: int = 64
     batch_size: int = 4
-    last_prediction: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -120,6 +121,7 @@ class Scorer:
         return self.record(image, inst_map, type_map, pred_inst, pred_type, provenance)
 
     def record(self, image, inst_map, type_map, pred_inst, pred_type, provenance=None) -> dict[str, Any]:
+        """The record of an item whose prediction is already made (the metrics only)."""
         from .metrics import evaluate_image
 
         r = evaluate_image(inst_map, pred_inst, type_map, pred_type)
