@@ -46,7 +46,7 @@ class StopRequests:
 
     Signal handlers are installed only from the main thread (a napari worker passes
     ``should_stop`` instead) and restored on exit. ``stopping`` is what the log says the work
-    does when asked, e.g. "finishing the current batch". Poll with :meth:`poll`.
+    does when asked, e.g. "stopping within the current step". Poll with :meth:`poll`.
     """
 
     def __init__(self, should_stop: Callable[[], bool] | None = None, stopping: str = "stopping after the current step"):

@@ -10,9 +10,10 @@ Driving a job
 ``job = SynthesisJob(dataset, plan, model, out, config)`` then either
 
 * ``job.run(pbar=None, should_stop=None) -> SynthesisResult``: the CLI way. A tqdm bar (items/s,
-  ETA) or the caller's ``pbar``; Ctrl-C / SIGTERM (main thread only) finish the current batch,
-  write it and return with ``result.stopped`` (a second Ctrl-C aborts at once, the store still
-  resumable); ``should_stop()`` is polled between batches.
+  ETA) or the caller's ``pbar``; Ctrl-C / SIGTERM (main thread only) and ``should_stop()``
+  stop within one network pass (the sampler polls between UNet stages) and return with
+  ``result.stopped``: finished batches stay, the batch being rendered is dropped and rendered
+  again on resume (a second Ctrl-C aborts at once, the store still resumable).
 * ``for event in job.events(should_stop=None): ...``: the GUI way (napari's batch export
   widget drains it in a ``thread_worker``). Events (:class:`SynthesisEvent`): one ``"start"``
   (totals), ``"step"`` per denoising step of the current batch (with the sampler's
@@ -927,7 +928,10 @@ class SynthesisJob:
                 kwargs = dict(init_image=init, strength=c.strength) if c.init == "original" else {}
                 last = None
                 t_step = time.perf_counter()
-                steps = sampler.sample(cond, sampler=c.sampler, steps=c.steps, guidance=self.guidance, seed=seeds, **kwargs)
+                # The sampler polls should_stop between UNet stages too: a stop lands within one network
+                # pass, not after the batch (a batch of 256 px patches ran for minutes after Ctrl-C).
+                steps = sampler.sample(cond, sampler=c.sampler, steps=c.steps, guidance=self.guidance, seed=seeds,
+                                       should_stop=should_stop, **kwargs)
                 while True:
                     try:
                         last = next(steps)
@@ -938,6 +942,9 @@ class SynthesisJob:
                     timings["sampling"] += time.perf_counter() - t_step
                     yield SynthesisEvent("step", n_done, total, pending, tuple(idx), last.step, last.total, last)
                     t_step = time.perf_counter()
+                if last is None or last.step < last.total:  # stopped inside the batch: none of it is written
+                    stopped = True
+                    break
                 images = to_uint8(last.x_t)
                 timings["sampling"] += time.perf_counter() - t_step
                 provs = [self._provenance(p, i, s) for p, i, s in zip(label_provs, idx, seeds)]
@@ -1014,7 +1021,8 @@ class SynthesisJob:
 
     def run(self, pbar: Any | None = None, should_stop: Callable[[], bool] | None = None) -> SynthesisResult:
         """Run to the end (or a stop request) with a progress bar; returns the result."""
-        stopping = "finishing the current batch, then stopping (Ctrl-C again aborts; the store stays resumable)"
+        stopping = ("stopping within the current step; finished batches stay in the store, the one being rendered "
+                    "is rendered again on resume (Ctrl-C again aborts)")
         with StopRequests(should_stop, stopping) as requests, contextlib.ExitStack() as stack:
             bar = None
             try:

@@ -218,6 +218,26 @@ def test_ctrl_c_finishes_the_batch_then_resume_is_identical(setup, tmp_path):
     _same_store(setup["ref"], out)
 
 
+def test_a_stop_inside_a_batch_lands_within_the_step_and_drops_that_batch(setup, tmp_path):
+    """A stop request reaches the sampler: the batch being rendered is not finished (a batch of
+    large patches ran for minutes after Ctrl-C) and not written; a resume renders it again."""
+    out = tmp_path / "s.zarr"
+    job = SynthesisJob(setup["dataset"], setup["plan"], setup["model"], out, CONFIG)
+    steps_seen = []
+    stop = {"now": False}
+    for event in job.events(should_stop=lambda: stop["now"]):
+        if event.kind == "step":
+            steps_seen.append((event.indices, event.step, event.total))
+            if event.indices == (2, 3) and event.step == 1:
+                stop["now"] = True  # asked during the second batch's first step
+    second = [(step, total) for idx, step, total in steps_seen if idx == (2, 3)]
+    assert second and max(step for step, _ in second) < second[0][1]  # it did not run to the end
+    assert open_store(out).done_mask().tolist() == [True, True] + [False] * (ITEMS - 2)
+    assert zarr.open_group(str(out), mode="r").attrs["status"] == "stopped"
+    SynthesisJob(setup["dataset"], setup["plan"], setup["model"], out, CONFIG).run()
+    _same_store(setup["ref"], out)
+
+
 def test_events_generator_cancel_and_preview(setup, tmp_path):
     out = tmp_path / "s.zarr"
     job = SynthesisJob(setup["dataset"], setup["plan"], setup["model"], out, CONFIG)
