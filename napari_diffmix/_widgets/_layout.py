@@ -5,6 +5,8 @@ first screen."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from qtpy.QtCore import QEvent, QObject, QSize, Qt
 from qtpy.QtWidgets import QDockWidget, QFrame, QMainWindow, QScrollArea, QSizePolicy, QToolButton, QVBoxLayout, QWidget
 
@@ -52,15 +54,21 @@ def _dock_of(widget: QWidget) -> QDockWidget | None:
     return parent
 
 
-def join_sibling_tabs(widget: QWidget) -> None:
-    """Put ``widget``'s dock in a tab beside another visible napari-diffmix dock on the same side.
+class DockTab:
+    """Mixin (before QWidget) for the plugin's dock widgets: when the dock first shows, it joins
+    another visible napari-diffmix dock on the same side as a tab. Stacked, three docks each get a
+    third of a laptop screen; as tabs each gets all of it (napari docks plugin widgets side by side)."""
 
-    Stacked, three docks each get a third of a laptop screen; as tabs each gets all of it. Called
-    when the dock first shows, since napari docks plugin widgets side by side.
-    """
-    if getattr(widget, "_tabs_joined", False):
-        return
-    widget._tabs_joined = True  # type: ignore[attr-defined]
+    _tabs_joined = False
+
+    def showEvent(self, event: Any) -> None:  # noqa: N802 (Qt)
+        super().showEvent(event)  # type: ignore[misc]
+        if not self._tabs_joined:
+            self._tabs_joined = True
+            _join_sibling_tabs(self)  # type: ignore[arg-type]
+
+
+def _join_sibling_tabs(widget: QWidget) -> None:
     dock = _dock_of(widget)
     main = dock.parentWidget() if dock is not None else None
     if not isinstance(main, QMainWindow):
@@ -69,7 +77,7 @@ def join_sibling_tabs(widget: QWidget) -> None:
         if other is dock or not other.isVisible() or main.dockWidgetArea(other) != main.dockWidgetArea(dock):
             continue
         inner = other.widget()
-        if inner is not None and any(getattr(w, "diffmix_dock", False) for w in (inner, *inner.findChildren(QWidget))):
+        if inner is not None and any(isinstance(w, DockTab) for w in (inner, *inner.findChildren(QWidget))):
             main.tabifyDockWidget(other, dock)
             dock.show()
             dock.raise_()

@@ -34,7 +34,7 @@ from qtpy.QtWidgets import (
 
 from ..classes import BUILTIN_SCHEMES
 from ..errors import DiffMixError
-from ._layout import Collapsible, join_sibling_tabs, scroll_body
+from ._layout import Collapsible, DockTab, scroll_body
 from ._model_picker import BUNDLED, ModelPicker
 from ._notify import user_errors
 from ._sampling import sampler_controls, seed_spin, strength_spin
@@ -51,7 +51,7 @@ OVERWRITE = "replace a store made with other settings"
 RESUME_ONLY = "only resume (error if there is no store)"
 
 
-class BatchExportWidget(JobWidget, QWidget):
+class BatchExportWidget(DockTab, JobWidget, QWidget):
     """Plan and render a class-balanced synthetic set into a resumable zarr store."""
 
     busy_message = "an export is already running; cancel it first"
@@ -61,12 +61,6 @@ class BatchExportWidget(JobWidget, QWidget):
         ("--overwrite", f"'{OVERWRITE}'"),
         ("another --out", "another output folder"),
     )
-
-    diffmix_dock = True  # join_sibling_tabs finds the plugin's docks by this
-
-    def showEvent(self, event: Any) -> None:  # noqa: N802 (Qt)
-        super().showEvent(event)
-        join_sibling_tabs(self)
 
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None):
         super().__init__(parent)

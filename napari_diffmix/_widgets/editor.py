@@ -32,7 +32,7 @@ from ..classes import BUILTIN_SCHEMES, ClassScheme, load_scheme
 from ..errors import DiffMixError, LabelError, SchemeError
 from .._layers import nuclei_layer_data, role_of, scheme_of
 from ._canvas import NucleiCanvas, shortcut
-from ._layout import Collapsible, join_sibling_tabs, scroll_body
+from ._layout import Collapsible, DockTab, scroll_body
 from ._notify import notify_error, user_errors
 from ._workers import run_in_thread
 
@@ -54,14 +54,8 @@ def _button(text: str, tip: str, slot: Callable[[], Any]) -> QPushButton:
     return b
 
 
-class NucleiEditorWidget(QWidget):
+class NucleiEditorWidget(DockTab, QWidget):
     """Paint, select, move, rotate, flip, duplicate, delete, retype and insert nuclei; balance/enlarge."""
-
-    diffmix_dock = True  # join_sibling_tabs finds the plugin's docks by this
-
-    def showEvent(self, event: Any) -> None:  # noqa: N802 (Qt)
-        super().showEvent(event)
-        join_sibling_tabs(self)
 
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None):
         super().__init__(parent)

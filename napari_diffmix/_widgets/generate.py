@@ -46,7 +46,7 @@ from ..classes import ClassScheme
 from ..errors import LabelError
 from ..nuclei import changed_mask, type_map_from
 from .._layers import KEY, info_of, role_of, scheme_of, types_from_features
-from ._layout import Collapsible, join_sibling_tabs, scroll_body
+from ._layout import Collapsible, DockTab, scroll_body
 from ._model_picker import BUNDLED, ModelPicker
 from ._notify import user_errors
 from ._sampling import sampler_controls, seed_spin, strength_spin
@@ -127,16 +127,10 @@ class Result:
     provenance: dict[str, Any]
 
 
-class GenerateWidget(JobWidget, QWidget):
+class GenerateWidget(DockTab, JobWidget, QWidget):
     """Model, device, sampler, steps, guidance, seed and mode; Generate / Cancel with a live preview."""
 
     busy_message = "a generation is already running; cancel it first"
-
-    diffmix_dock = True  # join_sibling_tabs finds the plugin's docks by this
-
-    def showEvent(self, event: Any) -> None:  # noqa: N802 (Qt)
-        super().showEvent(event)
-        join_sibling_tabs(self)
 
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None):
         super().__init__(parent)
@@ -322,9 +316,6 @@ class GenerateWidget(JobWidget, QWidget):
                 combo.setCurrentText(current)
             elif layers:
                 combo.setCurrentIndex(len(layers) - 1 if combo is self.labels_combo else 0)
-        # An edit or SDEdit starts from the latest render by default, not from the first image.
-        if self.last_result is not None and self.last_result in self.viewer.layers:
-            self.image_combo.setCurrentText(self.last_result.name)
 
     def mode(self) -> str:
         return next(m for m, b in self.mode_buttons.items() if b.isChecked())
@@ -552,6 +543,9 @@ class GenerateWidget(JobWidget, QWidget):
         self._below_nuclei(layer)
         self.last_result = layer
         self._refresh_layers()
+        # The next edit or SDEdit starts from this render, not from the first image (chosen once
+        # here, so a later choice of the user survives layers coming and going).
+        self.image_combo.setCurrentText(name)
         reused = " (cached model" + (", SPADE features reused)" if p["reused_spade"] else ")") if p["reused_model"] else ""
         self.status.setText(f"{name} done in {p['seconds']:.1f} s on {p['device']}{reused}: {settings}")
 
