@@ -399,13 +399,13 @@ class RowsView:
     def __getitem__(self, key: Any) -> np.ndarray:
         key = key if isinstance(key, tuple) else (key,)
         first, rest = key[0], key[1:]
-        rows = self.index[first]
-        if np.ndim(rows) == 0:
-            r = int(rows)
-            return np.zeros(self.shape[1:], self.dtype)[rest] if r < 0 else np.asarray(self.array[(r, *rest)])
-        return np.stack([self[(int(i), *rest)] for i in np.arange(self.shape[0])[first]]) if rows.size else np.zeros(
-            (0, *np.zeros(self.shape[1:], self.dtype)[rest].shape), self.dtype
-        )
+        if np.ndim(self.index[first]) == 0:
+            row = int(self.index[first])
+            return np.zeros(self.shape[1:], self.dtype)[rest] if row < 0 else np.asarray(self.array[(row, *rest)])
+        picks = np.arange(self.shape[0])[first]
+        if picks.size == 0:
+            return np.zeros((0, *np.zeros(self.shape[1:], self.dtype)[rest].shape), self.dtype)
+        return np.stack([self[(int(i), *rest)] for i in picks])
 
 
 def open_store(path: str | os.PathLike) -> SyntheticStore:
