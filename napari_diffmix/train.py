@@ -20,20 +20,21 @@ A run directory holds::
     log.csv                loss curves (and TensorBoard events when tensorboard is installed)
     samples/step-NNNNNNN.png      EMA samples for fixed validation label maps
     model.safetensors      the EMA weights as a native model (checkpoint.save_model)
+
+The run-folder machinery (checkpoint files, the state a checkpoint restores, log.csv, EMA) is
+shared with the distiller in :mod:`napari_diffmix.trainloop`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import csv
 import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,29 +44,27 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .atomic import atomic_path, save_png, write_json
+from .atomic import save_png, write_json
 from .classes import ClassScheme, load_scheme
 from .data.crops import EXTRA, CropStream, Source, drawn_shares, share_summary
 from .errors import CheckpointError, DatasetError, LabelError, TrainingError
 from .outputs import WriterLock
 from .progress import StopRequests, progress_bar, set_bar_start
-from .runtime import (
-    PRECISIONS,
-    all_reduce_max,
-    capture_rng,
-    check_ranks_in_sync,
-    pooled_means,
-    precision_dtype,
-    resolve_precision,
-    restore_rng,
-    seed_int,
-    setup_distributed,
+from .runtime import PRECISIONS, all_reduce_max, pooled_means, precision_dtype, resolve_precision, seed_int, setup_distributed
+from .trainloop import (
+    CsvLog,
+    TrainState,
+    changed_settings,
+    ema_rate_at,
+    find_resume,
+    list_checkpoints,
+    read_checkpoint,
+    remove_stale_temporaries,
+    update_ema,
 )
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoints"
-CHECKPOINT_RE = re.compile(r"^step-(\d{7,})\.pt$")
 CHECKPOINT_FORMAT = "napari-diffmix-train/1"
 
 
@@ -260,24 +259,6 @@ def stage_at(stages: Sequence[Stage], step: int) -> tuple[int, Stage]:
         if step < end:
             return i, s
     return len(stages) - 1, stages[-1]
-
-
-def ema_rate_at(rate: float, step: int, warmup: bool) -> float:
-    """EMA decay used after optimizer step ``step`` (0-based)."""
-    return min(rate, (1.0 + step) / (10.0 + step)) if warmup else rate
-
-
-@torch.no_grad()
-def update_ema(ema_model: torch.nn.Module, model: torch.nn.Module, rate: float) -> None:
-    """ema <- rate * ema + (1 - rate) * model for parameters; buffers are copied."""
-    ema_p = [p for p in ema_model.parameters()]
-    src_p = [p.detach() for p in model.parameters()]
-    if rate == 0.0:
-        torch._foreach_copy_(ema_p, src_p)
-    else:
-        torch._foreach_lerp_(ema_p, [p.to(e.dtype) for p, e in zip(src_p, ema_p)], 1.0 - rate)
-    for eb, b in zip(ema_model.buffers(), model.buffers()):
-        eb.copy_(b)
 
 
 # ----------------------------------------------------------------------------------------
@@ -492,68 +473,16 @@ def weights_digest(model: torch.nn.Module) -> str:
 # checkpoints
 
 
-def checkpoint_path(out_dir: str | os.PathLike, step: int) -> Path:
-    return Path(out_dir) / CHECKPOINT_DIR / f"step-{step:07d}.pt"
-
-
-def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
-    """Checkpoints of a run, oldest first (temporary files of interrupted saves excluded)."""
-    folder = Path(out_dir) / CHECKPOINT_DIR
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_RE.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a training checkpoint (safe unpickling: tensors and plain containers only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: training checkpoint not found")
-    from .model.checkpoint import load_tensors_only
-
-    ckpt = load_tensors_only(path, what="training checkpoint", map_location=map_location)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a napari-diffmix training checkpoint (for a model to fine-tune from, use --init)")
-    return ckpt
+    return read_checkpoint(path, CHECKPOINT_FORMAT, "training checkpoint",
+                           " (for a model to fine-tune from, use --init)", map_location=map_location)
 
 
 def find_resume_checkpoint(resume: str | os.PathLike, out_dir: str | os.PathLike) -> Path | None:
     """The checkpoint ``--resume`` means: a file, a run folder's newest loadable one, or for
     ``"auto"`` the newest in ``out_dir`` (None when the run has none yet)."""
-    target = Path(out_dir) if str(resume) == "auto" else Path(resume)
-    if target.is_file():
-        return target
-    if not target.exists() and str(resume) != "auto":
-        raise CheckpointError(f"{target}: nothing to resume from (no such file or run folder)")
-    candidates = list_checkpoints(target)
-    if not candidates and str(resume) != "auto":
-        raise CheckpointError(f"{target}: the run folder has no checkpoints in {CHECKPOINT_DIR}/")
-    for path in reversed(candidates):
-        try:
-            load_checkpoint(path)
-        except CheckpointError as exc:
-            log.warning("skipping unreadable checkpoint: %s", exc)
-            continue
-        return path
-    if candidates:
-        raise CheckpointError(f"{target}: none of its {len(candidates)} checkpoints can be read")
-    return None
-
-
-def _prune_checkpoints(out_dir: Path, keep_last: int) -> None:
-    for old in list_checkpoints(out_dir)[:-keep_last]:
-        with contextlib.suppress(FileNotFoundError):
-            old.unlink()
-
-
-def _remove_stale_temporaries(out_dir: Path) -> None:
-    # A process killed mid-save leaves its temporary file (never under a trusted name).
-    folder = out_dir / CHECKPOINT_DIR
-    if folder.is_dir():
-        for p in folder.glob(".step-*.tmp*"):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
+    return find_resume(resume, out_dir, load_checkpoint)
 
 
 # ----------------------------------------------------------------------------------------
@@ -583,41 +512,6 @@ LOG_FIELDS = (
     "step", "samples", "loss", "mse", "vb", "mse_q0", "mse_q1", "mse_q2", "mse_q3",
     "lr", "cond_dropout", "ema_rate", "grad_norm", "loss_scale", "steps_per_s", "elapsed_s", "extra_share",
 )
-
-
-class _CsvLog:
-    """Append-only CSV of loss curves; on resume, rows after the resumed step are dropped so
-    the file always describes the weights that exist."""
-
-    def __init__(self, path: Path, resume_step: int):
-        self.path = path
-        rows = []
-        if resume_step > 0 and path.is_file():
-            with open(path, newline="") as fh:
-                rows = [r for r in csv.DictReader(fh) if r.get("step") and int(float(r["step"])) <= resume_step]
-        with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-            w = csv.DictWriter(fh, LOG_FIELDS, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-        self.tb = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter  # needs the optional tensorboard package
-        except ImportError:
-            pass
-        else:
-            self.tb = SummaryWriter(str(path.parent / "tensorboard"), purge_step=resume_step + 1)
-
-    def write(self, row: Mapping[str, float]) -> None:
-        with open(self.path, "a", newline="") as fh:
-            csv.DictWriter(fh, LOG_FIELDS, extrasaction="ignore").writerow({k: row.get(k, "") for k in LOG_FIELDS})
-        if self.tb is not None:
-            for k, v in row.items():
-                if k != "step":
-                    self.tb.add_scalar(f"train/{k}", v, int(row["step"]))
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
 
 
 # ----------------------------------------------------------------------------------------
@@ -809,11 +703,12 @@ def _run(config, scheme, sources, val_crops, info, device, out_dir, resume, pbar
                         augment=config.augment, shares={EXTRA: config.extra_share})
     noise_gen = torch.Generator(device=device)
     noise_gen.manual_seed(seed_int(config.seed, info.rank, 1))
+    state = TrainState(CHECKPOINT_FORMAT, model, ema_model, opt, scaler, stream, noise_gen)
 
     step = 0
     ckpt_in = find_resume_checkpoint(resume, out_dir) if resume is not None else None
     if ckpt_in is not None:
-        step = _load_training_state(ckpt_in, config, model_cfg, scheme, model, ema_model, opt, scaler, stream, noise_gen, info, device)
+        step = _load_training_state(ckpt_in, config, model_cfg, scheme, state, info)
         if info.is_main:
             log.info("resumed from %s at step %d", ckpt_in, step)
     elif list_checkpoints(out_dir):
@@ -821,9 +716,9 @@ def _run(config, scheme, sources, val_crops, info, device, out_dir, resume, pbar
 
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temporaries(out_dir)
+        remove_stale_temporaries(out_dir)
         write_json(out_dir / "config.json", {**config.to_dict(), "scheme": scheme.to_dict(), "model_config": model_cfg})
-        csv_log = _CsvLog(out_dir / "log.csv", step)
+        csv_log = CsvLog(out_dir / "log.csv", LOG_FIELDS, step)
     net = model
     if info.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -873,17 +768,7 @@ def _run(config, scheme, sources, val_crops, info, device, out_dir, resume, pbar
                 bad, stop_flag = all_reduce_max([0.0 if math.isfinite(loss_value) else 1.0, float(stop.poll())], info, device)
                 if bad:
                     raise _diverged(f"the loss became {loss_value}", step, stage, last_ckpt)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-                params = [p for p in model.parameters() if p.grad is not None]
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
-                # fp16's scaler skips steps with overflowing gradients by design; otherwise a
-                # non-finite gradient would poison the weights (gradients are identical on all ranks).
-                if not scaler.is_enabled() and not math.isfinite(float(grad_norm)):
-                    raise _diverged(f"the gradients became {float(grad_norm)}", step, stage, last_ckpt)
-                scaler.step(opt)
-                scaler.update()
+                grad_norm = state.optimize(loss, config.grad_clip, lambda what: _diverged(what, step, stage, last_ckpt))
             except torch.OutOfMemoryError:
                 raise TrainingError(
                     f"out of memory on {device} at batch size {config.batch_size} with {config.crop_size} px crops; "
@@ -892,7 +777,7 @@ def _run(config, scheme, sources, val_crops, info, device, out_dir, resume, pbar
             update_ema(ema_model, model, ema_rate_at(config.ema_rate, step, config.ema_warmup))
             step += 1
             last_loss = loss_value
-            _accumulate(acc, losses, t, config.num_timesteps, float(grad_norm), scaler)
+            _accumulate(acc, losses, t, config.num_timesteps, grad_norm)
             bar.update(1)
 
             if step % config.log_every == 0 or step == stop_at:
@@ -906,7 +791,7 @@ def _run(config, scheme, sources, val_crops, info, device, out_dir, resume, pbar
                              step, total, row["loss"], row["mse"], row["vb"], row["lr"], row["steps_per_s"])
             stopped = bool(stop_flag)
             if (config.save_every and step % config.save_every == 0) or step == stop_at or stopped:
-                last_ckpt = _save_training_state(out_dir, step, config, model_cfg, scheme, model, ema_model, opt, scaler, stream, noise_gen, info, device)
+                last_ckpt = state.save(out_dir, step, _checkpoint_header(config, model_cfg, scheme), info, device, config.keep_last)
             if info.is_main and config.sample_every and (step % config.sample_every == 0 or step == total):
                 grid = sample_grid(val_crops, render_samples(ema_model, val_crops, scheme, config, device), scheme)
                 save_png(out_dir / "samples" / f"step-{step:07d}.png", grid)
@@ -945,7 +830,7 @@ def _diverged(what: str, step: int, stage: Stage, last_ckpt: Path | None) -> Tra
     )
 
 
-def _accumulate(acc: dict[str, list[float]], losses: Mapping[str, torch.Tensor], t: torch.Tensor, num_timesteps: int, grad_norm: float, scaler) -> None:
+def _accumulate(acc: dict[str, list[float]], losses: Mapping[str, torch.Tensor], t: torch.Tensor, num_timesteps: int, grad_norm: float) -> None:
     q = (t * 4 // num_timesteps).cpu().numpy()
     for key in ("loss", "mse", "vb"):
         if key in losses:
@@ -970,78 +855,17 @@ def _log_row(acc, info, device, step, config, stage, t_start, t_log, step_log, s
     return row
 
 
-def _save_training_state(out_dir, step, config, model_cfg, scheme, model, ema_model, opt, scaler, stream, noise_gen, info, device) -> Path:
-    check_ranks_in_sync(model, info, device, step)
-    rng = capture_rng(stream, noise_gen)
-    if info.enabled:
-        import torch.distributed as dist
-
-        rng_all: list[Any] = [None] * info.world_size
-        dist.all_gather_object(rng_all, rng)
-    else:
-        rng_all = [rng]
-    path = checkpoint_path(out_dir, step)
-    if info.is_main:
-        state = {
-            "format": CHECKPOINT_FORMAT,
-            "step": step,
-            "config": json.dumps(config.to_dict()),
-            "model_config": json.dumps(model_cfg),
-            "scheme": json.dumps(scheme.to_dict()),
-            "world_size": info.world_size,
-            "model": model.state_dict(),
-            "ema": ema_model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scaler": scaler.state_dict(),
-            "rng": rng_all,
-        }
-        try:
-            with atomic_path(path) as tmp:
-                torch.save(state, tmp)
-        except OSError as exc:
-            previous = list_checkpoints(out_dir)
-            raise TrainingError(
-                f"cannot write checkpoint {path} ({exc}); "
-                + (f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists")
-            ) from None
-        _prune_checkpoints(out_dir, config.keep_last)
-    if info.enabled:
-        import torch.distributed as dist
-
-        dist.barrier()
-    return path
-
-
-def _load_training_state(path, config, model_cfg, scheme, model, ema_model, opt, scaler, stream, noise_gen, info, device) -> int:
+def _load_training_state(path: Path, config: TrainConfig, model_cfg, scheme, state: TrainState, info) -> int:
     ckpt = load_checkpoint(path, map_location="cpu")
-    saved_model_cfg = json.loads(ckpt["model_config"])
-    if {k: v for k, v in saved_model_cfg.items() if k != "use_checkpoint"} != {k: v for k, v in model_cfg.items() if k != "use_checkpoint"}:
-        raise CheckpointError(f"{path}: the checkpoint's model config differs from this run's; resume with the run's own settings")
-    saved_scheme = ClassScheme.from_dict(json.loads(ckpt["scheme"]))
-    if saved_scheme.condition_channels != scheme.condition_channels:
-        raise CheckpointError(f"{path}: the checkpoint was trained with scheme {saved_scheme.name!r}, not {scheme.name!r}")
-    saved_cfg = json.loads(ckpt["config"])
-    changed = [k for k in ("crop_size", "batch_size", "seed", "ema_rate", "ema_warmup", "augment", "noise_schedule", "num_timesteps", "extra_share")
-               if saved_cfg.get(k) != getattr(config, k)]
+    changed = changed_settings(json.loads(ckpt["config"]), config, ("crop_size", "batch_size", "seed", "ema_rate", "ema_warmup", "augment",
+                                                                   "noise_schedule", "num_timesteps", "extra_share"))
     if changed and info.is_main:
         log.warning("resuming with changed settings %s: training continues, but not as the original run would have", changed)
-    try:
-        model.load_state_dict(ckpt["model"])
-        ema_model.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{path}: cannot restore the training state ({exc})") from None
-    rng = ckpt["rng"]
-    if len(rng) == info.world_size:
-        restore_rng(rng[info.rank], stream, noise_gen)
-    else:
-        # Another world size: there is no per-rank state to continue; reseed from the step.
-        stream.reseed(config.seed, info.rank, int(ckpt["step"]))
-        noise_gen.manual_seed(seed_int(config.seed, info.rank, 1, ckpt["step"]))
-        if info.is_main:
-            log.warning("checkpoint from %d processes resumed on %d: data order reseeded", len(rng), info.world_size)
-    return int(ckpt["step"])
+    return state.restore(ckpt, path, model_cfg, scheme, info, config.seed)
+
+
+def _checkpoint_header(config: TrainConfig, model_cfg, scheme: ClassScheme) -> dict[str, str]:
+    return {"config": json.dumps(config.to_dict()), "model_config": json.dumps(model_cfg), "scheme": json.dumps(scheme.to_dict())}
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
