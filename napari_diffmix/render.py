@@ -1,13 +1,17 @@
-"""Render one label map into tissue: the engine behind the Generate widget and ``diffmix render``.
+"""Render label maps into tissue: the engine behind the Generate widget, ``diffmix render`` and
+the batches of :class:`~napari_diffmix.synthesize.SynthesisJob`.
 
-A :class:`Renderer` owns what a session of interactive rendering keeps between runs and the
-rules of one run, so that its callers (a Qt widget, the command line, a test) only pass
+A :class:`Renderer` owns what a session of rendering keeps between runs and the rules of one
+run, so that its callers (a Qt widget, the command line, a synthesis job, a test) only pass
 options in and consume steps:
 
 * the model, loaded once and cached per (file, its modification time, preset, device) with one
   :class:`~napari_diffmix.model.samplers.Sampler` per precision (one model in memory at a
-  time; the sampler keeps the SPADE modulation of the last label map);
-* the memory check before a run and the one-line out-of-memory message during it;
+  time; the sampler keeps the SPADE modulation of the last label map); a model the caller
+  already holds is taken in with :meth:`Renderer.adopt`;
+* the memory checks before a run (one canvas: :meth:`Renderer.check_memory`; a synthesis
+  batch: :func:`estimate_synthesis_memory`) and :func:`out_of_memory`, which tells the one-line
+  out-of-memory message from other errors during it;
 * the CPU threads of a run (:func:`cpu_threads`): every core while OpenMP waits passively (the
   package's default), else one per core the other processes leave free, followed step by step
   (:class:`OtherLoad`);
@@ -32,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Callable, Generator
 
 import numpy as np
 
-from .errors import LabelError, SchemeError
+from .errors import LabelError, RenderError, SchemeError
 
 if TYPE_CHECKING:
     from .classes import ClassScheme
@@ -43,6 +47,14 @@ if TYPE_CHECKING:
 CANVAS_TENSORS = 24
 MODES = ("noise", "sdedit", "edited")
 EARLY_STEPS = 3  # solver steps of the early preview
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is the device running out of memory (CUDA, MPS or a CPU allocation)."""
+    import torch
+
+    text = str(exc).lower()
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
 
 
 def size_text(n: float) -> str:
@@ -186,12 +198,13 @@ class Renderer:
         self._runners: dict[tuple, Any] = {}  # (key, precision) -> Sampler
         self._last_condition: tuple | None = None
 
-    def load(self, path: str | os.PathLike, device: str = "auto", precision: str = "auto",
-             preset: str | None = None) -> Loaded:
-        """The model at ``path`` on ``device`` with a sampler in ``precision``, loaded once."""
+    def load(self, path: str | os.PathLike, device: Any = "auto", precision: str = "auto",
+             preset: str | None = None, *, sha256: str | None = None, cache_max_bytes: int | None = None) -> Loaded:
+        """The model at ``path`` on ``device`` with a sampler in ``precision``, loaded once.
+        ``sha256``: the file's hash when the caller has it (hashing a 2.6 GB ``.pt`` takes
+        seconds); ``cache_max_bytes``: the sampler's SPADE cache budget for this caller (None:
+        the sampler's default, half of the free memory)."""
         from .model.checkpoint import load_model
-        from .model.samplers import Sampler
-        from .runtime import resolve_precision
         from .runtime import resolve_device
 
         path = Path(path)
@@ -200,11 +213,31 @@ class Renderer:
         key = (str(path), stamp, preset, str(dev))
         reused = key in self._models
         if not reused:
-            self._models.clear()  # one model in memory at a time
-            self._runners.clear()
-            self._last_condition = None
-            self._models[key] = load_model(path, dev, preset=preset)
+            self._forget()
+            self._models[key] = load_model(path, dev, preset=preset, sha256=sha256)
         model, info = self._models[key]
+        return Loaded(self._runner(key, model, info, dev, precision, cache_max_bytes), info, reused, path)
+
+    def adopt(self, model: Any, info: Any, precision: str = "auto", *, cache_max_bytes: int | None = None) -> Loaded:
+        """A model the caller already holds (a training run's weights, a test's network), run
+        under the same rules as a loaded one; it replaces the cached model."""
+        dev = next(model.parameters()).device
+        key = ("adopted", id(model), str(dev))
+        reused = key in self._models
+        if not reused:
+            self._forget()
+            self._models[key] = (model, info)
+        return Loaded(self._runner(key, model, info, dev, precision, cache_max_bytes), info, reused, Path(info.source))
+
+    def _forget(self) -> None:
+        self._models.clear()  # one model in memory at a time
+        self._runners.clear()
+        self._last_condition = None
+
+    def _runner(self, key: tuple, model: Any, info: Any, dev: Any, precision: str, cache_max_bytes: int | None) -> Any:
+        from .model.samplers import Sampler
+        from .runtime import resolve_precision
+
         resolved = resolve_precision(precision, dev)
         runner = self._runners.get((key, resolved))
         if runner is None:
@@ -212,9 +245,10 @@ class Renderer:
             # on CPUs: oneDNN's convolutions then skip their layout reorders; a 256 px step of the
             # demo model took 0.74x the time (interleaved runs, 2 threads, fp32), images within
             # 1 grey level.
-            runner = Sampler(model, info.diffusion or None, precision=resolved, channels_last=dev.type == "cpu")
+            runner = Sampler(model.eval(), info.diffusion or None, precision=resolved, channels_last=dev.type == "cpu")
             self._runners[(key, resolved)] = runner
-        return Loaded(runner, info, reused, path)
+        runner.cache_max_bytes = cache_max_bytes
+        return runner
 
     @staticmethod
     def check_memory(shape: tuple[int, int], loaded: Loaded) -> None:
@@ -307,13 +341,9 @@ class RenderRun:
                         torch.set_num_threads(threads)
                         used.append(threads)
                 yield last
-        except torch.cuda.OutOfMemoryError:
-            raise LabelError(
-                f"out of memory on {runner.device} rendering {h}x{w}: lower the tile size, or use the CPU"
-            ) from None
-        except RuntimeError as exc:
-            if "out of memory" in str(exc).lower() or "can't allocate memory" in str(exc).lower():
-                raise LabelError(f"out of memory on {runner.device} rendering {h}x{w}: lower the tile size") from None
+        except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError too
+            if out_of_memory(exc):
+                raise LabelError(f"out of memory on {runner.device} rendering {h}x{w}: lower the tile size, or use the CPU") from None
             raise
         finally:
             if used:
@@ -332,6 +362,155 @@ class RenderRun:
             "reused_spade": self.reused_spade, **job.extra,
         }
         return Rendered(last.images()[0], provenance)
+
+
+# ---------------------------------------------------------------------------------------------
+# memory of a synthesis batch
+# ---------------------------------------------------------------------------------------------
+# Live tensors of a decoder block, as multiples of its input plus output feature maps, counted
+# in float32 (the norms compute in float32 under autocast too): the concatenated input stays
+# alive while its norm, the modulated copy, SiLU and the convolution's output exist. 3 was
+# what the tensors add up to; 4 covers the allocator's slack measured on the CPU (demo model,
+# README, Reliability: the real peak stayed 0-25 % under the estimate from 64 to 480 px).
+_BLOCK_WORKING_SET = 4
+# What a run holds whatever its size: the allocator's arenas, oneDNN's kernels and scratch.
+_RUNTIME_OVERHEAD = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """What one synthesis batch needs on its device, in bytes, beside what it has free.
+
+    ``weights``: the model's parameters (and their half-precision copies under autocast); 0
+    when the model already sits on the device. ``runtime``: what any run holds (allocator
+    arenas, kernel scratch). ``activations``: the encoder's skip tensors the
+    decoder reads, the largest block's working set and the sampler's per-item tensors.
+    ``spade_null``: the all-zero condition's SPADE cache (one image's worth, always kept).
+    ``spade_cond``: the label maps' SPADE cache in full; the sampler keeps only what its
+    budget allows (:attr:`cache_budget`) and recomputes the rest at every step, so it is not
+    part of :attr:`needed`.
+    """
+
+    patch_size: int
+    batch_size: int
+    device: str
+    precision: str
+    weights: int
+    runtime: int
+    activations: int
+    spade_null: int
+    spade_cond: int
+    free: int | None
+
+    @property
+    def needed(self) -> int:
+        """The least the run needs (no label-map SPADE cache)."""
+        return self.weights + self.runtime + self.activations + self.spade_null
+
+    @property
+    def fits(self) -> bool:
+        return self.free is None or self.needed <= self.free
+
+    @property
+    def cache_budget(self) -> int | None:
+        """Bytes of label-map SPADE cache that fit beside the rest: the sampler's own default
+        (half of the free memory) where that leaves room, else what remains; None where the
+        free memory is unknown (the sampler's default then applies)."""
+        if self.free is None:
+            return None
+        return max(0, min(self.free // 2, self.free - self.needed))
+
+    @property
+    def max_batch(self) -> int:
+        """The largest batch whose estimate fits the free memory (0: not even one item)."""
+        if self.free is None:
+            return self.batch_size
+        per_item = self.activations / self.batch_size  # every activation term grows with the batch
+        return max(0, int((self.free - self.weights - self.runtime - self.spade_null) // per_item)) if per_item else self.batch_size
+
+    def parts(self) -> str:
+        out = [f"model {size_text(self.weights)}"] if self.weights else []
+        out += [f"runtime {size_text(self.runtime)}", f"activations {size_text(self.activations)}", f"SPADE cache of the empty condition {size_text(self.spade_null)}"]
+        return ", ".join(out)
+
+    def text(self) -> str:
+        free = "unknown" if self.free is None else size_text(self.free)
+        return (f"{self.patch_size} px x {self.batch_size} items on {self.device} ({self.precision}): needs about "
+                f"{size_text(self.needed)} ({self.parts()}) of {free} free; label-map SPADE cache "
+                f"{size_text(self.spade_cond)} in full, kept up to {size_text(self.cache_budget or 0)}")
+
+
+def estimate_synthesis_memory(
+    config: Any, patch_size: int, batch_size: int, device: Any, precision: str = "auto", *,
+    weights_on_device: bool = False,
+) -> MemoryEstimate:
+    """How much memory sampling a batch of ``batch_size`` patches of ``patch_size`` px with a
+    model of ``config`` (:class:`~napari_diffmix.model.unet.UNetConfig`) takes on ``device``, as
+    the :class:`~napari_diffmix.model.samplers.Sampler` runs it (encoder once, classifier-free
+    guidance decoded as one 2N batch or as two N batches, SPADE caches in the network
+    precision), beside the device's free memory (the sampler's own ``free_bytes``).
+
+    The feature-map sizes come from the network itself: it is built on torch's "meta" device
+    (no memory, no arithmetic) and run once at the patch size, so any configuration is
+    measured the same way; the SPADE cache sizes are the model's own ``spade_layout``.
+    """
+    import torch
+
+    from .model.samplers import free_bytes
+    from .runtime import resolve_precision
+    from .model.unet import AttentionBlock, ResBlock, SDMUNet
+
+    device = torch.device(device)
+    precision = resolve_precision(precision, device)
+    half = precision in ("bf16", "fp16")
+    elem = 2 if half else 4  # activations and caches are stored in the network precision
+    with torch.device("meta"):
+        model = SDMUNet(config)
+    # Sampler's cfg_decoder="auto" (what SynthesisJob uses): two N-batch decoder passes on the
+    # CPU, one 2N pass elsewhere.
+    joint = device.type != "cpu"
+    blocks: list[int] = []
+
+    def record(module: Any, args: Any, out: Any) -> None:
+        blocks.append(args[0].numel() + out.numel())
+
+    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, (ResBlock, AttentionBlock))]
+    n, s = int(batch_size), int(patch_size)
+    try:
+        with torch.no_grad():
+            state = model.encode(torch.empty(n, config.in_channels, s, s, device="meta"), torch.zeros(n, device="meta"))
+            model.decode(state, torch.empty(n, config.cond_channels, s, s, device="meta"))
+    finally:
+        for h in hooks:
+            h.remove()
+    skips = sum(t.numel() for t in state.skips)
+    decoded = 2 if joint else 1  # a joint decoder pass repeats the skips for the 2N batch
+    network = skips * (1 + 2 * joint) * elem + _BLOCK_WORKING_SET * max(blocks) * decoded * 4
+    # float32 tensors of the sampler and the scheduler per item (x_t, noise, init, outputs, ...)
+    items = CANVAS_TENSORS * n * s * s * 4
+    weights = 0
+    if not weights_on_device:
+        params = model.num_parameters()
+        weights = params * 4 + (params * 2 if half else 0)  # autocast keeps half-precision copies of the weights
+    spade_null = sum(d["nbytes"] for d in model.spade_layout(s, s, 1, elem))
+    spade_cond = sum(d["nbytes"] for d in model.spade_layout(s, s, n, elem))
+    return MemoryEstimate(
+        s, n, str(device), precision, weights, _RUNTIME_OVERHEAD, network + items, spade_null, spade_cond, free_bytes(device)
+    )
+
+
+def check_synthesis_memory(estimate: MemoryEstimate) -> MemoryEstimate:
+    """Refuse a synthesis that will not fit in memory, with the numbers and what would fit."""
+    if estimate.fits:
+        return estimate
+    e = estimate
+    advice = (f"use --batch-size {e.max_batch} or lower" if e.max_batch >= 1 else
+              "even one item does not fit: use a smaller --patch-size")
+    raise RenderError(
+        f"sampling {e.batch_size} patches of {e.patch_size} px at a time will not fit in memory on {e.device}: it needs "
+        f"about {size_text(e.needed)} ({e.parts()}) but only {size_text(e.free)} are free; {advice}, "
+        "or use a device with more memory"
+    )
 
 
 def early_estimate(runner: Any, cond: Any, total: int, guidance: float, seed: int,

@@ -68,6 +68,7 @@ from .model.checkpoint import ModelInfo
 from .model.samplers import DIFFMIX_SETTINGS, FAST_SETTINGS, TIMESTEP_SPACING
 from .outputs import WriterLock, check_replace, output_kind, refuse_overlap
 from .progress import StopRequests, progress_bar
+from .render import Renderer, check_synthesis_memory, estimate_synthesis_memory, out_of_memory
 from .store import DONE, ORIGINALS, create_store, original_patches, read_done, remove_partial_files, update_attrs, write_items
 
 log = logging.getLogger(__name__)
@@ -307,159 +308,6 @@ def check_model_fits(info: ModelInfo, scheme: ClassScheme, patch_size: int) -> N
         )
 
 
-# Live tensors of a decoder block, as multiples of its input plus output feature maps, counted
-# in float32 (the norms compute in float32 under autocast too): the concatenated input stays
-# alive while its norm, the modulated copy, SiLU and the convolution's output exist. 3 was
-# what the tensors add up to; 4 covers the allocator's slack measured on the CPU (demo model,
-# README, Reliability: the real peak stayed 0-25 % under the estimate from 64 to 480 px).
-_BLOCK_WORKING_SET = 4
-# What a run holds whatever its size: the allocator's arenas, oneDNN's kernels and scratch.
-_RUNTIME_OVERHEAD = 256 * 2**20
-
-
-@dataclass(frozen=True)
-class MemoryEstimate:
-    """What one synthesis batch needs on its device, in bytes, beside what it has free.
-
-    ``weights``: the model's parameters (and their half-precision copies under autocast); 0
-    when the model already sits on the device. ``runtime``: what any run holds (allocator
-    arenas, kernel scratch). ``activations``: the encoder's skip tensors the
-    decoder reads, the largest block's working set and the sampler's per-item tensors.
-    ``spade_null``: the all-zero condition's SPADE cache (one image's worth, always kept).
-    ``spade_cond``: the label maps' SPADE cache in full; the sampler keeps only what its
-    budget allows (:attr:`cache_budget`) and recomputes the rest at every step, so it is not
-    part of :attr:`needed`.
-    """
-
-    patch_size: int
-    batch_size: int
-    device: str
-    precision: str
-    weights: int
-    runtime: int
-    activations: int
-    spade_null: int
-    spade_cond: int
-    free: int | None
-
-    @property
-    def needed(self) -> int:
-        """The least the run needs (no label-map SPADE cache)."""
-        return self.weights + self.runtime + self.activations + self.spade_null
-
-    @property
-    def fits(self) -> bool:
-        return self.free is None or self.needed <= self.free
-
-    @property
-    def cache_budget(self) -> int | None:
-        """Bytes of label-map SPADE cache that fit beside the rest: the sampler's own default
-        (half of the free memory) where that leaves room, else what remains; None where the
-        free memory is unknown (the sampler's default then applies)."""
-        if self.free is None:
-            return None
-        return max(0, min(self.free // 2, self.free - self.needed))
-
-    @property
-    def max_batch(self) -> int:
-        """The largest batch whose estimate fits the free memory (0: not even one item)."""
-        if self.free is None:
-            return self.batch_size
-        per_item = self.activations / self.batch_size  # every activation term grows with the batch
-        return max(0, int((self.free - self.weights - self.runtime - self.spade_null) // per_item)) if per_item else self.batch_size
-
-    def parts(self) -> str:
-        from .render import size_text
-
-        out = [f"model {size_text(self.weights)}"] if self.weights else []
-        out += [f"runtime {size_text(self.runtime)}", f"activations {size_text(self.activations)}", f"SPADE cache of the empty condition {size_text(self.spade_null)}"]
-        return ", ".join(out)
-
-    def text(self) -> str:
-        from .render import size_text
-
-        free = "unknown" if self.free is None else size_text(self.free)
-        return (f"{self.patch_size} px x {self.batch_size} items on {self.device} ({self.precision}): needs about "
-                f"{size_text(self.needed)} ({self.parts()}) of {free} free; label-map SPADE cache "
-                f"{size_text(self.spade_cond)} in full, kept up to {size_text(self.cache_budget or 0)}")
-
-
-def estimate_synthesis_memory(
-    config: Any, patch_size: int, batch_size: int, device: Any, precision: str = "auto", *,
-    weights_on_device: bool = False,
-) -> MemoryEstimate:
-    """How much memory sampling a batch of ``batch_size`` patches of ``patch_size`` px with a
-    model of ``config`` (:class:`~napari_diffmix.model.unet.UNetConfig`) takes on ``device``, as
-    the :class:`~napari_diffmix.model.samplers.Sampler` runs it (encoder once, classifier-free
-    guidance decoded as one 2N batch or as two N batches, SPADE caches in the network
-    precision), beside the device's free memory (the sampler's own ``free_bytes``).
-
-    The feature-map sizes come from the network itself: it is built on torch's "meta" device
-    (no memory, no arithmetic) and run once at the patch size, so any configuration is
-    measured the same way; the SPADE cache sizes are the model's own ``spade_layout``.
-    """
-    import torch
-
-    from .model.samplers import free_bytes
-    from .runtime import resolve_precision
-    from .model.unet import AttentionBlock, ResBlock, SDMUNet
-    from .render import CANVAS_TENSORS
-
-    device = torch.device(device)
-    precision = resolve_precision(precision, device)
-    half = precision in ("bf16", "fp16")
-    elem = 2 if half else 4  # activations and caches are stored in the network precision
-    with torch.device("meta"):
-        model = SDMUNet(config)
-    # Sampler's cfg_decoder="auto" (what SynthesisJob uses): two N-batch decoder passes on the
-    # CPU, one 2N pass elsewhere.
-    joint = device.type != "cpu"
-    blocks: list[int] = []
-
-    def record(module: Any, args: Any, out: Any) -> None:
-        blocks.append(args[0].numel() + out.numel())
-
-    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, (ResBlock, AttentionBlock))]
-    n, s = int(batch_size), int(patch_size)
-    try:
-        with torch.no_grad():
-            state = model.encode(torch.empty(n, config.in_channels, s, s, device="meta"), torch.zeros(n, device="meta"))
-            model.decode(state, torch.empty(n, config.cond_channels, s, s, device="meta"))
-    finally:
-        for h in hooks:
-            h.remove()
-    skips = sum(t.numel() for t in state.skips)
-    decoded = 2 if joint else 1  # a joint decoder pass repeats the skips for the 2N batch
-    network = skips * (1 + 2 * joint) * elem + _BLOCK_WORKING_SET * max(blocks) * decoded * 4
-    # float32 tensors of the sampler and the scheduler per item (x_t, noise, init, outputs, ...)
-    items = CANVAS_TENSORS * n * s * s * 4
-    weights = 0
-    if not weights_on_device:
-        params = model.num_parameters()
-        weights = params * 4 + (params * 2 if half else 0)  # autocast keeps half-precision copies of the weights
-    spade_null = sum(d["nbytes"] for d in model.spade_layout(s, s, 1, elem))
-    spade_cond = sum(d["nbytes"] for d in model.spade_layout(s, s, n, elem))
-    return MemoryEstimate(
-        s, n, str(device), precision, weights, _RUNTIME_OVERHEAD, network + items, spade_null, spade_cond, free_bytes(device)
-    )
-
-
-def check_synthesis_memory(estimate: MemoryEstimate) -> MemoryEstimate:
-    """Refuse a synthesis that will not fit in memory, with the numbers and what would fit."""
-    from .render import size_text
-
-    if estimate.fits:
-        return estimate
-    e = estimate
-    advice = (f"use --batch-size {e.max_batch} or lower" if e.max_batch >= 1 else
-              "even one item does not fit: use a smaller --patch-size")
-    raise RenderError(
-        f"sampling {e.batch_size} patches of {e.patch_size} px at a time will not fit in memory on {e.device}: it needs "
-        f"about {size_text(e.needed)} ({e.parts()}) but only {size_text(e.free)} are free; {advice}, "
-        "or use a device with more memory"
-    )
-
-
 def dataset_reference(dataset: Any, relative_to: str | os.PathLike | None = None) -> dict[str, Any] | None:
     """How to reopen ``dataset`` with :func:`~napari_diffmix.datasets.open_dataset`, or None.
 
@@ -580,7 +428,8 @@ class SynthesisJob:
     made with, so that tiles and donors are not read again; ``model_info``: the model file's
     :class:`~napari_diffmix.model.checkpoint.ModelInfo` when the caller has already read it
     (:func:`~napari_diffmix.model.checkpoint.read_info` hashes the whole file: seconds for an
-    official 2.6 GB ``.pt``).
+    official 2.6 GB ``.pt``). ``renderer``: the :class:`~napari_diffmix.render.Renderer` that
+    loads the model and makes its sampler (pass one to keep the model loaded across jobs).
     """
 
     def __init__(
@@ -599,6 +448,7 @@ class SynthesisJob:
         model_info: ModelInfo | None = None,
         scorer: Any = None,
         min_fidelity: float | None = None,
+        renderer: Renderer | None = None,
     ):
         self.dataset = dataset
         # Label fidelity (napari_diffmix.fidelity.Scorer): each batch is scored as it is written.
@@ -611,6 +461,9 @@ class SynthesisJob:
         self.overwrite = overwrite
         self.resume = resume
         self.created_by = created_by
+        # A caller that renders again and again (the batch export widget) passes its own, so the
+        # model stays loaded between jobs.
+        self.renderer = renderer if renderer is not None else Renderer()
         self.model = None
         self._model_path = None
         self.preset = preset
@@ -794,12 +647,17 @@ class SynthesisJob:
             self.info.config, self.plan.patch_size, self.config.batch_size, self.device, self.config.precision,
             weights_on_device=on_device,
         ))
+        # The label-map SPADE cache gets what the estimate leaves free (the sampler's own default,
+        # half of the free memory, could push a batch whose activations take the other half over).
+        budget = self.memory.cache_budget
         if self.model is None:
-            from .model.checkpoint import load_model
-
             # self.info came from read_info (here or in the CLI): the file is hashed once per run.
-            self.model, self.info = load_model(self._model_path, self.device, preset=self.preset, sha256=self.info.sha256)
-        self.model.to(self.device).eval()
+            loaded = self.renderer.load(self._model_path, self.device, self.config.precision, self.preset,
+                                        sha256=self.info.sha256, cache_max_bytes=budget)
+        else:
+            loaded = self.renderer.adopt(self.model.to(self.device), self.info, self.config.precision, cache_max_bytes=budget)
+        self.sampler = loaded.runner
+        self.model, self.info = self.sampler.model, loaded.info
 
     def _batches(self, done: np.ndarray) -> list[list[int]]:
         b, n = self.config.batch_size, len(self.plan)
@@ -865,7 +723,7 @@ class SynthesisJob:
     def _events(self, should_stop: Callable[[], bool] | None) -> Iterator[SynthesisEvent]:
         import zarr
 
-        from .model.samplers import Sampler, to_uint8
+        from .model.samplers import to_uint8
 
         should_stop = should_stop or (lambda: False)
         t_start = time.perf_counter()
@@ -906,10 +764,7 @@ class SynthesisJob:
         self.message = message
         yield SynthesisEvent("start", n_done, total, pending)
 
-        # The label-map SPADE cache gets what the estimate leaves free (the sampler's own default,
-        # half of the free memory, could push a batch whose activations take the other half over).
-        sampler = Sampler(self.model, info_diffusion(self.info), precision=self.config.precision,
-                          cache_max_bytes=self.memory.cache_budget)
+        sampler = self.sampler
         self.precision = sampler.precision
         cache, tiles = self.cache, _Tiles(self.dataset)
         c = self.config
@@ -939,6 +794,14 @@ class SynthesisJob:
                         break
                     except RenderError as exc:  # nothing of this batch is written
                         raise RenderError(f"items {idx[0]}..{idx[-1]}: {exc}; nothing of them was written") from None
+                    except RuntimeError as exc:
+                        if not out_of_memory(exc):
+                            raise
+                        raise RenderError(
+                            f"out of memory on {self.device} rendering items {idx[0]}..{idx[-1]} ({len(idx)} x "
+                            f"{self.plan.patch_size} px); nothing of them was written: lower --batch-size and run the "
+                            "same command again to resume"
+                        ) from None
                     timings["sampling"] += time.perf_counter() - t_step
                     yield SynthesisEvent("step", n_done, total, pending, tuple(idx), last.step, last.total, last)
                     t_step = time.perf_counter()
@@ -1051,8 +914,3 @@ class SynthesisJob:
             done = read_done(zarr.open_group(str(self.out), mode="r"))
             if not done.all():
                 update_attrs(self.out, {"status": "stopped", "items_done": int(done.sum())})
-
-
-def info_diffusion(info: Any) -> dict[str, Any] | None:
-    """The diffusion settings stored with a model (None: the published defaults)."""
-    return dict(info.diffusion) if info is not None and info.diffusion else None

@@ -678,7 +678,7 @@ def _free(monkeypatch, nbytes):
 def test_synthesis_that_will_not_fit_memory_is_refused_before_planning_with_the_numbers(data, tmp_path, monkeypatch, capsys):
     import napari_diffmix.mixing as mixing
     from napari_diffmix.model.unet import UNetConfig
-    from napari_diffmix.synthesize import estimate_synthesis_memory
+    from napari_diffmix.render import estimate_synthesis_memory
 
     need8 = estimate_synthesis_memory(UNetConfig.preset("tiny"), 64, 8, "cpu", "fp32").needed
     need2 = estimate_synthesis_memory(UNetConfig.preset("tiny"), 64, 2, "cpu", "fp32").needed
@@ -728,7 +728,7 @@ def test_the_library_job_refuses_a_batch_that_will_not_fit_before_writing(data, 
 
 def test_memory_estimate_parts_and_the_cache_budget(monkeypatch):
     from napari_diffmix.model.unet import SDMUNet, UNetConfig
-    from napari_diffmix.synthesize import estimate_synthesis_memory
+    from napari_diffmix.render import estimate_synthesis_memory
 
     config = UNetConfig.preset("tiny")
     _free(monkeypatch, 2**40)

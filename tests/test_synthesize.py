@@ -259,6 +259,45 @@ def test_events_generator_cancel_and_preview(setup, tmp_path):
     _same_store(setup["ref"], out)
 
 
+def test_jobs_sharing_a_renderer_load_the_model_once(setup, tmp_path, monkeypatch):
+    import napari_diffmix.model.checkpoint as checkpoint
+    from napari_diffmix.render import Renderer
+
+    loads = []
+    real = checkpoint.load_model
+    monkeypatch.setattr(checkpoint, "load_model", lambda *a, **kw: loads.append(a[0]) or real(*a, **kw))
+    renderer = Renderer()
+    first = SynthesisJob(setup["dataset"], setup["plan"], setup["model"], tmp_path / "a.zarr", CONFIG, renderer=renderer)
+    first.run()
+    second = SynthesisJob(setup["dataset"], setup["plan"], setup["model"], tmp_path / "b.zarr", CONFIG, renderer=renderer)
+    second.run()
+    assert loads == [setup["model"]] and second.model is first.model and second.sampler is first.sampler
+    _same_store(setup["ref"], tmp_path / "b.zarr")  # the second job's items are those of a fresh run
+
+
+def test_out_of_memory_mid_batch_is_one_clear_error_and_the_store_resumes(setup, tmp_path, monkeypatch):
+    from napari_diffmix.errors import RenderError
+    from napari_diffmix.model.samplers import Sampler
+
+    out = tmp_path / "s.zarr"
+    real = Sampler.sample
+    calls = {"n": 0}
+
+    def second_batch_runs_out(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        yield from real(self, *a, **kw)
+
+    monkeypatch.setattr(Sampler, "sample", second_batch_runs_out)
+    with pytest.raises(RenderError, match=r"out of memory on cpu rendering items 2..3 \(2 x 32 px\).*lower --batch-size"):
+        SynthesisJob(setup["dataset"], setup["plan"], setup["model"], out, CONFIG).run()
+    monkeypatch.setattr(Sampler, "sample", real)
+    assert open_store(out).done_mask().tolist() == [True, True] + [False] * (ITEMS - 2)
+    SynthesisJob(setup["dataset"], setup["plan"], setup["model"], out, CONFIG).run()
+    _same_store(setup["ref"], out)
+
+
 def test_disk_full_then_resume(setup, tmp_path, monkeypatch):
     from zarr.storage import LocalStore
 

@@ -68,6 +68,9 @@ class BatchExportWidget(DockTab, JobWidget, QWidget):
         self.result: Any = None
         self.plan: Any = None
         self.unchanged = (0, 0)  # (unchanged, checked) label maps of the last plan
+        from ..render import Renderer
+
+        self.renderer = Renderer()  # keeps the model loaded from one export to the next
         self._build()
         self.picker.set_model(BUNDLED)
 
@@ -299,7 +302,7 @@ class BatchExportWidget(DockTab, JobWidget, QWidget):
         )
         job = SynthesisJob(
             dataset, plan, s["model"], s["out"], config, overwrite=s["overwrite"], resume=s["resume"],
-            created_by="napari-diffmix batch export", cache=cache, preset=s["preset"],
+            created_by="napari-diffmix batch export", cache=cache, preset=s["preset"], renderer=self.renderer,
         )
         if dry_run:
             return ("dry-run", job)

@@ -116,9 +116,9 @@ def check_model(path: Path, config, preset: str | None = None):
 
 def check_memory(info, patch_size: int, config):
     """Refuse, before planning, a batch that will not fit the device's free memory (see
-    :func:`~napari_diffmix.synthesize.estimate_synthesis_memory`); the estimate otherwise."""
+    :func:`~napari_diffmix.render.estimate_synthesis_memory`); the estimate otherwise."""
     from ..runtime import resolve_device
-    from ..synthesize import check_synthesis_memory, estimate_synthesis_memory
+    from ..render import check_synthesis_memory, estimate_synthesis_memory
 
     device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
     return check_synthesis_memory(estimate_synthesis_memory(info.config, patch_size, config.batch_size, device, config.precision))
