@@ -374,6 +374,15 @@ def _nanmean(values: Iterable[float]) -> float:
     return float(arr.mean()) if arr.size else math.nan
 
 
+def mean_sd(values: Iterable[float | None]) -> tuple[float, float, int]:
+    """(mean, sample sd, n) of the defined values (None and NaN skipped) of repeated runs, e.g.
+    one metric over seeds; the sd is NaN below two values, both are NaN with none."""
+    arr = np.array([v for v in values if v is not None and not math.isnan(v)], dtype=np.float64)
+    if not arr.size:
+        return math.nan, math.nan, 0
+    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else math.nan, int(arr.size)
+
+
 @dataclass
 class Evaluation:
     """Per-image results plus pooled detection / classification scores of a test set.

@@ -28,6 +28,8 @@ import numpy as np
 from .errors import StoreError
 
 BAR_COLOURS = {"before": (120, 120, 120), "planned": (230, 159, 0), "after": (0, 114, 178)}
+# Series without a colour of their own (the runs of a comparison) take these in order (Okabe-Ito).
+SERIES_COLOURS = ((120, 120, 120), (0, 114, 178), (230, 159, 0), (0, 158, 115), (204, 121, 167), (86, 180, 233))
 # Montage tiles are shown at least this many pixels wide (nearest-neighbour upscaling keeps label edges sharp).
 MIN_TILE_PX = 160
 
@@ -72,36 +74,65 @@ def _upscale(image: np.ndarray) -> np.ndarray:
     return np.repeat(np.repeat(image, f, axis=0), f, axis=1) if f > 1 else image
 
 
-def bar_chart(groups: Mapping[str, Sequence[float]], names: Sequence[str], title: str, width: int = 640, height: int = 300):
-    """Grouped bars: one group per class, one bar per series (``groups``: series -> value per class)."""
+def bar_chart(
+    groups: Mapping[str, Sequence[float]],
+    names: Sequence[str],
+    title: str,
+    width: int = 640,
+    height: int = 300,
+    *,
+    value_format: str = "{:.0f}",
+    vmax: float | None = None,
+    errors: Mapping[str, Sequence[float]] | None = None,
+):
+    """Grouped bars: one group per class, one bar per series (``groups``: series -> value per class).
+
+    ``vmax``: the top of the axis (default: the largest value). ``errors``: series -> a
+    half-length per class, drawn as a whisker (e.g. the sd over seeds). A NaN value (undefined,
+    e.g. the F1 of a class no run predicted nor held) draws no bar and is labelled n/a.
+    """
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(img)
     left, right, top, bottom = 50, 10, 30, 40
     d.text((left, 8), title, fill="black")
-    vmax = max([float(v) for vals in groups.values() for v in vals] + [1.0])
+    finite = [float(v) for vals in groups.values() for v in vals if not math.isnan(float(v))]
+    vmax = vmax if vmax is not None else max(finite + [1.0])
     d.line([(left, top), (left, height - bottom), (width - right, height - bottom)], fill="black")
     for frac in (0.5, 1.0):
         y = height - bottom - frac * (height - top - bottom)
         d.line([(left - 4, y), (left, y)], fill="black")
-        d.text((4, y - 6), f"{vmax * frac:.0f}", fill="black")
+        d.text((4, y - 6), value_format.format(vmax * frac), fill="black")
+    colours = {series: BAR_COLOURS.get(series, SERIES_COLOURS[k % len(SERIES_COLOURS)]) for k, series in enumerate(groups)}
     n_series = max(len(groups), 1)
     slot = (width - left - right) / max(len(names), 1)
     bar = slot * 0.8 / n_series
+    scale = (height - top - bottom) / vmax
     for k, name in enumerate(names):
         x0 = left + k * slot + slot * 0.1
         for s, (series, vals) in enumerate(groups.items()):
             v = float(vals[k])
-            h = v / vmax * (height - top - bottom)
             xa = x0 + s * bar
-            d.rectangle([xa, height - bottom - h, xa + bar - 2, height - bottom], fill=BAR_COLOURS.get(series, (0, 0, 0)))
-            d.text((xa, height - bottom - h - 12), f"{v:.0f}", fill="black")
+            if math.isnan(v):
+                d.text((xa, height - bottom - 12), "n/a", fill="black")
+                continue
+            h = v * scale
+            d.rectangle([xa, height - bottom - h, xa + bar - 2, height - bottom], fill=colours[series])
+            err = float(errors[series][k]) if errors and series in errors else 0.0
+            if err > 0:
+                xm = xa + (bar - 2) / 2
+                y_lo, y_hi = height - bottom - max(v - err, 0.0) * scale, height - bottom - (v + err) * scale
+                d.line([(xm, y_lo), (xm, y_hi)], fill="black")
+                d.line([(xm - 3, y_hi), (xm + 3, y_hi)], fill="black")
+                d.line([(xm - 3, y_lo), (xm + 3, y_lo)], fill="black")
+                h = max(h, (v + err) * scale)
+            d.text((xa, height - bottom - h - 12), value_format.format(v), fill="black")
         d.text((x0, height - bottom + 6), str(name)[:18], fill="black")
     x = width - right - 90 * n_series
     for series in groups:
-        d.rectangle([x, 10, x + 10, 20], fill=BAR_COLOURS.get(series, (0, 0, 0)))
-        d.text((x + 14, 8), series, fill="black")
+        d.rectangle([x, 10, x + 10, 20], fill=colours[series])
+        d.text((x + 14, 8), str(series)[:12], fill="black")
         x += 90
     return img
 
@@ -178,7 +209,6 @@ def build_report(
     ``items``: how many best and how many worst items the montage shows. ``seg_model``: the model
     that predicts their nuclei (default: the one that scored the store).
     """
-    from .atomic import write_text
     from .fidelity_records import metric_value, read_records
     from .store import open_store
 
@@ -245,7 +275,16 @@ def build_report(
     sections.append("<h2>Diffusion model</h2>" + _pre(model))
     if fid:
         sections.append("<h2>Scoring model</h2>" + _pre({k: fid.get(k) for k in ("model", "metric", "min_fidelity", "rare_classes", "definitions")}))
-    title = f"napari-diffmix report: {st.path.name}"
+    intro = (f"{html.escape(str(st.path))}: {int(done.sum())} of {len(st)} items finished (status {html.escape(str(attrs.get('status', '?')))}),\n"
+             f"scheme {html.escape(scheme.name)} ({html.escape(', '.join(names))}), {st.patch_shape[0]} x {st.patch_shape[1]} px.")
+    return write_page(out, f"napari-diffmix report: {st.path.name}", intro, sections)
+
+
+def write_page(out: str | os.PathLike, title: str, intro_html: str, sections: Sequence[str]) -> Path:
+    """Write one self-contained HTML page (title, an introductory paragraph, the sections' HTML)
+    atomically to ``out``; returns ``out``."""
+    from .atomic import write_text
+
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
@@ -256,8 +295,7 @@ figure {{ display: inline-block; margin: 4px; }} figcaption {{ font-size: 85%; }
 </style></head>
 <body>
 <h1>{html.escape(title)}</h1>
-<p>{html.escape(str(st.path))}: {int(done.sum())} of {len(st)} items finished (status {html.escape(str(attrs.get("status", "?")))}),
-scheme {html.escape(scheme.name)} ({html.escape(", ".join(names))}), {st.patch_shape[0]} x {st.patch_shape[1]} px.</p>
+<p>{intro_html}</p>
 {"".join(sections)}
 </body></html>
 """
@@ -266,3 +304,66 @@ scheme {html.escape(scheme.name)} ({html.escape(", ".join(names))}), {st.patch_s
         raise StoreError(f"{out}: is a folder; the report is one HTML file, e.g. {out / 'report.html'}")
     write_text(out, page)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# comparing training runs (diffmix compare, diffmix demo --compare)
+# ---------------------------------------------------------------------------------------------
+def _mean_sd_text(values: Sequence[float | None]) -> str:
+    from .metrics import mean_sd
+
+    mean, sd, n = mean_sd(values)
+    if n == 0:
+        return "n/a"
+    return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ± {_fmt(sd)}" + (f" ({n} of {len(values)})" if n < len(values) else "")
+
+
+def build_comparison_report(
+    out: str | os.PathLike,
+    *,
+    title: str,
+    intro_html: str,
+    class_names: Sequence[str],
+    rare: Sequence[str],
+    runs: Mapping[str, Mapping[str, Sequence[float | None]]],
+    metrics: Sequence[str],
+    settings: Mapping[str, Any] | None = None,
+    notes_html: Sequence[str] = (),
+) -> Path:
+    """Write the HTML page comparing training runs on one test set; returns ``out``.
+
+    ``runs``: run name -> metric -> its value in each repetition (one per seed; None or NaN when
+    undefined). The per-class F1 values are keyed ``f1_<class>``. The page shows the per-class F1
+    of the runs side by side, the ``rare`` classes first (mean, with the sd over repetitions as
+    whiskers), then a table of every per-class F1 and ``metrics`` per run, with each run's
+    difference from the first, then ``notes_html`` and the ``settings``.
+    """
+    from .metrics import mean_sd
+
+    order = [n for n in rare if n in class_names] + [n for n in class_names if n not in rare]
+    means = {run: [mean_sd(vals.get(f"f1_{n}", []))[0] for n in order] for run, vals in runs.items()}
+    sds = {run: [np.nan_to_num(mean_sd(vals.get(f"f1_{n}", []))[1]) for n in order] for run, vals in runs.items()}
+    repeats = max((len(v) for vals in runs.values() for v in vals.values()), default=1)
+    what = f"mean ± sd over {repeats} seeds" if repeats > 1 else "one run each"
+    chart = bar_chart(means, [n + (" (rare)" if n in rare else "") for n in order],
+                      f"held-out F1 per class, rare class first ({what})", value_format="{:.2f}", vmax=1.0,
+                      errors=sds if repeats > 1 else None, width=max(640, 70 * len(order) * len(runs) + 120))
+    names = list(runs)
+    first = names[0]
+    rows = []
+    for key in [f"f1_{n}" for n in order] + list(metrics):
+        row: list[Any] = [key.replace("f1_", "F1 ") + (" (rare)" if key.removeprefix("f1_") in rare else "")]
+        row += [_mean_sd_text(runs[r].get(key, [])) for r in names]
+        base = mean_sd(runs[first].get(key, []))[0]
+        diffs = [mean_sd(runs[r].get(key, []))[0] - base for r in names[1:]]
+        row += ["n/a" if math.isnan(d) else f"{d:+.3f}" for d in diffs]
+        rows.append(row)
+    head = ["metric", *names, *(f"{r} − {first}" for r in names[1:])]
+    sections = [
+        f'<h2>Per-class F1</h2><img id="f1-per-class" alt="per-class F1 of each run" src="{_png(chart)}">'
+        + _table(rows, head),
+        *notes_html,
+    ]
+    if settings:
+        sections.append("<h2>Settings</h2>" + _pre(settings))
+    return write_page(out, title, intro_html, sections)

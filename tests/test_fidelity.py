@@ -13,6 +13,7 @@ import pytest
 import torch
 import zarr
 
+from _browser import check_page, chromium
 from napari_diffmix.cli import main
 from napari_diffmix.datasets import write_generic
 from napari_diffmix.errors import StoreError
@@ -289,44 +290,12 @@ def test_report_of_an_unscored_store_shows_the_maps_and_says_why(setup, tmp_path
     assert kinds == ["class-counts", "montage-item", "montage-item"]
 
 
-def _chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-
-
-@pytest.mark.skipif(_chromium() is None, reason="needs Chromium (apt-get install chromium)")
+@pytest.mark.skipif(chromium() is None, reason="needs Chromium (apt-get install chromium)")
 def test_report_loads_in_headless_chromium_with_every_image(scored, tmp_path):
     """A real browser: no console error, every <img> decoded (naturalWidth > 0)."""
-    import subprocess
-
-    out = tmp_path / "report.html"
     from napari_diffmix.report import build_report
 
-    build_report(scored, out, items=2)
-    # The check runs in the page; its verdict becomes the document title, which --dump-dom prints.
-    probe = tmp_path / "probe.html"
-    page = out.read_text()
-    n = page.count("<img ")
-    script = (
-        "<script>window.errors=[];window.addEventListener('error',e=>window.errors.push(String(e.message||e)));"
-        "window.addEventListener('load',()=>{const imgs=[...document.images];"
-        "const bad=imgs.filter(i=>!(i.complete&&i.naturalWidth>0)).length;"
-        "document.title='PROBE images='+imgs.length+' broken='+bad+' errors='+window.errors.length;});</script>"
-    )
-    probe.write_text(page.replace("<head>", "<head>" + script, 1))
-    res = subprocess.run(
-        [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--enable-logging=stderr",
-         "--v=0", "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert f"<title>PROBE images={n} broken=0 errors=0</title>" in res.stdout, res.stdout[:500] + res.stderr[-1500:]
-    # the page itself (no probe): the console shows no error of the page
-    res = subprocess.run(
-        [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--enable-logging=stderr",
-         "--v=0", "--virtual-time-budget=5000", "--dump-dom", out.as_uri()],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert res.returncode == 0 and "CONSOLE" not in res.stderr and "Uncaught" not in res.stderr, res.stderr[-2000:]
+    check_page(build_report(scored, tmp_path / "report.html", items=2), tmp_path)
 
 
 def test_ctrl_c_stops_diffmix_score_after_the_current_item_and_the_same_command_continues(setup, tmp_path):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
 
+from _browser import check_page, chromium
 from napari_diffmix import metrics
 from napari_diffmix.cli import main
 from napari_diffmix.errors import CheckpointError, DatasetError, SchemeError, StoreError
@@ -323,6 +325,19 @@ def test_cli_train_predict_evaluate_compare(tmp_path, phantoms, capsys):
     base, _ = load_seg_model(tmp_path / "cmp" / "baseline")
     aug, _ = load_seg_model(tmp_path / "cmp" / "augmented")
     assert any(not torch.equal(a, b) for a, b in zip(base.state_dict().values(), aug.state_dict().values()))
+    # The same comparison as a self-contained page: per-class F1 side by side, the rare class first.
+    report = tmp_path / "cmp" / "report.html"
+    assert f"wrote {tmp_path / 'cmp' / 'compare.json'} and {report}" in printed
+    page = report.read_text()
+    assert page.count('<img id="f1-per-class"') == 1 and "src=\"http" not in page and "<script" not in page
+    rows = re.findall(r"<tr><td>([^<]+)</td>", page)
+    assert rows[:3] == ["F1 other (rare)", "F1 epithelial", "F1 stromal"] and rows[-1] == "pq"
+    for key, cells in zip(rows, re.findall(r"<tr><td>[^<]+</td><td>([^<]+)</td><td>([^<]+)</td><td>([^<]+)</td></tr>", page)):
+        name = key.removeprefix("F1 ").removesuffix(" (rare)")
+        row = cmp["metrics"]["f1_" + name if key.startswith("F1 ") else key]
+        assert cells == tuple("n/a" if v is None else f"{v:{'+' if k == 'diff' else ''}.3f}" for k, v in row.items()), key
+    if chromium() is not None:
+        check_page(report, tmp_path)
 
     # clear errors, exit code 2, no traceback
     assert main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "nowhere")]) == 2

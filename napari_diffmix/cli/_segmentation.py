@@ -33,7 +33,8 @@ COMPARE_EPILOG = """examples:
 
 Trains the same model twice (same seed, settings and step budget): on the data alone and on
 the data plus the synthetic store; both predict the test set; prints per-class F1 and every
-other metric for both runs and their difference.
+other metric for both runs and their difference. OUT/report.html shows the same on one
+self-contained page (per-class F1 side by side, rare class first).
 """
 
 
@@ -46,7 +47,7 @@ TRAIN_OPTIONS = (
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and training")
-    g.add_argument("--preset", choices=("tiny", "small", "base"), help="network size (default: small)")
+    g.add_argument("--preset", choices=("tiny", "demo", "small", "base"), help="network size (default: small; demo: the bundled demo model's)")
     g.add_argument("--width", type=int, help="base channel width (overrides the preset's)")
     g.add_argument("--steps", type=int, help="training steps in all (default: 2000)")
     g.add_argument("--batch-size", type=int, help="crops per step and process (default: 8)")
@@ -291,5 +292,7 @@ def run_compare(args: argparse.Namespace) -> int:
     )
     print(result.table())
     print(result.shares_line())
-    print(f"wrote {result.out_dir / 'compare.json'}")
+    from ..seg.compare import REPORT
+
+    print(f"wrote {result.out_dir / 'compare.json'} and {result.out_dir / REPORT} (open it in a browser)")
     return 0

@@ -55,11 +55,15 @@ class SegConfig:
         "tiny": dict(width=8, channel_mult=(1, 2, 4), num_blocks=1, decoder_blocks=1),
         "small": dict(width=32, channel_mult=(1, 2, 4, 8), num_blocks=2, decoder_blocks=1),
         "base": dict(width=64, channel_mult=(1, 2, 4, 8), num_blocks=3, decoder_blocks=1),
+        # The bundled demo segmentation model and `diffmix demo --compare`: small enough that a
+        # shared 2-core CPU trains it in minutes (one res block per level, width 16: 0.65 M parameters).
+        "demo": dict(width=16, channel_mult=(1, 2, 4, 8), num_blocks=1, decoder_blocks=1),
     }
 
     @classmethod
     def preset(cls, name: str, num_classes: int, **overrides: Any) -> "SegConfig":
-        """``tiny`` (tests, ~50 k parameters), ``small`` (CPU-friendly default) or ``base``."""
+        """``tiny`` (tests, ~50 k parameters), ``demo`` (the bundled demo model, 0.65 M), ``small``
+        (CPU-friendly default) or ``base``."""
         if name not in cls.PRESETS:
             raise ValueError(f"unknown segmentation model preset {name!r}; choose {', '.join(cls.PRESETS)}")
         return cls(num_classes=num_classes, **{**cls.PRESETS[name], **overrides})
