@@ -1,4 +1,5 @@
-"""Progress reporting and stop requests that work the same from the CLI, tests and napari.
+"""Progress reporting, stop requests and the events of long jobs, the same from the CLI, tests
+and napari.
 
 Long functions take ``pbar``: any tqdm-like object (``update``, ``total``,
 ``set_description``, ``close``). napari's ``napari.utils.progress`` is a tqdm subclass, so
@@ -7,6 +8,10 @@ silenced when ``DIFFMIX_QUIET=1``.
 
 They stop at their next safe point when :class:`StopRequests` says so: on Ctrl-C / SIGTERM
 from the command line, or when a GUI's ``should_stop()`` returns True.
+
+A long job that a widget follows is a generator of :class:`JobEvent` (a batch synthesis, a
+render in the Generate widget, the batch export's planning): one event type, so a consumer
+reads ``kind`` and never a job-specific tuple or class.
 """
 
 from __future__ import annotations
@@ -16,11 +21,52 @@ import logging
 import os
 import signal
 import threading
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
+
+
+JOB_EVENTS = ("status", "progress", "preview", "item", "done")
+
+
+@dataclass
+class JobEvent:
+    """What a long job reports while it runs. ``kind``:
+
+    * ``"status"``: ``message`` says what the job does now (opening, planning, loading a
+      model); ``data`` may carry what that phase produced (the batch export's plan);
+    * ``"progress"``: ``done`` of ``total`` units are finished (items of a store, steps of a
+      render); ``message`` describes the work ahead;
+    * ``"preview"``: step ``step`` of ``steps`` of the current sampling ran (``elapsed``
+      seconds since it began); ``preview`` is the sampler's
+      :class:`~napari_diffmix.model.samplers.StepRecord` or a picture made from it (None when
+      this step is not shown) and ``indices`` the items it renders;
+    * ``"item"``: the items ``indices`` are finished; ``data`` holds them;
+    * ``"done"``: the job finished; its result is the generator's return value or the job's
+      ``result``.
+
+    ``done``/``total`` are kept current on every event. Errors are raised, not yielded (a
+    :class:`~napari_diffmix.errors.DiffMixError` for what the user can fix), and a worker
+    reports them.
+    """
+
+    kind: str
+    done: int = 0
+    total: int = 0
+    message: str = ""
+    step: int = 0
+    steps: int = 0
+    elapsed: float = 0.0
+    indices: tuple[int, ...] = ()
+    preview: Any = None
+    data: Any = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in JOB_EVENTS:
+            raise ValueError(f"event kind must be one of {', '.join(JOB_EVENTS)}, got {self.kind!r}")
 
 
 @contextlib.contextmanager

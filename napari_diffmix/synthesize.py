@@ -15,13 +15,14 @@ Driving a job
   ``result.stopped``: finished batches stay, the batch being rendered is dropped and rendered
   again on resume (a second Ctrl-C aborts at once, the store still resumable).
 * ``for event in job.events(should_stop=None): ...``: the GUI way (napari's batch export
-  widget drains it in a ``thread_worker``). Events (:class:`SynthesisEvent`): one ``"start"``
-  (totals), ``"step"`` per denoising step of the current batch (with the sampler's
-  :class:`~napari_diffmix.model.samplers.StepRecord` for previews), ``"batch"`` when a batch is
-  rendered (with its images and label maps; it is written by a background thread while the
-  next batch samples), and ``"finished"`` once every write has landed. Closing the generator
-  (cancel) abandons the batch being sampled and waits for the one being written; the store
-  stays consistent and resumable.
+  widget drains it in a ``thread_worker``). Events (:class:`~napari_diffmix.progress.JobEvent`,
+  ``done``/``total`` counting the store's items): one ``"progress"`` at the start (the items
+  this process renders are ``job.pending``), a ``"preview"`` per denoising step of the current
+  batch (with the sampler's :class:`~napari_diffmix.model.samplers.StepRecord`), an ``"item"``
+  when a batch is rendered (its :class:`RenderedBatch`; it is written by a background thread
+  while the next batch samples), and ``"done"`` once every write has landed. Closing the
+  generator (cancel) abandons the batch being sampled and waits for the one being written;
+  the store stays consistent and resumable.
 
 Resume and crash safety
 -----------------------
@@ -67,7 +68,7 @@ from .mixing import MixCache, Plan, make_item
 from .model.checkpoint import ModelInfo
 from .model.samplers import DIFFMIX_SETTINGS, FAST_SETTINGS, TIMESTEP_SPACING
 from .outputs import WriterLock, check_replace, output_kind, refuse_overlap
-from .progress import StopRequests, progress_bar
+from .progress import JobEvent, StopRequests, progress_bar
 from .render import Renderer, check_synthesis_memory, estimate_synthesis_memory, out_of_memory
 from .store import DONE, ORIGINALS, create_store, original_patches, read_done, remove_partial_files, update_attrs, write_items
 
@@ -147,26 +148,12 @@ def item_seed(seed: int, index: int) -> int:
 
 
 @dataclass
-class SynthesisEvent:
-    """What a running job reports; see the module docstring for the kinds.
+class RenderedBatch:
+    """The data of an ``"item"`` event: the batch's images and label maps, as written."""
 
-    ``done``/``total``: finished items in the store (as this process knows it) / plan items.
-    ``pending``: items this process still had to render when it started. Batch events carry
-    ``indices`` and the written ``images``, ``inst_maps``, ``type_maps``; step events the
-    sampler's ``record`` and ``step``/``steps``.
-    """
-
-    kind: str
-    done: int
-    total: int
-    pending: int = 0
-    indices: tuple[int, ...] = ()
-    step: int = 0
-    steps: int = 0
-    record: Any = None
-    images: np.ndarray | None = None
-    inst_maps: np.ndarray | None = None
-    type_maps: np.ndarray | None = None
+    images: np.ndarray
+    inst_maps: np.ndarray
+    type_maps: np.ndarray
 
 
 @dataclass
@@ -482,6 +469,7 @@ class SynthesisJob:
             self.info = model_info
         self.result: SynthesisResult | None = None
         self.precision: str | None = None  # the network precision "auto" resolved to, once running
+        self.pending = 0  # items this process renders, once running
         check_store_out(self.out, [getattr(dataset, "root", None), self._model_path])
         self._check_inputs()
         check_model_fits(self.info, self.scheme, self.plan.patch_size)
@@ -703,8 +691,8 @@ class SynthesisJob:
         )
         return out
 
-    def events(self, should_stop: Callable[[], bool] | None = None) -> Iterator[SynthesisEvent]:
-        """Run the job as a generator of :class:`SynthesisEvent` (see the module docstring)."""
+    def events(self, should_stop: Callable[[], bool] | None = None) -> Iterator[JobEvent]:
+        """Run the job as a generator of :class:`~napari_diffmix.progress.JobEvent` (see the module docstring)."""
         import torch
 
         threads = torch.get_num_threads()
@@ -720,7 +708,7 @@ class SynthesisJob:
             if self.dist_info is not None and self.dist_info.owns_group and _dist() is not None:
                 _dist().destroy_process_group()
 
-    def _events(self, should_stop: Callable[[], bool] | None) -> Iterator[SynthesisEvent]:
+    def _events(self, should_stop: Callable[[], bool] | None) -> Iterator[JobEvent]:
         import zarr
 
         from .model.samplers import to_uint8
@@ -762,7 +750,8 @@ class SynthesisJob:
         pending = sum(len(b) for b in batches)
         n_done, total = int(done.sum()), len(self.plan)
         self.message = message
-        yield SynthesisEvent("start", n_done, total, pending)
+        self.pending = pending
+        yield JobEvent("progress", n_done, total, f"rendering {pending} item(s) into {self.out}")
 
         sampler = self.sampler
         self.precision = sampler.precision
@@ -782,7 +771,7 @@ class SynthesisJob:
                 timings["labels"] += time.perf_counter() - t0
                 kwargs = dict(init_image=init, strength=c.strength) if c.init == "original" else {}
                 last = None
-                t_step = time.perf_counter()
+                t_step = t_batch = time.perf_counter()
                 # The sampler polls should_stop between UNet stages too: a stop lands within one network
                 # pass, not after the batch (a batch of 256 px patches ran for minutes after Ctrl-C).
                 steps = sampler.sample(cond, sampler=c.sampler, steps=c.steps, guidance=self.guidance, seed=seeds,
@@ -803,7 +792,8 @@ class SynthesisJob:
                             "same command again to resume"
                         ) from None
                     timings["sampling"] += time.perf_counter() - t_step
-                    yield SynthesisEvent("step", n_done, total, pending, tuple(idx), last.step, last.total, last)
+                    yield JobEvent("preview", n_done, total, step=last.step, steps=last.total,
+                                   elapsed=time.perf_counter() - t_batch, indices=tuple(idx), preview=last)
                     t_step = time.perf_counter()
                 if last is None or last.step < last.total:  # stopped inside the batch: none of it is written
                     stopped = True
@@ -824,7 +814,7 @@ class SynthesisJob:
                 n_done += int((~done[idx[0] : idx[-1] + 1]).sum())
                 done[idx[0] : idx[-1] + 1] = True
                 rendered += len(idx)
-                yield SynthesisEvent("batch", n_done, total, pending, tuple(idx), images=images, inst_maps=inst_maps, type_maps=type_maps)
+                yield JobEvent("item", n_done, total, indices=tuple(idx), data=RenderedBatch(images, inst_maps, type_maps))
             t2 = time.perf_counter()
             writer.wait()
             timings["writing"] += time.perf_counter() - t2
@@ -840,7 +830,7 @@ class SynthesisJob:
         result.rendered, result.stopped, result.timings = rendered, stopped, timings
         result.rank, result.world_size = info.rank, info.world_size
         self.result = result
-        yield SynthesisEvent("finished", result.done, total, pending)
+        yield JobEvent("done", result.done, total)
 
     def _finish(self, group: Any, stopped: bool) -> SynthesisResult:
         """Rank 0, after every rank is done: class counts, status, training files."""
@@ -890,12 +880,12 @@ class SynthesisJob:
             bar = None
             try:
                 for event in self.events(requests.poll):
-                    if event.kind == "start":
+                    if bar is None and event.kind == "progress":
                         desc = "synthesize"
                         if self.dist_info.world_size > 1:
                             desc += f" (rank {self.dist_info.rank}/{self.dist_info.world_size})"
-                        bar = stack.enter_context(progress_bar(pbar, event.pending, desc, unit="item"))
-                    elif event.kind == "batch":
+                        bar = stack.enter_context(progress_bar(pbar, self.pending, desc, unit="item"))
+                    elif event.kind == "item":
                         bar.update(len(event.indices))
             except KeyboardInterrupt:  # a second Ctrl-C: the store must not keep saying "in progress"
                 self._mark_stopped()

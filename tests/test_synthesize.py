@@ -226,8 +226,8 @@ def test_a_stop_inside_a_batch_lands_within_the_step_and_drops_that_batch(setup,
     steps_seen = []
     stop = {"now": False}
     for event in job.events(should_stop=lambda: stop["now"]):
-        if event.kind == "step":
-            steps_seen.append((event.indices, event.step, event.total))
+        if event.kind == "preview":
+            steps_seen.append((event.indices, event.step, event.steps))
             if event.indices == (2, 3) and event.step == 1:
                 stop["now"] = True  # asked during the second batch's first step
     second = [(step, total) for idx, step, total in steps_seen if idx == (2, 3)]
@@ -239,21 +239,26 @@ def test_a_stop_inside_a_batch_lands_within_the_step_and_drops_that_batch(setup,
 
 
 def test_events_generator_cancel_and_preview(setup, tmp_path):
+    from napari_diffmix.synthesize import RenderedBatch
+
     out = tmp_path / "s.zarr"
     job = SynthesisJob(setup["dataset"], setup["plan"], setup["model"], out, CONFIG)
     events = job.events()
     start = next(events)
-    assert (start.kind, start.done, start.total, start.pending) == ("start", 0, ITEMS, ITEMS)
+    assert (start.kind, start.done, start.total, job.pending) == ("progress", 0, ITEMS, ITEMS)
+    assert start.message == f"rendering {ITEMS} item(s) into {out}"
     kinds = []
     for ev in events:
         kinds.append(ev.kind)
-        if ev.kind == "step" and ev.indices == (2, 3):
-            assert ev.record.images().shape == (2, SIZE, SIZE, 3)
+        if ev.kind == "preview" and ev.indices == (2, 3):
+            assert ev.preview.images().shape == (2, SIZE, SIZE, 3) and (ev.step, ev.steps) == (1, 2)
             events.close()  # cancel in the middle of the second batch
             break
-        if ev.kind == "batch":
-            assert ev.indices == (0, 1) and ev.images.shape == (2, SIZE, SIZE, 3) and ev.done == 2
-    assert kinds.count("batch") == 1 and kinds.count("step") == 2 + 1
+        if ev.kind == "item":
+            assert ev.indices == (0, 1) and ev.done == 2 and isinstance(ev.data, RenderedBatch)
+            assert ev.data.images.shape == (2, SIZE, SIZE, 3)
+            assert np.array_equal(ev.data.inst_maps[1], open_store(out).group["inst_maps"][1])
+    assert kinds.count("item") == 1 and kinds.count("preview") == 2 + 1  # strength 0.5: 2 of the 4 steps
     assert open_store(out).done_mask().tolist() == [True, True] + [False] * (ITEMS - 2)
     SynthesisJob(setup["dataset"], setup["plan"], setup["model"], out, CONFIG).run()
     _same_store(setup["ref"], out)

@@ -63,8 +63,8 @@ def test_cancel_then_resume_completes_and_opens_the_store(batch, tmp_path, qtbot
     viewer, widget = batch
     events = []
     worker = widget.start()
-    worker.yielded.connect(lambda item: events.append(item[1].kind) if item[0] == "event" else None)
-    qtbot.waitUntil(lambda: "batch" in events, timeout=120_000)
+    worker.yielded.connect(lambda event: events.append(event.kind))
+    qtbot.waitUntil(lambda: "item" in events, timeout=120_000)
     widget.cancel()
     with qtbot.waitSignal(worker.finished, timeout=60_000):
         pass

@@ -11,6 +11,7 @@ store opens in the viewer through this plugin's reader.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from qtpy.QtWidgets import (
 
 from ..classes import BUILTIN_SCHEMES
 from ..errors import DiffMixError
+from ..progress import JobEvent
 from ._layout import Collapsible, DockTab, scroll_body
 from ._model_picker import BUNDLED, ModelPicker
 from ._notify import user_errors
@@ -49,6 +51,15 @@ MAPS = {
 }
 OVERWRITE = "replace a store made with other settings"
 RESUME_ONLY = "only resume (error if there is no store)"
+
+
+@dataclass
+class PlanCheck:
+    """What planning produced: the plan, and how many of the label maps checked came out unchanged."""
+
+    plan: Any
+    unchanged: int
+    checked: int
 
 
 class BatchExportWidget(DockTab, JobWidget, QWidget):
@@ -288,14 +299,14 @@ class BatchExportWidget(DockTab, JobWidget, QWidget):
         from ..mixing import MixCache, plan_balanced_set, unchanged_items
         from ..synthesize import SynthesisConfig, SynthesisJob
 
-        yield ("status", f"opening {s['dataset']}…")
+        yield JobEvent("status", message=f"opening {s['dataset']}…")
         dataset = open_dataset(s["dataset"], s["scheme"])
         cache = MixCache(dataset)
-        yield ("status", f"planning on {len(dataset)} tile(s)…")
+        yield JobEvent("status", message=f"planning on {len(dataset)} tile(s)…")
         plan = plan_balanced_set(dataset, s["plan"], cache=cache)
-        yield ("status", "checking the planned label maps…")
+        yield JobEvent("status", message="checking the planned label maps…")
         unchanged, checked = unchanged_items(plan, dataset, cache=cache)
-        yield ("plan", plan, unchanged, checked)
+        yield JobEvent("status", message=f"planned {len(plan)} patch(es)", data=PlanCheck(plan, unchanged, checked))
         config = SynthesisConfig(
             sampler=s["sampler"], steps=s["steps"], init=s["init"], strength=s["strength"], seed=s["seed"],
             batch_size=s["batch_size"], device=s["device"], precision=s["precision"],
@@ -306,13 +317,7 @@ class BatchExportWidget(DockTab, JobWidget, QWidget):
         )
         if dry_run:
             return ("dry-run", job)
-        start = time.perf_counter()
-        first_done = None
-        for event in job.events():
-            if event.kind == "start":
-                first_done = event.done
-            rate = (event.done - (first_done or 0)) / max(time.perf_counter() - start, 1e-9)
-            yield ("event", event, rate)
+        yield from job.events()
         return ("finished", job)
 
     def start(self, dry_run: bool = False, *, block: bool = False) -> Any:
@@ -320,6 +325,7 @@ class BatchExportWidget(DockTab, JobWidget, QWidget):
         self._check_idle()
         s = self.settings()
         self.result = None
+        self._rate_start = None
         self.progress.setRange(0, 0)
         self.progress.setFormat("starting…")
         return self._start_job(
@@ -328,30 +334,35 @@ class BatchExportWidget(DockTab, JobWidget, QWidget):
         )
 
     # -- main-thread callbacks -------------------------------------------------------------------------
-    def _on_yield(self, item: tuple) -> None:
-        kind = item[0]
-        if kind == "status":
-            self.status.setText(item[1])
-        elif kind == "plan":
-            _, self.plan, unchanged, checked = item
-            text = self.plan.table()
-            if unchanged:
-                # Such patches only copy an original: the plan should change before any rendering.
-                text = (
-                    f"warning: {unchanged} of {checked} patches checked come out unchanged (no nucleus replaced or "
-                    "shifted): they would only copy original patches\n" + text
-                )
-            self.unchanged = (unchanged, checked)
-            self.plan_view.setPlainText(text)
-            self.plan_view.setVisible(True)
-        elif kind == "event":
-            _, event, rate = item
-            left = event.total - event.done
-            eta = f" · ETA {left / rate:.0f} s" if rate > 0 else ""
-            step = f" · step {event.step}/{event.steps}" if event.kind == "step" else ""
-            show_progress(self.progress, event.done, event.total, f"{event.done}/{event.total} items · {rate:.2f} items/s{eta}{step}")
-            if event.kind == "start":
-                self.status.setText(f"rendering {event.pending} item(s) into {self.out_edit.text()}")
+    def _on_yield(self, event: JobEvent) -> None:
+        if event.kind == "status":
+            self.status.setText(event.message)
+            if isinstance(event.data, PlanCheck):
+                self._show_plan(event.data)
+            return
+        if self._rate_start is None:  # the first event of the rendering: the rate counts from here
+            self._rate_start = (time.perf_counter(), event.done)
+        t0, done0 = self._rate_start
+        rate = (event.done - done0) / max(time.perf_counter() - t0, 1e-9)
+        left = event.total - event.done
+        eta = f" · ETA {left / rate:.0f} s" if rate > 0 else ""
+        step = f" · step {event.step}/{event.steps}" if event.kind == "preview" else ""
+        show_progress(self.progress, event.done, event.total, f"{event.done}/{event.total} items · {rate:.2f} items/s{eta}{step}")
+        if event.kind == "progress":
+            self.status.setText(event.message)
+
+    def _show_plan(self, check: PlanCheck) -> None:
+        self.plan = check.plan
+        text = check.plan.table()
+        if check.unchanged:
+            # Such patches only copy an original: the plan should change before any rendering.
+            text = (
+                f"warning: {check.unchanged} of {check.checked} patches checked come out unchanged (no nucleus replaced "
+                "or shifted): they would only copy original patches\n" + text
+            )
+        self.unchanged = (check.unchanged, check.checked)
+        self.plan_view.setPlainText(text)
+        self.plan_view.setVisible(True)
 
     def _on_return(self, value: tuple) -> None:
         kind, job = value
