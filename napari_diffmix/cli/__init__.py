@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "stats",
     "labels",
     "train",
+    "distill",
     "synthesize",
     "score",
     "report",

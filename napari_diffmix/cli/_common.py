@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 from typing import Any, Sequence
 
 # datasets.LAYOUTS plus "auto"; spelled out so that building the parser imports no numpy/scipy.
@@ -109,3 +111,68 @@ def rare_ids(scheme: Any, values: Sequence[str] | None) -> list[int] | None:
         else:
             ids.append(scheme.class_id(v))
     return ids
+
+
+# ---- training data and run folders (diffmix train, diffmix distill)
+
+
+def saved_scheme(out_dir):
+    """The class scheme in a run folder's config.json (None when there is none)."""
+    path = Path(out_dir) / "config.json"
+    if path.is_file():
+        scheme = json.loads(path.read_text(encoding="utf-8")).get("scheme")
+        if scheme:
+            from ..classes import ClassScheme
+
+            return ClassScheme.from_dict(scheme)
+    return None
+
+
+def run_dir_of(path: Path) -> Path | None:
+    """The run folder a --resume argument (a run folder or one of its checkpoints) names."""
+    if path.is_dir():
+        return path
+    if path.parent.name == "checkpoints":
+        return path.parent.parent
+    return None
+
+
+def open_training_data(args, run_scheme=None):
+    """(training tiles, scheme, validation tiles) for the positional datasets and --val.
+
+    ``demo`` means the bundled tile's training split; its held-out split becomes the
+    validation set unless ``--val`` names one.
+    """
+    from ..classes import load_scheme
+    from ..datasets import open_dataset
+    from ..errors import DatasetError, SchemeError
+
+    if not args.data:
+        raise DatasetError("no training data given: name dataset folders, or 'demo' for the bundled tile")
+    scheme = load_scheme(args.scheme) if args.scheme else run_scheme
+
+    def opened(spec):
+        if spec == "demo":
+            from ..classes import DEMO
+            from ..demo_data import demo_split
+
+            return demo_split(), DEMO
+        ds = open_dataset(spec, scheme=scheme, layout=args.layout)
+        return ds, ds.scheme
+
+    data, val = [], None
+    for spec in args.data:
+        tiles, ds_scheme = opened(spec)
+        if spec == "demo":
+            tiles, val = tiles.train, tiles.held_out if val is None else val
+        if scheme is None:
+            scheme = ds_scheme
+        elif ds_scheme.names != scheme.names:
+            raise SchemeError(f"dataset {spec!r} uses classes {list(ds_scheme.names)}, the model {list(scheme.names)}: one scheme per model")
+        data.append(tiles)
+    if args.val:
+        val = []
+        for spec in args.val:
+            tiles, _ = opened(spec)
+            val.append(tiles.held_out if spec == "demo" else tiles)
+    return data, scheme, val

@@ -21,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from ._common import SCHEME_HELP, PRECISIONS, add_device_arguments, add_layout_argument
+from ._common import SCHEME_HELP, PRECISIONS, add_device_arguments, add_layout_argument, open_training_data, run_dir_of, saved_scheme
 
 EPILOG = """examples:
   diffmix train demo --preset demo --out runs/demo
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         source = args.resume if args.resume not in (None, "auto") else out
         if source is None:
             raise TrainingError("--export-only needs a checkpoint: --resume CKPT or --out RUN_FOLDER")
-        target = Path(args.export) if args.export else (_run_dir_of(Path(source)) or Path(".")) / "model.safetensors"
+        target = Path(args.export) if args.export else (run_dir_of(Path(source)) or Path(".")) / "model.safetensors"
         path = export_checkpoint(source, target)
         print(f"exported EMA model to {path}")
         return 0
@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     # Base config: --config file > the resumed run's own config.json > preset.
     run_dir = None
     if args.resume is not None:
-        run_dir = out if args.resume == "auto" else _run_dir_of(Path(args.resume))
+        run_dir = out if args.resume == "auto" else run_dir_of(Path(args.resume))
         if run_dir is None:
             raise TrainingError("--resume without a checkpoint path needs --out RUN_FOLDER")
     saved = None
@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     refuse_overlap(config.out_dir, inputs)
     if args.export:
         refuse_overlap(args.export, inputs, flag="--export")
-    data, scheme, val = _open_data(argparse.Namespace(**specs), saved_scheme=_saved_scheme(config.out_dir) if args.resume else None)
+    data, scheme, val = open_training_data(argparse.Namespace(**specs), run_scheme=saved_scheme(config.out_dir) if args.resume else None)
     if int(os.environ.get("RANK", "0")) == 0:
         from ..atomic import write_json
 
@@ -226,63 +226,3 @@ def _read_json(path: Path, what: str):
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise TrainingError(f"{path}: cannot read the {what} ({exc})") from None
-
-
-def _saved_scheme(out_dir):
-    path = Path(out_dir) / "config.json"
-    if path.is_file():
-        scheme = json.loads(path.read_text(encoding="utf-8")).get("scheme")
-        if scheme:
-            from ..classes import ClassScheme
-
-            return ClassScheme.from_dict(scheme)
-    return None
-
-
-def _run_dir_of(path: Path) -> Path | None:
-    if path.is_dir():
-        return path
-    if path.parent.name == "checkpoints":
-        return path.parent.parent
-    return None
-
-
-def _open_data(args, saved_scheme=None):
-    """(training tiles, scheme, validation tiles) for the positional datasets and --val.
-
-    ``demo`` means the bundled tile's training split; its held-out split becomes the
-    validation set unless ``--val`` names one.
-    """
-    from ..classes import load_scheme
-    from ..datasets import open_dataset
-    from ..errors import DatasetError, SchemeError
-
-    if not args.data:
-        raise DatasetError("no training data given: name dataset folders, or 'demo' for the bundled tile")
-    scheme = load_scheme(args.scheme) if args.scheme else saved_scheme
-
-    def opened(spec):
-        if spec == "demo":
-            from ..classes import DEMO
-            from ..demo_data import demo_split
-
-            return demo_split(), DEMO
-        ds = open_dataset(spec, scheme=scheme, layout=args.layout)
-        return ds, ds.scheme
-
-    data, val = [], None
-    for spec in args.data:
-        tiles, ds_scheme = opened(spec)
-        if spec == "demo":
-            tiles, val = tiles.train, tiles.held_out if val is None else val
-        if scheme is None:
-            scheme = ds_scheme
-        elif ds_scheme.names != scheme.names:
-            raise SchemeError(f"dataset {spec!r} uses classes {list(ds_scheme.names)}, the model {list(scheme.names)}: one scheme per model")
-        data.append(tiles)
-    if args.val:
-        val = []
-        for spec in args.val:
-            tiles, _ = opened(spec)
-            val.append(tiles.held_out if spec == "demo" else tiles)
-    return data, scheme, val

@@ -10,6 +10,12 @@ names, see :mod:`napari_diffmix.model.unet`); its header metadata holds one key,
      "unet": UNetConfig.to_dict(), "diffusion": {"num_timesteps": 1000, "schedule": "linear", ...},
      "default_guidance": 3.0, "scheme": ClassScheme.to_dict(), "extra": {...}}
 
+A distilled student (:mod:`napari_diffmix.distill`) adds ``"distilled": {"method", "sampler",
+"steps", "guidance", "teacher_sha256", ...}``: the sampler and step count it was trained for,
+the teacher's guidance folded into its single forward (its ``default_guidance`` is 1), and the
+teacher file's sha256. Such files are version 2, so that a reader that does not know students
+refuses them instead of rendering them with a sampler they were not trained for.
+
 One file rather than a folder because a model is picked, copied and verified as one thing
 (a napari file dialog, a ``--model`` flag, ``sha256sum``); ``ModelInfo.sha256`` is the hash of
 the file's bytes, the same as ``sha256sum`` prints. safetensors never executes code on load.
@@ -46,7 +52,7 @@ import torch
 
 from ..atomic import atomic_path
 from ..classes import ClassScheme, load_scheme
-from ..errors import CheckpointError, DiffMixError
+from ..errors import CheckpointError, DiffMixError, RenderError
 from .unet import PRESET_SCHEMES, SDMUNet, UNetConfig
 
 __all__ = ["ModelInfo", "save_model", "load_model", "read_info", "check_state_dict", "infer_config_fields",
@@ -54,7 +60,7 @@ __all__ = ["ModelInfo", "save_model", "load_model", "read_info", "check_state_di
            "PUBLISHED_GUIDANCE"]
 
 FORMAT = "napari-diffmix-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: plain models (still written for them); 2: distilled students
 METADATA_KEY = "napari_diffmix"
 
 # DiffMix / SDM: 1000 linear-beta steps, learned sigma; sampling with CFG scale 1.5.
@@ -75,6 +81,42 @@ class ModelInfo:
     source: str
     format: str  # "native" or "guided-diffusion"
     extra: dict[str, Any] = field(default_factory=dict)
+    distilled: dict[str, Any] | None = None  # a student's sampler, steps, guidance, teacher
+
+    def default_sampling(self) -> dict[str, Any]:
+        """The sampler and steps renderers start from: a student's own, else the fast settings."""
+        from .samplers import FAST_SETTINGS
+
+        if self.distilled:
+            return {"sampler": self.distilled["sampler"], "steps": int(self.distilled["steps"])}
+        return {"sampler": FAST_SETTINGS["sampler"], "steps": FAST_SETTINGS["steps"]}
+
+    def summary(self) -> str:
+        """A short name of what kind of model this is, for pickers and logs."""
+        if self.distilled:
+            return f"{int(self.distilled['steps'])}-step distilled model"
+        return "diffusion model"
+
+    def check_sampling(self, sampler: str, steps: int, guidance: float | None) -> None:
+        """Refuse settings a distilled student was not trained for (its sampler, its step count,
+        guidance 1 or None); any settings pass for other models."""
+        if not self.distilled:
+            return
+        own = self.default_sampling()
+        wrong = []
+        if sampler != own["sampler"]:
+            wrong.append(f"sampler {sampler!r}")
+        if int(steps) != own["steps"]:
+            wrong.append(f"{steps} steps")
+        if guidance is not None and float(guidance) != 1.0:
+            wrong.append(f"guidance {guidance:g}")
+        if wrong:
+            raise RenderError(
+                f"{Path(self.source).name} is a {self.summary()} (sampler {own['sampler']}, {own['steps']} steps, "
+                f"guidance {float(self.distilled['guidance']):g} of its teacher folded in) and renders only with those "
+                f"settings, not {', '.join(wrong)}; leave sampler, steps and guidance at the model's defaults, or use its "
+                "teacher for other settings"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,6 +159,7 @@ def save_model(
     default_guidance: float | None = None,
     extra: Mapping[str, Any] | None = None,
     dtype: torch.dtype | None = None,
+    distilled: Mapping[str, Any] | None = None,
 ) -> str:
     """Write ``model`` (pass the EMA model when there is one) as one native ``.safetensors``.
 
@@ -124,8 +167,9 @@ def save_model(
     or an object with ``to_dict()``; default: the published 1000-step linear schedule).
     ``default_guidance``: the CFG scale samplers should start from (default 1.5, the paper's).
     ``extra``: JSON-serialisable provenance (training steps, dataset, ...). ``dtype`` stores
-    the weights in another precision (e.g. ``torch.float16`` halves the file). The write is
-    atomic. Returns the file's sha256.
+    the weights in another precision (e.g. ``torch.float16`` halves the file). ``distilled``:
+    a student's sampling record (see the module docstring). The write is atomic. Returns the
+    file's sha256.
     """
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -138,13 +182,16 @@ def save_model(
     _check_scheme(scheme, model.config, str(path))
     document = {
         "format": FORMAT,
-        "version": FORMAT_VERSION,
+        "version": FORMAT_VERSION if distilled else 1,
         "unet": model.config.to_dict(),
         "diffusion": _diffusion_dict(diffusion, model.config),
         "default_guidance": float(PUBLISHED_GUIDANCE if default_guidance is None else default_guidance),
         "scheme": scheme.to_dict(),
         "extra": dict(extra or {}),
     }
+    if distilled:
+        _check_distilled(dict(distilled), str(path))
+        document["distilled"] = dict(distilled)
     try:
         text = json.dumps(document)
     except (TypeError, ValueError) as exc:
@@ -172,6 +219,19 @@ def _diffusion_dict(diffusion: Any, config: UNetConfig) -> dict[str, Any]:
     if not isinstance(diffusion, Mapping):
         raise CheckpointError(f"diffusion settings must be a mapping or a dataclass, got {type(diffusion).__name__}")
     return dict(diffusion)
+
+
+def _check_distilled(record: dict[str, Any], source: str) -> None:
+    from .samplers import SAMPLERS
+
+    missing = [k for k in ("sampler", "steps", "guidance", "teacher_sha256") if k not in record]
+    if missing:
+        raise CheckpointError(f"{source}: the distilled-student record lacks {', '.join(missing)}")
+    if record["sampler"] not in SAMPLERS or not isinstance(record["steps"], int) or record["steps"] < 1:
+        raise CheckpointError(
+            f"{source}: the distilled-student record names sampler {record['sampler']!r} with {record['steps']!r} steps; "
+            f"expected one of {', '.join(SAMPLERS)} and a step count >= 1"
+        )
 
 
 def _check_scheme(scheme: ClassScheme, config: UNetConfig, source: str) -> None:
@@ -339,6 +399,7 @@ def _native_info(path: Path, document: Mapping[str, Any], sha256: str | None = N
             source=str(path),
             format="native",
             extra=dict(document.get("extra") or {}),
+            distilled=dict(document["distilled"]) if document.get("distilled") else None,
         )
     except KeyError as exc:
         raise CheckpointError(f"{path}: model metadata lacks the {exc.args[0]!r} entry") from None
@@ -347,6 +408,8 @@ def _native_info(path: Path, document: Mapping[str, Any], sha256: str | None = N
     except (DiffMixError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: invalid model metadata: {exc}") from None
     _check_scheme(scheme, config, str(path))
+    if info.distilled:
+        _check_distilled(info.distilled, str(path))
     return info
 
 

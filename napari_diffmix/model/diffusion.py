@@ -281,6 +281,19 @@ class GaussianDiffusion:
             self.sqrt_recipm1_alphas_cumprod, t, x_t
         )
 
+    def ddim_step(self, pred_x0: torch.Tensor, eps: torch.Tensor, t_next: torch.Tensor | int) -> torch.Tensor:
+        """Deterministic DDIM (eta 0): the state at timestep ``t_next`` (per sample; -1 = the
+        clean image, alpha_bar 1) on the line through ``pred_x0`` and ``eps``. The sampler of a
+        distilled student and the distiller's targets both take this step, so they agree exactly."""
+        t_next = torch.as_tensor(t_next, device=pred_x0.device)
+        if t_next.ndim == 0:
+            t_next = t_next.expand(pred_x0.shape[0])
+        final = (t_next < 0).reshape(-1, *([1] * (pred_x0.ndim - 1)))
+        index = self._as_t(t_next.clamp_min(0), pred_x0)
+        a = torch.where(final, 1.0, _gather(self.sqrt_alphas_cumprod, index, pred_x0))
+        s = torch.where(final, 0.0, _gather(self.sqrt_one_minus_alphas_cumprod, index, pred_x0))
+        return a * pred_x0 + s * eps
+
     # ---- reverse process -------------------------------------------------------------------
 
     def p_mean_variance(

@@ -74,7 +74,9 @@ __all__ = [
     "TIMESTEP_SPACING",
 ]
 
-SAMPLERS = ("dpm++2m", "ddim", "ddpm", "unipc")
+# "ddim-logsnr": deterministic DDIM on log-SNR-even steps, the sampler distilled students are
+# trained for (napari_diffmix.distill); any model can use it.
+SAMPLERS = ("dpm++2m", "ddim", "ddpm", "unipc", "ddim-logsnr")
 CFG_MODES = ("batched", "separate")
 _AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -292,7 +294,7 @@ def _cpu_compile_missing() -> str | None:
 # How each solver spaces its steps over the schedule; stores record it with the settings, since
 # the same solver and step count give other images under another spacing.
 TIMESTEP_SPACING: Mapping[str, str] = MappingProxyType(
-    {"dpm++2m": "log-snr", "unipc": "linspace", "ddim": "leading", "ddpm": "leading"}
+    {"dpm++2m": "log-snr", "unipc": "linspace", "ddim": "leading", "ddpm": "leading", "ddim-logsnr": "log-snr"}
 )
 
 
@@ -465,6 +467,7 @@ class _Run:
     cond_key: str | None
     spade_budget: int | None  # bytes of SPADE cache per window
     should_stop: Callable[[], bool] | None = None
+    noise: torch.Tensor | None = None
 
     @property
     def total(self) -> int:
@@ -573,6 +576,7 @@ class Sampler:
         tile_overlap: int | None = None,
         edit_context: int | str | None = EDIT_CONTEXT,
         should_stop: Callable[[], bool] | None = None,
+        noise: torch.Tensor | None = None,
     ) -> Iterator[StepRecord]:
         """Render images for conditions ``cond`` ((N, C+2, H, W) or (C+2, H, W)); a generator.
 
@@ -597,7 +601,8 @@ class Sampler:
         not on the whole canvas; outside them every step keeps the noised ``init_image`` anyway.
         None runs the whole canvas. ``should_stop``: polled between windows and between the two
         CFG branches; when it returns True the generator ends without finishing the step (to
-        stop between steps, just stop iterating).
+        stop between steps, just stop iterating). ``noise``: start from this (N, 3, H, W) noise
+        instead of the seeds' (the distiller pairs a teacher's run with the noise it started from).
 
         Arguments are checked when this is called; the work happens while iterating.
         """
@@ -605,6 +610,7 @@ class Sampler:
             cond, sampler=sampler, steps=steps, guidance=guidance, seed=seed, init_image=init_image,
             strength=strength, mask=mask, eta=eta, clip_denoised=clip_denoised, cfg=cfg,
             tile_size=tile_size, tile_overlap=tile_overlap, edit_context=edit_context, should_stop=should_stop,
+            noise=noise,
         ))
 
     def generate(self, cond: torch.Tensor, *, pbar: Any | None = None, **kwargs: Any) -> StepRecord:
@@ -619,7 +625,7 @@ class Sampler:
 
     # -- validation ----------------------------------------------------------------------------
     def _validate(self, cond, *, sampler, steps, guidance, seed, init_image, strength, mask, eta, clip_denoised,
-                  cfg, tile_size, tile_overlap, edit_context=None, should_stop=None) -> _Run:
+                  cfg, tile_size, tile_overlap, edit_context=None, should_stop=None, noise=None) -> _Run:
         device = self.device
         if sampler not in SAMPLERS:
             raise DiffMixError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -655,6 +661,10 @@ class Sampler:
         cond = cond.to(device=device, dtype=torch.float32)
 
         seeds = _seeds(seed, n)
+        if noise is not None:
+            if not isinstance(noise, torch.Tensor) or tuple(noise.shape) != (n, 3, height, width):
+                raise DiffMixError(f"noise must be a tensor of shape {(n, 3, height, width)}, got {getattr(noise, 'shape', type(noise))}")
+            noise = noise.to(device=device, dtype=torch.float32)
         init = None if init_image is None else _init_tensor(init_image, n, height, width).to(device)
         if strength is not None:
             if init is None:
@@ -691,7 +701,7 @@ class Sampler:
         cond_key = condition_key(cond) if self.cache and cfg == "batched" and guidance != 0 else None
         budget = self._spade_budget(len(windows) if windows else 1) if cond_key else None
         return _Run(cond, sampler, int(steps), float(guidance), seeds, init, strength, mask_t, float(eta),
-                    bool(clip_denoised), cfg, windows, overlap, cond_key, budget, should_stop)
+                    bool(clip_denoised), cfg, windows, overlap, cond_key, budget, should_stop, noise)
 
     def edit_context_px(self, edit_context: int | str) -> int:
         """The px of context a local edit renders around its mask for ``edit_context`` ("auto" or px)."""
@@ -708,20 +718,25 @@ class Sampler:
         device = self.device
         n, _, height, width = run.cond.shape
         generators = [torch.Generator("cpu").manual_seed(s) for s in run.seeds]
-        noise = _randn(generators, (3, height, width), device)
+        noise = _randn(generators, (3, height, width), device) if run.noise is None else run.noise
 
-        scheduler = _make_scheduler(run.sampler, base)
         total = run.total
-        if run.sampler == "dpm++2m":
-            # SDEdit starts at the noise level of the time-even schedule's first kept step (so a
-            # strength means what it means for the other solvers); the steps are then log-SNR even.
-            start_t = round((base.config.num_timesteps - 1) * total / run.steps)
-            scheduler.set_timesteps(timesteps=log_snr_timesteps(base.alphas_cumprod, start_t, total))
+        scheduler = None if run.sampler == "ddim-logsnr" else _make_scheduler(run.sampler, base)
+        if scheduler is None:
+            # A student learned exactly these steps: SDEdit runs the last `total` of them rather
+            # than a new spacing from its own start (which it never saw).
+            timesteps = log_snr_timesteps(base.alphas_cumprod, base.config.num_timesteps - 1, run.steps)
         else:
-            scheduler.set_timesteps(run.steps)
-        timesteps = [int(t) for t in scheduler.timesteps]
+            if run.sampler == "dpm++2m":
+                # SDEdit starts at the noise level of the time-even schedule's first kept step (so a
+                # strength means what it means for the other solvers); the steps are then log-SNR even.
+                start_t = round((base.config.num_timesteps - 1) * total / run.steps)
+                scheduler.set_timesteps(timesteps=log_snr_timesteps(base.alphas_cumprod, start_t, total))
+            else:
+                scheduler.set_timesteps(run.steps)
+            timesteps = [int(t) for t in scheduler.timesteps]
         start = len(timesteps) - total  # SDEdit on a whole schedule: run its last `total` steps
-        if start and hasattr(scheduler, "set_begin_index"):
+        if start and scheduler is not None and hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(start)
         timesteps = timesteps[start:]
 
@@ -763,7 +778,10 @@ class Sampler:
                     # clip through a quantile that fails on large canvases).
                     pred_x0 = pred_x0.clamp(-1, 1)
                     eps = base.predict_eps_from_x0(x, t_index, pred_x0)
-                if run.sampler == "ddim":
+                if run.sampler == "ddim-logsnr":
+                    t_next = timesteps[k + 1] if k + 1 < total else -1
+                    x_next = base.ddim_step(pred_x0, eps, t_next)
+                elif run.sampler == "ddim":
                     variance_noise = _randn(generators, (3, height, width), device) if run.eta > 0 else None
                     x_next = scheduler.step(eps, t, x, eta=run.eta, variance_noise=variance_noise).prev_sample
                 elif run.sampler == "ddpm":

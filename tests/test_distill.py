@@ -1,0 +1,194 @@
+"""diffmix distill: a tiny teacher distilled in seconds; resume, metadata, refusals, the student's sampler."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from napari_diffmix.classes import DEMO
+from napari_diffmix.demo_data import demo_split
+from napari_diffmix.distill import (
+    DistillConfig,
+    distill,
+    distill_losses,
+    student_timesteps,
+    teacher_states,
+)
+from napari_diffmix.errors import CheckpointError, RenderError, TrainingError
+from napari_diffmix.model.checkpoint import load_model, read_info, save_model
+from napari_diffmix.model.condition import condition_batch
+from napari_diffmix.model.diffusion import GaussianDiffusion
+from napari_diffmix.model.samplers import Sampler, log_snr_timesteps
+from napari_diffmix.train import weights_digest
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def tiles():
+    split = demo_split()
+    return split.train.crop(0, 0, 96, 96), split.held_out.crop(0, 0, 64, 64)
+
+
+def config(tmp_path: Path, teacher: Path, name: str = "run", **kw) -> DistillConfig:
+    base = dict(teacher=str(teacher), out_dir=str(tmp_path / name), num_threads=1, num_val_samples=2)
+    base.update(kw)
+    return DistillConfig.from_preset("tiny", **base)
+
+
+def test_student_timesteps_nest_in_the_teachers():
+    a = GaussianDiffusion().alphas_cumprod
+    assert student_timesteps(a, 12, 3) == [999, 722, 302, 30] == log_snr_timesteps(a, 999, 4)
+    assert student_timesteps(a, 16, 4) == log_snr_timesteps(a, 999, 4)
+    assert student_timesteps(a, 8, 2) == log_snr_timesteps(a, 999, 4)
+
+
+def test_config_refuses_teacher_steps_that_do_not_nest(tmp_path, tiny_model):
+    with pytest.raises(TrainingError, match="multiple of the student's"):
+        config(tmp_path, tiny_model, teacher_steps=5, steps_to=2).validate()
+    with pytest.raises(TrainingError, match="--teacher"):
+        DistillConfig().validate()
+
+
+def test_ddim_logsnr_sampler_takes_ddim_steps_on_log_snr_timesteps(tiny_model):
+    model, info = load_model(tiny_model)
+    runner = Sampler(model, info.diffusion, precision="fp32")
+    cond = condition_batch([np.zeros((32, 32), np.int32)], [np.zeros((32, 32), np.uint8)], DEMO.num_classes)
+    records = list(runner.sample(cond, sampler="ddim-logsnr", steps=3, guidance=1.0, seed=5))
+    diffusion = runner.diffusion
+    assert [r.t for r in records] == log_snr_timesteps(diffusion.alphas_cumprod, 999, 3)
+    # The last step lands on the clean-image prediction itself (alpha_bar 1).
+    assert torch.equal(records[-1].x_t, records[-1].pred_x0)
+    # Any step: x_next = sqrt(ab_next) x0 + sqrt(1 - ab_next) eps, eps consistent with x0 and x_t.
+    x_t, rec = records[0].x_t, records[1]
+    t, t_next = rec.t, records[2].t
+    eps = diffusion.predict_eps_from_x0(x_t, torch.tensor([t]), rec.pred_x0)
+    a = diffusion.alphas_cumprod[t_next]
+    assert torch.allclose(rec.x_t, np.sqrt(a) * rec.pred_x0 + np.sqrt(1 - a) * eps, atol=1e-5)
+
+
+def test_teacher_states_are_its_run_at_the_student_timesteps(tiny_model):
+    model, info = load_model(tiny_model)
+    runner = Sampler(model, info.diffusion, precision="fp32")
+    cond = condition_batch([np.zeros((32, 32), np.int32)] * 2, [np.zeros((32, 32), np.uint8)] * 2, DEMO.num_classes)
+    noise = torch.randn((2, 3, 32, 32), generator=torch.Generator().manual_seed(0))
+    states = teacher_states(runner, cond, noise, 4, 2, 2.0)
+    assert len(states) == 3 and states[0] is noise
+    final = runner.generate(cond, sampler="dpm++2m", steps=4, guidance=2.0, noise=noise).x_t
+    assert torch.equal(states[-1], final)
+
+
+def test_the_initial_student_is_scored_against_the_teacher_and_learns(tiny_model, tiles):
+    """The loss is the student's landing error; a few steps on one batch lower it (it can fail)."""
+    model, info = load_model(tiny_model)
+    runner = Sampler(model, info.diffusion, precision="fp32")
+    diffusion = runner.diffusion
+    tile = tiles[0]
+    cond = condition_batch([tile.inst_map[:32, :32]], [tile.type_map[:32, :32]], DEMO.num_classes)
+    noise = torch.randn((1, 3, 32, 32), generator=torch.Generator().manual_seed(1))
+    timesteps = student_timesteps(diffusion.alphas_cumprod, 4, 2)
+    states = teacher_states(runner, cond, noise, 4, 2, 2.0)
+    import copy
+
+    student = copy.deepcopy(model).train().requires_grad_(True)
+    opt = torch.optim.Adam(student.parameters(), 1e-3)
+    first = None
+    for _ in range(15):
+        losses, ks = distill_losses(student, diffusion, states, cond, timesteps)
+        assert losses.shape == (2,) and ks.tolist() == [0, 1]
+        first = float(losses.mean().detach()) if first is None else first
+        opt.zero_grad()
+        losses.mean().backward()
+        opt.step()
+    assert float(distill_losses(student, diffusion, states, cond, timesteps)[0].mean()) < 0.5 * first
+
+
+def test_distill_writes_a_student_whose_metadata_round_trips(tmp_path, tiny_model, tiles):
+    result = distill(config(tmp_path, tiny_model), [tiles[0]], scheme=DEMO, val=[tiles[1]])
+    assert result.step == 6 and not result.interrupted
+    run = Path(result.out_dir)
+    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step-0000003.pt", "step-0000006.pt"]
+    rows = (run / "log.csv").read_text().splitlines()
+    assert rows[0].startswith("step,samples,loss,loss_k0,loss_k1") and len(rows) == 4
+    assert (run / "samples" / "step-0000006.png").is_file()
+    teacher = read_info(tiny_model)
+    info = read_info(result.model_path)
+    assert info.distilled["sampler"] == "ddim-logsnr" and info.distilled["steps"] == 2
+    assert info.distilled["teacher_sha256"] == teacher.sha256 and info.distilled["guidance"] == 2.0
+    assert info.default_guidance == 1.0 and info.diffusion == teacher.diffusion
+    assert info.default_sampling() == {"sampler": "ddim-logsnr", "steps": 2}
+    assert info.summary() == "2-step distilled model"
+    assert teacher.distilled is None and teacher.default_sampling() == {"sampler": "dpm++2m", "steps": 15}
+    assert json.loads((run / "config.json").read_text())["student_timesteps"] == [999, 302]
+    # The student renders with its own settings and refuses others.
+    info.check_sampling("ddim-logsnr", 2, None)
+    info.check_sampling("ddim-logsnr", 2, 1.0)
+    for bad, word in ((("dpm++2m", 2, None), "sampler 'dpm\\+\\+2m'"), (("ddim-logsnr", 15, None), "15 steps"),
+                      (("ddim-logsnr", 2, 3.0), "guidance 3")):
+        with pytest.raises(RenderError, match=f"2-step distilled model.*{word}"):
+            info.check_sampling(*bad)
+    teacher.check_sampling("unipc", 40, 7.0)  # any settings for a plain model
+    with pytest.raises(TrainingError, match="already a distilled student"):
+        distill(config(tmp_path, result.model_path, "again"), [tiles[0]], scheme=DEMO)
+
+
+def test_a_reader_that_knows_no_students_refuses_one(tmp_path, tiny_model):
+    from safetensors import safe_open
+
+    model, _ = load_model(tiny_model)
+    path = tmp_path / "student.safetensors"
+    save_model(model, path, scheme=DEMO, default_guidance=1.0,
+               distilled={"sampler": "ddim-logsnr", "steps": 4, "guidance": 3.0, "teacher_sha256": "0" * 64})
+    with safe_open(str(path), framework="pt") as fh:
+        assert json.loads(fh.metadata()["napari_diffmix"])["version"] == 2
+    with safe_open(str(tiny_model), framework="pt") as fh:
+        assert json.loads(fh.metadata()["napari_diffmix"])["version"] == 1
+    with pytest.raises(CheckpointError, match="lacks teacher_sha256"):
+        save_model(model, tmp_path / "bad.safetensors", scheme=DEMO, distilled={"sampler": "ddim-logsnr", "steps": 4, "guidance": 3.0})
+
+
+def test_resume_is_bit_for_bit(tmp_path, tiny_model, tiles):
+    whole = distill(config(tmp_path, tiny_model, "whole", save_every=0), [tiles[0]], scheme=DEMO)
+    cfg = config(tmp_path, tiny_model, "parts", save_every=0)
+    first = distill(cfg, [tiles[0]], scheme=DEMO, max_steps=4)
+    assert first.interrupted and first.step == 4
+    with pytest.raises(TrainingError, match="already holds checkpoints"):
+        distill(cfg, [tiles[0]], scheme=DEMO)
+    second = distill(cfg, [tiles[0]], scheme=DEMO, resume="auto")
+    assert second.step == 6
+    assert weights_digest(second.ema_student) == weights_digest(whole.ema_student)
+    assert weights_digest(second.student) == weights_digest(whole.student)
+    log_rows = (Path(cfg.out_dir) / "log.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in log_rows[1:]] == ["2", "4", "6"]
+
+
+def test_stop_request_saves_a_checkpoint_and_resume_refuses_another_teacher(tmp_path, tiny_model, tiles):
+    calls = []
+    cfg = config(tmp_path, tiny_model, save_every=0)
+    result = distill(cfg, [tiles[0]], scheme=DEMO, should_stop=lambda: calls.append(1) or len(calls) >= 2)
+    assert result.interrupted and result.step == 2 and result.checkpoint.name == "step-0000002.pt"
+    other = tmp_path / "other.safetensors"
+    torch.manual_seed(1)
+    from napari_diffmix.model.unet import SDMUNet, UNetConfig
+
+    save_model(SDMUNet(UNetConfig.preset("tiny")), other, scheme=DEMO, default_guidance=2.0)
+    with pytest.raises(CheckpointError, match="another teacher"):
+        distill(config(tmp_path, other, save_every=0), [tiles[0]], scheme=DEMO, resume="auto")
+
+
+def test_cli_distill_resume_and_export(tmp_path, tiny_model):
+    from napari_diffmix.cli import main
+
+    out = tmp_path / "cli"
+    common = ["--teacher", str(tiny_model), "--threads", "1"]
+    assert main(["distill", "demo", *common, "--preset", "tiny", "--crop-size", "32", "--out", str(out), "--max-steps", "3"]) == 0
+    assert not (out / "model.safetensors").exists()
+    assert main(["distill", "--resume", "--out", str(out)]) == 0  # data and teacher from the run folder
+    info = read_info(out / "model.safetensors")
+    assert info.distilled["distill_steps"] == 6 and info.distilled["crop_size"] == 32
+    assert main(["distill", "--export-only", "--resume", "--out", str(out), "--export", str(tmp_path / "s.safetensors")]) == 0
+    assert read_info(tmp_path / "s.safetensors").distilled["steps"] == 2
