@@ -8,6 +8,9 @@ import tifffile
 from scipy.io import savemat
 
 from napari_diffmix import datasets as ds
+from napari_diffmix.data import consep
+from napari_diffmix.data import generic as generic_layout
+from napari_diffmix.data import pannuke as pannuke_layout
 from napari_diffmix.classes import CONSEP, GLYSAC, ClassScheme
 from napari_diffmix.cli import main
 from napari_diffmix.errors import DatasetError, LabelError, SchemeError, UnsafeOutputError
@@ -114,7 +117,7 @@ def test_labels_read_without_decoding_images(tmp_path, monkeypatch):
     def no_images(path):
         raise AssertionError(f"decoded {path}")
 
-    monkeypatch.setattr(ds, "read_image", no_images)
+    monkeypatch.setattr(consep, "read_image", no_images)
     for i, tile in enumerate(tiles):
         labels = full.labels(i)
         assert labels.image is None and labels.name == tile.name and labels.source == tile.source
@@ -143,8 +146,8 @@ def test_labels_only_for_generic_pannuke_and_memory(tmp_path, monkeypatch):
     np.save(tmp_path / "pannuke" / "images.npy", np.zeros((2, H, W, 3), np.uint8))
     np.save(tmp_path / "pannuke" / "masks.npy", masks)
     generic, pannuke = ds.open_dataset(tmp_path / "generic"), ds.open_dataset(tmp_path / "pannuke", "glysac")
-    monkeypatch.setattr(ds, "read_image", lambda path: pytest.fail(f"decoded {path}"))
-    monkeypatch.setattr(ds, "_stack_image", lambda *a: pytest.fail("decoded a stacked image"))
+    monkeypatch.setattr(generic_layout, "read_image", lambda path: pytest.fail(f"decoded {path}"))
+    monkeypatch.setattr(pannuke_layout, "stack_image", lambda *a: pytest.fail("decoded a stacked image"))
     for d, count in ((generic, 2), (pannuke, 2), (ds.Dataset(tiles, "glysac"), 2)):
         got = [d.labels(i) for i in range(len(d))]
         assert len(got) == count and all(t.image is None for t in got)
@@ -572,7 +575,7 @@ def test_non_sequential_ids_are_relabelled_when_type_map_confirms(tmp_path, capl
     for stem in ("p1", "p2"):
         _write_mat(tmp_path / "Labels" / f"{stem}.mat", inst_map=scattered, type_map=np.r_[0, raw][inst],
                    inst_type=raw[:, None].astype(float))
-    caplog.set_level("INFO", logger="napari_diffmix.datasets")
+    caplog.set_level("INFO", logger="napari_diffmix")
     d = ds.open_dataset(tmp_path, "consep")
     for tile in d:
         assert np.array_equal(tile.inst_map, inst)  # renumbered 1..20 in the order of the old ids
