@@ -309,7 +309,8 @@ figure {{ display: inline-block; margin: 4px; }} figcaption {{ font-size: 85%; }
 # ---------------------------------------------------------------------------------------------
 # comparing training runs (diffmix compare, diffmix demo --compare)
 # ---------------------------------------------------------------------------------------------
-def _mean_sd_text(values: Sequence[float | None]) -> str:
+def mean_sd_text(values: Sequence[float | None]) -> str:
+    """Repeated runs' values as "mean ± sd" (the value alone for one run, n/a when none is defined)."""
     from .metrics import mean_sd
 
     mean, sd, n = mean_sd(values)
@@ -353,7 +354,7 @@ def build_comparison_report(
     rows = []
     for key in [f"f1_{n}" for n in order] + list(metrics):
         row: list[Any] = [key.replace("f1_", "F1 ") + (" (rare)" if key.removeprefix("f1_") in rare else "")]
-        row += [_mean_sd_text(runs[r].get(key, [])) for r in names]
+        row += [mean_sd_text(runs[r].get(key, [])) for r in names]
         base = mean_sd(runs[first].get(key, []))[0]
         diffs = [mean_sd(runs[r].get(key, []))[0] - base for r in names[1:]]
         row += ["n/a" if math.isnan(d) else f"{d:+.3f}" for d in diffs]
@@ -367,3 +368,16 @@ def build_comparison_report(
     if settings:
         sections.append("<h2>Settings</h2>" + _pre(settings))
     return write_page(out, title, intro_html, sections)
+
+
+def comparison_report(comparison: Any, path: str | os.PathLike) -> Path:
+    """The page of a :class:`napari_diffmix.seg.compare.Comparison` (``diffmix compare``)."""
+    from .seg.compare import SUMMARY_KEYS
+
+    return build_comparison_report(
+        path, title=f"napari-diffmix compare: {comparison.out_dir.name}",
+        intro_html="Two runs of one recipe on one test set: <b>baseline</b> (the data alone) and <b>augmented</b> "
+                   f"(the data + the synthetic store). {html.escape(comparison.shares_line())}.",
+        class_names=comparison.baseline.class_names, rare=comparison.rare, runs=comparison.runs(), metrics=SUMMARY_KEYS,
+        settings=comparison.settings,
+    )

@@ -292,7 +292,9 @@ def run_compare(args: argparse.Namespace) -> int:
     )
     print(result.table())
     print(result.shares_line())
+    from ..report import comparison_report
     from ..seg.compare import REPORT
 
-    print(f"wrote {result.out_dir / 'compare.json'} and {result.out_dir / REPORT} (open it in a browser)")
+    report = comparison_report(result, result.out_dir / REPORT)
+    print(f"wrote {result.out_dir / 'compare.json'} and {report} (open it in a browser)")
     return 0

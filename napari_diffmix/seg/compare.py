@@ -3,21 +3,20 @@
 Both runs share the seed, model, step budget and every other setting; only the training
 pool differs. Each model predicts the test set and is scored with :mod:`napari_diffmix.metrics`.
 The output folder holds ``baseline/`` and ``augmented/`` (models), ``pred_baseline/`` and
-``pred_augmented/`` (generic-format predictions), ``results_*.json``, ``compare.json`` and
-``report.html`` (the per-class F1 of both runs side by side, rare class first, and every metric;
-one self-contained page, :func:`napari_diffmix.report.build_comparison_report`).
+``pred_augmented/`` (generic-format predictions), ``results_*.json`` and ``compare.json``;
+``diffmix compare`` adds ``report.html`` (:func:`napari_diffmix.report.comparison_report`: the
+per-class F1 of both runs side by side, rare class first, and every metric on one page).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import html
 import math
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from ..classes import load_scheme
 from ..data.crops import SYNTHETIC
@@ -40,6 +39,12 @@ class Comparison:
     out_dir: Path
     # Share of the training crops drawn from the synthetic store, per run (asked and drawn).
     shares: dict[str, dict[str, float]] = field(default_factory=dict)
+    rare: tuple[str, ...] = ()  # the scheme's rare classes, shown first
+    settings: dict[str, Any] = field(default_factory=dict)  # what both runs shared (recipe, network, data)
+
+    def runs(self) -> dict[str, dict[str, list[float]]]:
+        """run -> metric -> [value]: the shape :func:`napari_diffmix.report.build_comparison_report` takes."""
+        return {run: {k: [v] for k, v in ev.summary().items()} for run, ev in zip(RUNS, (self.baseline, self.augmented))}
 
     def rows(self) -> list[tuple[str, float, float, float]]:
         """(metric, baseline, augmented, augmented - baseline): per-class F1 first."""
@@ -60,19 +65,6 @@ class Comparison:
             s = self.shares.get(run, {})
             parts.append(f"{run} {s.get('realised', 0.0):.1%}" + (f" (asked {s['requested']:.1%})" if run != "baseline" else ""))
         return "synthetic share of the training crops: " + ", ".join(parts)
-
-    def write_report(self, path: str | os.PathLike, rare: Sequence[str] = (), settings: Mapping[str, Any] | None = None) -> Path:
-        """The comparison as one HTML page (``rare``: the class names shown first)."""
-        from ..report import build_comparison_report
-
-        runs = {run: {k: [v] for k, v in ev.summary().items()} for run, ev in zip(RUNS, (self.baseline, self.augmented))}
-        shares = html.escape(self.shares_line())
-        return build_comparison_report(
-            path, title=f"napari-diffmix compare: {self.out_dir.name}",
-            intro_html=f"Two runs of one recipe on one test set: <b>baseline</b> (the data alone) and <b>augmented</b> "
-                       f"(the data + the synthetic store). {shares}.",
-            class_names=self.baseline.class_names, rare=rare, runs=runs, metrics=SUMMARY_KEYS, settings=settings,
-        )
 
     def to_dict(self) -> dict[str, Any]:
         def clean(v: float) -> float | None:
@@ -143,9 +135,9 @@ def compare(
         pred_dir = predict_to_folder(trained.model, test, out_dir / f"pred_{run}", scheme, **(predict_kwargs or {}))
         results[run] = evaluate(open_dataset(pred_dir, scheme), test, scheme.names)
         results[run].write(out_dir / f"results_{run}.json")
-    comparison = Comparison(results["baseline"], results["augmented"], out_dir, shares)
-    write_json(out_dir / "compare.json", comparison.to_dict())
     settings = {"train": config.to_dict(), "model": trained.model.config.to_dict(),
                 "synthetic": os.fspath(getattr(synthetic, "path", synthetic)), "test_tiles": len(test), "scheme": scheme.name}
-    comparison.write_report(out_dir / REPORT, [scheme.names[c - 1] for c in scheme.rare], settings)
+    comparison = Comparison(results["baseline"], results["augmented"], out_dir, shares,
+                            tuple(scheme.names[c - 1] for c in scheme.rare), settings)
+    write_json(out_dir / "compare.json", comparison.to_dict())
     return comparison
