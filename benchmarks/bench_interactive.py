@@ -22,6 +22,11 @@ the Generate widget's engine), at ``--precision`` (default fp32) and ``--threads
                     threads never slower than fewer" can be read off (a per-step ratio is the
                     whole render's: every step costs the same)
   precision, threads, cpu, load (1-min load average before and after: the machine is shared)
+  student           the bundled 4-step student ("demo model (fast)") beside the teacher, same
+                    run, same label map, each through the Renderer with its own defaults:
+                    teacher_render_256_s (DPM-Solver++ 15 steps, CFG 3), student_render_256_s
+                    (ddim-logsnr 4 steps, one pass each), ratio (target <= 1/6); best of 2,
+                    interleaved (``--no-student`` skips it)
 
 Also per-step seconds untiled, tiled at the 64 px training crop with the windows batched (the
 product's tiled path) and one window per call (the old path). ``--profile`` prints the top
@@ -164,6 +169,33 @@ def step_times(runner, cond, steps: int, **kwargs) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+def student_vs_teacher(scheme, labels, threads: int, precision: str, reps: int = 2) -> dict:
+    """256 px renders from noise of ``labels`` by the teacher (its product settings) and by its
+    bundled student (its own), interleaved, each on a loaded model; the best of ``reps``."""
+    from napari_diffmix.model.checkpoint import BUNDLED_STUDENT_DIR, bundled_model_path
+    from napari_diffmix.render import Renderer, RenderJob
+
+    student_file = bundled_model_path(BUNDLED_STUDENT_DIR)
+    if student_file is None:
+        return {"skipped": f"no student in {BUNDLED_STUDENT_DIR}"}
+    runs = {}
+    for name, path in (("teacher", bundled_model_path()), ("student", student_file)):
+        renderer = Renderer()  # one per model: both stay loaded
+        loaded = renderer.load(path, "cpu", precision)
+        job = RenderJob(inst_map=labels[0], type_map=labels[1], scheme=scheme, threads=threads)
+        timed_render(renderer, loaded, job)  # warm-up: first-call costs and the SPADE cache
+        runs[name] = (renderer, loaded, job)
+    times: dict = {name: [] for name in runs}
+    for _ in range(reps):
+        for name, (renderer, loaded, job) in runs.items():
+            times[name].append(timed_render(renderer, loaded, job)[1])
+    teacher, student = min(times["teacher"]), min(times["student"])
+    settings = runs["student"][1].info.default_sampling()
+    return {"teacher_render_256_s": round(teacher, 3), "student_render_256_s": round(student, 3),
+            "ratio": round(student / teacher, 3), "student_settings": settings,
+            "teacher_all_s": [round(t, 3) for t in times["teacher"]], "student_all_s": [round(t, 3) for t in times["student"]]}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=2)
@@ -172,6 +204,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-contended", action="store_true", help="skip the run against a competing process")
     p.add_argument("--no-tiles", action="store_true", help="skip the tiled per-step figures")
     p.add_argument("--profile", action="store_true", help="print the top operators of one step")
+    p.add_argument("--no-student", action="store_true", help="skip the bundled student beside the teacher")
     args = p.parse_args(argv)
     os.environ.setdefault("DIFFMIX_QUIET", "1")
     torch.set_num_threads(args.threads)
@@ -307,6 +340,8 @@ def main(argv=None) -> int:
         out[f"contended_ratio_fixed_{args.threads}threads"] = round(
             out[f"step_s_contended_{args.threads}threads"] / out[f"step_s_idle_{args.threads}threads"], 2)
 
+    if not args.no_student:
+        out["student"] = student_vs_teacher(scheme, labels, args.threads, args.precision)
     out["load_after"] = round(os.getloadavg()[0], 2)
     print(json.dumps(out, indent=1))
     if args.json:

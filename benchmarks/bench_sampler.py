@@ -16,6 +16,9 @@ End to end, seconds per image: DiffMix default (``DIFFMIX_SETTINGS``: 100-step D
 SDEdit 0.55 = 55 DDIM steps, CFG as two fp32 forwards, no cache) against the fast default
 (``FAST_SETTINGS``: DPM-Solver++(2M), 15 log-SNR-even steps, batched CFG, SPADE cache, precision
 "auto", which is bf16 autocast on GPUs and CPUs with avx512_bf16/AMX) and the same in fp32.
+A distilled student (``diffmix distill``, README: Distillation) is the row "4-step student":
+``ddim-logsnr``, 4 steps, guidance folded in, so one conditional pass per step with the SPADE
+cache and the default precision; weights are random here, the cost does not depend on them.
 Measured for the demo config; for the published config measured with ``--e2e-published``,
 otherwise estimated from the per-step figures (steps x step time + cache fill) and marked "est.".
 
@@ -64,7 +67,10 @@ MODES = {
     "batched+cache bf16": ("batched", GUIDANCE, True, "bf16", "auto"),
     "forward": ("separate", 1.0, False, "fp32", "auto"),
     "forward+cache": ("batched", 1.0, True, "fp32", "auto"),
+    "forward+cache bf16": ("batched", 1.0, True, "bf16", "auto"),
 }
+STUDENT_STEPS = 4  # the bundled student's (resources/models/demo/fast)
+STUDENT_SETTINGS = {"sampler": "ddim-logsnr", "steps": STUDENT_STEPS, "guidance": 1.0}
 
 
 def default_mode() -> str:
@@ -122,6 +128,7 @@ def time_end_to_end(model: SDMUNet, size: int, batch: int, clock) -> dict[str, d
         "DiffMix default": (Sampler(model, cache=False, precision="fp32"), dict(DIFFMIX_SETTINGS, init_image=init)),
         "fast default": (Sampler(model, cache=True), dict(FAST_SETTINGS, guidance=GUIDANCE)),
         "fast, fp32": (Sampler(model, cache=True, precision="fp32"), dict(FAST_SETTINGS, guidance=GUIDANCE)),
+        "4-step student": (Sampler(model, cache=True), dict(STUDENT_SETTINGS)),
     }
     out = {}
     for name, (runner, kwargs) in runs.items():
@@ -158,6 +165,11 @@ def estimate_end_to_end(steps: dict[str, dict[str, float]], decoders_per_step: i
     for name, mode in (("fast default", default_mode()), ("fast, fp32", "batched+cache")):
         out[name] = {"s_per_image": fast_steps * steps[mode]["step"] + steps[mode]["fill"], "steps": fast_steps,
                      "full_forwards": 0, "encoder_passes": fast_steps, "decoder_passes": decoders_per_step * fast_steps}
+    # One conditional pass per step: no CFG pair to batch or split.
+    student = "forward+cache bf16" if default_mode() == "batched+cache bf16" else "forward+cache"
+    out["4-step student"] = {"s_per_image": STUDENT_STEPS * steps[student]["step"] + steps[student]["fill"],
+                             "steps": STUDENT_STEPS, "full_forwards": 0, "encoder_passes": STUDENT_STEPS,
+                             "decoder_passes": STUDENT_STEPS}
     return out
 
 
@@ -213,7 +225,7 @@ def main() -> None:
                 print(f"  {name:<16} {r['s_per_image']:9.2f} s/image  {r['steps']:3d} steps  network passes: "
                       f"{r['encoder_passes']:3d} encoder, {r['decoder_passes']:3d} decoder "
                       f"({r['full_forwards']} as full forwards)")
-            for name in ("fast default", "fast, fp32"):
+            for name in ("fast default", "fast, fp32", "4-step student"):
                 speedup = e2e["DiffMix default"]["s_per_image"] / e2e[name]["s_per_image"]
                 print(f"  {name}: speed-up {speedup:.1f}x (target >= {TARGET_E2E_SPEEDUP}x) "
                       f"{'OK' if speedup >= TARGET_E2E_SPEEDUP else 'MISSED'}")

@@ -168,13 +168,15 @@ class RenderJob:
     overlapping windows of this size (None: the whole canvas at once). ``threads``: CPU threads
     (None: the free cores, followed step by step). ``early_preview``: from noise on canvases
     over 128 px, first yield a record of step 0 whose ``pred_x0`` is the network's estimate at
-    half resolution (:func:`early_estimate`), shown while the first full step runs."""
+    half resolution (:func:`early_estimate`), shown while the first full step runs.
+    ``sampler``/``steps``: None = the model's own (a distilled student's, else the fast settings,
+    :meth:`~napari_diffmix.model.checkpoint.ModelInfo.default_sampling`)."""
 
     inst_map: np.ndarray
     type_map: np.ndarray
     scheme: "ClassScheme"
-    sampler: str = "dpm++2m"
-    steps: int = 15
+    sampler: str | None = None
+    steps: int | None = None
     guidance: float | None = None  # None: the model's default
     seed: int = 0
     mode: str = "noise"
@@ -294,12 +296,19 @@ class Renderer:
 class RenderRun:
     """One prepared render (:meth:`Renderer.start`): ``reused_spade`` says whether the label
     map's SPADE features come from the last run, ``windows`` which windows a local edit renders
-    (None: the whole canvas)."""
+    (None: the whole canvas), ``sampler``/``step_count`` the settings it runs with (the job's, or
+    the model's own)."""
 
     def __init__(self, loaded: Loaded, job: RenderJob, cond: Any, reused_spade: bool,
                  should_stop: Callable[[], bool] | None):
         self.loaded, self.job, self.cond, self.reused_spade = loaded, job, cond, reused_spade
         self.should_stop = should_stop
+        own = loaded.info.default_sampling()
+        self.sampler = own["sampler"] if job.sampler is None else job.sampler
+        self.step_count = own["steps"] if job.steps is None else int(job.steps)
+        # A distilled student renders only with what it was distilled for: a clear error, not a
+        # quietly wrong image.
+        loaded.info.check_sampling(self.sampler, self.step_count, job.guidance)
         self.guidance = loaded.info.default_guidance if job.guidance is None else float(job.guidance)
         self.strength = job.strength if job.mode == "sdedit" else None
         self.mask = job.mask if job.mode == "edited" else None
@@ -322,12 +331,13 @@ class RenderRun:
             # other processes' load step by step (see cpu_threads).
             follow = OtherLoad() if job.threads is None and not passive_waiting() else None
         start = time.perf_counter()
-        if job.early_preview and job.mode == "noise":
-            early = early_estimate(runner, self.cond, job.steps, self.guidance, job.seed)
+        # A student's first step is a single network pass: it is the early look.
+        if job.early_preview and job.mode == "noise" and not info.distilled:
+            early = early_estimate(runner, self.cond, self.step_count, self.guidance, job.seed)
             if early is not None:
                 yield early
         gen = runner.sample(
-            self.cond, sampler=job.sampler, steps=job.steps, guidance=self.guidance, seed=job.seed,
+            self.cond, sampler=self.sampler, steps=self.step_count, guidance=self.guidance, seed=job.seed,
             init_image=None if job.mode == "noise" else job.image, strength=self.strength, mask=self.mask,
             tile_size=job.tile, edit_context=job.edit_context, should_stop=self.should_stop,
         )
@@ -354,7 +364,7 @@ class RenderRun:
             "model": str(self.loaded.path), "model_sha256": info.sha256, "scheme": info.scheme.name,
             "device": str(runner.device), "precision": runner.precision,
             "threads": (used[0] if len(used) == 1 else used) if used else None,
-            "sampler": job.sampler, "steps": job.steps, "guidance": self.guidance, "seed": int(last.seeds[0]),
+            "sampler": self.sampler, "steps": self.step_count, "guidance": self.guidance, "seed": int(last.seeds[0]),
             "mode": job.mode, "strength": self.strength, "image": job.image_name,
             "edited_pixels": int(np.asarray(self.mask).sum()) if self.mask is not None else None,
             "edit_windows": self.windows, "tile": job.tile, "labels": job.labels_name,

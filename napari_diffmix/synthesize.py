@@ -467,6 +467,7 @@ class SynthesisJob:
             elif Path(model_info.source).resolve() != self._model_path.resolve():
                 raise CheckpointError(f"model_info describes {model_info.source}, not the model file {model}")
             self.info = model_info
+        self.info.check_sampling(self.config.sampler, self.config.steps, self.config.guidance)
         self.result: SynthesisResult | None = None
         self.precision: str | None = None  # the network precision "auto" resolved to, once running
         self.pending = 0  # items this process renders, once running

@@ -192,3 +192,33 @@ def test_cli_distill_resume_and_export(tmp_path, tiny_model):
     assert info.distilled["distill_steps"] == 6 and info.distilled["crop_size"] == 32
     assert main(["distill", "--export-only", "--resume", "--out", str(out), "--export", str(tmp_path / "s.safetensors")]) == 0
     assert read_info(tmp_path / "s.safetensors").distilled["steps"] == 2
+
+
+def test_renderer_uses_the_students_settings_by_default_and_refuses_others(tmp_path, tiny_model, tiles):
+    from napari_diffmix.render import Renderer, RenderJob, run_to_end
+
+    model, info = load_model(tiny_model)
+    path = tmp_path / "student.safetensors"
+    save_model(model, path, scheme=DEMO, diffusion=info.diffusion, default_guidance=1.0,
+               distilled={"sampler": "ddim-logsnr", "steps": 2, "guidance": 2.0, "teacher_sha256": info.sha256})
+    tile = tiles[1].crop(0, 0, 32, 32)
+    renderer = Renderer()
+    loaded = renderer.load(path, "cpu", "fp32")
+    records = []
+    result = run_to_end(renderer.start(loaded, RenderJob(tile.inst_map, tile.type_map, DEMO, threads=1)).steps(),
+                        records.append)
+    p = result.provenance
+    assert (p["sampler"], p["steps"], p["guidance"]) == ("ddim-logsnr", 2, 1.0)
+    assert [r.step for r in records] == [1, 2]  # no early preview: the first step is one network pass
+    with pytest.raises(RenderError, match="2-step distilled model"):
+        renderer.start(loaded, RenderJob(tile.inst_map, tile.type_map, DEMO, sampler="dpm++2m", steps=15))
+    teacher = renderer.load(tiny_model, "cpu", "fp32")
+    p = run_to_end(renderer.start(teacher, RenderJob(tile.inst_map, tile.type_map, DEMO, threads=1)).steps()).provenance
+    assert (p["sampler"], p["steps"]) == ("dpm++2m", 15)
+
+
+def test_cli_sampler_choices_are_the_samplers():
+    from napari_diffmix.cli._common import SAMPLER_CHOICES
+    from napari_diffmix.model.samplers import SAMPLERS
+
+    assert SAMPLER_CHOICES == SAMPLERS

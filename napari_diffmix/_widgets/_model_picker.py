@@ -13,11 +13,14 @@ from ..errors import CheckpointError
 from ..runtime import PRECISIONS
 
 BUNDLED = "bundled demo model"
+# The bundled 4-step student of the demo model (resources/models/demo/fast/, README: Distillation).
+FAST = "demo model (fast)"
+DEFAULT_MODEL = BUNDLED
 DEVICES = {"auto": "auto", "CPU": "cpu", "CUDA": "cuda", "MPS": "mps"}
 
 
 class ModelPicker(QWidget):
-    """Model file (bundled demo by default, any native ``.safetensors`` or official ``.pt``), its
+    """Model file (a bundled demo model by default, any native ``.safetensors`` or official ``.pt``), its
     architecture for official files, the device and the network precision. ``changed`` fires with
     the model's info (or None).
 
@@ -32,7 +35,8 @@ class ModelPicker(QWidget):
         form = QFormLayout(self)
         form.setContentsMargins(0, 0, 0, 0)
         self.combo = QComboBox()
-        self.combo.addItem(BUNDLED)
+        self.combo.addItems([BUNDLED, FAST])
+        self.combo.setCurrentText(DEFAULT_MODEL)
         self.combo.setToolTip("A napari-diffmix .safetensors model or an official DiffMix/SDM .pt checkpoint")
         self.combo.currentIndexChanged.connect(lambda *_: self._on_changed())
         browse = QPushButton("Browse…")
@@ -89,10 +93,10 @@ class ModelPicker(QWidget):
 
     def path(self) -> Path:
         choice = self.combo.currentText()
-        if choice == BUNDLED:
-            from ..model.checkpoint import require_bundled_model
+        if choice in (BUNDLED, FAST):
+            from ..model.checkpoint import BUNDLED_STUDENT_DIR, require_bundled_model
 
-            return require_bundled_model("choose a model file with Browse…")
+            return require_bundled_model("choose a model file with Browse…", BUNDLED_STUDENT_DIR if choice == FAST else None)
         return Path(choice)
 
     def is_native(self, path: Path | None = None) -> bool:
@@ -121,12 +125,16 @@ class ModelPicker(QWidget):
                 from ..model.checkpoint import read_info
 
                 info = read_info(path)
+                kind = f"{info.summary()}; " if info.distilled else ""
                 self.info_label.setText(
-                    f"{path.name}: draws {', '.join(info.scheme.names)} nuclei; learned on {info.config.image_size} px patches"
+                    f"{path.name}: {kind}draws {', '.join(info.scheme.names)} nuclei; learned on {info.config.image_size} px patches"
                 )
-                self.info_label.setToolTip(
-                    f"class scheme {info.scheme.name!r}, default guidance {info.default_guidance:g}"
-                )
+                tip = f"class scheme {info.scheme.name!r}, default guidance {info.default_guidance:g}"
+                if info.distilled:
+                    d = info.distilled
+                    tip = (f"class scheme {info.scheme.name!r}; renders in {d['steps']} steps of {d['sampler']}, one network "
+                           f"pass each, with its teacher's guidance {d['guidance']:g} folded in (teacher: {d.get('teacher', '?')})")
+                self.info_label.setToolTip(tip)
                 self.info = info
         except CheckpointError as exc:  # shown here; running reports it again as a notification
             self.info_label.setText(str(exc))

@@ -301,6 +301,10 @@ class GenerateWidget(DockTab, JobWidget, QWidget):
             # No tiles by default: the demo model, trained on 64 px crops, keeps its measured quality
             # at 256 px untiled (README, Performance), and tiles at the training size cost 2.7x.
             self.guidance.setValue(info.default_guidance)
+            # A distilled student renders only with its own sampler and steps (the fast ones otherwise).
+            own = info.default_sampling()
+            self.sampler_combo.setCurrentText(own["sampler"])
+            self.steps.setValue(own["steps"])
 
     def _refresh_layers(self, event: Any = None) -> None:
         from napari.layers import Image, Labels

@@ -11,6 +11,8 @@ from typing import Any, Sequence
 LAYOUT_CHOICES = ("auto", "consep", "generic", "pannuke", "hovernet", "lizard", "conic", "geojson")
 # runtime.PRECISIONS, spelled out for the same reason.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# model.samplers.SAMPLERS, spelled out for the same reason.
+SAMPLER_CHOICES = ("dpm++2m", "ddim", "ddpm", "unipc", "ddim-logsnr")
 SCHEME_HELP = "class scheme: consep, glysac, lizard, demo or a JSON/YAML file (default: the dataset's scheme.json)"
 
 _MAPS_HELP = (

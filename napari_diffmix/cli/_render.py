@@ -19,7 +19,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import LabelError
-from ._common import PRECISIONS, add_device_arguments
+from ._common import PRECISIONS, SAMPLER_CHOICES, add_device_arguments
 
 EDIT_MARGIN = 4  # px grown around edited nuclei, as in the Generate widget
 
@@ -49,8 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     edit.add_argument("--edited-from", type=Path, metavar="OLD_LABELS",
                       help="local edit: re-render the nuclei that differ from this label map (the one --init shows)")
     s = p.add_argument_group("sampling")
-    s.add_argument("--sampler", choices=("dpm++2m", "ddim", "ddpm", "unipc"), default="dpm++2m", help="solver (default dpm++2m)")
-    s.add_argument("--steps", type=int, default=15, help="respaced steps of the whole schedule (default 15)")
+    s.add_argument("--sampler", choices=SAMPLER_CHOICES,
+                   help="solver (default: the model's: a distilled student's own, else dpm++2m)")
+    s.add_argument("--steps", type=int, help="respaced steps of the whole schedule (default: the model's: a student's own, else 15)")
     s.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")
     s.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     s.add_argument("--tile", type=int, help="render in overlapping tiles of this size (default: the whole canvas)")
@@ -121,7 +122,6 @@ def run(args: argparse.Namespace) -> int:
     from ..atomic import save_png, write_json
     from ..datasets import read_image
     from ..model.checkpoint import bundled_model_path
-    from ..model.samplers import FAST_SETTINGS
     from ..nuclei import changed_mask
     from ..progress import StopRequests, progress_bar
     from ..render import Renderer, RenderJob, run_to_end
@@ -173,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
                          "nothing to re-render: the mask is empty")
 
     job = RenderJob(
-        inst_map=inst_map, type_map=type_map, scheme=scheme, sampler=args.sampler or FAST_SETTINGS["sampler"],
+        inst_map=inst_map, type_map=type_map, scheme=scheme, sampler=args.sampler,
         steps=args.steps, guidance=args.guidance, seed=args.seed, mode=mode, strength=args.strength, image=image,
         image_name=str(args.init) if args.init else None, mask=mask, tile=args.tile, threads=args.threads,
         labels_name=str(args.labels),

@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from ._common import PRECISIONS, add_dataset_arguments, add_device_arguments, add_plan_arguments, plan_spec
+from ._common import PRECISIONS, SAMPLER_CHOICES, add_dataset_arguments, add_device_arguments, add_plan_arguments, plan_spec
 
 EPILOG = """examples:
   diffmix synthesize /data/CoNSeP/Train --scheme consep --model consep.safetensors --out consep-synthetic.zarr
@@ -42,8 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--plan", type=Path, help="use a plan.json written by 'diffmix labels' instead of planning here")
     add_plan_arguments(p)
     s = p.add_argument_group("sampling")
-    s.add_argument("--sampler", choices=("dpm++2m", "ddim", "ddpm", "unipc"), help="solver (default: dpm++2m, the fast sampler)")
-    s.add_argument("--steps", type=int, help="respaced steps of the whole schedule (default: the fast sampler's, 15)")
+    s.add_argument("--sampler", choices=SAMPLER_CHOICES,
+                   help="solver (default: a distilled student's own, else dpm++2m, the fast sampler)")
+    s.add_argument("--steps", type=int, help="respaced steps of the whole schedule (default: a student's own, else the fast sampler's, 15)")
     s.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")
     s.add_argument("--strength", type=float, help="SDEdit: noise the original patch to this share of the schedule (default 0.55, DiffMix)")
     s.add_argument("--from-noise", action="store_true", help="sample from pure noise instead of SDEdit from the original patch")
@@ -135,6 +136,12 @@ def run(args: argparse.Namespace) -> int:
     check_store_out(args.out, [args.dataset, model, args.plan, args.scheme])  # before minutes of planning
     config = sampling_config(args, originals=args.originals)
     info = check_model(model, config, args.preset)
+    if info.distilled:  # a student renders with its own sampler and steps unless told otherwise
+        import dataclasses
+
+        own = {k: v for k, v in info.default_sampling().items() if getattr(args, k) is None}
+        config = dataclasses.replace(config, **own, guidance=1.0 if args.guidance is None else args.guidance)
+    info.check_sampling(config.sampler, config.steps, config.guidance)
     dataset = open_dataset(args.dataset, args.scheme, args.layout)
     if args.plan is None:  # a --plan file loads at once and the job checks its patch size
         check_model_fits(info, dataset.scheme, args.patch_size)

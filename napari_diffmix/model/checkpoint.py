@@ -56,7 +56,7 @@ from ..errors import CheckpointError, DiffMixError, RenderError
 from .unet import PRESET_SCHEMES, SDMUNet, UNetConfig
 
 __all__ = ["ModelInfo", "save_model", "load_model", "read_info", "check_state_dict", "infer_config_fields",
-           "bundled_model_path", "require_bundled_model", "BUNDLED_MODEL_DIR", "PUBLISHED_DIFFUSION",
+           "bundled_model_path", "require_bundled_model", "BUNDLED_MODEL_DIR", "BUNDLED_STUDENT_DIR", "PUBLISHED_DIFFUSION",
            "PUBLISHED_GUIDANCE"]
 
 FORMAT = "napari-diffmix-model"
@@ -67,6 +67,9 @@ METADATA_KEY = "napari_diffmix"
 PUBLISHED_DIFFUSION: dict[str, Any] = {"num_timesteps": 1000, "schedule": "linear", "learn_sigma": True}
 PUBLISHED_GUIDANCE = 1.5
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parents[1] / "resources" / "models" / "demo"
+# The demo model's distilled student ("demo model (fast)"), beside it so that the demo folder
+# itself keeps one model file.
+BUNDLED_STUDENT_DIR = BUNDLED_MODEL_DIR / "fast"
 
 
 @dataclass(frozen=True)
