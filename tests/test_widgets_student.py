@@ -59,3 +59,13 @@ def test_generate_uses_the_students_sampler_and_steps(make_napari_viewer, qtbot,
     widget.set_model(tiny_model)
     assert "distilled" not in widget.picker.info_label.text()
     assert (widget.sampler_combo.currentText(), widget.steps.value()) == ("dpm++2m", 15)
+
+
+def test_batch_export_takes_the_students_settings(make_napari_viewer, student, tiny_model):
+    from napari_diffmix._widgets.batch import BatchExportWidget
+
+    widget = BatchExportWidget(make_napari_viewer())
+    widget.picker.set_model(student)
+    assert (widget.sampler_combo.currentText(), widget.steps.value()) == ("ddim-logsnr", 4)
+    widget.picker.set_model(tiny_model)
+    assert (widget.sampler_combo.currentText(), widget.steps.value()) == ("dpm++2m", 15)

@@ -83,7 +83,14 @@ class BatchExportWidget(DockTab, JobWidget, QWidget):
 
         self.renderer = Renderer()  # keeps the model loaded from one export to the next
         self._build()
+        self.picker.changed.connect(self._on_model_changed)
         self.picker.set_model(BUNDLED)
+
+    def _on_model_changed(self, info: Any) -> None:
+        if info is not None:  # a distilled student renders only with its own sampler and steps
+            own = info.default_sampling()
+            self.sampler_combo.setCurrentText(own["sampler"])
+            self.steps.setValue(own["steps"])
 
     # -- layout --------------------------------------------------------------------------------------
     def _build(self) -> None:
