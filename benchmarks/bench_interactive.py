@@ -69,7 +69,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import threading
@@ -79,18 +78,10 @@ import napari_diffmix  # noqa: F401  (first: sets OpenMP's wait policy before to
 import numpy as np
 import torch
 
+from napari_diffmix.runtime import cpu_name
+
 EDIT_SHIFT = (0, 6)
 WINDOW = (128, 128, 256, 256)  # y, x, h, w in the demo tile
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
 def gemm_gflops(threads: int, n: int = 2048, reps: int = 5) -> float:

@@ -158,16 +158,16 @@ def load_scorer(
     path: str | os.PathLike, *, device: str = "cpu", rare: Sequence[int] | None = None, window: int = 256,
     overlap: int = 64, batch_size: int = 4,
 ) -> Scorer:
-    """A :class:`Scorer` from a ``diffmix train-seg`` model folder."""
+    """A :class:`Scorer` from a ``diffmix train-seg`` model folder, or ``"demo"``: the bundled demo
+    segmentation model (:func:`napari_diffmix.seg.checkpoint.resolve_seg_model`)."""
     from .seg.checkpoint import WEIGHTS, load_seg_model
 
-    path = Path(path)
     try:
         model, info = load_seg_model(path, device)
     except CheckpointError as exc:
         raise CheckpointError(f"--seg-model: {exc}") from None
     rare_ids = tuple(int(c) for c in (rare if rare is not None else info.scheme.rare))
-    return Scorer(model, info, _file_sha256(path / WEIGHTS), rare_ids, window, overlap, batch_size)
+    return Scorer(model, info, _file_sha256(info.path / WEIGHTS), rare_ids, window, overlap, batch_size)
 
 
 # ---------------------------------------------------------------------------------------------

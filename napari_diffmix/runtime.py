@@ -54,6 +54,20 @@ def resolve_device(spec: str | torch.device = "auto", local_rank: int = 0) -> to
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
+def cpu_name() -> str:
+    """The CPU's model name and core count, for the figures that state where they were measured."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass  # not Linux: the platform module's (vaguer) name
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
 def native_bf16(device: torch.device | str) -> bool:
     """Whether ``device`` has bf16 arithmetic in hardware (GPUs from Ampere on, CPUs with
     avx512_bf16 or AMX). Elsewhere bf16 autocast still works but is emulated, and slower."""

@@ -17,13 +17,21 @@ EPILOG = """examples:
 DEMO_EPILOG = """examples:
   diffmix demo                                  # ./diffmix-demo/: demo.zarr, demo-montage.png, data/
   diffmix demo --patches 32 --patch-size 256    # more and larger patches (slower)
+  diffmix demo --compare                        # + the miniature experiment: held-out rare-class F1 with and without the synthetic set
   napari diffmix-demo/demo.zarr                 # look at the result
 
 Re-running continues an interrupted demo; changed settings replace the previous demo store.
+
+--compare scores the demo store with the bundled demo segmentation model, then trains the small
+segmentation network on the demo's training split alone, with every synthetic item and with the
+better half of them by label fidelity (or those reaching --min-fidelity), once per seed, and
+measures each model on the held-out strip: ./diffmix-demo/experiment/ gets demo-compare.json,
+report.html and the models.
 """
 
 DEMO_STORE = "demo.zarr"
 DEMO_MONTAGE = "demo-montage.png"
+DEMO_COMPARE = "experiment"  # not "compare": the printed 'diffmix compare' example writes there
 DEMO_DATA = "data"
 MONTAGE_ROWS = 6
 
@@ -54,6 +62,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--seed", type=int, default=0, help="seed of the plan and the noise (default 0)")
     add_device_arguments(d)
     d.add_argument("--overwrite", action="store_true", help="replace another napari-diffmix store or demo data folder in --out (never a folder this tool did not write)")
+    c = d.add_argument_group("the miniature experiment (--compare)")
+    c.add_argument("--compare", action="store_true",
+                   help="then train the small segmentation network without / with the synthetic set (unfiltered, filtered by "
+                        "label fidelity) and report the held-out F1 per class, mean ± sd over the seeds")
+    c.add_argument("--compare-steps", type=int, help="training steps of each run (default 150)")
+    c.add_argument("--compare-batch-size", type=int, help="crops per training step (default 8)")
+    c.add_argument("--seeds", type=int, nargs="+", help="one run per seed and training pool (default 0 1 2)")
+    c.add_argument("--synthetic-share", type=float, metavar="S",
+                   help="share of the training crops drawn from the synthetic items, 0-1 (default: their share of the training pixels)")
+    c.add_argument("--seg-model", default="demo", help="segmentation model that scores the synthetic items (default: demo, the bundled one)")
+    c.add_argument("--min-fidelity", type=float, metavar="PQ",
+                   help="the filtered pool keeps the items whose label fidelity reaches PQ (default: the median PQ of the items, the better half)")
     d.set_defaults(func=run_demo)
 
     p = subparsers.add_parser(
@@ -172,6 +192,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from ..atomic import save_png
     from ..classes import DEMO
     from ..datasets import open_dataset
+    from ..errors import DiffMixError
     from ..export import TRAIN_SH, TRAINING_DIR, TRAINING_MD
     from ..mixing import MixCache, PlanSpec, plan_balanced_set
     from ..model.checkpoint import require_bundled_model
@@ -180,13 +201,16 @@ def run_demo(args: argparse.Namespace) -> int:
     from ._synthesize import check_memory, check_model, job_summary, sampling_config
 
     out: Path = args.out
+    compare_given = [f for f in ("compare_steps", "compare_batch_size", "seeds", "synthetic_share", "min_fidelity") if getattr(args, f) is not None]
+    if compare_given and not args.compare:
+        raise DiffMixError(f"--{compare_given[0].replace('_', '-')} is an option of --compare; add --compare")
     model = args.model if args.model is not None else require_bundled_model("pass --model")
     config = sampling_config(args, originals="reference")
     info = check_model(model, config)
     check_model_fits(info, DEMO, args.patch_size)  # the demo data's scheme: refused before anything is written
     check_memory(info, args.patch_size, config)
-    for replaced in (out / DEMO_DATA, out / DEMO_STORE, out / DEMO_MONTAGE):
-        refuse_overlap(replaced, [model])
+    for replaced in (out / DEMO_DATA, out / DEMO_STORE, out / DEMO_MONTAGE, out / DEMO_COMPARE):
+        refuse_overlap(replaced, [model, args.seg_model])
     train_dir, held_out_dir = _demo_data(out, args.overwrite)
     dataset = open_dataset(train_dir)
     cache = MixCache(dataset)
@@ -224,4 +248,29 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"  bash {store / TRAINING_DIR / TRAIN_SH}   # train the segmentation network on original + synthetic data")
     print(f"  diffmix compare --data {train_dir} --synthetic {store} --test {held_out_dir} --out {out / 'compare'}"
           f" --crop-size {plan.patch_size}")
+    if not args.compare:
+        print("  diffmix demo --compare   # the miniature experiment: held-out rare-class F1 with and without the synthetic set, 3 seeds")
+        return 0
+    return _run_compare(args, store, out / DEMO_COMPARE)
+
+
+def _run_compare(args: argparse.Namespace, store: Path, out: Path) -> int:
+    from ..demo_experiment import COMPARE_JSON, COMPARE_REPORT, DEMO_COMPARE_SEEDS, DEMO_COMPARE_STEPS, DEMO_SEG_BATCH, run_demo_compare
+
+    print("\ndiffmix demo --compare: the miniature DiffMix experiment")
+    result = run_demo_compare(
+        store, out, seeds=args.seeds or DEMO_COMPARE_SEEDS, steps=args.compare_steps or DEMO_COMPARE_STEPS,
+        seg_model=args.seg_model, min_fidelity=args.min_fidelity, batch_size=args.compare_batch_size or DEMO_SEG_BATCH,
+        synthetic_share=args.synthetic_share, threads=args.threads,
+    )
+    if result.interrupted:
+        print("stopped; run the same command again to continue (finished runs are kept)")
+        return 130
+    s = result.settings
+    print(f"\nheld-out strip of the demo tile, F1 per class and PQ, mean ± sd over seeds {', '.join(map(str, s['seeds']))} "
+          f"({s['steps']} steps each, batch {s['batch_size']}, {s['crop_size']} px crops):")
+    print(result.table())
+    print(result.machine_line())
+    print(f"\n  {out / COMPARE_JSON}  every run's metrics, the means and sds, the settings")
+    print(f"  {out / COMPARE_REPORT}  the same as a page (open it in a browser)")
     return 0

@@ -5,6 +5,11 @@ history, every RNG state: what ``diffmix train-seg --resume`` continues from). A
 written atomically, all files together: readers see the old model or the new one,
 never half of either, and the training state always belongs to the weights beside it.
 Prediction reads only the first two, so a finished model folder may drop ``train_state.pt``.
+
+The package ships one such folder, the demo segmentation model (``resources/models/demo-seg``,
+trained on the demo tile's training split by ``scripts/train_demo_seg.py``); wherever a model
+folder is taken, the name ``demo`` stands for it (unless a folder called ``demo`` is in the
+working directory, as for datasets).
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ CONFIG = "config.json"
 TRAIN_STATE = "train_state.pt"
 LOG_CSV = "log.csv"
 STATE_FORMAT = "napari-diffmix-seg-train/1"
+BUNDLED_SEG_MODEL_DIR = Path(__file__).resolve().parents[1] / "resources" / "models" / "demo-seg"
+BUNDLED_SEG_MODEL_NAME = "demo"
 
 
 @dataclass
@@ -35,6 +42,19 @@ class SegModelInfo:
     scheme: ClassScheme
     training: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+
+
+def resolve_seg_model(path: str | os.PathLike) -> Path:
+    """The folder ``path`` names: ``"demo"`` is the bundled demo model (a CheckpointError says how
+    to make it when the package lacks it), anything else a path as given."""
+    if os.fspath(path) != BUNDLED_SEG_MODEL_NAME or Path(path).exists():
+        return Path(path)
+    if not (BUNDLED_SEG_MODEL_DIR / WEIGHTS).is_file():
+        raise CheckpointError(
+            f"the bundled demo segmentation model is not installed (no {WEIGHTS} in {BUNDLED_SEG_MODEL_DIR}); "
+            "train it with scripts/train_demo_seg.py --ship, or give a model folder from 'diffmix train-seg'"
+        )
+    return BUNDLED_SEG_MODEL_DIR
 
 
 def is_seg_model_dir(path: str | os.PathLike) -> bool:
@@ -124,11 +144,12 @@ def read_seg_meta(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_seg_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[HoVerNet, SegModelInfo]:
-    """The model (in eval mode, on ``device``) and its config, scheme and training record."""
+    """The model (in eval mode, on ``device``) and its config, scheme and training record;
+    ``path`` is a model folder or ``"demo"`` (the bundled one, see :func:`resolve_seg_model`)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = Path(path)
+    path = resolve_seg_model(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no segmentation model folder here (expected {CONFIG} and {WEIGHTS})")
     cfg_path, w_path = path / CONFIG, path / WEIGHTS
