@@ -96,6 +96,47 @@ def test_generate_streams_previews_keeps_ui_responsive_and_adds_a_layer(generate
     assert widget.progress.value() == 20 and widget.progress.format().startswith("step 20/20")
 
 
+def test_previews_repaint_one_layer_in_place(generate, demo_model_file, qtbot):
+    """Each preview is written into the one preview layer (no new layer, no new data array, no
+    extent recomputed) and the canvas the user looks at changes with it."""
+    viewer, widget = generate
+    widget.set_model(demo_model_file)  # trained: its estimates change from step to step (the random tiny one saturates)
+    widget.steps.setValue(8)
+    widget.tile.setValue(0)
+    for layer in viewer.layers:  # only the preview on the canvas, so its pixels are what changes
+        layer.visible = False
+    n_layers = len(viewer.layers)
+    seen = []
+    worker = widget.generate()
+    layer = widget.preview_layer
+    data_events = []
+    layer.events.data.connect(lambda event: data_events.append(event))
+    extent_before = layer.extent
+
+    def on_preview(item):  # connected after the widget's own slot: runs once the preview is written
+        if getattr(item, "preview", None) is None or len(seen) >= 4:
+            return
+        shot = viewer.screenshot(canvas_only=True, flash=False)
+        seen.append((widget.preview_layer, np.array(layer.data), shot, len(viewer.layers), len(data_events),
+                     layer.extent == extent_before))
+
+    worker.yielded.connect(on_preview)
+    with qtbot.waitSignal(worker.finished, timeout=120_000):
+        pass
+    qtbot.waitUntil(lambda: not widget._running)
+    assert len(seen) >= 3, f"only {len(seen)} previews were shown"
+    assert all(shown is layer for shown, *_ in seen)  # the same layer object throughout
+    assert all(count == n_layers + 1 for _, _, _, count, _, _ in seen)  # the preview layer, no other
+    # Written in place: napari never saw a new data array, nor recomputed the extent (the
+    # result replaces the data once, at the end).
+    assert all(events == 0 and same_extent for *_, events, same_extent in seen)
+    for (_, before, shot_before, *_), (_, after, shot_after, *_) in zip(seen, seen[1:]):
+        assert before.shape == after.shape == (64, 64, 3)
+        assert np.abs(before.astype(int) - after).mean() > 1  # the preview changed step to step
+        assert np.abs(shot_before.astype(int) - shot_after).mean() > 0.1  # and so did the canvas
+    assert layer.name == "render 1"  # the preview layer became the result
+
+
 def test_cancel_stops_within_a_step_and_adds_nothing(generate, qtbot):
     viewer, widget = generate
     widget.steps.setValue(400)

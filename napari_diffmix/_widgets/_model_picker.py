@@ -26,11 +26,15 @@ class ModelPicker(QWidget):
 
     ``advanced``: a form (the dock's "Advanced" section) that takes the architecture, device and
     precision rows, so the first screen shows only the model and what it is.
+
+    ``deferred``: leave the architecture list empty until :meth:`load_presets` (it imports torch,
+    seconds of a frozen window when done on the main thread while a dock opens); a widget that
+    imports torch in the background calls it once that is done, and chooses its model then.
     """
 
     changed = Signal(object)
 
-    def __init__(self, parent: QWidget | None = None, advanced: QFormLayout | None = None):
+    def __init__(self, parent: QWidget | None = None, advanced: QFormLayout | None = None, deferred: bool = False):
         super().__init__(parent)
         form = QFormLayout(self)
         form.setContentsMargins(0, 0, 0, 0)
@@ -46,10 +50,7 @@ class ModelPicker(QWidget):
         row.addWidget(self.combo, 1)
         row.addWidget(browse)
         form.addRow("Model", row)
-        from ..model.unet import UNetConfig
-
         self.preset_combo = QComboBox()
-        self.preset_combo.addItems(list(UNetConfig.preset_names()))
         self.preset_combo.setToolTip("Architecture of an official .pt checkpoint (it carries no configuration)")
         self.info_label = QLabel()
         self.info_label.setWordWrap(True)
@@ -71,6 +72,16 @@ class ModelPicker(QWidget):
         )
         extra.addRow("Precision", self.precision_combo)
         self.info: Any = None
+        if not deferred:
+            self.load_presets()
+
+    def load_presets(self) -> None:
+        """Fill the architecture list (imports torch: off the main thread first where that matters)."""
+        if self.preset_combo.count():
+            return
+        from ..model.unet import UNetConfig
+
+        self.preset_combo.addItems(list(UNetConfig.preset_names()))
 
     def _browse(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Model", "", "Models (*.safetensors *.pt *.pth);;All files (*)")

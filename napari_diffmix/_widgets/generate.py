@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import QEvent, QObject, QTimer
 from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
@@ -44,13 +44,12 @@ from qtpy.QtWidgets import (
 
 from ..classes import ClassScheme
 from ..errors import LabelError
-from ..nuclei import changed_mask, type_map_from
 from .._layers import KEY, info_of, role_of, scheme_of, types_from_features
 from ._layout import Collapsible, DockTab, scroll_body
-from ._model_picker import BUNDLED, ModelPicker
+from ._model_picker import ModelPicker
 from ._notify import user_errors
-from ._sampling import sampler_controls, seed_spin, strength_spin
-from ._workers import JobWidget, show_progress
+from ._sampling import fill_sampler_controls, sampler_controls, seed_spin, strength_spin
+from ._workers import JobWidget, show_progress, threads_enabled
 
 MODES = ("noise", "sdedit", "edited")
 # Quality in a pathologist's words -> solver steps (the model card passes its measure at 10-25).
@@ -60,7 +59,13 @@ CUSTOM_QUALITY = "custom (Advanced)"
 REGIONS = {"whole map": "whole", "visible part": "visible"}
 PREVIEW_SIDE = 512  # px: previews of larger canvases are subsampled
 PREVIEW_INTERVAL = 0.1  # s: at most this often (each repaint costs the event loop a few ms)
+# s: the longest the render waits for the window to repaint a preview. Under Xvfb's software
+# OpenGL a repaint of the canvas took 40-100 ms of CPU, and with the render's threads on every
+# core it took twice that (benchmarks/bench_gui.py); the wait is bounded so that a window that
+# never repaints (hidden, minimised) cannot slow a render by more than this per preview.
+PAINT_WAIT = 0.3
 GENERATE_KEY = "Shift-G"
+WARM_UP_DELAY_MS = 200  # the background import starts after the dock has been drawn
 EDIT_MARGIN = 4  # px grown around edited nuclei, so their surroundings blend in
 
 
@@ -80,6 +85,45 @@ def warm_up_imports() -> None:
         getattr(diffusers, name)
     for module in ("render", "model.checkpoint", "model.condition", "model.samplers"):
         importlib.import_module(f"napari_diffmix.{module}")
+
+
+class AfterRepaint(QObject):
+    """Calls back once a top-level window has repainted. Qt repaints napari's canvas in two
+    update requests in a row (the OpenGL draw, then the window's composition), so the callbacks
+    run when no update request came for :attr:`SETTLE_MS`."""
+
+    SETTLE_MS = 5
+
+    def __init__(self, window: QWidget):
+        super().__init__(window)
+        self._callbacks: list[Any] = []
+        self._repaints = 0
+        self._timer = QTimer(self)
+        self._timer.setSingleShot(True)
+        self._timer.setInterval(self.SETTLE_MS)
+        self._timer.timeout.connect(self._settled)
+        self._counted = 0
+        window.installEventFilter(self)
+
+    def add(self, callback: Any) -> None:
+        self._callbacks.append(callback)
+
+    def eventFilter(self, watched: QObject, event: QEvent) -> bool:  # noqa: N802 (Qt)
+        if event.type() == QEvent.Type.UpdateRequest and self._callbacks:
+            self._repaints += 1
+            if not self._timer.isActive():
+                self._counted = self._repaints
+                self._timer.start()
+        return False
+
+    def _settled(self) -> None:
+        if self._repaints != self._counted:  # another pass came: wait for it to end too
+            self._counted = self._repaints
+            self._timer.start()
+            return
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
 
 
 @dataclass
@@ -140,6 +184,9 @@ class GenerateWidget(DockTab, JobWidget, QWidget):
         self.renderer = Renderer()
         self._stop = threading.Event()  # set by Cancel; the sampler polls it within a step
         self._preview_pending = False
+        self._painted = threading.Event()  # set once the window repainted the latest preview
+        self._paint_watch: Any = None
+        self._pace = False  # whether the render waits for each preview's repaint (threaded runs)
         self.preview_layer: Any = None
         self.previews_shown = 0
         self.last_result: Any = None
@@ -149,7 +196,6 @@ class GenerateWidget(DockTab, JobWidget, QWidget):
         for emitter in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
             emitter.connect(self._refresh_layers)
         self._refresh_layers()
-        self.picker.set_model(BUNDLED)
 
     # -- layout --------------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -160,7 +206,7 @@ class GenerateWidget(DockTab, JobWidget, QWidget):
         form = QFormLayout()
         root.addLayout(form)
 
-        self.picker = ModelPicker(advanced=adv)
+        self.picker = ModelPicker(advanced=adv, deferred=True)
         self.picker.changed.connect(self._on_model_changed)
         form.addRow(self.picker)
 
@@ -217,9 +263,9 @@ class GenerateWidget(DockTab, JobWidget, QWidget):
         root.addLayout(row)
         self._add_job_status(root)
 
-        self.strength = strength_spin("How far the image is noised before rendering (from my image)")
+        self.strength = strength_spin("How far the image is noised before rendering (from my image)", deferred=True)
         adv.addRow("Strength", self.strength)
-        self.sampler_combo, self.steps = sampler_controls()
+        self.sampler_combo, self.steps = sampler_controls(deferred=True)
         self.steps.valueChanged.connect(self._sync_quality)
         adv.addRow("Sampler", self.sampler_combo)
         adv.addRow("Steps", self.steps)
@@ -249,8 +295,10 @@ class GenerateWidget(DockTab, JobWidget, QWidget):
         self._update_enabled()
 
     def _warm_up(self) -> None:
-        """Import the sampler library in the background while the dock opens (it froze the window
-        for seconds on the main thread); Generate waits for it with a visible state."""
+        """Import torch and the sampler library in the background while the dock opens (on the
+        main thread they froze the window for seconds); Generate waits for it with a visible
+        state. What needs them (architectures, sampler choices and defaults, the model's summary)
+        is filled in when they are there."""
         self.ready = False
         self._imported = threading.Event()  # a run waits for it: two threads importing one module race
         self.generate_button.setEnabled(False)
@@ -266,14 +314,25 @@ class GenerateWidget(DockTab, JobWidget, QWidget):
             if not self._imported.is_set():
                 return
             self._warm_timer.stop()
+            self.picker.load_presets()
+            fill_sampler_controls(self.sampler_combo, self.steps, self.strength)
+            if self.picker.info is None:  # the model chosen (the default) is read now that torch is there
+                self.picker.set_model(self.picker.combo.currentText())
             self.ready = True
             if self.progress.format() == "loading the renderer…":
                 self.progress.setFormat("idle")
             self._update_enabled()
 
         # A plain daemon thread and a timer owned by the widget: nothing Qt crosses threads, so
-        # closing napari while it imports cannot touch a deleted Qt object.
-        threading.Thread(target=warm, name="diffmix-warm-up", daemon=True).start()
+        # closing napari while it imports cannot touch a deleted Qt object. It starts once the
+        # dock is on screen: torch's extension module holds the GIL while it initialises (0.3 s
+        # on a busy 2-core machine), which would otherwise delay the dock itself.
+        # (Kept on the widget: a Qt connection to a bound method holds only a weak reference.)
+        self._warm_thread = threading.Thread(target=warm, name="diffmix-warm-up", daemon=True)
+        self._warm_start = QTimer(self)
+        self._warm_start.setSingleShot(True)
+        self._warm_start.timeout.connect(self._warm_thread.start)
+        self._warm_start.start(WARM_UP_DELAY_MS)
         self._warm_timer = QTimer(self)
         self._warm_timer.setInterval(100)
         self._warm_timer.timeout.connect(poll)
@@ -340,6 +399,8 @@ class GenerateWidget(DockTab, JobWidget, QWidget):
         name = self.labels_combo.currentText()
         if not name:
             raise LabelError("no nuclei layer to render: open the demo tile or paint on a new canvas (Nuclei editor)")
+        from ..nuclei import type_map_from
+
         layer = self.viewer.layers[name]
         inst_map = np.array(layer.data, dtype=np.int32)
         if inst_map.ndim != 2:
@@ -379,6 +440,8 @@ class GenerateWidget(DockTab, JobWidget, QWidget):
             window = self._visible_window(layer, inst_map.shape)
         full_shape = inst_map.shape
         inst_map, type_map = inst_map[window], type_map[window]
+        from ..nuclei import changed_mask
+
         mode = self.mode()
         image = mask = None
         image_name = None
@@ -464,7 +527,13 @@ class GenerateWidget(DockTab, JobWidget, QWidget):
                 self._preview_pending = True
                 shown = now
                 picture = preview(record, max_side=PREVIEW_SIDE)
+                self._painted.clear()
             yield Step(record.step, record.total, time.perf_counter() - start, picture, stride)
+            if picture is not None and self._pace:
+                # The next network pass waits for the window to repaint this preview: the
+                # repaint then has the cores to itself instead of sharing them with the render's
+                # threads (half the stall; costs the render one repaint per preview).
+                self._painted.wait(PAINT_WAIT)
         if result is None:  # stopped within a step
             return None
         return Result(result.image, result.provenance)
@@ -476,6 +545,7 @@ class GenerateWidget(DockTab, JobWidget, QWidget):
         self._stop.clear()
         self.previews_shown = 0
         self._preview_pending = False
+        self._pace = threads_enabled() and not block
         self.progress.setRange(0, req.steps)
         self.progress.setValue(0)
         self.progress.setFormat("loading model…")
@@ -505,18 +575,32 @@ class GenerateWidget(DockTab, JobWidget, QWidget):
         layer = self.preview_layer
         if item.preview is not None and layer is not None:
             if layer.data.shape == item.preview.shape:
-                # In place: cheaper than a new data array (no dims update), the repaint is the cost.
+                # In place, and only the displayed data: a new array (layer.data = ...) or a full
+                # refresh also recomputes the extent (the viewer's dims), the thumbnail and the
+                # highlight, none of which a new preview of the same size changes. The thumbnail
+                # follows with the result.
                 layer.data[...] = item.preview
-                layer.refresh()
+                layer.refresh(thumbnail=False, extent=False, highlight=False)
             else:
                 layer.data = item.preview
             self.previews_shown += 1
+            self._after_repaint(self._painted.set)
         self._preview_pending = False
         if item.step == 0:  # the early half-resolution estimate, before the first step
             show_progress(self.progress, 0, item.total, f"first look · step 1/{item.total} running")
             return
         eta = item.elapsed / item.step * (item.total - item.step)
         show_progress(self.progress, item.step, item.total, f"step {item.step}/{item.total} · ETA {eta:.0f} s")
+
+    def _after_repaint(self, callback: Any) -> None:
+        """``callback()`` once the window has repainted (at once when it shows nothing)."""
+        window = self.window()
+        if not window.isVisible() or window is self or not self.preview_layer.visible:
+            callback()
+            return
+        if self._paint_watch is None or self._paint_watch.parent() is not window:
+            self._paint_watch = AfterRepaint(window)
+        self._paint_watch.add(callback)
 
     def cancel(self) -> None:
         """Stop the running render within its current step; nothing is added."""
