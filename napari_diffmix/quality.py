@@ -227,9 +227,12 @@ def render_and_measure(
     diffusion: Any = None,
     seed: int = 0,
     pbar: Any = None,
+    windows: Sequence[Any] | None = None,
 ) -> tuple[QualityReport, list[np.ndarray], list[Any]]:
     """Render every ``size`` px window of the tiles' label maps and measure them against the
-    tiles' real images. Returns the report, the rendered images and the windows (tiles)."""
+    tiles' real images (or exactly the given ``windows``, tiles of any shape the network takes;
+    ``tiles`` and ``size`` are then unused). Returns the report, the rendered images and the
+    windows (tiles)."""
     import torch
     from tqdm import tqdm
 
@@ -237,12 +240,13 @@ def render_and_measure(
     from .model.samplers import Sampler
     from .progress import progress_bar
 
-    windows = [
-        t.crop(y, x, size, size)
-        for t in tiles
-        for y in range(0, t.shape[0] - size + 1, size)
-        for x in range(0, t.shape[1] - size + 1, size)
-    ]
+    if windows is None:
+        windows = [
+            t.crop(y, x, size, size)
+            for t in tiles
+            for y in range(0, t.shape[0] - size + 1, size)
+            for x in range(0, t.shape[1] - size + 1, size)
+        ]
     if not windows:
         raise LabelError(f"no {size} px window fits in the given tiles")
     # fp32: a measure of the model must not depend on the hardware it runs on.
