@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("store", type=Path, help="store written by 'diffmix synthesize' or 'diffmix demo'")
     p.add_argument("--out", "-o", type=Path, required=True, help="HTML file to write, e.g. report.html")
-    p.add_argument("--seg-model", type=Path, help="segmentation model that predicts the montage's nuclei (default: the one that scored the store)")
+    p.add_argument("--seg-model", type=Path, help="segmentation model that predicts the montage's nuclei, or 'demo' (default: the one that scored the store)")
     p.add_argument("--items", type=int, default=4, help="best and worst items shown (default 4 each)")
     p.add_argument("--metric", default="pq", help="fidelity metric that orders the items (default pq)")
     p.add_argument("--device", default="cpu", help="device for the montage's predictions (default cpu)")

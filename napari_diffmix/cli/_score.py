@@ -9,6 +9,7 @@ from ._common import add_device_arguments
 
 EPILOG = """examples:
   diffmix score synthetic.zarr --seg-model models/hovernet-consep
+  diffmix score diffmix-demo/demo.zarr --seg-model demo        # the demo store, with the bundled demo model
   diffmix score synthetic.zarr --seg-model models/hovernet-consep --min-fidelity 0.6
   diffmix export synthetic.zarr --format hovernet --min-fidelity 0.6
   diffmix train-seg --data /data/CoNSeP/Train --synthetic synthetic.zarr --synthetic-min-fidelity 0.6 --out seg
@@ -43,7 +44,8 @@ def add_seg_model_arguments(p: argparse.ArgumentParser, *, required: bool = True
     No package import here: building the parser must not load numpy (``diffmix --help`` stays
     fast); None stands for :data:`napari_diffmix.fidelity_records.DEFAULT_MIN_FIDELITY`, which
     the help names (a test keeps the two equal)."""
-    p.add_argument("--seg-model", type=Path, required=required, help="segmentation model folder from 'diffmix train-seg'")
+    p.add_argument("--seg-model", type=Path, required=required,
+                   help="segmentation model folder from 'diffmix train-seg', or 'demo' (the bundled demo model)")
     p.add_argument(
         "--min-fidelity", type=float, metavar="PQ",
         help="threshold recorded in the store: its TRAINING.md / train.sh leave out items below it (default 0.5)",
