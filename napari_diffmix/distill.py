@@ -22,7 +22,6 @@ steps, folded guidance, teacher sha256; :mod:`napari_diffmix.model.checkpoint`).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
@@ -42,19 +41,21 @@ from .atomic import save_png, write_json
 from .classes import ClassScheme, load_scheme
 from .data.crops import EXTRA, CropStream
 from .errors import CheckpointError, DatasetError, TrainingError
-from .outputs import WriterLock
 from .progress import StopRequests, progress_bar, set_bar_start
-from .runtime import PRECISIONS, all_reduce_max, pooled_means, precision_dtype, resolve_precision, seed_int, setup_distributed
+from .runtime import PRECISIONS, all_reduce_max, pooled_means, precision_dtype, resolve_precision, seed_int
 from .train import collect_sources, config_fields, pair_label_patches, sample_grid, validation_crops
 from .trainloop import (
     CsvLog,
+    RunResult,
     TrainState,
+    barrier,
     changed_settings,
     ema_rate_at,
     find_resume,
-    list_checkpoints,
     read_checkpoint,
     remove_stale_temporaries,
+    resume_step,
+    training_session,
     update_ema,
 )
 
@@ -161,17 +162,7 @@ LOG_FIELDS = ("step", "samples", "loss", *(f"loss_k{k}" for k in range(8)), "lr"
 
 
 @dataclass
-class DistillResult:
-    step: int
-    total_steps: int
-    interrupted: bool
-    out_dir: Path
-    checkpoint: Path | None
-    model_path: Path | None
-    last_loss: float | None
-    elapsed_s: float
-    steps_per_s: float
-    history: list[dict[str, float]] = field(default_factory=list)
+class DistillResult(RunResult):
     student: torch.nn.Module | None = field(default=None, repr=False)
     ema_student: torch.nn.Module | None = field(default=None, repr=False)
 
@@ -271,19 +262,9 @@ def distill(
     if extra_labels is not None:
         folders = [extra_labels] if isinstance(extra_labels, (str, os.PathLike)) else list(extra_labels)
         sources = sources + [s for folder in folders for s in pair_label_patches(folder, sources, scheme, config.crop_size)]
-    info, device = setup_distributed(config.device)
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
     out_dir = Path(config.out_dir)
-    lock = WriterLock(out_dir, what="distillation run") if info.is_main else contextlib.nullcontext()
-    try:
-        with lock:
-            return _run(config, scheme, teacher_info, sources, val_crops, info, device, out_dir, resume, pbar, should_stop, max_steps)
-    finally:
-        if info.owns_group:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+    with training_session(config.device, config.num_threads, out_dir, "distillation run") as (info, device):
+        return _run(config, scheme, teacher_info, sources, val_crops, info, device, out_dir, resume, pbar, should_stop, max_steps)
 
 
 def _run(config, scheme, teacher_info, sources, val_crops, info, device, out_dir, resume, pbar, should_stop, max_steps) -> DistillResult:
@@ -311,21 +292,18 @@ def _run(config, scheme, teacher_info, sources, val_crops, info, device, out_dir
     noise_gen.manual_seed(seed_int(config.seed, info.rank, 2))
     state = TrainState(CHECKPOINT_FORMAT, student, ema_student, opt, scaler, stream, noise_gen)
 
-    step = 0
-    ckpt_in = find_resume_checkpoint(resume, out_dir) if resume is not None else None
-    if ckpt_in is not None:
-        ckpt = load_checkpoint(ckpt_in)
+    def restore(path: Path) -> int:
+        ckpt = load_checkpoint(path)
         if json.loads(ckpt["teacher_sha256"]) != teacher_info.sha256:
-            raise CheckpointError(f"{ckpt_in}: the run distils another teacher than {config.teacher}; resume with the run's own")
+            raise CheckpointError(f"{path}: the run distils another teacher than {config.teacher}; resume with the run's own")
         changed = changed_settings(json.loads(ckpt["config"]), config, ("crop_size", "items", "seed", "steps_to", "teacher_steps",
                                                                           "guidance", "ema_rate", "augment", "teacher_precision"))
         if changed and info.is_main:
             log.warning("resuming with changed settings %s: distillation continues, but not as the original run would have", changed)
-        step = state.restore(ckpt, ckpt_in, model_cfg, scheme, info, config.seed)
-        if info.is_main:
-            log.info("resumed from %s at step %d", ckpt_in, step)
-    elif list_checkpoints(out_dir):
-        raise TrainingError(f"{out_dir} already holds checkpoints of a run; pass --resume to continue it or pick another --out")
+        return state.restore(ckpt, path, model_cfg, scheme, info, config.seed)
+
+    ckpt_in = find_resume_checkpoint(resume, out_dir) if resume is not None else None
+    step = resume_step(state, ckpt_in, out_dir, restore, info)
 
     header = {"config": json.dumps(config.to_dict()), "model_config": json.dumps(model_cfg),
               "scheme": json.dumps(scheme.to_dict()), "teacher_sha256": json.dumps(teacher_info.sha256)}
@@ -423,10 +401,7 @@ def _run(config, scheme, teacher_info, sources, val_crops, info, device, out_dir
         if step >= total and not stopped:
             model_path = export_student(ema_student, out_dir / "model.safetensors", scheme, teacher_info, config, guidance, step=step)
             log.info("exported the student to %s", model_path)
-    if info.enabled:
-        import torch.distributed as dist
-
-        dist.barrier()
+    barrier(info)
     elapsed = time.perf_counter() - t_start
     return DistillResult(
         step=step, total_steps=total, interrupted=step < total, out_dir=out_dir, checkpoint=last_ckpt, model_path=model_path,

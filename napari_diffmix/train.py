@@ -27,7 +27,6 @@ shared with the distiller in :mod:`napari_diffmix.trainloop`.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -48,18 +47,20 @@ from .atomic import save_png, write_json
 from .classes import ClassScheme, load_scheme
 from .data.crops import EXTRA, CropStream, Source, drawn_shares, share_summary
 from .errors import CheckpointError, DatasetError, LabelError, TrainingError
-from .outputs import WriterLock
 from .progress import StopRequests, progress_bar, set_bar_start
-from .runtime import PRECISIONS, all_reduce_max, pooled_means, precision_dtype, resolve_precision, seed_int, setup_distributed
+from .runtime import PRECISIONS, all_reduce_max, pooled_means, precision_dtype, resolve_precision, seed_int
 from .trainloop import (
     CsvLog,
+    RunResult,
     TrainState,
+    barrier,
     changed_settings,
     ema_rate_at,
     find_resume,
-    list_checkpoints,
     read_checkpoint,
     remove_stale_temporaries,
+    resume_step,
+    training_session,
     update_ema,
 )
 
@@ -490,17 +491,7 @@ def find_resume_checkpoint(resume: str | os.PathLike, out_dir: str | os.PathLike
 
 
 @dataclass
-class TrainResult:
-    step: int
-    total_steps: int
-    interrupted: bool
-    out_dir: Path
-    checkpoint: Path | None
-    model_path: Path | None
-    last_loss: float | None
-    elapsed_s: float
-    steps_per_s: float
-    history: list[dict[str, float]] = field(default_factory=list)
+class TrainResult(RunResult):
     # Share of crops per data group: asked for (default: the pixels) and drawn (all ranks, whole run).
     requested_shares: dict[str, float] = field(default_factory=dict)
     realised_shares: dict[str, float] = field(default_factory=dict)
@@ -670,20 +661,9 @@ def train(
         folders = [extra_labels] if isinstance(extra_labels, (str, os.PathLike)) else list(extra_labels)
         sources = sources + [s for folder in folders for s in pair_label_patches(folder, sources, scheme, config.crop_size)]
 
-    info, device = setup_distributed(config.device)
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
     out_dir = Path(config.out_dir)
-    # One writer per run folder: a second `diffmix train` on it would interleave checkpoints.
-    lock = WriterLock(out_dir, what="training run") if info.is_main else contextlib.nullcontext()
-    try:
-        with lock:
-            return _run(config, scheme, sources, val_crops, info, device, out_dir, resume, pbar, should_stop, max_steps)
-    finally:
-        if info.owns_group:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+    with training_session(config.device, config.num_threads, out_dir, "training run") as (info, device):
+        return _run(config, scheme, sources, val_crops, info, device, out_dir, resume, pbar, should_stop, max_steps)
 
 
 def _run(config, scheme, sources, val_crops, info, device, out_dir, resume, pbar, should_stop, max_steps) -> TrainResult:
@@ -705,14 +685,8 @@ def _run(config, scheme, sources, val_crops, info, device, out_dir, resume, pbar
     noise_gen.manual_seed(seed_int(config.seed, info.rank, 1))
     state = TrainState(CHECKPOINT_FORMAT, model, ema_model, opt, scaler, stream, noise_gen)
 
-    step = 0
     ckpt_in = find_resume_checkpoint(resume, out_dir) if resume is not None else None
-    if ckpt_in is not None:
-        step = _load_training_state(ckpt_in, config, model_cfg, scheme, state, info)
-        if info.is_main:
-            log.info("resumed from %s at step %d", ckpt_in, step)
-    elif list_checkpoints(out_dir):
-        raise TrainingError(f"{out_dir} already holds checkpoints of a run; pass --resume to continue it or pick another --out")
+    step = resume_step(state, ckpt_in, out_dir, lambda path: _load_training_state(path, config, model_cfg, scheme, state, info), info)
 
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -809,10 +783,7 @@ def _run(config, scheme, sources, val_crops, info, device, out_dir, resume, pbar
         if step >= total and not stopped:
             model_path = export_model(ema_model, out_dir / "model.safetensors", scheme, config, step=step)
             log.info("exported the EMA model to %s", model_path)
-    if info.enabled:
-        import torch.distributed as dist
-
-        dist.barrier()
+    barrier(info)
     elapsed = time.perf_counter() - t_start
     return TrainResult(
         step=step, total_steps=total, interrupted=step < total, out_dir=out_dir, checkpoint=last_ckpt,

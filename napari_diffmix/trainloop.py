@@ -19,20 +19,82 @@ import logging
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
 from .atomic import atomic_path
 from .errors import CheckpointError, TrainingError
-from .runtime import capture_rng, check_ranks_in_sync, restore_rng, seed_int
+from .runtime import capture_rng, check_ranks_in_sync, restore_rng, seed_int, setup_distributed
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_RE = re.compile(r"^step-(\d{7,})\.pt$")
+
+
+# ----------------------------------------------------------------------------------------
+# a run: its processes, its folder, its result
+
+
+@contextlib.contextmanager
+def training_session(device: str, num_threads: int | None, out_dir: Path, what: str) -> Iterator[tuple[Any, torch.device]]:
+    """``(DistInfo, device)`` for one run: joins the ``torchrun`` process group (left at the
+    end), sets the CPU threads and holds the run folder's writer lock on rank 0 (a second
+    process writing the same run would interleave checkpoints)."""
+    from .outputs import WriterLock
+
+    info, device = setup_distributed(device)
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    lock = WriterLock(out_dir, what=what) if info.is_main else contextlib.nullcontext()
+    try:
+        with lock:
+            yield info, device
+    finally:
+        if info.owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def barrier(info: Any) -> None:
+    """Wait for every rank (no-op outside ``torchrun``)."""
+    if info.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def resume_step(state: "TrainState", ckpt_in: Path | None, out_dir: Path, restore: Callable[[Path], int], info: Any) -> int:
+    """The step a run starts at: ``restore(ckpt_in)``'s when resuming, else 0, refusing a fresh
+    start in a folder that holds another run's checkpoints."""
+    if ckpt_in is None:
+        if list_checkpoints(out_dir):
+            raise TrainingError(f"{out_dir} already holds checkpoints of a run; pass --resume to continue it or pick another --out")
+        return 0
+    step = restore(ckpt_in)
+    if info.is_main:
+        log.info("resumed from %s at step %d", ckpt_in, step)
+    return step
+
+
+@dataclass
+class RunResult:
+    """How a training or distillation call ended."""
+
+    step: int
+    total_steps: int
+    interrupted: bool
+    out_dir: Path
+    checkpoint: Path | None
+    model_path: Path | None
+    last_loss: float | None
+    elapsed_s: float
+    steps_per_s: float
+    history: list[dict[str, float]] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from _subprocess import process_group, run_group
 from napari_diffmix.classes import DEMO
 from napari_diffmix.errors import DatasetError, DiffMixError, LabelError, SchemeError
 from napari_diffmix.data.crops import CropStream, dihedral
+from napari_diffmix.trainloop import list_checkpoints
 from napari_diffmix.train import (
     Stage,
     TrainConfig,
@@ -32,7 +33,6 @@ from napari_diffmix.train import (
     collect_sources,
     ema_rate_at,
     find_resume_checkpoint,
-    list_checkpoints,
     load_checkpoint,
     pair_label_patches,
     stage_at,

@@ -130,6 +130,29 @@ def saved_scheme(out_dir):
     return None
 
 
+def export_only_paths(args: argparse.Namespace, out: Path | None) -> tuple[Path | str, Path]:
+    """(checkpoint or run folder, model file) of ``--export-only``: ``--resume``'s checkpoint or
+    ``--out``; ``--export`` or the run folder's ``model.safetensors``."""
+    from ..errors import TrainingError
+
+    source = args.resume if args.resume not in (None, "auto") else out
+    if source is None:
+        raise TrainingError("--export-only needs a checkpoint: --resume CKPT or --out RUN_FOLDER")
+    return source, Path(args.export) if args.export else (run_dir_of(Path(source)) or Path(".")) / "model.safetensors"
+
+
+def resumed_run_dir(args: argparse.Namespace, out: Path | None) -> Path | None:
+    """The run folder ``--resume`` continues (None without ``--resume``)."""
+    from ..errors import TrainingError
+
+    if args.resume is None:
+        return None
+    run_dir = out if args.resume == "auto" else run_dir_of(Path(args.resume))
+    if run_dir is None:
+        raise TrainingError("--resume without a checkpoint path needs --out RUN_FOLDER")
+    return run_dir
+
+
 def run_dir_of(path: Path) -> Path | None:
     """The run folder a --resume argument (a run folder or one of its checkpoints) names."""
     if path.is_dir():

@@ -14,7 +14,16 @@ import os
 import sys
 from pathlib import Path
 
-from ._common import PRECISIONS, SCHEME_HELP, add_device_arguments, add_layout_argument, open_training_data, run_dir_of, saved_scheme
+from ._common import (
+    PRECISIONS,
+    SCHEME_HELP,
+    add_device_arguments,
+    add_layout_argument,
+    export_only_paths,
+    open_training_data,
+    resumed_run_dir,
+    saved_scheme,
+)
 
 EPILOG = """examples:
   diffmix distill demo --teacher napari_diffmix/resources/models/demo/demo.safetensors --out runs/demo-fast
@@ -85,18 +94,10 @@ def run(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     out = Path(args.out) if args.out else None
     if args.export_only:
-        source = args.resume if args.resume not in (None, "auto") else out
-        if source is None:
-            raise TrainingError("--export-only needs a checkpoint: --resume CKPT or --out RUN_FOLDER")
-        target = Path(args.export) if args.export else (run_dir_of(Path(source)) or Path(".")) / "model.safetensors"
-        print(f"exported the student to {export_distill_checkpoint(source, target)}")
+        print(f"exported the student to {export_distill_checkpoint(*export_only_paths(args, out))}")
         return 0
 
-    run_dir = None
-    if args.resume is not None:
-        run_dir = out if args.resume == "auto" else run_dir_of(Path(args.resume))
-        if run_dir is None:
-            raise TrainingError("--resume without a checkpoint path needs --out RUN_FOLDER")
+    run_dir = resumed_run_dir(args, out)
     saved = None
     if run_dir is not None and (run_dir / "config.json").is_file():
         if args.preset:

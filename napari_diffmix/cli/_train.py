@@ -21,7 +21,16 @@ import os
 import sys
 from pathlib import Path
 
-from ._common import SCHEME_HELP, PRECISIONS, add_device_arguments, add_layout_argument, open_training_data, run_dir_of, saved_scheme
+from ._common import (
+    PRECISIONS,
+    SCHEME_HELP,
+    add_device_arguments,
+    add_layout_argument,
+    export_only_paths,
+    open_training_data,
+    resumed_run_dir,
+    saved_scheme,
+)
 
 EPILOG = """examples:
   diffmix train demo --preset demo --out runs/demo
@@ -112,20 +121,12 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out) if args.out else None
     if args.export_only:
-        source = args.resume if args.resume not in (None, "auto") else out
-        if source is None:
-            raise TrainingError("--export-only needs a checkpoint: --resume CKPT or --out RUN_FOLDER")
-        target = Path(args.export) if args.export else (run_dir_of(Path(source)) or Path(".")) / "model.safetensors"
-        path = export_checkpoint(source, target)
+        path = export_checkpoint(*export_only_paths(args, out))
         print(f"exported EMA model to {path}")
         return 0
 
     # Base config: --config file > the resumed run's own config.json > preset.
-    run_dir = None
-    if args.resume is not None:
-        run_dir = out if args.resume == "auto" else run_dir_of(Path(args.resume))
-        if run_dir is None:
-            raise TrainingError("--resume without a checkpoint path needs --out RUN_FOLDER")
+    run_dir = resumed_run_dir(args, out)
     saved = None
     if args.config:
         saved = _read_config(Path(args.config))
