@@ -147,11 +147,70 @@ class Scorer:
             out["rare"]["retyped_in_plan"] = int(provenance["retyped_nuclei"])
         return out
 
+    def check(self, image: np.ndarray, inst_map: np.ndarray, type_map: np.ndarray) -> "NucleusCheck":
+        """What became of each painted nucleus of one rendered image (:func:`check_nuclei`)."""
+        pred_inst, pred_type = self.predict(image)
+        return check_nuclei(inst_map, type_map, pred_inst, pred_type)
+
     def valid(self, record: Mapping[str, Any] | None, image: np.ndarray | None = None) -> bool:
         """Whether ``record`` was made by this model (and, given ``image``, on these pixels)."""
         if not record or record.get("model") != self.model_sha256[:16]:
             return False
         return image is None or record.get("image") == image_digest(image)
+
+
+# ---------------------------------------------------------------------------------------------
+# one render, nucleus by nucleus (the Generate widget's check)
+# ---------------------------------------------------------------------------------------------
+# What became of a painted nucleus: codes of NucleusCheck.outcome and of its outcome map.
+FOUND, WRONG_CLASS, MISSED = 1, 2, 3
+OUTCOMES = {FOUND: "found with its class", WRONG_CLASS: "found with another class", MISSED: "missed"}
+
+
+@dataclass
+class NucleusCheck:
+    """Per painted nucleus (``ids``, sorted): its ``painted`` class, the class of the predicted
+    nucleus paired with it (``predicted``: 0 when none, -1 when the prediction has no class) and
+    the ``outcome`` code; with the prediction itself (``pred_inst``, ``pred_type``)."""
+
+    ids: np.ndarray
+    painted: np.ndarray
+    predicted: np.ndarray
+    pred_inst: np.ndarray
+    pred_type: np.ndarray
+
+    @property
+    def outcome(self) -> np.ndarray:
+        return np.where(self.predicted == 0, MISSED, np.where(self.predicted == self.painted, FOUND, WRONG_CLASS))
+
+    def counts(self) -> dict[int, int]:
+        """Painted nuclei per outcome code."""
+        outcome = self.outcome
+        return {code: int(np.count_nonzero(outcome == code)) for code in OUTCOMES}
+
+    def outcome_map(self, inst_map: np.ndarray) -> np.ndarray:
+        """uint8 map: each painted nucleus's pixels hold its outcome code, background 0."""
+        lut = np.zeros(int(np.max(inst_map, initial=0)) + 1, np.uint8)
+        lut[self.ids] = self.outcome
+        return lut[inst_map]
+
+
+def check_nuclei(inst_map: np.ndarray, type_map: np.ndarray, pred_inst: np.ndarray, pred_type: np.ndarray) -> NucleusCheck:
+    """Pair the painted nuclei with the predicted ones as F_d does (centroids, Hungarian within
+    12 px: :func:`napari_diffmix.metrics.pair_centroids`) and say, for each painted nucleus,
+    whether it was found with its class, found with another, or missed."""
+    from .metrics import centroids_and_types, pair_centroids
+
+    inst_map = np.asarray(inst_map)
+    ids = np.unique(inst_map)
+    ids = ids[ids > 0]
+    true_yx, painted = centroids_and_types(inst_map, type_map)  # in id order, as ``ids``
+    pred_yx, pred_classes = centroids_and_types(pred_inst, pred_type)
+    pairs, _, _ = pair_centroids(true_yx, pred_yx)
+    predicted = np.zeros(ids.size, np.int64)
+    # A prediction of class 0 (no class) still counts as found, with another class.
+    predicted[pairs[:, 0]] = np.where(pred_classes[pairs[:, 1]] > 0, pred_classes[pairs[:, 1]], -1)
+    return NucleusCheck(ids, painted, predicted, np.asarray(pred_inst), np.asarray(pred_type))
 
 
 def load_scorer(

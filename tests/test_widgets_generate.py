@@ -1,6 +1,7 @@
 """The Generate widget in a real napari window (Xvfb) with a tiny random-weight model."""
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -318,3 +319,113 @@ def test_render_only_the_visible_part_of_the_map(generate, qtbot):
     assert tuple(result.translate) == (0.0, 0.0)  # the window starts at the map's corner
     assert result.metadata["diffmix"]["inst_map"].shape == (h, w)
     assert "region at (0, 0)" in result.metadata["diffmix"]["description"]
+
+
+@pytest.fixture
+def checked_render(generate, disk_map, monkeypatch):
+    """The generate fixture plus a 'render 1' of the disk map (nine nuclei) and a segmentation
+    model whose prediction is known: #1-3 and #8-9 found with their class, #4 and #5 found with
+    another class, #6 and #7 missed, and one nucleus nobody painted."""
+    from types import SimpleNamespace
+
+    from napari_diffmix import fidelity
+    from napari_diffmix._layers import image_layer_data, nuclei_layer_data
+    from napari_diffmix.classes import DEMO
+
+    viewer, widget = generate
+    inst_map, inst_types = disk_map
+    type_map = inst_types[inst_map].astype(np.uint8)
+    data, kwargs, _ = nuclei_layer_data(inst_map, inst_types, DEMO, "disks")
+    viewer.add_labels(data, **kwargs)
+    image = np.full((96, 96, 3), 200, np.uint8)
+    data, kwargs, _ = image_layer_data(image, "render 1", inst_map=inst_map, type_map=type_map)
+    viewer.add_image(data, **kwargs)
+    widget.labels_combo.setCurrentText("disks")
+    widget.image_combo.setCurrentText("render 1")
+    pred_inst = np.where(np.isin(inst_map, [6, 7]), 0, inst_map)
+    pred_inst[90:95, 90:95] = 20  # a nucleus nobody painted
+    pred_types = inst_types.copy()
+    pred_types[4], pred_types[5] = inst_types[4] % 3 + 1, inst_types[5] % 3 + 1
+    pred_types = np.concatenate([pred_types, np.zeros(11, pred_types.dtype)])
+    pred_types[20] = 2
+    predicted = (pred_inst, pred_types[pred_inst].astype(np.uint8))
+    calls = []
+
+    def fake_predict(self, img):
+        calls.append(img)
+        return predicted
+
+    fake = fidelity.Scorer(None, SimpleNamespace(scheme=DEMO, path=Path("known-answer-seg")), "0" * 64, (1,))
+    monkeypatch.setattr(fidelity.Scorer, "predict", fake_predict)
+    monkeypatch.setattr(fidelity, "load_scorer", lambda model: fake)
+    return viewer, widget, inst_map, predicted, calls
+
+
+def test_check_colours_each_painted_nucleus_by_what_was_found(checked_render, qtbot):
+    from napari_diffmix import fidelity
+    from napari_diffmix._widgets.generate import CHECK_COLOURS
+
+    viewer, widget, inst_map, (pred_inst, _), calls = checked_render
+    assert (fidelity.FOUND, fidelity.WRONG_CLASS, fidelity.MISSED) == tuple(CHECK_COLOURS)
+    n_layers = len(viewer.layers)
+    worker = widget.check()
+    with qtbot.waitSignal(worker.finished, timeout=60_000):
+        pass
+    qtbot.waitUntil(lambda: not widget._running)
+    assert len(calls) == 1 and calls[0].shape == (96, 96, 3)  # the render's pixels were segmented
+    assert len(viewer.layers) == n_layers + 2
+    overlay, found = viewer.layers["render 1 · check"], viewer.layers["render 1 · nuclei found"]
+    assert np.array_equal(found.data, pred_inst) and found.contour == 1
+    expected = {1: "green", 2: "green", 3: "green", 4: "orange", 5: "orange", 6: "red", 7: "red", 8: "green", 9: "green"}
+    by_word = {word: code for code, (_, word) in CHECK_COLOURS.items()}
+    for nid, word in expected.items():
+        codes = np.unique(overlay.data[inst_map == nid])
+        assert codes.tolist() == [by_word[word]], (nid, codes)
+        hex_colour = CHECK_COLOURS[by_word[word]][0]
+        shown = overlay.colormap.map(np.array([by_word[word]]))[0]
+        assert np.allclose(shown[:3], [int(hex_colour[i:i + 2], 16) / 255 for i in (1, 3, 5)], atol=1 / 255), nid
+    assert not overlay.data[inst_map == 0].any()  # only painted nuclei are coloured
+    assert overlay.colormap.map(np.array([0]))[0][3] == 0  # background transparent
+    text = widget.status.text()
+    assert "of 9 painted nuclei 5 found with their class (green), 2 with another class (orange), 2 missed (red)" in text
+    assert "8 nuclei found in all" in text and "known-answer-seg" in text
+    # Checking again replaces the overlay instead of stacking layers.
+    with qtbot.waitSignal(widget.check().finished, timeout=60_000):
+        pass
+    qtbot.waitUntil(lambda: not widget._running)
+    assert len(viewer.layers) == n_layers + 2
+
+
+def test_check_refuses_an_image_without_its_labels(generate, errors):
+    viewer, widget = generate
+    viewer.add_image(np.zeros((64, 64, 3), np.uint8), name="photo", rgb=True)
+    widget.image_combo.setCurrentText("photo")
+    widget.check_button.click()
+    assert errors and "does not record the label map" in errors[-1]
+    assert not widget._running
+
+
+def test_check_after_each_render_with_a_trained_segmentation_model(generate, qtbot, tmp_path):
+    """End to end in the worker: a tiny segmentation model trained here checks a fresh render."""
+    from napari_diffmix.demo_data import demo_split_dataset
+    from napari_diffmix.seg.model import SegConfig
+    from napari_diffmix.seg.train import SegTrainConfig, train_segmentation
+
+    viewer, widget = generate
+    cfg = SegTrainConfig(steps=4, seed=1, batch_size=2, crop_size=32, lr=3e-3, device="cpu", num_threads=1, log_every=2)
+    train_segmentation(demo_split_dataset(), model_config=SegConfig.preset("tiny", 3), config=cfg, out_dir=tmp_path / "seg")
+    widget.set_seg_model(tmp_path / "seg")
+    widget.check_after.setChecked(True)
+    widget.steps.setValue(3)
+    worker = widget.generate()
+    with qtbot.waitSignal(worker.finished, timeout=120_000):
+        pass
+    qtbot.waitUntil(lambda: widget.last_check is not None and not widget._running, timeout=120_000)
+    check = widget.last_check
+    assert check.image_name == "render 1"
+    painted = np.unique(viewer.layers["crop nuclei"].data)
+    assert check.check.ids.tolist() == painted[painted > 0].tolist()
+    overlay = viewer.layers["render 1 · check"]
+    assert sum(check.check.counts().values()) == check.check.ids.size
+    assert set(np.unique(overlay.data)) <= {0, 1, 2, 3}
+    assert "render 1 checked with seg" in widget.status.text()

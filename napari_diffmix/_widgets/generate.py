@@ -31,7 +31,9 @@ from typing import Any
 import numpy as np
 from qtpy.QtCore import QEvent, QObject, QTimer
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
+    QFileDialog,
     QDoubleSpinBox,
     QFormLayout,
     QHBoxLayout,
@@ -66,6 +68,12 @@ PREVIEW_INTERVAL = 0.1  # s: at most this often (each repaint costs the event lo
 PAINT_WAIT = 0.3
 GENERATE_KEY = "Shift-G"
 WARM_UP_DELAY_MS = 200  # the background import starts after the dock has been drawn
+# The check's segmentation model: the bundled demo one by default (seg.checkpoint's name "demo").
+SEG_DEMO = "bundled demo segmentation model"
+# Check overlay: outcome code (fidelity.FOUND, WRONG_CLASS, MISSED; not imported, fidelity loads
+# the store's modules) -> colour and its word.
+CHECK_COLOURS = {1: ("#2ca02c", "green"), 2: ("#ff7f0e", "orange"), 3: ("#d62728", "red")}
+OUTCOMES_SHORT = {1: "found with their class", 2: "with another class", 3: "missed"}
 EDIT_MARGIN = 4  # px grown around edited nuclei, so their surroundings blend in
 
 
@@ -171,6 +179,16 @@ class Result:
     provenance: dict[str, Any]
 
 
+@dataclass
+class Checked:
+    """A check of one image: what became of each painted nucleus (fidelity.NucleusCheck)."""
+
+    image_name: str
+    inst_map: np.ndarray
+    check: Any
+    model: str
+
+
 class GenerateWidget(DockTab, JobWidget, QWidget):
     """Model, device, sampler, steps, guidance, seed and mode; Generate / Cancel with a live preview."""
 
@@ -191,6 +209,8 @@ class GenerateWidget(DockTab, JobWidget, QWidget):
         self.previews_shown = 0
         self.last_result: Any = None
         self.renders = 0  # results so far: layers are named "render 1", "render 2", ...
+        self._scorers: dict[str, Any] = {}  # segmentation models of the check, loaded once per choice
+        self.last_check: Checked | None = None
         self._build()
         self._warm_up()
         for emitter in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
@@ -261,6 +281,18 @@ class GenerateWidget(DockTab, JobWidget, QWidget):
         row.addWidget(self.generate_button)
         row.addWidget(self.cancel_button)
         root.addLayout(row)
+        row = QHBoxLayout()
+        self.check_button = QPushButton("Check the render")
+        self.check_button.setToolTip(
+            "Find the nuclei in the chosen image with a segmentation model and colour each painted nucleus: "
+            "green = found with its class, orange = found with another class, red = missed"
+        )
+        self.check_button.clicked.connect(lambda *_: user_errors(self.check)())
+        self.check_after = QCheckBox("after each render")
+        self.check_after.setToolTip("Check every new render as soon as it is done")
+        row.addWidget(self.check_button)
+        row.addWidget(self.check_after)
+        root.addLayout(row)
         self._add_job_status(root)
 
         self.strength = strength_spin("How far the image is noised before rendering (from my image)", deferred=True)
@@ -288,6 +320,16 @@ class GenerateWidget(DockTab, JobWidget, QWidget):
             "tiles blended at every step (bounds memory, costs time)"
         )
         adv.addRow("Tile size", self.tile)
+        self.seg_combo = QComboBox()
+        self.seg_combo.addItem(SEG_DEMO)
+        self.seg_combo.setToolTip("The segmentation model of 'Check the render' (a 'diffmix train-seg' model folder)")
+        seg_browse = QPushButton("Browse…")
+        seg_browse.setToolTip("Choose a segmentation model folder")
+        seg_browse.clicked.connect(lambda *_: self._browse_seg_model())
+        row = QHBoxLayout()
+        row.addWidget(self.seg_combo, 1)
+        row.addWidget(seg_browse)
+        adv.addRow("Check with", row)
         self.advanced = advanced
         root.addWidget(advanced)
         root.addStretch(1)
@@ -389,6 +431,7 @@ class GenerateWidget(DockTab, JobWidget, QWidget):
     def _update_enabled(self) -> None:
         running = self._running
         self.generate_button.setEnabled(not running and getattr(self, "ready", False))
+        self.check_button.setEnabled(not running and getattr(self, "ready", False))
         self.cancel_button.setEnabled(running)
         needs_image = self.mode() != "noise"
         self.image_combo.setEnabled(needs_image)
@@ -554,7 +597,7 @@ class GenerateWidget(DockTab, JobWidget, QWidget):
             lambda: self._job(req),
             on_yield=self._on_yield,
             on_return=lambda result: self._on_result(result, req),
-            on_finish=self._on_finish,
+            on_finish=lambda: self._on_finish(block),
             block=block,
         )
 
@@ -647,13 +690,118 @@ class GenerateWidget(DockTab, JobWidget, QWidget):
         if labels and min(labels) < here:
             layers.move(here, min(labels))
 
-    def _on_finish(self) -> None:
+    def _on_finish(self, block: bool = False) -> None:
         if self.preview_layer is not None and self.preview_layer in self.viewer.layers:
             self.viewer.layers.remove(self.preview_layer)
         self.preview_layer = None
+        rendered = self.last_result is not None and self.last_result.name == f"render {self.renders}"
         if self._job_finished():  # cancelled: nothing is added
             self.status.setText("cancelled")
             self.progress.setFormat("cancelled")
+        elif self.check_after.isChecked() and rendered and self._checked_renders < self.renders:
+            self._checked_renders = self.renders
+            user_errors(self.check)(self.last_result.name, block=block)
+
+    # -- the check ----------------------------------------------------------------------------------
+    _checked_renders = 0
+
+    def _browse_seg_model(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Segmentation model folder (diffmix train-seg)")
+        if path:
+            self.set_seg_model(path)
+
+    def set_seg_model(self, path: str | os.PathLike) -> None:
+        """Choose the check's segmentation model folder (added to the list)."""
+        path = str(path)
+        if self.seg_combo.findText(path) < 0:
+            self.seg_combo.addItem(path)
+        self.seg_combo.setCurrentText(path)
+
+    def check(self, image_name: str | None = None, *, block: bool = False) -> Any:
+        """Find the nuclei of an image (default: the one chosen under Image) with the segmentation
+        model, in a worker, and show what became of each nucleus of the label map it depicts."""
+        self._check_idle()
+        name = image_name or self.image_combo.currentText()
+        if not name:
+            raise LabelError("nothing to check: render an image first")
+        layer = self.viewer.layers[name]
+        info = info_of(layer)
+        if info.get("inst_map") is None or info.get("type_map") is None:
+            raise LabelError(f"image {name!r} does not record the label map it shows, so its nuclei cannot be checked")
+        image = np.asarray(layer.data)
+        inst_map, type_map = np.asarray(info["inst_map"]), np.asarray(info["type_map"])
+        if image.shape[:2] != inst_map.shape:
+            raise LabelError(f"image {name!r} is {image.shape[:2]} but its label map {inst_map.shape}")
+        choice = self.seg_combo.currentText()
+        model = "demo" if choice == SEG_DEMO else choice
+        labels_scheme = None
+        if self.labels_combo.currentText():
+            labels_scheme = scheme_of(self.viewer.layers[self.labels_combo.currentText()])
+        self.progress.setRange(0, 0)
+        self.progress.setFormat(f"checking {name}…")
+        return self._start_job(
+            lambda: self._check_job(name, image, inst_map, type_map, model, labels_scheme),
+            on_yield=self._on_yield, on_return=self._show_check, on_finish=self._on_check_finished, block=block,
+        )
+
+    def _check_job(self, name, image, inst_map, type_map, model, scheme):
+        from ..fidelity import load_scorer
+
+        if not self._imported.is_set():
+            yield Status("loading the renderer…")
+            self._imported.wait()
+        scorer = self._scorers.get(model)
+        if scorer is None:
+            yield Status("loading the segmentation model…")
+            scorer = self._scorers[model] = load_scorer(model)
+        if scheme is not None and tuple(scheme.names) != scorer.class_names:
+            raise LabelError(
+                f"the segmentation model finds {list(scorer.class_names)} nuclei but the labels use "
+                f"{list(scheme.names)}; choose a model of that class scheme under Advanced (Check with)"
+            )
+        yield Status(f"finding the nuclei of {name}…")
+        check = scorer.check(image, inst_map, type_map)
+        return Checked(name, inst_map, check, scorer.info.path.name)
+
+    def _show_check(self, result: Checked) -> None:
+        """Two layers over the image: the predicted nuclei's outlines, and the painted nuclei
+        coloured by what became of them; a second check of the same image replaces them."""
+        from napari.utils.colormaps import DirectLabelColormap
+
+        from .._layers import outline_colormap, rgba
+
+        check, name = result.check, result.image_name
+        colours = {None: (0.0, 0.0, 0.0, 0.0), 0: (0.0, 0.0, 0.0, 0.0)}
+        colours.update({code: rgba(hex_colour) for code, (hex_colour, _) in CHECK_COLOURS.items()})
+        found_name, check_name = f"{name} · nuclei found", f"{name} · check"
+        image_layer = self.viewer.layers[name]
+        place = {"translate": image_layer.translate, "scale": image_layer.scale}
+        for layer_name, data, kwargs in (
+            (check_name, check.outcome_map(result.inst_map),
+             {"colormap": DirectLabelColormap(color_dict=colours), "opacity": 0.85}),
+            (found_name, check.pred_inst.astype(np.int32),
+             {"colormap": outline_colormap({}), "opacity": 1.0}),
+        ):
+            meta = {KEY: {"role": "check", "image": name}}
+            if layer_name in self.viewer.layers:
+                self.viewer.layers[layer_name].data = data
+            else:
+                layer = self.viewer.add_labels(data, name=layer_name, metadata=meta, **kwargs, **place)
+                layer.editable = False
+                if layer_name == found_name:
+                    layer.contour = 1  # outlines: the painted nuclei's colours stay visible inside
+        counts = check.counts()
+        words = ", ".join(f"{counts[code]} {OUTCOMES_SHORT[code]} ({colour})" for code, (_, colour) in CHECK_COLOURS.items())
+        text = (f"{name} checked with {result.model}: of {check.ids.size} painted nuclei {words}; "
+                f"{int(np.unique(check.pred_inst).size - (check.pred_inst == 0).any())} nuclei found in all (white outlines)")
+        self.last_check = result
+        self.status.setText(text)
+        self.progress.setRange(0, 1)
+        show_progress(self.progress, 1, 1, "checked")
+
+    def _on_check_finished(self) -> None:
+        if self._job_finished():
+            self.status.setText("check cancelled")
 
     def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt)
         self.cancel()
