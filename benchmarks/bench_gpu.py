@@ -19,8 +19,8 @@ What it measures (each a section; ``--only`` / ``--skip`` pick them, each has a 
   interactive  the figures of bench_interactive.py on this device: the bundled demo model on its
                256 px window of the demo labels with the Generate widget's defaults: first
                preview, whole render of new labels, SDEdit 0.55 of it, one nucleus moved 6 px
-               and re-rendered in its windows (a ``measure(device=, size=)`` function in
-               bench_interactive.py is called instead once it has one)
+               and re-rendered in its windows, through bench_interactive.measure(device=, size=):
+               the one path of both benchmarks
   graphs       the guided step (bf16) captured whole in a CUDA graph and replayed: speed-up
   train        training steps/s of the published preset (batch 16, 256 px crops, precision auto,
                AdamW, EMA) with and without gradient checkpointing, peak memory
@@ -73,7 +73,6 @@ import contextlib
 import copy
 import gc
 import importlib.util
-import inspect
 import json
 import math
 import os
@@ -697,99 +696,30 @@ def section_render(bench: Bench, rec: dict[str, Any]) -> None:
 
 
 def _interactive_module():
-    """benchmarks/bench_interactive.py (another engineer's), when it is there and offers a function."""
-    path = Path(__file__).with_name("bench_interactive.py")
-    if not path.exists():
-        return None
-    spec = importlib.util.spec_from_file_location("bench_interactive", path)
+    """benchmarks/bench_interactive.py, whose ``measure(device=, size=)`` gives the CPU figures."""
+    spec = importlib.util.spec_from_file_location("bench_interactive", Path(__file__).with_name("bench_interactive.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    measure = getattr(module, "measure", None)
-    if not callable(measure):
-        return None
-    try:
-        params = inspect.signature(measure).parameters
-    except (TypeError, ValueError):
-        return None
-    # Only the call this file knows how to make: measure(device=..., size=...) returning a dict.
-    return module if {"device", "size"} <= set(params) else None
-
-
-def _demo_edit(inst_map: np.ndarray, type_map: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """The nucleus nearest the centre moved by 6 px along x, as bench_interactive.py edits it:
-    (moved inst_map, moved type_map, mask of the pixels to re-render), or None without nuclei."""
-    from napari_diffmix.nuclei import changed_mask, move_nucleus
-
-    ids = [int(i) for i in np.unique(inst_map) if i]
-    if not ids:
-        return None
-    types = np.zeros(int(inst_map.max()) + 1, np.int32)
-    types[inst_map.ravel()] = type_map.ravel()
-    h, w = inst_map.shape
-    centre = np.array([h / 2, w / 2])
-    nid = min(ids, key=lambda i: float(np.hypot(*(np.argwhere(inst_map == i).mean(axis=0) - centre))))
-    moved_inst, moved_types = move_nucleus(inst_map, types, nid, 0, 6)
-    moved_type = np.asarray(moved_types)[moved_inst].astype(np.uint8)
-    return moved_inst, moved_type, changed_mask(inst_map, type_map, moved_inst, moved_type, 4)
+    return module
 
 
 def section_interactive(bench: Bench, rec: dict[str, Any]) -> None:
-    from napari_diffmix.demo_data import load_demo_labels
-    from napari_diffmix.model.checkpoint import require_bundled_model, load_model
-    from napari_diffmix.model.condition import make_condition
-
     device = bench.device
     size = max(32, bench.size) if bench.args.tiny else 256  # the demo model halves 3 times: multiples of 8
-    external = _interactive_module()
-    if external is not None:
-        rec["source"] = "benchmarks/bench_interactive.py: measure()"
-        result = external.measure(device=str(device), size=size)
-        rec["result"] = result
-        print(f"   bench_interactive.measure: {result}", flush=True)
-        return
-    # bench_interactive.py (the CPU figures) has no function that takes a device yet: the same
-    # figures here, through the Sampler (the Generate widget's defaults), on this device.
-    rec["source"] = "bench_gpu.py: the figures of bench_interactive.py through the Sampler"
-    path = require_bundled_model("train one with scripts/train_demo_model.py")
-    model, info = load_model(path, device)
-    inst, types = load_demo_labels()
-    y0 = x0 = 128  # bench_interactive.py's window of the demo tile
-    window = (inst[y0:y0 + size, x0:x0 + size], types[y0:y0 + size, x0:x0 + size])
-    other = (inst[:size, :size], types[:size, :size])
+    rec["source"] = "benchmarks/bench_interactive.py: measure()"
 
-    def cond_of(labels):
-        return make_condition(labels[0], labels[1], info.scheme)[None].to(device)
-
-    sampler = Sampler(model)  # precision auto, SPADE cache: the Generate widget's defaults
-    settings = dict(FAST_SETTINGS, guidance=info.default_guidance)
-    rec.update(model=path.name, parameters=model.num_parameters(), size_px=size, guidance=info.default_guidance,
-               precision=sampler.precision, settings=dict(FAST_SETTINGS), figures={})
-    figures = rec["figures"]
-
-    def measure(label: str, figure: str | None, cond: torch.Tensor, **kwargs: Any) -> dict[str, Any]:
+    def on_row(row: dict[str, Any]) -> None:
         bench.check()
-        row = {"render": label, **_render(sampler, cond, device, **dict(settings, **kwargs))}
-        if figure:
-            figures[figure] = row["seconds"]
         bench.record("interactive", "rows", row,
-                     f"   demo model {size} px, {label:<36}: first preview {row['first_preview_s']:.3f} s, "
+                     f"   demo model {size} px, {row['render']:<36}: first preview {row['first_preview_s']:.3f} s, "
                      f"whole {row['seconds']:.3f} s ({row['steps']} steps)")
-        return row
 
-    measure("warm-up (other labels, first render)", None, cond_of(other))
-    row = measure("render (new labels)", "render_256_s", cond_of(window))
-    figures["first_preview_s"] = row["first_preview_s"]
-    *_, last = sampler.sample(cond_of(window), seed=0, **settings)  # the image the edits start from
-    image = to_uint8(last.x_t)
-    measure("SDEdit 0.55 of that render", "sdedit_256_s", cond_of(window), init_image=image, strength=0.55)
-    edit = _demo_edit(*window)
-    if edit is None:
-        rec["local_edit"] = "no nucleus in the window"
-    else:
-        moved_inst, moved_type, mask = edit
-        rec["local_edit_pixels"] = int(mask.sum())
-        measure("local edit (one nucleus moved 6 px)", "local_edit_s", cond_of((moved_inst, moved_type)),
-                init_image=image, mask=mask)
+    # precision auto: the Generate widget's default (bf16 where the device has it).
+    result = _interactive_module().measure(device=str(device), size=size, precision="auto", on_row=on_row)
+    for key in ("labels", "renderer", "loaded", "image"):  # objects for further measures, not JSON
+        result.pop(key)
+    result.pop("rows")  # recorded one by one by on_row
+    rec.update(result, settings=dict(FAST_SETTINGS))
 
 
 def _graph_row(bench: Bench, model: SDMUNet, batch: int) -> dict[str, Any]:

@@ -32,6 +32,9 @@ Also per-step seconds untiled, tiled at the 64 px training crop with the windows
 product's tiled path) and one window per call (the old path). ``--profile`` prints the top
 operators of one step. ``--json FILE`` writes everything.
 
+The first four figures come from :func:`measure` (``measure(device=, size=)``), which
+benchmarks/bench_gpu.py calls for the same figures on an accelerator: one path for both.
+
 Run: ``python benchmarks/bench_interactive.py [--threads 2] [--precision fp32] [--json out.json]``.
 
 Targets (fp32, 2 threads, 256 px, idle machine): first preview <= 1 s, whole render <= 10 s,
@@ -110,21 +113,25 @@ class Hog:
         self.proc.wait()
 
 
-def setup():
+def setup(size: int = WINDOW[2]):
+    """(scheme, labels, labels with one nucleus moved, mask to re-render) of the ``size`` px
+    window of the demo tile at WINDOW's corner; the moved nucleus is the one nearest the centre
+    (None for the last two when the window has no nucleus)."""
     from napari_diffmix.classes import DEMO
     from napari_diffmix.demo_data import load_demo_tile
     from napari_diffmix.nuclei import changed_mask, move_nucleus
 
     tile = load_demo_tile()
-    y, x, h, w = WINDOW
-    crop = tile.crop(y, x, h, w)
+    y, x = WINDOW[:2]
+    crop = tile.crop(y, x, size, size)
     inst_map, type_map = crop.inst_map, crop.type_map
     types = np.zeros(int(inst_map.max()) + 1, np.int32)
     types[inst_map.ravel()] = type_map.ravel()
-    # The nucleus nearest the centre, moved by EDIT_SHIFT px.
     ids = [i for i in np.unique(inst_map) if i]
+    if not ids:
+        return DEMO, (inst_map, type_map), None, None
     centres = {i: np.argwhere(inst_map == i).mean(axis=0) for i in ids}
-    nid = min(ids, key=lambda i: np.hypot(*(centres[i] - np.array([h / 2, w / 2]))))
+    nid = min(ids, key=lambda i: np.hypot(*(centres[i] - np.array([size / 2, size / 2]))))
     moved_inst, moved_types = move_nucleus(inst_map, types, nid, *EDIT_SHIFT)
     moved_type_map = np.asarray(moved_types)[moved_inst].astype(np.uint8)
     mask = changed_mask(inst_map, type_map, moved_inst, moved_type_map, 4)
@@ -132,21 +139,78 @@ def setup():
 
 
 def timed_render(renderer, loaded, job, should_stop=None):
-    """(seconds to the first record, seconds in all, result, records)."""
+    """(seconds to the first record, seconds in all, result); ``timed_render.first_step``: to
+    the first full step, ``timed_render.steps``: full steps run. On an accelerator each record's
+    preview is copied to the host, as a live view does (it synchronises the device)."""
+    from napari_diffmix.model.samplers import preview
     from napari_diffmix.render import run_to_end
 
     t0 = time.perf_counter()
     first = []
+    timed_render.steps = 0
 
     def on_step(record):
+        if loaded.runner.device.type != "cpu":
+            preview(record)
         if not first:
             first.append(time.perf_counter() - t0)
+        if record.step >= 1:
+            timed_render.steps += 1
         if record.step == 1:
             timed_render.first_step = time.perf_counter() - t0
 
     run = renderer.start(loaded, job, should_stop=should_stop)
     result = run_to_end(run.steps(), on_step)
     return first[0] if first else None, time.perf_counter() - t0, result
+
+
+def measure(device: str = "cpu", size: int = WINDOW[2], precision: str = "fp32", threads: int | None = None,
+            on_row=None) -> dict:
+    """The interactive figures on ``device`` (bench_gpu.py calls this too): with the bundled demo
+    model loaded once, a warm-up render of other labels, then a render from noise of the
+    ``size`` px window, SDEdit 0.55 of it and one nucleus moved by EDIT_SHIFT re-rendered in its
+    windows. Returns the rows (``on_row(row)`` as each is measured), the figures by their JSON
+    keys, the pixels of the edit and the model; also ``labels``, ``renderer`` and ``loaded``
+    for further measures of the same run (not JSON)."""
+    from napari_diffmix.demo_data import load_demo_tile
+    from napari_diffmix.model.checkpoint import require_bundled_model
+    from napari_diffmix.render import Renderer, RenderJob
+
+    scheme, labels, moved, mask = setup(size)
+    renderer = Renderer()
+    path = require_bundled_model("train one with scripts/train_demo_model.py")
+    t0 = time.perf_counter()
+    loaded = renderer.load(path, device, precision)
+    out = {"model": path.name, "parameters": sum(p.numel() for p in loaded.runner.model.parameters()),
+           "size_px": size, "device": str(loaded.runner.device), "precision": loaded.runner.precision,
+           "model_load_s": round(time.perf_counter() - t0, 3), "rows": [], "figures": {}}
+
+    def row(label, figure, lab, **kw):
+        first, total, result = timed_render(renderer, loaded, RenderJob(
+            inst_map=lab[0], type_map=lab[1], scheme=scheme, threads=threads, **kw))
+        r = {"render": label, "seconds": round(total, 3), "first_preview_s": round(first, 3),
+             "steps": timed_render.steps}
+        out["rows"].append(r)
+        if figure:
+            out["figures"][figure] = r["seconds"]
+        if on_row:
+            on_row(r)
+        return result
+
+    # First-call costs (allocator, oneDNN primitives, kernels) go to a render of other labels.
+    warm = load_demo_tile().crop(0, 0, size, size)
+    row("warm-up (other labels, first render)", None, (warm.inst_map, warm.type_map))
+    image = row("render (new labels)", "render_256_s", labels).image
+    out["figures"]["first_preview_s"] = out["rows"][-1]["first_preview_s"]
+    out["first_step_s"] = round(timed_render.first_step, 3)  # the first full-resolution step's estimate
+    row("SDEdit 0.55 of that render", "sdedit_256_s", labels, mode="sdedit", image=image, strength=0.55)
+    if moved is not None:
+        edit = row("local edit (one nucleus moved 6 px)", "local_edit_s", moved, mode="edited", image=image, mask=mask)
+        assert np.array_equal(edit.image[~mask], image[~mask])  # every other pixel kept
+        out["local_edit_pixels"] = int(mask.sum())
+        out["local_edit_windows"] = edit.provenance["edit_windows"]
+    out.update(labels=labels, renderer=renderer, loaded=loaded, image=image)
+    return out
 
 
 def step_times(runner, cond, steps: int, **kwargs) -> float:
@@ -202,39 +266,24 @@ def main(argv=None) -> int:
 
     from torch.utils.flop_counter import FlopCounterMode
 
-    from napari_diffmix.model.checkpoint import bundled_model_path
+    from napari_diffmix.classes import DEMO
     from napari_diffmix.model.condition import make_condition
-    from napari_diffmix.render import Renderer, RenderJob
+    from napari_diffmix.render import RenderJob
 
     out: dict = {"precision": args.precision, "threads": args.threads, "cpu": cpu_name(),
                  "omp_passive": napari_diffmix.OMP_PASSIVE, "load_before": round(os.getloadavg()[0], 2)}
-    scheme, labels, moved, mask = setup()
-    renderer = Renderer()
-    t0 = time.perf_counter()
-    loaded = renderer.load(bundled_model_path(), "cpu", args.precision)
-    out["model_load_s"] = round(time.perf_counter() - t0, 3)
+    run = measure("cpu", precision=args.precision, threads=args.threads)
+    scheme, labels, renderer, loaded = DEMO, run.pop("labels"), run.pop("renderer"), run.pop("loaded")
+    run.pop("image")
+    out["model_load_s"] = run["model_load_s"]
+    out.update(run["figures"], first_step_s=run["first_step_s"])
+    out["local_edit_pixels"] = (f"{run['local_edit_pixels']} px ({100 * run['local_edit_pixels'] / labels[0].size:.2f} %), "
+                                f"windows {run['local_edit_windows']}")
+    print(json.dumps(out), file=sys.stderr, flush=True)
 
     def job(lab, **kw):
         kw.setdefault("threads", args.threads)
         return RenderJob(inst_map=lab[0], type_map=lab[1], scheme=scheme, **kw)
-
-    # A warm-up render of another label map (first-call costs: allocator, oneDNN primitives).
-    from napari_diffmix.demo_data import load_demo_tile
-
-    warm = load_demo_tile().crop(0, 0, 256, 256)
-    timed_render(renderer, loaded, job((warm.inst_map, warm.type_map)))
-
-    first, total, result = timed_render(renderer, loaded, job(labels))
-    out["first_preview_s"], out["render_256_s"] = round(first, 3), round(total, 3)
-    out["first_step_s"] = round(timed_render.first_step, 3)  # the first full-resolution step's estimate
-    image = result.image
-    _, total, _ = timed_render(renderer, loaded, job(labels, mode="sdedit", image=image, strength=0.55))
-    out["sdedit_256_s"] = round(total, 3)
-    _, total, edit = timed_render(renderer, loaded, job(moved, mode="edited", image=image, mask=mask))
-    out["local_edit_s"] = round(total, 3)
-    print(json.dumps(out), file=sys.stderr, flush=True)
-    out["local_edit_pixels"] = f"{mask.sum()} px ({100 * mask.mean():.2f} %), windows {edit.provenance['edit_windows']}"
-    assert np.array_equal(edit.image[~mask], image[~mask])
 
     # Cancel: ask mid-run (one step after the first preview, halfway into the next step).
     stop = threading.Event()

@@ -111,7 +111,9 @@ def test_tiny_cpu_run_values_are_sane(tiny_run):
     assert all(v > 0 for v in sections["render"]["speedup_vs_diffmix_default"].values())
 
     inter = sections["interactive"]
-    assert inter["model"].endswith(".safetensors") and inter["parameters"] > 0
+    # Measured by bench_interactive.py's own function (one path for the CPU and device figures).
+    assert inter["source"] == "benchmarks/bench_interactive.py: measure()"
+    assert inter["model"].endswith(".safetensors") and inter["parameters"] > 0 and inter["device"] == "cpu"
     assert [r["render"] for r in inter["rows"]] == [
         "warm-up (other labels, first render)", "render (new labels)", "SDEdit 0.55 of that render",
         "local edit (one nucleus moved 6 px)"]
