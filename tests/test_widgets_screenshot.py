@@ -18,7 +18,7 @@ CROP = (slice(224, 288), slice(192, 256))  # 64 x 64 of the 512 x 512 demo tile
 DOCS_CROP = (slice(128, 384), slice(128, 384))
 
 
-def test_render_of_the_demo_labels_looks_like_tissue(make_napari_viewer, tmp_path):
+def test_render_of_the_demo_labels_looks_like_tissue(make_napari_viewer, qtbot, tmp_path):
     import imageio.v3 as iio
 
     from napari_diffmix._layers import image_layer_data, nuclei_layer_data
@@ -48,6 +48,8 @@ def test_render_of_the_demo_labels_looks_like_tissue(make_napari_viewer, tmp_pat
     viewer.window.add_dock_widget(editor, name="Nuclei editor")
     generate = GenerateWidget(viewer)
     viewer.window.add_dock_widget(generate, name="Generate tissue")
+    # The model's summary is read once torch has been imported in the background.
+    qtbot.waitUntil(lambda: generate.ready, timeout=60_000)
     assert generate.picker.info is not None and generate.picker.info.scheme.names == DEMO.names
     generate.seed.setValue(3)
     generate.generate(block=True)
