@@ -81,17 +81,21 @@ class SyncWorker:
                 on_finish()
             raise
         self.is_running = False
-        _deliver(result, on_return, on_error, aborted=self.abort_requested)
+        _deliver_then_finish(result, on_return, on_error, on_finish, aborted=self.abort_requested)
+
+
+def _deliver_then_finish(result: Any, on_return, on_error, on_finish, aborted: bool) -> None:
+    # on_finish runs even when showing the result fails (a bug in on_return): else the widget
+    # would stay "running" with every button disabled until napari is restarted.
+    try:
+        if isinstance(result, _Failed):
+            if on_error:
+                on_error(result.exc)
+        elif on_return and not aborted:
+            on_return(result)
+    finally:
         if on_finish:
             on_finish()
-
-
-def _deliver(result: Any, on_return, on_error, aborted: bool) -> None:
-    if isinstance(result, _Failed):
-        if on_error:
-            on_error(result.exc)
-    elif on_return and not aborted:
-        on_return(result)
 
 
 def run_in_thread(
@@ -121,9 +125,7 @@ def run_in_thread(
         # A cancelled job stops at a yield: close it now so its cleanup (a store's writer lock,
         # open files) runs before the user can start again, not whenever the worker is collected.
         gen.close()
-        _deliver(state["result"], on_return, on_error, aborted=worker.abort_requested)
-        if on_finish:
-            on_finish()
+        _deliver_then_finish(state["result"], on_return, on_error, on_finish, aborted=worker.abort_requested)
 
     if on_yield:
         worker.yielded.connect(on_yield)
