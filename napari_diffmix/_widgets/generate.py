@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from qtpy.QtCore import QEvent, QObject, QTimer
@@ -46,12 +46,16 @@ from qtpy.QtWidgets import (
 
 from ..classes import ClassScheme
 from ..errors import LabelError
+from ..progress import JobEvent
 from .._layers import KEY, info_of, role_of, scheme_of, types_from_features
 from ._layout import Collapsible, DockTab, scroll_body
 from ._model_picker import ModelPicker
 from ._notify import user_errors
 from ._sampling import fill_sampler_controls, sampler_controls, seed_spin, strength_spin
 from ._workers import JobWidget, show_progress, threads_enabled
+
+if TYPE_CHECKING:
+    from ..render import Rendered
 
 MODES = ("noise", "sdedit", "edited")
 # Quality in a pathologist's words -> solver steps (the model card passes its measure at 10-25).
@@ -160,26 +164,6 @@ class Request:
 
 
 @dataclass
-class Status:
-    text: str
-
-
-@dataclass
-class Step:
-    step: int
-    total: int
-    elapsed: float
-    preview: np.ndarray | None
-    stride: int
-
-
-@dataclass
-class Result:
-    image: np.ndarray
-    provenance: dict[str, Any]
-
-
-@dataclass
 class Checked:
     """A check of one image: what became of each painted nucleus (fidelity.NucleusCheck)."""
 
@@ -201,8 +185,10 @@ class GenerateWidget(DockTab, JobWidget, QWidget):
 
         self.renderer = Renderer()
         self._stop = threading.Event()  # set by Cancel; the sampler polls it within a step
-        self._preview_pending = False
-        self._painted = threading.Event()  # set once the window repainted the latest preview
+        # Set by the main thread: once the latest preview reached the layer (the worker makes no
+        # other preview until then), and once the window repainted it.
+        self._preview_taken = threading.Event()
+        self._painted = threading.Event()
         self._paint_watch: Any = None
         self._pace = False  # whether the render waits for each preview's repaint (threaded runs)
         self.preview_layer: Any = None
@@ -532,11 +518,11 @@ class GenerateWidget(DockTab, JobWidget, QWidget):
         from ..render import RenderJob
 
         if not self._imported.is_set():
-            yield Status("loading the renderer…")
+            yield JobEvent("status", message="loading the renderer…")
             self._imported.wait()
-        yield Status(f"loading model {req.model_path.name}…")
+        yield JobEvent("status", message=f"loading model {req.model_path.name}…")
         loaded = self.renderer.load(req.model_path, req.device, req.precision, req.preset)
-        yield Status("preparing the label map…")
+        yield JobEvent("status", message="preparing the label map…")
         job = RenderJob(
             inst_map=req.inst_map, type_map=req.type_map, scheme=req.scheme, sampler=req.sampler, steps=req.steps,
             guidance=req.guidance, seed=req.seed, mode=req.mode, strength=req.strength, image=req.image,
@@ -544,9 +530,7 @@ class GenerateWidget(DockTab, JobWidget, QWidget):
         )
         run = self.renderer.start(loaded, job, should_stop=self._stop.is_set)
         what = "cached model" if loaded.reused else "model loaded"
-        yield Status(f"{what}; label map {'unchanged, SPADE features reused' if run.reused_spade else 'encoded'}")
-        h, w = req.inst_map.shape
-        stride = max(1, math.ceil(max(h, w) / PREVIEW_SIDE))
+        yield JobEvent("status", message=f"{what}; label map {'unchanged, SPADE features reused' if run.reused_spade else 'encoded'}")
         start = time.perf_counter()
         shown = -math.inf
         early_shown = False
@@ -565,21 +549,20 @@ class GenerateWidget(DockTab, JobWidget, QWidget):
             early_kept = early_shown and record.step <= record.total // 3
             if record.step == 0:
                 early_shown = True
-            if record.step == 0 or (not early_kept and not self._preview_pending and now - shown >= PREVIEW_INTERVAL
+            if record.step == 0 or (not early_kept and self._preview_taken.is_set() and now - shown >= PREVIEW_INTERVAL
                                     and not record.done):
-                self._preview_pending = True
+                self._preview_taken.clear()
                 shown = now
                 picture = preview(record, max_side=PREVIEW_SIDE)
                 self._painted.clear()
-            yield Step(record.step, record.total, time.perf_counter() - start, picture, stride)
+            yield JobEvent("preview", record.step, record.total, step=record.step, steps=record.total,
+                           elapsed=time.perf_counter() - start, preview=picture)
             if picture is not None and self._pace:
                 # The next network pass waits for the window to repaint this preview: the
                 # repaint then has the cores to itself instead of sharing them with the render's
                 # threads (half the stall; costs the render one repaint per preview).
                 self._painted.wait(PAINT_WAIT)
-        if result is None:  # stopped within a step
-            return None
-        return Result(result.image, result.provenance)
+        return result  # render.Rendered; None when stopped within a step
 
     def generate(self, *, block: bool = False) -> Any:
         """Start rendering (``block=True`` or DIFFMIX_NAPARI_NOTHREADS=1: synchronously)."""
@@ -587,7 +570,7 @@ class GenerateWidget(DockTab, JobWidget, QWidget):
         req = self.request()
         self._stop.clear()
         self.previews_shown = 0
-        self._preview_pending = False
+        self._preview_taken.set()
         self._pace = threads_enabled() and not block
         self.progress.setRange(0, req.steps)
         self.progress.setValue(0)
@@ -610,30 +593,30 @@ class GenerateWidget(DockTab, JobWidget, QWidget):
             translate=req.extra.get("origin", (0, 0)), metadata={KEY: {"role": "preview"}},
         )
 
-    def _on_yield(self, item: Any) -> None:
-        if isinstance(item, Status):
-            self.status.setText(item.text)
-            self.progress.setFormat(item.text)
+    def _on_yield(self, event: JobEvent) -> None:
+        if event.kind == "status":
+            self.status.setText(event.message)
+            self.progress.setFormat(event.message)
             return
         layer = self.preview_layer
-        if item.preview is not None and layer is not None:
-            if layer.data.shape == item.preview.shape:
+        if event.preview is not None and layer is not None:
+            if layer.data.shape == event.preview.shape:
                 # In place, and only the displayed data: a new array (layer.data = ...) or a full
                 # refresh also recomputes the extent (the viewer's dims), the thumbnail and the
                 # highlight, none of which a new preview of the same size changes. The thumbnail
                 # follows with the result.
-                layer.data[...] = item.preview
+                layer.data[...] = event.preview
                 layer.refresh(thumbnail=False, extent=False, highlight=False)
             else:
-                layer.data = item.preview
+                layer.data = event.preview
             self.previews_shown += 1
             self._after_repaint(self._painted.set)
-        self._preview_pending = False
-        if item.step == 0:  # the early half-resolution estimate, before the first step
-            show_progress(self.progress, 0, item.total, f"first look · step 1/{item.total} running")
+        self._preview_taken.set()
+        if event.step == 0:  # the early half-resolution estimate, before the first step
+            show_progress(self.progress, 0, event.steps, f"first look · step 1/{event.steps} running")
             return
-        eta = item.elapsed / item.step * (item.total - item.step)
-        show_progress(self.progress, item.step, item.total, f"step {item.step}/{item.total} · ETA {eta:.0f} s")
+        eta = event.elapsed / event.step * (event.steps - event.step)
+        show_progress(self.progress, event.step, event.steps, f"step {event.step}/{event.steps} · ETA {eta:.0f} s")
 
     def _after_repaint(self, callback: Any) -> None:
         """``callback()`` once the window has repainted (at once when it shows nothing)."""
@@ -650,7 +633,7 @@ class GenerateWidget(DockTab, JobWidget, QWidget):
         self._stop.set()
         super().cancel()
 
-    def _on_result(self, result: Result | None, req: Request) -> None:
+    def _on_result(self, result: Rendered | None, req: Request) -> None:
         if result is None:
             return
         p = result.provenance
@@ -748,18 +731,18 @@ class GenerateWidget(DockTab, JobWidget, QWidget):
         from ..fidelity import load_scorer
 
         if not self._imported.is_set():
-            yield Status("loading the renderer…")
+            yield JobEvent("status", message="loading the renderer…")
             self._imported.wait()
         scorer = self._scorers.get(model)
         if scorer is None:
-            yield Status("loading the segmentation model…")
+            yield JobEvent("status", message="loading the segmentation model…")
             scorer = self._scorers[model] = load_scorer(model)
         if scheme is not None and tuple(scheme.names) != scorer.class_names:
             raise LabelError(
                 f"the segmentation model finds {list(scorer.class_names)} nuclei but the labels use "
                 f"{list(scheme.names)}; choose a model of that class scheme under Advanced (Check with)"
             )
-        yield Status(f"finding the nuclei of {name}…")
+        yield JobEvent("status", message=f"finding the nuclei of {name}…")
         check = scorer.check(image, inst_map, type_map)
         return Checked(name, inst_map, check, scorer.info.path.name)
 
