@@ -129,11 +129,13 @@ def bar_chart(
                 h = max(h, (v + err) * scale)
             d.text((xa, height - bottom - h - 12), value_format.format(v), fill="black")
         d.text((x0, height - bottom + 6), str(name)[:18], fill="black")
-    x = width - right - 90 * n_series
-    for series in groups:
+    # Legend slots as wide as their names (Pillow's default font: about 6 px per character).
+    slots = [max(90, 6 * len(str(series)) + 24) for series in groups]
+    x = width - right - sum(slots)
+    for series, slot_w in zip(groups, slots):
         d.rectangle([x, 10, x + 10, 20], fill=colours[series])
-        d.text((x + 14, 8), str(series)[:12], fill="black")
-        x += 90
+        d.text((x + 14, 8), str(series), fill="black")
+        x += slot_w
     return img
 
 

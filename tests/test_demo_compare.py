@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -44,11 +45,12 @@ def test_bundled_demo_seg_model_loads_by_name_and_measures_what_its_card_says(tm
     assert f"| {quality['held_out']['pq']:.3f} |" in card and quality["sha256"] in card
     scorer = load_scorer("demo")  # the scorer names the resolved folder and hashes its weights
     assert scorer.info.path == BUNDLED_SEG_MODEL_DIR and scorer.model_sha256 == quality["sha256"]
-    # A folder called demo in the working directory is taken as given (as for datasets).
+    # A folder called demo here (e.g. 'diffmix demo --out demo') does not hide the bundled model;
+    # a segmentation model folder called demo does.
     (tmp_path / "demo").mkdir()
-    assert resolve_seg_model("demo") == Path("demo")
-    with pytest.raises(CheckpointError, match="demo: a segmentation model folder needs config.json"):
-        load_seg_model("demo")
+    assert resolve_seg_model("demo") == BUNDLED_SEG_MODEL_DIR
+    shutil.copytree(BUNDLED_SEG_MODEL_DIR, tmp_path / "demo", dirs_exist_ok=True)
+    assert resolve_seg_model("demo") == Path("demo") and load_seg_model("demo")[1].path == Path("demo")
 
 
 def test_missing_bundled_seg_model_says_how_to_make_it(tmp_path, monkeypatch):
@@ -102,7 +104,7 @@ def test_demo_compare_trains_every_arm_per_seed_from_real_runs(tmp_path, tiny_mo
 
     for arm in ARMS:
         assert arm in printed
-    assert "mean ± sd over seeds 0, 1, 2" in printed and "measured on" in printed and "load average" in printed
+    assert "mean ± sd over seeds 0, 1, 2" in printed and "Measured on" in printed and "load average" in printed
     page = (out / "experiment" / COMPARE_REPORT).read_text()
     assert page.count('<img id="f1-per-class"') == 1 and "F1 other (rare)" in page and "± " in page
     if chromium() is not None:

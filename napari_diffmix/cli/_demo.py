@@ -197,6 +197,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from ..mixing import MixCache, PlanSpec, plan_balanced_set
     from ..model.checkpoint import require_bundled_model
     from ..outputs import refuse_overlap
+    from ..seg.checkpoint import resolve_seg_model
     from ..synthesize import SynthesisJob, check_model_fits
     from ._synthesize import check_memory, check_model, job_summary, sampling_config
 
@@ -209,8 +210,9 @@ def run_demo(args: argparse.Namespace) -> int:
     info = check_model(model, config)
     check_model_fits(info, DEMO, args.patch_size)  # the demo data's scheme: refused before anything is written
     check_memory(info, args.patch_size, config)
+    seg_model = resolve_seg_model(args.seg_model) if args.compare else None  # "demo": the bundled folder, not ./demo
     for replaced in (out / DEMO_DATA, out / DEMO_STORE, out / DEMO_MONTAGE, out / DEMO_COMPARE):
-        refuse_overlap(replaced, [model, args.seg_model])
+        refuse_overlap(replaced, [model, seg_model])
     train_dir, held_out_dir = _demo_data(out, args.overwrite)
     dataset = open_dataset(train_dir)
     cache = MixCache(dataset)
@@ -251,16 +253,16 @@ def run_demo(args: argparse.Namespace) -> int:
     if not args.compare:
         print("  diffmix demo --compare   # the miniature experiment: held-out rare-class F1 with and without the synthetic set, 3 seeds")
         return 0
-    return _run_compare(args, store, out / DEMO_COMPARE)
+    return _run_compare(args, store, seg_model, out / DEMO_COMPARE)
 
 
-def _run_compare(args: argparse.Namespace, store: Path, out: Path) -> int:
+def _run_compare(args: argparse.Namespace, store: Path, seg_model: Path, out: Path) -> int:
     from ..demo_experiment import COMPARE_JSON, COMPARE_REPORT, DEMO_COMPARE_SEEDS, DEMO_COMPARE_STEPS, DEMO_SEG_BATCH, run_demo_compare
 
     print("\ndiffmix demo --compare: the miniature DiffMix experiment")
     result = run_demo_compare(
         store, out, seeds=args.seeds or DEMO_COMPARE_SEEDS, steps=args.compare_steps or DEMO_COMPARE_STEPS,
-        seg_model=args.seg_model, min_fidelity=args.min_fidelity, batch_size=args.compare_batch_size or DEMO_SEG_BATCH,
+        seg_model=seg_model, min_fidelity=args.min_fidelity, batch_size=args.compare_batch_size or DEMO_SEG_BATCH,
         synthetic_share=args.synthetic_share, threads=args.threads,
     )
     if result.interrupted:

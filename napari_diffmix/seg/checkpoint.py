@@ -8,8 +8,8 @@ Prediction reads only the first two, so a finished model folder may drop ``train
 
 The package ships one such folder, the demo segmentation model (``resources/models/demo-seg``,
 trained on the demo tile's training split by ``scripts/train_demo_seg.py``); wherever a model
-folder is taken, the name ``demo`` stands for it (unless a folder called ``demo`` is in the
-working directory, as for datasets).
+folder is taken, the name ``demo`` stands for it (unless the working directory holds a
+segmentation model folder called ``demo``).
 """
 
 from __future__ import annotations
@@ -46,8 +46,10 @@ class SegModelInfo:
 
 def resolve_seg_model(path: str | os.PathLike) -> Path:
     """The folder ``path`` names: ``"demo"`` is the bundled demo model (a CheckpointError says how
-    to make it when the package lacks it), anything else a path as given."""
-    if os.fspath(path) != BUNDLED_SEG_MODEL_NAME or Path(path).exists():
+    to make it when the package lacks it) unless ``./demo`` holds a segmentation model; anything
+    else is a path as given. (Any other ``./demo``, e.g. ``diffmix demo --out demo``, does not hide
+    the bundled model.)"""
+    if os.fspath(path) != BUNDLED_SEG_MODEL_NAME or is_seg_model_dir(path):
         return Path(path)
     if not (BUNDLED_SEG_MODEL_DIR / WEIGHTS).is_file():
         raise CheckpointError(
