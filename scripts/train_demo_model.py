@@ -257,6 +257,10 @@ The held-out columns as two {wide_size} x 128 windows, untiled: {wide_held_out}.
 - H&E synthesis or enlarging a real training set: it has seen one IHC image;
 - fine nuclear texture or realistic chromatin: the model is small and saw a few thousand crops;
 - any diagnostic or research conclusion.
+
+A 4-step distilled student of this model ships beside it as `fast/demo-fast.safetensors` ("demo
+model (fast)" in the plugin); its card, with its measured quality next to this model's, is
+`fast/MODEL_CARD.md`.
 """
 
 
