@@ -41,6 +41,15 @@ In float32 the published targets are out of reach by arithmetic: per image the e
 encoder-sharing CFG step is at best (575 + 2 * 1665) / (2 * 3423) = 0.57 of two full forwards,
 and 15 such steps are at best 6.4x cheaper than 110 forwards. The demo config spends less in
 its encoder (7 of 62 GFLOP; SPADE 18, decoder 37): its fp32 bound at 15 steps is 5.7x.
+
+4-step student, measured 2026-12-06 (demo config, ``--presets demo --threads 2 --reps 1``, wall
+clock, shared 2-core AMD EPYC at 1-minute load 1.9-3.3, random weights): batch 1 1.40 s/image
+against the DiffMix default's 52.8 s (37.7x; the fast default 8.37 s, 6.3x), batch 4 1.97 s
+against 71.8 s (36.4x). Network passes per patch: 4 (one encoder and one decoder pass each, no CFG
+pair) against DiffMix's 110 full forwards. Published config, by the FLOPs above (not run: minutes
+per step here): 4 cached conditional passes cost 4 * (575 + 1665) + 1183 (the SPADE fill) =
+10,143 GFLOP, 3.0 full-forward equivalents against 110 (376,530 GFLOP): at best 37x fewer; the
+"4-step student" row of the estimate is 4 x the "forward+cache" step time + its fill.
 """
 
 from __future__ import annotations
