@@ -222,3 +222,24 @@ def test_cli_sampler_choices_are_the_samplers():
     from napari_diffmix.model.samplers import SAMPLERS
 
     assert SAMPLER_CHOICES == SAMPLERS
+
+
+def test_the_bundled_student_is_a_student_of_the_bundled_teacher():
+    from napari_diffmix.model.checkpoint import BUNDLED_STUDENT_DIR, bundled_model_path
+
+    student, teacher = bundled_model_path(BUNDLED_STUDENT_DIR), bundled_model_path()
+    if student is None or teacher is None:
+        pytest.skip("the demo models are not shipped in this checkout")
+    info, teacher_info = read_info(student), read_info(teacher)
+    assert info.distilled["teacher_sha256"] == teacher_info.sha256
+    assert info.default_sampling() == {"sampler": "ddim-logsnr", "steps": 4} and info.default_guidance == 1.0
+    assert info.distilled["guidance"] == teacher_info.default_guidance
+    assert student.stat().st_size <= 20 * 2**20
+    quality = json.loads((BUNDLED_STUDENT_DIR / "quality.json").read_text())
+    card = (BUNDLED_STUDENT_DIR / "MODEL_CARD.md").read_text()
+    assert quality["student_sha256"] == info.sha256 and info.sha256 in card
+    assert ("Student: PASS" in card) == quality["passed"]
+    # The plugin's default is the student only if it passes the teacher's acceptance.
+    from napari_diffmix._widgets import _model_picker
+
+    assert (_model_picker.DEFAULT_MODEL == _model_picker.FAST) == quality["passed"]
