@@ -243,3 +243,28 @@ def test_the_bundled_student_is_a_student_of_the_bundled_teacher():
     from napari_diffmix._widgets import _model_picker
 
     assert (_model_picker.DEFAULT_MODEL == _model_picker.FAST) == quality["passed"]
+
+
+def test_torchrun_two_cpu_processes(tmp_path, tiny_model):
+    """Data-parallel distillation: the ranks stay identical (checked at every checkpoint) and
+    each checkpoint holds both ranks' RNG states."""
+    import os
+    import sys
+
+    from _subprocess import run_group
+
+    from napari_diffmix.distill import load_checkpoint
+
+    out = tmp_path / "ddp"
+    env = {**os.environ, "DIFFMIX_QUIET": "1", "OMP_NUM_THREADS": "1"}
+    proc = run_group(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "napari_diffmix",
+         "distill", "demo", "--teacher", str(tiny_model), "--preset", "tiny", "--crop-size", "32", "--steps", "4",
+         "--out", str(out), "--threads", "1"],
+        300, env=env, capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = load_checkpoint(out / "checkpoints" / "step-0000004.pt")
+    assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+    assert ckpt["rng"][0]["stream"] != ckpt["rng"][1]["stream"]  # each rank draws its own crops
+    assert read_info(out / "model.safetensors").distilled["distill_steps"] == 4
