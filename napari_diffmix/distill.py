@@ -148,9 +148,9 @@ class DistillConfig:
 
 
 PRESETS: dict[str, DistillConfig] = {
-    # The bundled demo student: what fits an hour of a shared CPU (README, Distillation).
-    # The bundled student: 266 steps were what an hour of the shared 2-core CPU gave (README,
-    # Distillation). bf16 autocast: 2.4x faster teacher runs, 1.4x faster student steps (avx512_bf16).
+    # The bundled student: 266 steps were what an hour of the shared 2-core CPU gave (README, 3b);
+    # it was still improving. bf16 autocast: 2.4x faster teacher runs, 1.4x faster student steps
+    # (avx512_bf16).
     "demo": DistillConfig(steps=266, lr=1e-4, items=4, teacher_steps=12, ema_rate=0.99, precision="bf16",
                           teacher_precision="bf16", save_every=25, log_every=10, sample_every=100),
     # For tests and smoke runs.
@@ -158,6 +158,7 @@ PRESETS: dict[str, DistillConfig] = {
                           precision="fp32", teacher_precision="fp32", save_every=3, log_every=2),
 }
 
+# One loss column per student step, up to 8 steps (more steps: the first 8 are logged).
 LOG_FIELDS = ("step", "samples", "loss", *(f"loss_k{k}" for k in range(8)), "lr", "ema_rate", "grad_norm", "teacher_s",
               "steps_per_s", "elapsed_s")
 
