@@ -41,7 +41,7 @@ from napari_diffmix.train import (
     weights_digest,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def make_tile(seed: int, size: int = 48):

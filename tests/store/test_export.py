@@ -1,7 +1,7 @@
 """The synthetic store layout, its downstream formats and the training commands it carries.
 
 Stores here are filled directly with phantom patches (no diffusion model), so these tests are
-about the layout and the formats only; tests/test_synthesize.py renders real ones.
+about the layout and the formats only; tests/render/test_synthesize.py renders real ones.
 """
 
 from __future__ import annotations

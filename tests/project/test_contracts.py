@@ -12,7 +12,7 @@ from pathlib import Path
 
 import napari_diffmix
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # Not core: the Qt widgets, the command line, and the napari glue (reader, writer, layer helpers,
 # sample data), which has its own contract.
 NOT_CORE = {"_widgets", "cli", "__main__", "_layers", "_reader", "_writer", "_sample_data"}
