@@ -62,6 +62,7 @@ MODES = ("noise", "sdedit", "edited")
 QUALITY = {"draft (fastest)": 10, "standard": 15, "best (slowest)": 25}
 DEFAULT_QUALITY = "standard"
 CUSTOM_QUALITY = "custom (Advanced)"
+MODEL_QUALITY = "set by the model"  # a distilled student renders only with its own steps
 REGIONS = {"whole map": "whole", "visible part": "visible"}
 PREVIEW_SIDE = 512  # px: previews of larger canvases are subsampled
 PREVIEW_INTERVAL = 0.1  # s: at most this often (each repaint costs the event loop a few ms)
@@ -185,6 +186,7 @@ class GenerateWidget(DockTab, JobWidget, QWidget):
 
         self.renderer = Renderer()
         self._stop = threading.Event()  # set by Cancel; the sampler polls it within a step
+        self._fixed_sampling = False  # a distilled student chosen: its own steps, sampler, guidance
         # Set by the main thread: once the latest preview reached the layer (the worker makes no
         # other preview until then), and once the window repainted it.
         self._preview_taken = threading.Event()
@@ -367,9 +369,12 @@ class GenerateWidget(DockTab, JobWidget, QWidget):
         self._warm_timer.start()
 
     def _sync_quality(self, steps: int) -> None:
-        label = next((name for name, n in QUALITY.items() if n == steps), CUSTOM_QUALITY)
-        if self.quality.findText(CUSTOM_QUALITY) < 0 and label == CUSTOM_QUALITY:
-            self.quality.addItem(CUSTOM_QUALITY)
+        if self._fixed_sampling:
+            label = MODEL_QUALITY
+        else:
+            label = next((name for name, n in QUALITY.items() if n == steps), CUSTOM_QUALITY)
+        if self.quality.findText(label) < 0 and label in (CUSTOM_QUALITY, MODEL_QUALITY):
+            self.quality.addItem(label)
         self.quality.blockSignals(True)
         self.quality.setCurrentText(label)
         self.quality.blockSignals(False)
@@ -384,6 +389,13 @@ class GenerateWidget(DockTab, JobWidget, QWidget):
         self.picker.set_model(path, preset)
 
     def _on_model_changed(self, info: Any) -> None:
+        # A distilled student renders only with its own sampler, steps and folded-in guidance:
+        # its quality, steps, sampler and guidance are shown but cannot be changed.
+        self._fixed_sampling = bool(info is not None and info.distilled)
+        for control in (self.quality, self.steps, self.sampler_combo, self.guidance):
+            control.setEnabled(not self._fixed_sampling)
+        if not self._fixed_sampling and self.quality.findText(MODEL_QUALITY) >= 0:
+            self.quality.removeItem(self.quality.findText(MODEL_QUALITY))
         if info is not None:  # a native model: start from its stored guidance
             # No tiles by default: the demo model, trained on 64 px crops, keeps its measured quality
             # at 256 px untiled (README, Performance), and tiles at the training size cost 2.7x.
@@ -392,6 +404,7 @@ class GenerateWidget(DockTab, JobWidget, QWidget):
             own = info.default_sampling()
             self.sampler_combo.setCurrentText(own["sampler"])
             self.steps.setValue(own["steps"])
+        self._sync_quality(self.steps.value())
 
     def _refresh_layers(self, event: Any = None) -> None:
         from napari.layers import Image, Labels

@@ -45,6 +45,9 @@ def test_generate_uses_the_students_sampler_and_steps(make_napari_viewer, qtbot,
     assert "4-step distilled model" in widget.picker.info_label.text()
     assert "folded in" in widget.picker.info_label.toolTip()
     assert (widget.sampler_combo.currentText(), widget.steps.value(), widget.guidance.value()) == ("ddim-logsnr", 4, 1.0)
+    # The student's settings are shown but fixed: no Quality choice can ask for steps it refuses.
+    assert widget.quality.currentText() == "set by the model"
+    assert not any(c.isEnabled() for c in (widget.quality, widget.steps, widget.sampler_combo, widget.guidance))
     import os
 
     os.environ[NOTHREADS_ENV] = "1"
@@ -58,6 +61,8 @@ def test_generate_uses_the_students_sampler_and_steps(make_napari_viewer, qtbot,
     # Back to a plain model: the fast settings again.
     widget.set_model(tiny_model)
     assert "distilled" not in widget.picker.info_label.text()
+    assert widget.quality.isEnabled() and widget.steps.isEnabled() and widget.quality.currentText() == "standard"
+    assert widget.quality.findText("set by the model") < 0
     assert (widget.sampler_combo.currentText(), widget.steps.value()) == ("dpm++2m", 15)
 
 
