@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ship", action="store_true", help="measure, then ship the student if it passes")
     p.add_argument("--force", action="store_true", help="ship even if the acceptance measure fails")
     p.add_argument("--teacher", help="the teacher (default: the bundled demo model)")
+    p.add_argument("--conditions", default="a 2-core CPU",
+                   help="the machine and its load while distilling, for the card (e.g. 'a shared 2-core AMD EPYC, load 1-2')")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if not figures["passed"] and not args.force:
         print("the student fails the acceptance measure; not shipped (--force ships anyway)", file=sys.stderr)
         return 1
-    ship(run, figures)
+    ship(run, figures, args.conditions)
     return 0
 
 
@@ -106,7 +108,7 @@ def measure(student_file: Path, teacher_file: Path, held_out) -> dict:
     }
 
 
-def ship(run: Path, figures: dict) -> None:
+def ship(run: Path, figures: dict, conditions: str) -> None:
     from napari_diffmix.atomic import write_bytes, write_text
     from napari_diffmix.model.checkpoint import BUNDLED_STUDENT_DIR, read_info
 
@@ -115,7 +117,7 @@ def ship(run: Path, figures: dict) -> None:
     write_bytes(target, (run / "model.safetensors").read_bytes())
     info = read_info(target)
     write_text(BUNDLED_STUDENT_DIR / "quality.json", json.dumps({k: v for k, v in figures.items()}, indent=2) + "\n")
-    write_text(BUNDLED_STUDENT_DIR / "MODEL_CARD.md", student_card(info, figures, target, _hours(run / "log.csv")))
+    write_text(BUNDLED_STUDENT_DIR / "MODEL_CARD.md", student_card(info, figures, target, _hours(run / "log.csv"), conditions))
     shutil.copy(run / "log.csv", BUNDLED_STUDENT_DIR / "distill_log.csv")
     print(f"shipped {target}")
 
@@ -124,8 +126,10 @@ def _hours(log_csv: Path) -> float:
     import csv
 
     with open(log_csv, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    return float(rows[-1]["elapsed_s"]) / 3600 if rows else 0.0
+        elapsed = [float(row["elapsed_s"]) for row in csv.DictReader(fh)]
+    # elapsed_s counts from the start of each invocation: a resumed run starts again near 0.
+    ends = [a for a, b in zip(elapsed, elapsed[1:]) if b < a] + elapsed[-1:]
+    return sum(ends) / 3600
 
 
 def failed(report: dict) -> str:
@@ -140,7 +144,7 @@ def failed(report: dict) -> str:
     return ": fails " + "; ".join(misses) if misses else ""
 
 
-def student_card(info, figures: dict, target: Path, hours: float) -> str:
+def student_card(info, figures: dict, target: Path, hours: float, conditions: str) -> str:
     d = info.distilled
     r = figures["reports"]
     mad = figures["mad_vs_teacher_15"]
@@ -166,7 +170,7 @@ def student_card(info, figures: dict, target: Path, hours: float) -> str:
         f"| teacher | `../demo.safetensors`, sha256 `{d['teacher_sha256']}` |",
         f"| distilled | {d['distill_steps']} steps of {d['items_per_step']} label-map crops of {d['crop_size']} px (x {steps} pairs "
         f"each) against the teacher's guided DPM-Solver++ at {d['teacher_steps']} steps; AdamW lr {d['lr']:g}, EMA, bf16 "
-        f"autocast, seed {d['seed']}; {hours:.2f} h on a shared 2-core CPU (1-minute load 5-9 from other work) |",
+        f"autocast, seed {d['seed']}; {hours:.2f} h on {conditions} |",
         f"| weights | float32, {target.stat().st_size / 2**20:.1f} MB, sha256 `{info.sha256}` |",
         f"| code | napari-diffmix commit {commit or 'unknown'}; reproduce with `python scripts/distill_demo_model.py --out RUN --ship` |",
         "",
