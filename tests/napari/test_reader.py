@@ -189,7 +189,7 @@ def napari_plugins():
 def test_hovernet_mat_and_json_open_with_their_image_without_naming_the_plugin(tmp_path, napari_plugins):
     import imageio.v3 as iio
     from napari.components import ViewerModel
-    from data.test_formats import BOXES, H, W, box_map, hovernet_output
+    from _formats import BOXES, H, W, box_map, hovernet_output
 
     out = tmp_path / "consep_run"  # the path names the dataset: classes get CoNSeP's names
     hovernet_output(out)
@@ -210,7 +210,7 @@ def test_hovernet_mat_and_json_open_with_their_image_without_naming_the_plugin(t
 
 def test_hovernet_prediction_elsewhere_gets_numbered_classes(tmp_path, monkeypatch):
     import napari.utils.notifications as notifications
-    from data.test_formats import hovernet_output
+    from _formats import hovernet_output
 
     warned = []
     monkeypatch.setattr(notifications, "show_warning", warned.append)
@@ -227,7 +227,7 @@ def test_hovernet_prediction_elsewhere_gets_numbered_classes(tmp_path, monkeypat
 
 def test_lizard_mat_opens_with_lizard_classes_and_its_image(tmp_path):
     import imageio.v3 as iio
-    from data.test_formats import H, W, lizard_mat
+    from _formats import H, W, lizard_mat
 
     root = tmp_path / "data"
     mat = root / "Lizard_Labels" / "Labels" / "glas_1.mat"
