@@ -25,7 +25,6 @@ needs only the store: export and the segmentation data filter without importing 
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from dataclasses import dataclass
@@ -53,14 +52,6 @@ from .fidelity_records import (  # noqa: F401 - the store side of fidelity, re-e
 )
 
 RARE_BASIS = "rare-class nuclei of the item's label map (provenance records how many were retyped, not which)"
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _nan_to_none(v: float) -> float | None:
@@ -219,6 +210,7 @@ def load_scorer(
 ) -> Scorer:
     """A :class:`Scorer` from a ``diffmix train-seg`` model folder, or ``"demo"``: the bundled demo
     segmentation model (:func:`napari_diffmix.seg.checkpoint.resolve_seg_model`)."""
+    from .model.checkpoint import file_sha256
     from .seg.checkpoint import WEIGHTS, load_seg_model
 
     try:
@@ -226,7 +218,7 @@ def load_scorer(
     except CheckpointError as exc:
         raise CheckpointError(f"--seg-model: {exc}") from None
     rare_ids = tuple(int(c) for c in (rare if rare is not None else info.scheme.rare))
-    return Scorer(model, info, _file_sha256(info.path / WEIGHTS), rare_ids, window, overlap, batch_size)
+    return Scorer(model, info, file_sha256(info.path / WEIGHTS), rare_ids, window, overlap, batch_size)
 
 
 # ---------------------------------------------------------------------------------------------

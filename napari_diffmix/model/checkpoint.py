@@ -208,7 +208,7 @@ def save_model(
         tensors[name] = tensor.contiguous()
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={METADATA_KEY: text})
-        digest = _sha256(tmp)
+        digest = file_sha256(tmp)
     return digest
 
 
@@ -246,7 +246,8 @@ def _check_scheme(scheme: ClassScheme, config: UNetConfig, source: str) -> None:
         )
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, read in chunks (model files run to gigabytes)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 22), b""):
@@ -398,7 +399,7 @@ def _native_info(path: Path, document: Mapping[str, Any], sha256: str | None = N
             scheme=scheme,
             diffusion=dict(document["diffusion"]),
             default_guidance=float(document["default_guidance"]),
-            sha256=sha256 or _sha256(path),
+            sha256=sha256 or file_sha256(path),
             source=str(path),
             format="native",
             extra=dict(document.get("extra") or {}),
@@ -569,7 +570,7 @@ def _official_info(
         scheme=scheme,
         diffusion={**PUBLISHED_DIFFUSION, "learn_sigma": config.learn_sigma},
         default_guidance=PUBLISHED_GUIDANCE,
-        sha256=sha256 or _sha256(path),
+        sha256=sha256 or file_sha256(path),
         source=str(path),
         format="guided-diffusion",
         extra={"preset": preset} if preset else {},

@@ -261,7 +261,7 @@ def test_a_known_digest_is_not_computed_again(tmp_path, monkeypatch):
     def no_hashing(path):
         raise AssertionError(f"{path} hashed again")
 
-    monkeypatch.setattr(checkpoint, "_sha256", no_hashing)
+    monkeypatch.setattr(checkpoint, "file_sha256", no_hashing)
     assert load_model(native, sha256=digest)[1].sha256 == digest
     assert load_model(official, config=config, scheme="consep", sha256=official_digest)[1].sha256 == official_digest
     with pytest.raises(AssertionError, match="hashed again"):
