@@ -12,6 +12,11 @@ maps and compared with the same measure on real tissue:
 * **high-frequency ratio**: pixel noise of the rendered images / of the real ones (standard
   deviation of image minus its Gaussian blur, sigma 1 px). Both stain measures are ratios of
   means, which an image drowned in colour noise can still pass; this one cannot.
+* **off-stain pixels**: the share of pixels whose green exceeds both red and blue by more than
+  10 grey levels. Hematoxylin, eosin and DAB all absorb green at least as much as red (their
+  optical densities: H 0.65/0.70/0.29, E 0.07/0.99/0.11, DAB 0.27/0.57/0.78 for R/G/B), so no
+  mix of them under white light makes a pixel green; real tiles score ~0. Speckled colour noise
+  that the noise ratio tolerates (a few-step student's) shows up here as green dots.
 
 Ring means are per nucleus (each background pixel within ``width`` px belongs to its nearest
 nucleus, ``skimage.segmentation.expand_labels``), then averaged over the nuclei of a class,
@@ -138,6 +143,23 @@ def high_frequency(images: Sequence[np.ndarray] | np.ndarray, sigma: float = 1.0
     return float(np.mean(values))
 
 
+def off_stain_fraction(images: Sequence[np.ndarray] | np.ndarray, margin: int = 10) -> float:
+    """Share of pixels, over all images, whose green exceeds red and blue by > ``margin``."""
+    if isinstance(images, np.ndarray) and images.ndim == 3:
+        images = [images]
+    off = total = 0
+    for img in images:
+        img = np.asarray(img)
+        if img.ndim != 3 or img.shape[2] != 3:
+            raise LabelError(f"expected an RGB image (H, W, 3), got shape {img.shape}")
+        r, g, b = (img[..., c].astype(np.int16) for c in range(3))
+        off += int(((g > r + margin) & (g > b + margin)).sum())
+        total += r.size
+    if total == 0:
+        raise LabelError("no images to measure")
+    return off / total
+
+
 @dataclass
 class QualityReport:
     """Rendered vs real figures and whether the rendered set passes the thresholds."""
@@ -150,9 +172,12 @@ class QualityReport:
     hf_real: float
     n_images: int
     n_nuclei: int
+    off_stain: float
+    off_stain_real: float
     min_h_fraction: float = 0.7
     min_dab_ratio: float = 2.0
     max_hf_ratio: float = 1.5
+    max_off_stain_excess: float = 0.01  # off-stain share allowed above the real tissue's
 
     @property
     def h_fraction(self) -> float:
@@ -165,7 +190,7 @@ class QualityReport:
     @property
     def passed(self) -> bool:
         return (self.h_fraction >= self.min_h_fraction and self.dab_ratio >= self.min_dab_ratio
-                and self.hf_ratio <= self.max_hf_ratio)
+                and self.hf_ratio <= self.max_hf_ratio and self.off_stain <= self.off_stain_real + self.max_off_stain_excess)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "h_fraction": self.h_fraction, "hf_ratio": self.hf_ratio, "passed": self.passed}
@@ -177,6 +202,8 @@ class QualityReport:
             ("ring DAB epithelial/stromal", f"{self.dab_ratio:.2f}", f"{self.dab_ratio_real:.2f}", f">= {self.min_dab_ratio:g}"),
             ("high-frequency noise (grey levels)", f"{self.hf:.1f}", f"{self.hf_real:.1f}",
              f"<= {self.max_hf_ratio:g} x real ({self.hf_ratio:.2f} x)"),
+            ("off-stain (green) pixels", f"{self.off_stain:.2%}", f"{self.off_stain_real:.2%}",
+             f"<= real + {self.max_off_stain_excess:.0%}"),
         ]
         lines = ["| measure | rendered | real | required |", "|---|---|---|---|"]
         lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
@@ -196,6 +223,7 @@ def acceptance(
     min_h_fraction: float = 0.7,
     min_dab_ratio: float = 2.0,
     max_hf_ratio: float = 1.5,
+    max_off_stain_excess: float = 0.01,
 ) -> QualityReport:
     """Compare images rendered for label maps with the real images of the same label maps."""
     kw = dict(stain=DAB, width=width)
@@ -208,9 +236,12 @@ def acceptance(
         hf_real=high_frequency(real),
         n_images=len(rendered),
         n_nuclei=int(sum(len(np.unique(m)) - (1 if (np.asarray(m) == 0).any() else 0) for m in inst_maps)),
+        off_stain=off_stain_fraction(rendered),
+        off_stain_real=off_stain_fraction(real),
         min_h_fraction=min_h_fraction,
         min_dab_ratio=min_dab_ratio,
         max_hf_ratio=max_hf_ratio,
+        max_off_stain_excess=max_off_stain_excess,
     )
 
 

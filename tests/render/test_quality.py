@@ -66,6 +66,26 @@ def test_high_frequency_sees_noise(tile):
     assert quality.high_frequency(_blurred(tile.image)) < 0.5 * real
 
 
+def test_off_stain_sees_green_speckle_not_stain(tile):
+    assert quality.off_stain_fraction(tile.image) < 0.001  # real IHC: brown, blue, white
+    # Every mix of hematoxylin, eosin and DAB (skimage's stain vectors) stays off green.
+    from skimage.color import hed2rgb
+
+    hed = np.random.default_rng(1).uniform(0, 1.5, (64, 64, 3))
+    mixes = (np.clip(hed2rgb(hed), 0, 1) * 255).astype(np.uint8)
+    assert quality.off_stain_fraction(mixes) == 0.0
+    # The 4-step student's failure: one pixel in ten speckled green (+30 green, -10 red/blue).
+    speckled = tile.image.astype(int)
+    dots = np.random.default_rng(0).random(speckled.shape[:2]) < 0.1
+    speckled[dots] += (-10, 30, -10)
+    speckled = np.clip(speckled, 0, 255).astype(np.uint8)
+    assert 0.05 < quality.off_stain_fraction(speckled) <= 0.1
+    types = tile.inst_types
+    report = quality.acceptance([speckled], [tile.image], [tile.inst_map], [types], 3, ring_classes=(EPI, STROMA))
+    assert report.h_fraction > 0.9 and report.dab_ratio > 2 and report.hf_ratio < 1.5  # the old three pass
+    assert not report.passed and "off-stain" in report.table()
+
+
 def test_acceptance_report(tile):
     types = tile.inst_types
     crops = [(slice(0, 256), slice(0, 256)), (slice(256, 512), slice(256, 512))]
