@@ -78,6 +78,12 @@ class DistillConfig:
     steps_to: int = 4  # the student's sampling steps
     teacher_steps: int = 12  # the teacher's DPM-Solver++ steps; a multiple of steps_to
     guidance: float | None = None  # folded into the student; None = the teacher's default
+    # A loss on the student's own whole run (its sampler, clipping included, from the teacher's
+    # starting noise) against the teacher's final image, from step ``chain_from`` on. The pairs
+    # alone train each step from the teacher's states; at sampling time every step starts from
+    # the student's own, and the errors it left (green speckle) went unpunished.
+    chain_weight: float = 0.0
+    chain_from: int = 0
     steps: int = 1000  # optimizer steps
     lr: float = 5e-5
     items: int = 4  # label-map crops per step; each gives steps_to training pairs
@@ -121,6 +127,8 @@ class DistillConfig:
              "the student's timesteps are every k-th of the teacher's"),
             (self.guidance is None or (math.isfinite(self.guidance) and self.guidance >= 0), f"guidance must be >= 0, got {self.guidance}"),
             (self.steps >= 0 and self.lr > 0, f"need steps >= 0 and lr > 0, got {self.steps}, {self.lr}"),
+            (math.isfinite(self.chain_weight) and self.chain_weight >= 0 and self.chain_from >= 0,
+             f"the chain loss needs a weight >= 0 and a start step >= 0, got {self.chain_weight}, {self.chain_from}"),
             (self.items >= 1, f"items per step must be >= 1, got {self.items}"),
             (self.crop_size >= 8, f"crop size must be >= 8 px, got {self.crop_size}"),
             (0.0 <= self.ema_rate < 1.0, f"EMA rate must be in [0, 1), got {self.ema_rate}"),
@@ -159,7 +167,7 @@ PRESETS: dict[str, DistillConfig] = {
 }
 
 # One loss column per student step, up to 8 steps (more steps: the first 8 are logged).
-LOG_FIELDS = ("step", "samples", "loss", *(f"loss_k{k}" for k in range(8)), "lr", "ema_rate", "grad_norm", "teacher_s",
+LOG_FIELDS = ("step", "samples", "loss", *(f"loss_k{k}" for k in range(8)), "chain_loss", "lr", "ema_rate", "grad_norm", "teacher_s",
               "steps_per_s", "elapsed_s")
 
 
@@ -227,6 +235,22 @@ def distill_losses(student: Callable[..., torch.Tensor], diffusion: Any, states:
     var = torch.tensor(var, device=x.device).repeat_interleave(n)
     losses = ((landed - target) ** 2).mean(dim=(1, 2, 3)) / var
     return losses, torch.arange(k_steps, device=x.device).repeat_interleave(n)
+
+
+def chain_losses(student: Callable[..., torch.Tensor], diffusion: Any, noise: torch.Tensor, final: torch.Tensor,
+                 cond: torch.Tensor, timesteps: list[int]) -> torch.Tensor:
+    """Per-item loss (N,) of the student's whole run from ``noise``, taken exactly as
+    ``ddim-logsnr`` samples it (x0 clipped, epsilon made to agree), against the teacher's
+    ``final`` image, in the units of the last pair of :func:`distill_losses`."""
+    x, n = noise, noise.shape[0]
+    for k, t in enumerate(timesteps):
+        t_index = torch.full((n,), t, device=x.device, dtype=torch.long)
+        eps = student(x, diffusion.model_timesteps(t_index), cond)[:, :3].float()
+        pred_x0 = diffusion.predict_x0_from_eps(x, t_index, eps).clamp(-1, 1)
+        eps = diffusion.predict_eps_from_x0(x, t_index, pred_x0)
+        x = diffusion.ddim_step(pred_x0, eps, timesteps[k + 1] if k + 1 < len(timesteps) else -1)
+    floor = 1.0 - float(diffusion.alphas_cumprod[timesteps[-1]])
+    return ((x - final) ** 2).mean(dim=(1, 2, 3)) / floor
 
 
 def distill(
@@ -354,12 +378,16 @@ def _run(config, scheme, teacher_info, sources, val_crops, info, device, out_dir
             try:
                 with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
                     losses, ks = distill_losses(net, diffusion, states, cond, timesteps)
+                    chain = None
+                    if config.chain_weight > 0 and step >= config.chain_from:
+                        chain = chain_losses(student, diffusion, states[0], states[-1], cond, timesteps).mean()
                 loss = losses.mean()
-                loss_value = float(loss.detach())
+                loss_value = float(loss.detach()) + (config.chain_weight * float(chain.detach()) if chain is not None else 0.0)
                 bad, stop_flag = all_reduce_max([0.0 if math.isfinite(loss_value) else 1.0, float(stop.poll())], info, device)
                 if bad:
                     raise diverged(f"the loss became {loss_value}")
-                grad_norm = state.optimize(loss, config.grad_clip, diverged)
+                grad_norm = state.optimize(loss, config.grad_clip, diverged,
+                                           local_loss=None if chain is None else config.chain_weight * chain)
             except torch.OutOfMemoryError:
                 raise TrainingError(f"out of memory on {device} with {config.items} crops of {config.crop_size} px; "
                                     "try fewer --items or a smaller --crop-size") from None
@@ -369,6 +397,8 @@ def _run(config, scheme, teacher_info, sources, val_crops, info, device, out_dir
             acc.setdefault("loss", []).append(loss_value)
             for k in range(len(timesteps)):
                 acc.setdefault(f"loss_k{k}", []).extend(losses.detach()[ks == k].float().cpu().tolist())
+            if chain is not None:
+                acc.setdefault("chain_loss", []).append(float(chain.detach()))
             acc.setdefault("grad_norm", []).append(grad_norm)
             acc.setdefault("teacher_s", []).append(teacher_s)
             bar.update(1)
@@ -376,7 +406,8 @@ def _run(config, scheme, teacher_info, sources, val_crops, info, device, out_dir
             if step % config.log_every == 0 or step == stop_at:
                 now = time.perf_counter()
                 row = {"step": step, "samples": step * config.items * info.world_size}
-                row.update(pooled_means(acc, ("loss", *(f"loss_k{k}" for k in range(len(timesteps))), "grad_norm", "teacher_s"), info, device))
+                row.update(pooled_means(acc, ("loss", *(f"loss_k{k}" for k in range(len(timesteps))), "chain_loss", "grad_norm",
+                                               "teacher_s"), info, device))
                 row.update(lr=config.lr, ema_rate=ema_rate_at(config.ema_rate, step - 1, config.ema_warmup),
                            steps_per_s=(step - step_log) / max(now - t_log, 1e-9), elapsed_s=now - t_start)
                 acc, t_log, step_log = {}, now, step

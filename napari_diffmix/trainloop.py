@@ -208,11 +208,25 @@ class TrainState:
     stream: Any  # data.crops.CropStream
     noise_gen: torch.Generator
 
-    def optimize(self, loss: torch.Tensor, grad_clip: float, diverged: Callable[[str], Exception]) -> float:
+    def optimize(self, loss: torch.Tensor, grad_clip: float, diverged: Callable[[str], Exception],
+                 local_loss: torch.Tensor | None = None) -> float:
         """Backward, unscale, clip (0 = off), step; returns the gradient norm. A non-finite
-        gradient raises ``diverged(what)`` before the weights change."""
+        gradient raises ``diverged(what)`` before the weights change.
+
+        ``local_loss`` comes from the bare module, not its DistributedDataParallel wrapper (DDP's
+        reducer refuses a module called several times before one backward). Its gradients are
+        taken with ``autograd.grad``, which leaves the parameters' accumulators, and so DDP's
+        hooks on them, alone (a ``.backward()`` would have fired them and spent the reducer's one
+        sync on these gradients); they are averaged over the ranks here and added to ``loss``'s."""
         self.opt.zero_grad(set_to_none=True)
+        local: dict[torch.nn.Parameter, torch.Tensor] = {}
+        if local_loss is not None:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            grads = torch.autograd.grad(self.scaler.scale(local_loss), params, allow_unused=True)
+            local = {p: g for p, g in zip(params, grads) if g is not None}
         self.scaler.scale(loss).backward()
+        if local:
+            _add_rank_mean(local)
         self.scaler.unscale_(self.opt)
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
@@ -302,6 +316,25 @@ def changed_settings(saved: Mapping[str, Any], config: Any, keys: Sequence[str])
 
 # ----------------------------------------------------------------------------------------
 # log.csv
+
+
+def _add_rank_mean(grads: Mapping[torch.nn.Parameter, torch.Tensor]) -> None:
+    """``p.grad += mean over ranks of grads[p]`` (one all-reduce of them all, flattened)."""
+    import torch.distributed as dist
+
+    params = list(grads)
+    flat = torch.cat([grads[p].reshape(-1) for p in params])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+    offset = 0
+    for p in params:
+        part = flat[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+        if p.grad is None:
+            p.grad = part.clone()
+        else:
+            p.grad += part
 
 
 class CsvLog:

@@ -64,6 +64,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--items", type=int, help="label-map crops per step (each gives --steps-to training pairs)")
     g.add_argument("--crop-size", type=int)
     g.add_argument("--ema-rate", type=float)
+    g.add_argument("--chain-weight", type=float,
+                   help="weight of a loss on the student's whole run against the teacher's image (default 0: pairs only)")
+    g.add_argument("--chain-from", type=int, help="the step from which the --chain-weight loss is on (default 0)")
     h = p.add_argument_group("hardware")
     add_device_arguments(h, torchrun=True, default=None)
     h.add_argument("--precision", choices=PRECISIONS, help="the student's training autocast (auto: fp32 on CPUs)")
@@ -80,8 +83,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-_OVERRIDES = ("teacher", "teacher_preset", "method", "steps_to", "teacher_steps", "guidance", "steps", "lr", "items",
-              "crop_size", "ema_rate", "device", "precision", "teacher_precision", "seed", "save_every", "log_every",
+_OVERRIDES = ("teacher", "teacher_preset", "method", "steps_to", "teacher_steps", "guidance", "chain_weight", "chain_from",
+              "steps", "lr", "items", "crop_size", "ema_rate", "device", "precision", "teacher_precision", "seed", "save_every", "log_every",
               "sample_every")
 
 

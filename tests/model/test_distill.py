@@ -13,6 +13,7 @@ from napari_diffmix.classes import DEMO
 from napari_diffmix.demo_data import demo_split
 from napari_diffmix.distill import (
     DistillConfig,
+    chain_losses,
     distill,
     distill_losses,
     student_timesteps,
@@ -106,6 +107,37 @@ def test_the_initial_student_is_scored_against_the_teacher_and_learns(tiny_model
         opt.step()
     with torch.no_grad():
         assert float(distill_losses(student, diffusion, states, cond, timesteps)[0].mean()) < 0.5 * first
+
+
+def test_the_chain_loss_scores_exactly_what_the_student_samples(tiny_model, tiles):
+    model, info = load_model(tiny_model)
+    runner = Sampler(model, info.diffusion, precision="fp32")
+    diffusion = runner.diffusion
+    tile = tiles[0]
+    cond = condition_batch([tile.inst_map[:32, :32]] * 2, [tile.type_map[:32, :32]] * 2, DEMO.num_classes)
+    noise = torch.randn((2, 3, 32, 32), generator=torch.Generator().manual_seed(2))
+    timesteps = student_timesteps(diffusion.alphas_cumprod, 4, 2)
+    final = runner.generate(cond, sampler="ddim-logsnr", steps=2, guidance=1.0, noise=noise).x_t
+    with torch.no_grad():
+        assert torch.allclose(chain_losses(model, diffusion, noise, final, cond, timesteps), torch.zeros(2), atol=1e-9)
+        target = final + 0.1
+        floor = 1 - float(diffusion.alphas_cumprod[timesteps[-1]])
+        assert torch.allclose(chain_losses(model, diffusion, noise, target, cond, timesteps), torch.full((2,), 0.01 / floor))
+
+
+def test_the_chain_loss_starts_at_its_step_and_changes_the_student(tmp_path, tiny_model, tiles):
+    plain = distill(config(tmp_path, tiny_model, "plain", save_every=0), [tiles[0]], scheme=DEMO)
+    chained = distill(config(tmp_path, tiny_model, "chained", save_every=0, chain_weight=1.0, chain_from=4),
+                      [tiles[0]], scheme=DEMO)
+    rows = [r.split(",") for r in (Path(chained.out_dir) / "log.csv").read_text().splitlines()]
+    column = rows[0].index("chain_loss")
+    assert [r[column] != "" for r in rows[1:]] == [False, False, True]  # logged at steps 2, 4, 6: on from step 5
+    assert float(rows[3][column]) > 0
+    # Steps 1-4 are the same run; the chain term then moves the weights elsewhere.
+    assert [r[:3] for r in rows[1:3]] == [r.split(",")[:3] for r in (Path(plain.out_dir) / "log.csv").read_text().splitlines()[1:3]]
+    assert weights_digest(chained.student) != weights_digest(plain.student)
+    with pytest.raises(TrainingError, match="chain loss"):
+        config(tmp_path, tiny_model, chain_weight=-1.0).validate()
 
 
 def test_distill_writes_a_student_whose_metadata_round_trips(tmp_path, tiny_model, tiles):
@@ -249,7 +281,8 @@ def test_the_bundled_student_is_a_student_of_the_bundled_teacher():
 
 def test_torchrun_two_cpu_processes(tmp_path, tiny_model):
     """Data-parallel distillation: the ranks stay identical (checked at every checkpoint) and
-    each checkpoint holds both ranks' RNG states."""
+    each checkpoint holds both ranks' RNG states; the chain loss is on from step 3 (its gradients,
+    taken outside DDP's wrapper, must be averaged too)."""
     import os
     import sys
 
@@ -262,6 +295,7 @@ def test_torchrun_two_cpu_processes(tmp_path, tiny_model):
     proc = run_group(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "napari_diffmix",
          "distill", "demo", "--teacher", str(tiny_model), "--preset", "tiny", "--crop-size", "32", "--steps", "4",
+         "--chain-weight", "1", "--chain-from", "2",
          "--out", str(out), "--threads", "1"],
         300, env=env, capture_output=True, text=True, cwd=tmp_path,
     )
