@@ -110,10 +110,11 @@ class ArmRun:
     load: dict[str, float] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     reused: bool = False
+    cpu_s: float = float("nan")  # this process's CPU time (all threads): less at the mercy of other jobs than wall time
 
     def summary(self) -> dict[str, Any]:
         return {"arm": self.arm, "updates": self.updates, "wall_s": self.wall_s, "s_per_update": self.wall_s / max(self.updates, 1),
-                "out_dir": str(self.out_dir), "load": self.load, "config": self.config, "reused": self.reused,
+                "cpu_s": self.cpu_s, "out_dir": str(self.out_dir), "load": self.load, "config": self.config, "reused": self.reused,
                 "last_loss": self.history[-1]["loss"] if self.history else None}
 
 
@@ -152,14 +153,14 @@ def run_progressive(config, dataset: Any, scheme: Any, val: Any = None) -> ArmRu
     """``napari_diffmix.distill.distill`` as it ships; the measured student is its exported EMA."""
     from napari_diffmix.distill import distill
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with LoadMonitor() as load:
         result = distill(config, dataset, scheme=scheme, val=val)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     if result.interrupted or result.model_path is None:
         raise RuntimeError(f"the progressive run stopped at update {result.step} of {config.steps}")
     return ArmRun("progressive", result.step, wall, result.ema_student.eval(), Path(config.out_dir), result.history,
-                  load.summary(), config.to_dict())
+                  load.summary(), config.to_dict(), cpu_s=cpu)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,7 +265,7 @@ def run_consistency(config, dataset: Any, scheme: Any, settings: ConsistencySett
     config.validate()
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    t_start = time.perf_counter()
+    t_start, c_start = time.perf_counter(), time.process_time()
     device = torch.device("cpu")
     scheme = load_scheme(scheme)
     teacher, info = load_model(config.teacher, device)
@@ -327,9 +328,9 @@ def run_consistency(config, dataset: Any, scheme: Any, settings: ConsistencySett
                 print(f"consistency {step + 1}/{config.steps}: loss {row['loss']:.5f} ({row['elapsed_s']:.0f} s, load {row['load_1min']:.2f})",
                       file=sys.stderr, flush=True)
     torch.save(ema.state_dict(), out_dir / "ema.pt")
-    wall = time.perf_counter() - t_start
+    wall, cpu = time.perf_counter() - t_start, time.process_time() - c_start
     return ArmRun("consistency", config.steps, wall, ema, out_dir, history, load.summary(),
-                  {**config.to_dict(), "consistency": settings.to_dict(), "grid": grid, "guidance_folded": guidance})
+                  {**config.to_dict(), "consistency": settings.to_dict(), "grid": grid, "guidance_folded": guidance}, cpu_s=cpu)
 
 
 def consistency_sample(model: torch.nn.Module, diffusion: Any, cond: torch.Tensor, *, steps: int = STUDENT_STEPS,
@@ -371,11 +372,13 @@ def consistency_sample(model: torch.nn.Module, diffusion: Any, cond: torch.Tenso
 # measuring
 # ---------------------------------------------------------------------------------------------
 def measure(teacher_file: str | os.PathLike, held_out: Any, scheme: Any, arms: Sequence[ArmRun], *, size: int = EVAL_SIZE,
-            ring_classes: tuple[int, int] | None = None, baselines: bool = True) -> dict[str, Any]:
+            ring_classes: tuple[int, int] | None = None, baselines: bool = True, cache: Path | None = None) -> dict[str, Any]:
     """Each arm's student on every ``size`` px window of ``held_out`` (seeds 0.., fp32) with the
     card's acceptance and the MAD (grey levels) from the teacher's guided 15-step DPM-Solver++
     renders of the same windows and seeds; with ``baselines``, both 4-step samplers on the
-    teacher at guidance 1 (each arm at 0 updates)."""
+    teacher at guidance 1 (each arm at 0 updates). ``cache``: a folder keeping the teacher's
+    rows (they do not depend on the arms; minutes of a loaded CPU). The rendered images are
+    under the key ``"images"`` (uint8 arrays, not JSON)."""
     from napari_diffmix.classes import load_scheme
     from napari_diffmix.model.checkpoint import load_model
     from napari_diffmix.model.condition import condition_batch
@@ -388,10 +391,12 @@ def measure(teacher_file: str | os.PathLike, held_out: Any, scheme: Any, arms: S
     teacher, tinfo = load_model(teacher_file)
     diffusion = GaussianDiffusion(DiffusionConfig.from_dict(dict(tinfo.diffusion)))
 
+    windows = held_out_windows(held_out, size)
+
     def product(model: torch.nn.Module, sampler: str, steps: int, guidance: float):
-        report, images, windows = render_and_measure(model, [held_out], scheme, ring_classes=rings, size=size, sampler=sampler,
-                                                     steps=steps, guidance=guidance, diffusion=tinfo.diffusion, seed=0)
-        return report, images, windows
+        report, rendered, _ = render_and_measure(model, [], scheme, ring_classes=rings, sampler=sampler, steps=steps,
+                                                 guidance=guidance, diffusion=tinfo.diffusion, seed=0, windows=windows)
+        return report, rendered
 
     rows: dict[str, dict[str, Any]] = {}
     images: dict[str, np.ndarray] = {}
@@ -400,10 +405,11 @@ def measure(teacher_file: str | os.PathLike, held_out: Any, scheme: Any, arms: S
         rows[name] = {**report.to_dict(), **what, "render_s": seconds}
         images[name] = np.stack(rendered).astype(np.int16)
 
-    t0 = time.perf_counter()
-    report, rendered, windows = product(teacher, "dpm++2m", 15, tinfo.default_guidance)
-    record("teacher_15", report, rendered, time.perf_counter() - t0, sampler="dpm++2m", steps=15, guidance=tinfo.default_guidance,
-           passes=30)
+    def teacher_row() -> None:
+        t0 = time.perf_counter()
+        report, rendered = product(teacher, "dpm++2m", 15, tinfo.default_guidance)
+        record("teacher_15", report, rendered, time.perf_counter() - t0, sampler="dpm++2m", steps=15,
+               guidance=tinfo.default_guidance, passes=30)
 
     def consistency_row(name: str, model: torch.nn.Module, steps: int = STUDENT_STEPS, **what: Any) -> None:
         t0 = time.perf_counter()
@@ -418,33 +424,52 @@ def measure(teacher_file: str | os.PathLike, held_out: Any, scheme: Any, arms: S
 
     def progressive_row(name: str, model: torch.nn.Module, steps: int = STUDENT_STEPS, **what: Any) -> None:
         t0 = time.perf_counter()
-        report, rendered, _ = product(model, "ddim-logsnr", steps, 1.0)
+        report, rendered = product(model, "ddim-logsnr", steps, 1.0)
         record(name, report, rendered, time.perf_counter() - t0, sampler="ddim-logsnr", steps=steps, guidance=1.0,
                passes=steps, **what)
 
-    if baselines:
-        progressive_row("teacher_ddim_4_g1", teacher, updates=0)
-        consistency_row("teacher_consistency_4_g1", teacher, updates=0)
+    key = f"{tinfo.sha256[:16]}-{getattr(held_out, 'name', 'tile')}-{size}-{len(windows)}-{int(baselines)}"
+    cached = None if cache is None else Path(cache) / f"reference-{key}.npz"
+    reused = cached is not None and cached.exists()
+    if reused:
+        with np.load(cached) as saved:
+            rows.update(json.loads(str(saved["rows"])))
+            images.update({name: saved[name] for name in rows})
+    else:
+        teacher_row()
+        if baselines:
+            progressive_row("teacher_ddim_4_g1", teacher, updates=0)
+            consistency_row("teacher_consistency_4_g1", teacher, updates=0)
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(cached, rows=json.dumps(rows), **images)
     for arm in arms:
         name = f"{arm.arm}_{arm.updates}"
         steps = int(arm.config.get("steps_to", STUDENT_STEPS))
         (progressive_row if arm.arm == "progressive" else consistency_row)(name, arm.model, steps, updates=arm.updates,
-                                                                           wall_s=arm.wall_s, arm=arm.arm)
+                                                                           wall_s=arm.wall_s, cpu_s=arm.cpu_s, arm=arm.arm)
     reference = images["teacher_15"]
     for name, img in images.items():
         rows[name]["mad_vs_teacher_15"] = float(np.abs(img - reference).mean())
-    return {"rows": rows, "windows": len(windows), "size": size}
+    return {"rows": rows, "windows": len(windows), "size": size, "reference_cached": reused,
+            "images": {name: img.astype(np.uint8) for name, img in images.items()}}
+
+
+def held_out_windows(tile: Any, size: int) -> list[Any]:
+    """Every ``size`` px window of ``tile``, rows first: render_and_measure's windows."""
+    return [tile.crop(y, x, size, size) for y in range(0, tile.shape[0] - size + 1, size) for x in range(0, tile.shape[1] - size + 1, size)]
 
 
 def table(figures: dict[str, Any]) -> str:
-    lines = ["| run | updates | wall s | s/update | h_fraction | dab_ratio | hf_ratio | off-stain % (real) | passed | MAD vs teacher 15 |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | updates | wall s | s/update | CPU s | h_fraction | dab_ratio | hf_ratio | off-stain % (real) | passed | MAD vs teacher 15 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in figures["rows"].items():
         updates = r.get("updates", "")
-        wall = r.get("wall_s")
+        wall, cpu = r.get("wall_s"), r.get("cpu_s")
         per = f"{wall / updates:.2f}" if wall and updates else ""
         lines.append(
             f"| {name} ({r['sampler']} {r['steps']}, g {r['guidance']:g}) | {updates} | {f'{wall:.0f}' if wall else ''} | {per} | "
+            f"{f'{cpu:.0f}' if cpu and math.isfinite(cpu) else ''} | "
             f"{r['h_fraction']:.2f} | {r['dab_ratio']:.2f} | {r['hf_ratio']:.2f} | {100 * r['off_stain']:.2f} ({100 * r['off_stain_real']:.2f}) | "
             f"{'yes' if r['passed'] else 'no'} | {r.get('mad_vs_teacher_15', 0.0):.1f} |")
     return "\n".join(lines)
@@ -468,7 +493,8 @@ def _reused(arm: str, folder: Path, updates: int, teacher: Path) -> ArmRun | Non
     else:
         model, _ = load_model(teacher)
         model.load_state_dict(torch.load(folder / "ema.pt", map_location="cpu"))
-    return ArmRun(arm, updates, float(saved["wall_s"]), model.eval(), folder, [], saved.get("load", {}), saved.get("config", {}), True)
+    return ArmRun(arm, updates, float(saved["wall_s"]), model.eval(), folder, [], saved.get("load", {}), saved.get("config", {}), True,
+                  float(saved.get("cpu_s", "nan")))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -510,9 +536,11 @@ def main(argv: list[str] | None = None) -> int:
             run = run_progressive(config, split.train, DEMO, split.held_out) if arm == "progressive" else \
                 run_consistency(config, split.train, DEMO, settings)
             (folder / "result.json").write_text(json.dumps(run.summary(), indent=2) + "\n")
-        print(f"{arm}: {run.updates} updates in {run.wall_s:.0f} s (load {run.load})", file=sys.stderr, flush=True)
+        print(f"{arm}: {run.updates} updates in {run.wall_s:.0f} s, {run.cpu_s:.0f} CPU s (load {run.load})", file=sys.stderr, flush=True)
         runs.append(run)
-    figures = measure(teacher, split.held_out, DEMO, runs)
+    figures = measure(teacher, split.held_out, DEMO, runs, cache=out)
+    images = figures.pop("images")
+    np.savez_compressed(out / f"images-{args.updates}.npz", **images)
     figures.update(conditions=conditions, arms=[r.summary() for r in runs], teacher=str(teacher))
     figures["conditions"]["load_at_end"] = os.getloadavg()
     print(table(figures))

@@ -174,9 +174,9 @@ def test_both_arms_train_two_updates_and_are_measured_against_the_teacher(bench,
     assert (tmp_path / "progressive" / "model.safetensors").exists()
     settings = bench.ConsistencySettings(grid_points=GRID, pairs_per_crop=2)
     consistency = bench.run_consistency(tiny_config(bench, tmp_path, tiny_teacher, "consistency"), tiles[0], DEMO, settings)
-    figures = bench.measure(tiny_teacher, tiles[1], DEMO, [progressive, consistency], size=32)
+    figures = bench.measure(tiny_teacher, tiles[1], DEMO, [progressive, consistency], size=32, cache=tmp_path / "cache")
     rows = figures["rows"]
-    assert figures["windows"] == 4
+    assert figures["windows"] == 4 and not figures["reference_cached"] and figures["images"]["consistency_2"].shape == (4, 32, 32, 3)
     assert list(rows) == ["teacher_15", "teacher_ddim_4_g1", "teacher_consistency_4_g1", "progressive_2", "consistency_2"]
     assert rows["teacher_15"]["mad_vs_teacher_15"] == 0.0
     for name, row in rows.items():
@@ -190,3 +190,9 @@ def test_both_arms_train_two_updates_and_are_measured_against_the_teacher(bench,
     assert rows["consistency_2"]["wall_s"] == consistency.wall_s
     text = bench.table(figures)
     assert text.count("\n") == len(rows) + 1 and "consistency_2" in text
+    # The teacher's rows come back from the cache as rendered; the students' are rendered again.
+    again = bench.measure(tiny_teacher, tiles[1], DEMO, [consistency], size=32, cache=tmp_path / "cache")
+    assert again["reference_cached"] and list(again["rows"]) == [*list(rows)[:3], "consistency_2"]
+    for name in again["rows"]:
+        same = {k: v for k, v in rows[name].items() if k != "render_s"}
+        assert {k: again["rows"][name][k] for k in same} == same and np.array_equal(again["images"][name], figures["images"][name])
