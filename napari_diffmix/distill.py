@@ -450,6 +450,7 @@ def distilled_record(teacher_info: Any, config: DistillConfig, guidance: float, 
         "teacher_sha256": teacher_info.sha256, "teacher": Path(teacher_info.source).name,
         "teacher_sampler": TEACHER_SAMPLER, "teacher_steps": int(config.teacher_steps), "distill_steps": int(step),
         "items_per_step": int(config.items), "crop_size": int(config.crop_size), "lr": config.lr, "seed": config.seed,
+        "chain_weight": float(config.chain_weight), "chain_from": int(config.chain_from),
     }
 
 

@@ -10,7 +10,8 @@ renders every 128 px window of the held-out split from its label map alone (seed
 the same noise for every model) with the student at its own settings, the teacher at the
 product default (guided DPM-Solver++, 15 steps) and, for comparison, the teacher at the
 student's step count; each is scored with the model card's measure (napari_diffmix.quality),
-with the mean absolute difference from the 15-step teacher's images. ``--ship`` writes
+with the mean absolute difference from the 15-step teacher's images; then the student alone at
+the plugin's canvas size, 256 px untiled, on the teacher card's 256 px windows. ``--ship`` writes
 ``resources/models/demo/fast/{demo-fast.safetensors, quality.json, MODEL_CARD.md,
 distill_log.csv}``; the teacher's card points to it (a fixed line of its template in
 scripts/train_demo_model.py). It refuses a student that fails the measure unless ``--force``.
@@ -102,10 +103,26 @@ def measure(student_file: Path, teacher_file: Path, held_out) -> dict:
         images[name] = np.stack(rendered).astype(np.int16)
     reference = images["teacher_15"]
     mad = {name: float(np.abs(img - reference).mean()) for name, img in images.items() if name != "teacher_15"}
+    wide = {}
+    for name, windows in wide_windows().items():
+        report, _, _ = render_and_measure(student, [], DEMO, ring_classes=rings, sampler=own["sampler"], steps=own["steps"],
+                                          guidance=1.0, diffusion=sinfo.diffusion, seed=0, windows=windows)
+        wide[name] = report.to_dict()
     return {
-        "passed": reports["student"]["passed"], "reports": reports, "mad_vs_teacher_15": mad, "seconds": seconds,
+        "passed": reports["student"]["passed"], "passed_256": all(r["passed"] for r in wide.values()),
+        "reports": reports, "student_256": wide, "mad_vs_teacher_15": mad, "seconds": seconds,
         "student_sha256": sinfo.sha256, "distilled": sinfo.distilled, "windows": len(reference),
     }
+
+
+def wide_windows() -> dict:
+    """The teacher card's 256 px windows (scripts/train_demo_model.py, measure_256): the demo
+    tile's four 256 x 256 windows and the held-out columns as two 256 x 128 ones."""
+    from napari_diffmix.demo_data import demo_split, load_demo_tile
+
+    tile, held_out = load_demo_tile(), demo_split().held_out
+    return {"tile": [tile.crop(y, x, 256, 256) for y in (0, 256) for x in (0, 256)],
+            "held_out": [held_out.crop(y, 0, 256, held_out.shape[1]) for y in (0, 256)]}
 
 
 def ship(run: Path, figures: dict, conditions: str) -> None:
@@ -141,6 +158,8 @@ def failed(report: dict) -> str:
         misses.append(f"ring DAB ratio {report['dab_ratio']:.2f} < {report['min_dab_ratio']:g}")
     if report["hf_ratio"] > report["max_hf_ratio"]:
         misses.append(f"high-frequency noise {report['hf_ratio']:.2f} x real > {report['max_hf_ratio']:g}: grainier than the teacher")
+    if report["off_stain"] > report["off_stain_real"] + report["max_off_stain_excess"]:
+        misses.append(f"off-stain pixels {report['off_stain']:.2%} > real + {report['max_off_stain_excess']:.0%}")
     return ": fails " + "; ".join(misses) if misses else ""
 
 
@@ -152,7 +171,15 @@ def student_card(info, figures: dict, target: Path, hours: float, conditions: st
     def row(name: str, label: str, passes: int) -> str:
         x = r[name]
         return (f"| {label} | {passes} | {x['h_fraction']:.2f} | {x['dab_ratio']:.2f} | {x['hf_ratio']:.2f} | "
-                f"{'yes' if x['passed'] else 'no'} | {mad.get(name, 0.0):.1f} |")
+                f"{x['off_stain']:.2%} | {'yes' if x['passed'] else 'no'} | {mad.get(name, 0.0):.1f} |")
+
+    def wide(name: str) -> str:
+        x = figures["student_256"][name]
+        return (f"hematoxylin contrast {x['h_fraction']:.2f} x real, ring DAB ratio {x['dab_ratio']:.2f}, noise "
+                f"{x['hf_ratio']:.2f} x real, off-stain pixels {x['off_stain']:.2%}: {'PASS' if x['passed'] else 'FAIL'}{failed(x)}")
+
+    chain = (f"; from step {d['chain_from'] + 1} on also the loss on its whole {d['steps']}-step run against the teacher's final image "
+             f"(weight {d['chain_weight']:g})" if d.get("chain_weight") else "")
 
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     steps = d["steps"]
@@ -169,7 +196,7 @@ def student_card(info, figures: dict, target: Path, hours: float, conditions: st
         "|---|---|",
         f"| teacher | `../demo.safetensors`, sha256 `{d['teacher_sha256']}` |",
         f"| distilled | {d['distill_steps']} steps of {d['items_per_step']} label-map crops of {d['crop_size']} px (x {steps} pairs "
-        f"each) against the teacher's guided DPM-Solver++ at {d['teacher_steps']} steps; AdamW lr {d['lr']:g}, EMA, bf16 "
+        f"each) against the teacher's guided DPM-Solver++ at {d['teacher_steps']} steps{chain}; AdamW lr {d['lr']:g}, EMA, bf16 "
         f"autocast, seed {d['seed']}; {hours:.2f} h on {conditions} |",
         f"| weights | float32, {target.stat().st_size / 2**20:.1f} MB, sha256 `{info.sha256}` |",
         f"| code | napari-diffmix commit {commit or 'unknown'}; reproduce with `python scripts/distill_demo_model.py --out RUN --ship` |",
@@ -180,8 +207,9 @@ def student_card(info, figures: dict, target: Path, hours: float, conditions: st
         " fp32, the same noise for every row); the last column is the mean absolute difference (grey levels) from the",
         "teacher's 15-step images:",
         "",
-        "| model, sampler | network passes | hematoxylin contrast (x real) | ring DAB ratio | high-frequency noise (x real) | passes | MAD vs teacher 15 |",
-        "|---|---|---|---|---|---|---|",
+        "| model, sampler | network passes | hematoxylin contrast (x real) | ring DAB ratio | high-frequency noise (x real) "
+        "| off-stain pixels | passes | MAD vs teacher 15 |",
+        "|---|---|---|---|---|---|---|---|",
         row("teacher_15", "teacher, DPM-Solver++ 15 steps, CFG", 30),
         row("student", f"student, {d['sampler']} {steps} steps", steps),
         row("teacher_4", f"teacher, DPM-Solver++ {steps} steps, CFG", 2 * steps),
@@ -189,6 +217,12 @@ def student_card(info, figures: dict, target: Path, hours: float, conditions: st
         "",
         f"Student: {'PASS' if figures['passed'] else 'FAIL'} (the same acceptance as the teacher){failed(r['student'])}. "
         f"Measured {datetime.date.today().isoformat()}.",
+        "",
+        "### At 256 px, untiled (the plugin's canvas)",
+        "",
+        "The teacher card's 256 px windows, rendered whole with the student's own settings (seeds 0..3, fp32): the demo tile's",
+        f"four 256 x 256 windows: {wide('tile')}; the held-out columns as two 256 x 128 windows: {wide('held_out')}.",
+        f"The plugin's default model is the student only if it passes here too: {'it does' if figures['passed_256'] else 'it does not'}.",
         "",
         "Good for and not good for: as the teacher (`../MODEL_CARD.md`); it is faster, not better.",
         "",

@@ -272,11 +272,12 @@ def test_the_bundled_student_is_a_student_of_the_bundled_teacher():
     card = (BUNDLED_STUDENT_DIR / "MODEL_CARD.md").read_text()
     assert quality["student_sha256"] == info.sha256 and info.sha256 in card
     assert ("Student: PASS" in card) == quality["passed"]
-    # The plugin's default is the student only if it passes the teacher's acceptance (passing
-    # is not enough: the 700-step student still paints green, off-stain pixels, README 3b).
+    # The plugin's default is the student if, and only if, it passes the teacher's acceptance
+    # on the held-out windows and at the plugin's 256 px canvas.
     from napari_diffmix._widgets import _model_picker
 
-    assert _model_picker.DEFAULT_MODEL != _model_picker.FAST or quality["passed"]
+    passes = quality["passed"] and quality.get("passed_256", False)
+    assert (_model_picker.DEFAULT_MODEL == _model_picker.FAST) == passes
 
 
 def test_torchrun_two_cpu_processes(tmp_path, tiny_model):
