@@ -88,6 +88,10 @@ class DistillConfig:
     lr: float = 5e-5
     items: int = 4  # label-map crops per step; each gives steps_to training pairs
     crop_size: int = 64
+    # Crop sizes taken in turn, step by step (empty: crop_size always), each step with as many
+    # crops as give the pixels of ``items`` crops of ``crop_size``. A student that learned on one
+    # size alone rendered noise at another (128 px crops only: speckle over the whole 64 px canvas).
+    crop_cycle: tuple[int, ...] = ()
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     ema_rate: float = 0.995
@@ -130,7 +134,8 @@ class DistillConfig:
             (math.isfinite(self.chain_weight) and self.chain_weight >= 0 and self.chain_from >= 0,
              f"the chain loss needs a weight >= 0 and a start step >= 0, got {self.chain_weight}, {self.chain_from}"),
             (self.items >= 1, f"items per step must be >= 1, got {self.items}"),
-            (self.crop_size >= 8, f"crop size must be >= 8 px, got {self.crop_size}"),
+            (self.crop_size >= 8 and all(c >= 8 for c in self.crop_cycle),
+             f"crop sizes must be >= 8 px, got {self.crop_size} and {list(self.crop_cycle)}"),
             (0.0 <= self.ema_rate < 1.0, f"EMA rate must be in [0, 1), got {self.ema_rate}"),
             (self.precision in PRECISIONS and self.teacher_precision in PRECISIONS,
              f"precisions must be {'|'.join(PRECISIONS)}, got {self.precision!r}/{self.teacher_precision!r}"),
@@ -142,9 +147,17 @@ class DistillConfig:
             if not ok:
                 raise TrainingError(msg)
 
+    def crops_at(self, step: int) -> tuple[int, int]:
+        """(crop size, crops) of optimizer step ``step`` (0-based)."""
+        if not self.crop_cycle:
+            return self.crop_size, self.items
+        size = self.crop_cycle[step % len(self.crop_cycle)]
+        return size, max(1, round(self.items * self.crop_size ** 2 / size ** 2))
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["adam_betas"] = list(self.adam_betas)
+        d["crop_cycle"] = list(self.crop_cycle)
         return d
 
     @classmethod
@@ -152,6 +165,8 @@ class DistillConfig:
         d = config_fields(cls, data, "distillation config field")
         if "adam_betas" in d:
             d["adam_betas"] = tuple(float(b) for b in d["adam_betas"])
+        if "crop_cycle" in d:
+            d["crop_cycle"] = tuple(int(c) for c in d["crop_cycle"])
         return cls(**d)
 
 
@@ -282,12 +297,13 @@ def distill(
         )
     if teacher_info.distilled:
         raise TrainingError(f"{config.teacher} is already a distilled student; distil from its teacher")
-    sources = collect_sources(dataset, scheme, config.crop_size)
+    largest = max((config.crop_size, *config.crop_cycle))
+    sources = collect_sources(dataset, scheme, largest)
     val_crops = validation_crops(collect_sources(val, scheme, config.crop_size) if val is not None else sources,
                                  config.crop_size, config.num_val_samples, config.seed)
     if extra_labels is not None:
         folders = [extra_labels] if isinstance(extra_labels, (str, os.PathLike)) else list(extra_labels)
-        sources = sources + [s for folder in folders for s in pair_label_patches(folder, sources, scheme, config.crop_size)]
+        sources = sources + [s for folder in folders for s in pair_label_patches(folder, sources, scheme, largest)]
     out_dir = Path(config.out_dir)
     with training_session(config.device, config.num_threads, out_dir, "distillation run") as (info, device):
         return _run(config, scheme, teacher_info, sources, val_crops, info, device, out_dir, resume, pbar, should_stop, max_steps)
@@ -369,6 +385,7 @@ def _run(config, scheme, teacher_info, sources, val_crops, info, device, out_dir
             progress_bar(pbar if info.is_main else tqdm(disable=True), total, "distill", unit="step") as bar:
         set_bar_start(bar, step)
         while step < stop_at:
+            stream.crop, stream.batch = config.crops_at(step)
             _, insts, types, _ = stream.next(0.0)
             cond = condition_batch(insts, types, scheme.num_classes).to(device)
             noise = torch.randn((cond.shape[0], 3, *cond.shape[-2:]), generator=noise_gen, device=device)
@@ -450,7 +467,7 @@ def distilled_record(teacher_info: Any, config: DistillConfig, guidance: float, 
         "teacher_sha256": teacher_info.sha256, "teacher": Path(teacher_info.source).name,
         "teacher_sampler": TEACHER_SAMPLER, "teacher_steps": int(config.teacher_steps), "distill_steps": int(step),
         "items_per_step": int(config.items), "crop_size": int(config.crop_size), "lr": config.lr, "seed": config.seed,
-        "chain_weight": float(config.chain_weight), "chain_from": int(config.chain_from),
+        "chain_weight": float(config.chain_weight), "chain_from": int(config.chain_from), "crop_cycle": list(config.crop_cycle),
     }
 
 

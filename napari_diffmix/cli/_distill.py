@@ -63,6 +63,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--lr", type=float)
     g.add_argument("--items", type=int, help="label-map crops per step (each gives --steps-to training pairs)")
     g.add_argument("--crop-size", type=int)
+    g.add_argument("--crop-cycle", type=int, nargs="+", metavar="SIZE",
+                   help="crop sizes taken in turn, step by step, each step with the pixels of --items crops of --crop-size")
     g.add_argument("--ema-rate", type=float)
     g.add_argument("--chain-weight", type=float,
                    help="weight of a loss on the student's whole run against the teacher's image (default 0: pairs only)")
@@ -84,7 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 _OVERRIDES = ("teacher", "teacher_preset", "method", "steps_to", "teacher_steps", "guidance", "chain_weight", "chain_from",
-              "steps", "lr", "items", "crop_size", "ema_rate", "device", "precision", "teacher_precision", "seed", "save_every", "log_every",
+              "steps", "lr", "items", "crop_size", "crop_cycle", "ema_rate", "device", "precision", "teacher_precision", "seed", "save_every", "log_every",
               "sample_every")
 
 
@@ -112,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in _OVERRIDES if getattr(args, k) is not None}
     if args.threads is not None:
         overrides["num_threads"] = args.threads
+    if "crop_cycle" in overrides:
+        overrides["crop_cycle"] = tuple(overrides["crop_cycle"])
     overrides["out_dir"] = str(out or run_dir or Path("runs") / "distill")
     config = dataclasses.replace(config, **overrides)
     config.validate()

@@ -199,6 +199,33 @@ def test_resume_is_bit_for_bit(tmp_path, tiny_model, tiles):
     assert [r.split(",")[0] for r in log_rows[1:]] == ["2", "4", "6"]
 
 
+def test_a_crop_cycle_alternates_sizes_at_equal_pixels_and_resumes_exactly(tmp_path, tiny_model, tiles):
+    cfg = config(tmp_path, tiny_model, "cycle", save_every=0, crop_size=32, items=1, crop_cycle=(16, 32))
+    assert [cfg.crops_at(k) for k in range(3)] == [(16, 4), (32, 1), (16, 4)]
+    assert DistillConfig.from_dict(cfg.to_dict()) == cfg
+    drawn = []
+    from napari_diffmix.data import crops
+
+    original = crops.CropStream.next
+
+    def spy(self, dropout):
+        out = original(self, dropout)
+        drawn.append(out[1].shape)
+        return out
+
+    crops.CropStream.next = spy
+    try:
+        whole = distill(cfg, [tiles[0]], scheme=DEMO)
+    finally:
+        crops.CropStream.next = original
+    assert drawn[:4] == [(4, 16, 16), (1, 32, 32), (4, 16, 16), (1, 32, 32)]
+    parts = config(tmp_path, tiny_model, "cycle-parts", save_every=0, crop_size=32, items=1, crop_cycle=(16, 32))
+    distill(parts, [tiles[0]], scheme=DEMO, max_steps=3)
+    resumed = distill(parts, [tiles[0]], scheme=DEMO, resume="auto")
+    assert weights_digest(resumed.ema_student) == weights_digest(whole.ema_student)
+    assert read_info(whole.model_path).distilled["crop_cycle"] == [16, 32]
+
+
 def test_stop_request_saves_a_checkpoint_and_resume_refuses_another_teacher(tmp_path, tiny_model, tiles):
     calls = []
     cfg = config(tmp_path, tiny_model, save_every=0)
