@@ -371,6 +371,22 @@ def consistency_sample(model: torch.nn.Module, diffusion: Any, cond: torch.Tenso
 # ---------------------------------------------------------------------------------------------
 # measuring
 # ---------------------------------------------------------------------------------------------
+class GuidedNet(torch.nn.Module):
+    """``model`` with classifier-free guidance at ``scale`` as one network (two passes: the
+    condition and the all-zero one, the product's empty condition; variance channels from the
+    conditional pass), so that the consistency sampler can run the guided teacher."""
+
+    def __init__(self, model: torch.nn.Module, scale: float):
+        super().__init__()
+        self.model, self.scale = model, float(scale)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        out = self.model(x, t, cond)
+        null = self.model(x, t, torch.zeros_like(cond))
+        eps = null[:, :3] + self.scale * (out[:, :3] - null[:, :3])
+        return torch.cat([eps, out[:, 3:]], dim=1)
+
+
 def measure(teacher_file: str | os.PathLike, held_out: Any, scheme: Any, arms: Sequence[ArmRun], *, size: int = EVAL_SIZE,
             ring_classes: tuple[int, int] | None = None, baselines: bool = True, cache: Path | None = None) -> dict[str, Any]:
     """Each arm's student on every ``size`` px window of ``held_out`` (seeds 0.., fp32) with the
@@ -411,7 +427,7 @@ def measure(teacher_file: str | os.PathLike, held_out: Any, scheme: Any, arms: S
         record("teacher_15", report, rendered, time.perf_counter() - t0, sampler="dpm++2m", steps=15,
                guidance=tinfo.default_guidance, passes=30)
 
-    def consistency_row(name: str, model: torch.nn.Module, steps: int = STUDENT_STEPS, **what: Any) -> None:
+    def consistency_row(name: str, model: torch.nn.Module, steps: int = STUDENT_STEPS, guidance: float = 1.0, **what: Any) -> None:
         t0 = time.perf_counter()
         rendered = []
         for i, w in enumerate(windows):  # one window at a time with seed i, as render_and_measure renders
@@ -419,30 +435,39 @@ def measure(teacher_file: str | os.PathLike, held_out: Any, scheme: Any, arms: S
             rendered.append(to_uint8(consistency_sample(model, diffusion, cond, steps=steps, seed=i, precision="fp32"))[0])
         report = acceptance(rendered, [w.image for w in windows], [w.inst_map for w in windows], [w.inst_types for w in windows],
                             scheme.num_classes, ring_classes=rings)
-        record(name, report, rendered, time.perf_counter() - t0, sampler="consistency multistep", steps=steps, guidance=1.0,
-               passes=steps, **what)
+        record(name, report, rendered, time.perf_counter() - t0, sampler="consistency multistep", steps=steps, guidance=guidance,
+               passes=steps * (1 if guidance == 1.0 else 2), **what)
 
-    def progressive_row(name: str, model: torch.nn.Module, steps: int = STUDENT_STEPS, **what: Any) -> None:
+    def progressive_row(name: str, model: torch.nn.Module, steps: int = STUDENT_STEPS, guidance: float = 1.0, **what: Any) -> None:
         t0 = time.perf_counter()
-        report, rendered = product(model, "ddim-logsnr", steps, 1.0)
-        record(name, report, rendered, time.perf_counter() - t0, sampler="ddim-logsnr", steps=steps, guidance=1.0,
-               passes=steps, **what)
+        report, rendered = product(model, "ddim-logsnr", steps, guidance)
+        record(name, report, rendered, time.perf_counter() - t0, sampler="ddim-logsnr", steps=steps, guidance=guidance,
+               passes=steps * (1 if guidance == 1.0 else 2), **what)
 
-    key = f"{tinfo.sha256[:16]}-{getattr(held_out, 'name', 'tile')}-{size}-{len(windows)}-{int(baselines)}"
-    cached = None if cache is None else Path(cache) / f"reference-{key}.npz"
-    reused = cached is not None and cached.exists()
-    if reused:
-        with np.load(cached) as saved:
-            rows.update(json.loads(str(saved["rows"])))
-            images.update({name: saved[name] for name in rows})
-    else:
-        teacher_row()
-        if baselines:
-            progressive_row("teacher_ddim_4_g1", teacher, updates=0)
-            consistency_row("teacher_consistency_4_g1", teacher, updates=0)
+    fixed = [("teacher_15", teacher_row)]
+    if baselines:
+        guided = GuidedNet(teacher, tinfo.default_guidance)
+        fixed += [
+            ("teacher_ddim_4_g1", lambda: progressive_row("teacher_ddim_4_g1", teacher, updates=0)),
+            ("teacher_consistency_4_g1", lambda: consistency_row("teacher_consistency_4_g1", teacher, updates=0)),
+            # The guided teacher (8 passes) on each sampler: what a student that had only folded the
+            # guidance in would reach.
+            ("teacher_ddim_4_cfg", lambda: progressive_row("teacher_ddim_4_cfg", teacher, guidance=tinfo.default_guidance)),
+            ("teacher_consistency_4_cfg", lambda: consistency_row("teacher_consistency_4_cfg", guided, guidance=tinfo.default_guidance)),
+        ]
+    key = f"{tinfo.sha256[:16]}-{getattr(held_out, 'name', 'tile')}-{size}-{len(windows)}"
+    reused = []
+    for name, render in fixed:
+        cached = None if cache is None else Path(cache) / f"reference-{key}-{name}.npz"
+        if cached is not None and cached.exists():
+            with np.load(cached) as saved:
+                rows[name], images[name] = json.loads(str(saved["row"])), saved["images"]
+            reused.append(name)
+            continue
+        render()
         if cached is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(cached, rows=json.dumps(rows), **images)
+            np.savez(cached, row=json.dumps(rows[name]), images=images[name])
     for arm in arms:
         name = f"{arm.arm}_{arm.updates}"
         steps = int(arm.config.get("steps_to", STUDENT_STEPS))

@@ -166,6 +166,10 @@ def test_the_consistency_sampler_starts_from_the_product_samplers_noise(bench, t
     assert np.array_equal(images[1], alone[0])
     assert not np.array_equal(images, to_uint8(bench.consistency_sample(model, diffusion, cond, steps=2, seed=7)))
     assert not np.array_equal(images, to_uint8(one))
+    # The guided wrapper is the product's classifier-free guidance.
+    guided = bench.consistency_sample(bench.GuidedNet(model, 2.0), diffusion, cond, steps=1, seed=5)
+    product = Sampler(model, info.diffusion, precision="fp32").generate(cond, sampler="ddim-logsnr", steps=1, guidance=2.0, seed=5)
+    assert torch.allclose(guided, product.x_t, atol=1e-4) and not torch.allclose(guided, one, atol=1e-3)
 
 
 def test_both_arms_train_two_updates_and_are_measured_against_the_teacher(bench, tmp_path, tiny_teacher, tiles):
@@ -177,13 +181,15 @@ def test_both_arms_train_two_updates_and_are_measured_against_the_teacher(bench,
     figures = bench.measure(tiny_teacher, tiles[1], DEMO, [progressive, consistency], size=32, cache=tmp_path / "cache")
     rows = figures["rows"]
     assert figures["windows"] == 4 and not figures["reference_cached"] and figures["images"]["consistency_2"].shape == (4, 32, 32, 3)
-    assert list(rows) == ["teacher_15", "teacher_ddim_4_g1", "teacher_consistency_4_g1", "progressive_2", "consistency_2"]
+    assert list(rows) == ["teacher_15", "teacher_ddim_4_g1", "teacher_consistency_4_g1", "teacher_ddim_4_cfg", "teacher_consistency_4_cfg",
+                          "progressive_2", "consistency_2"]
     assert rows["teacher_15"]["mad_vs_teacher_15"] == 0.0
     for name, row in rows.items():
         assert isinstance(row["passed"], bool) and 0.0 <= row["off_stain"] <= 1.0
         assert all(np.isfinite(row[k]) for k in ("h_fraction", "dab_ratio", "hf_ratio", "mad_vs_teacher_15"))
         if name != "teacher_15":
-            assert row["mad_vs_teacher_15"] > 0 and row["guidance"] == 1.0
+            assert row["mad_vs_teacher_15"] > 0
+            assert row["guidance"] == (2.0 if name.endswith("cfg") else 1.0) and row["passes"] == (8 if name.endswith("cfg") else row["steps"])
     # Each student with its own sampler and step count (the tiny preset's 2).
     assert rows["progressive_2"]["sampler"] == "ddim-logsnr" and rows["progressive_2"]["steps"] == 2
     assert rows["consistency_2"]["sampler"] == "consistency multistep" and rows["consistency_2"]["steps"] == 2
@@ -192,7 +198,7 @@ def test_both_arms_train_two_updates_and_are_measured_against_the_teacher(bench,
     assert text.count("\n") == len(rows) + 1 and "consistency_2" in text
     # The teacher's rows come back from the cache as rendered; the students' are rendered again.
     again = bench.measure(tiny_teacher, tiles[1], DEMO, [consistency], size=32, cache=tmp_path / "cache")
-    assert again["reference_cached"] and list(again["rows"]) == [*list(rows)[:3], "consistency_2"]
+    assert again["reference_cached"] == list(rows)[:5] and list(again["rows"]) == [*list(rows)[:5], "consistency_2"]
     for name in again["rows"]:
         same = {k: v for k, v in rows[name].items() if k != "render_s"}
         assert {k: again["rows"][name][k] for k in same} == same and np.array_equal(again["images"][name], figures["images"][name])
