@@ -19,7 +19,7 @@ the phase took; for a render also the time to its first preview. ``--json FILE``
 Targets: while rendering, max <= 100 ms and p99 <= 30 ms; opening the dock never blocks (its
 max gap <= 100 ms too).
 
-Run: ``xvfb-run -a python benchmarks/bench_gui.py [--renders 2] [--json out.json]``.
+Run: ``xvfb-run -a python benchmarks/bench_gui.py [--renders 2] [--model teacher|student] [--json out.json]``.
 
 Measured 2026-12-06 14:28 on a shared 2-core AMD EPYC, Xvfb + Mesa software OpenGL, load 4.1-4.3
 from other engineers' jobs (before these changes, same conditions, load 4.2, in parentheses):
@@ -140,6 +140,8 @@ def main(argv=None) -> int:
     p.add_argument("--renders", type=int, default=2, help="renders in a row (the first loads the model)")
     p.add_argument("--idle", type=float, default=3.0, help="seconds of the bare viewer to measure first")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a phase may take")
+    p.add_argument("--model", choices=("default", "teacher", "student"), default="default",
+                   help="the dock's default model, or the bundled teacher / its 4-step student")
     p.add_argument("--json", type=str)
     args = p.parse_args(argv)
     os.environ.setdefault("DIFFMIX_QUIET", "1")
@@ -169,6 +171,9 @@ def main(argv=None) -> int:
     out["open_dock"] = {**clock.stop(), "call_s": round(out_call, 2), "until_ready_s": round(time.perf_counter() - t0, 2)}
     print("open_dock", json.dumps(out["open_dock"]), flush=True)
 
+    if args.model != "default":
+        widget.picker.combo.setCurrentIndex(0 if args.model == "teacher" else 1)  # the two bundled models, in this order
+    out["model"] = widget.picker.combo.currentText()
     add_demo_window(viewer)
     wait_until(lambda: False, 0.5)
     for i in range(args.renders):

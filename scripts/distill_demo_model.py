@@ -4,16 +4,22 @@
     python scripts/distill_demo_model.py --out RUN --measure                     # + measure
     python scripts/distill_demo_model.py --out RUN --ship                        # + ship if it passes
 
-Distilling runs in two stages on the training split of the demo tile, as the CLI would:
+Distilling runs in three stages on the training split of the demo tile, as the CLI would:
 
     diffmix distill demo --teacher <bundled demo model> --preset demo --out RUN   # 700 steps
     diffmix distill demo --resume --out RUN --steps 1000 --chain-weight 1 --chain-from 700 \
         --crop-size 128 --items 1
+    diffmix distill demo --resume --out RUN --steps 1150 --chain-weight 1 --chain-from 700 \
+        --crop-size 128 --items 1 --crop-cycle 64 128
 
 The first is napari_diffmix.distill.PRESETS["demo"]: the pair losses on 4 crops of 64 px. That
 student passed the card's first three criteria but painted green speckle, worse on the plugin's
-256 px canvas than at the 64 px it learned on; the second stage adds the loss on the student's
-whole run and learns on one 128 px crop per step instead (the same pixels per step). Measuring
+256 px canvas than at the 64 px it learned on. The second adds the loss on the student's whole
+run and learns on one 128 px crop per step (the same pixels): clean at 128-256 px, but noise on
+a 64 px canvas. The third takes 64 and 128 px crops in turn. (The stages are what happened, in
+order; one run with all of it from the start was not tried.)
+
+Measuring
 renders every 128 px window of the held-out split from its label map alone (seeds 0..3, fp32,
 the same noise for every model) with the student at its own settings, the teacher at the
 product default (guided DPM-Solver++, 15 steps) and, for comparison, the teacher at the
@@ -42,8 +48,11 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL_SIZE = 128
-# The second stage: resumed from the preset's last step with these settings.
-STAGE_2 = dict(steps=1000, chain_weight=1.0, chain_from=700, crop_size=128, items=1)
+# The stages after the preset's, each resumed from the one before with these settings changed.
+LATER_STAGES = (
+    dict(steps=1000, chain_weight=1.0, chain_from=700, crop_size=128, items=1),
+    dict(steps=1150, crop_cycle=(64, 128)),
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,10 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     teacher = Path(args.teacher) if args.teacher else require_bundled_model()
     config = DistillConfig.from_preset("demo", teacher=str(teacher), out_dir=str(run))
     done = list_checkpoints(run)
-    stages = [dataclasses.replace(config, **STAGE_2)]
-    if not done or int(done[-1].stem.split("-")[1]) < config.steps:
-        stages.insert(0, config)
-    for stage in stages:
+    reached = int(done[-1].stem.split("-")[1]) if done else 0
+    stages = [config]
+    for changes in LATER_STAGES:
+        stages.append(dataclasses.replace(stages[-1], **changes))
+    # The stages not yet done, and the last always (it exports the student).
+    for stage in [c for c in stages[:-1] if c.steps > reached] + stages[-1:]:
         result = distill(stage, split.train, scheme=DEMO, val=split.held_out, resume="auto")
         if result.interrupted:
             print(f"interrupted at step {result.step}; run the same command again to resume", file=sys.stderr)
@@ -201,12 +212,17 @@ def student_card(info, figures: dict, target: Path, hours: float, conditions: st
 
     from napari_diffmix.distill import PRESETS
 
-    first = PRESETS["demo"]
-    history = (f"steps 1-{first.steps}: {first.items} label-map crops of {first.crop_size} px per step (x {d['steps']} pairs each); "
-               f"steps {first.steps + 1}-{d['distill_steps']}: {d['items_per_step']} crop of {d['crop_size']} px per step, "
-               f"with the loss on the student's whole {d['steps']}-step run against the teacher's final image (weight "
-               f"{d['chain_weight']:g})" if d.get("chain_weight") else
-               f"{d['distill_steps']} steps of {d['items_per_step']} label-map crops of {d['crop_size']} px (x {d['steps']} pairs each)")
+    stages, start = [], 0
+    config = PRESETS["demo"]
+    for changes in ({}, *LATER_STAGES):
+        config = dataclasses.replace(config, **changes)
+        sizes = config.crop_cycle or (config.crop_size,)
+        crops = " and ".join(f"{config.crops_at(k)[1]} of {config.crops_at(k)[0]} px" for k in range(len(sizes)))
+        chain = ", with the loss on the student's whole run (weight {:g})".format(config.chain_weight) if config.chain_weight else ""
+        stages.append(f"steps {start + 1}-{config.steps}: {crops} label-map crops per step{' in turn' if len(sizes) > 1 else ''}{chain}")
+        start = config.steps
+    history = "; ".join(stages) if start == d["distill_steps"] else (
+        f"{d['distill_steps']} steps of {d['items_per_step']} label-map crops of {d['crop_size']} px")
 
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     steps = d["steps"]
