@@ -9,7 +9,7 @@ Distilling runs in three stages on the training split of the demo tile, as the C
     diffmix distill demo --teacher <bundled demo model> --preset demo --out RUN   # 700 steps
     diffmix distill demo --resume --out RUN --steps 1000 --chain-weight 1 --chain-from 700 \
         --crop-size 128 --items 1
-    diffmix distill demo --resume --out RUN --steps 1150 --chain-weight 1 --chain-from 700 \
+    diffmix distill demo --resume --out RUN --steps 1300 --chain-weight 1 --chain-from 700 \
         --crop-size 128 --items 1 --crop-cycle 64 128
 
 The first is napari_diffmix.distill.PRESETS["demo"]: the pair losses on 4 crops of 64 px. That
@@ -51,7 +51,7 @@ EVAL_SIZE = 128
 # The stages after the preset's, each resumed from the one before with these settings changed.
 LATER_STAGES = (
     dict(steps=1000, chain_weight=1.0, chain_from=700, crop_size=128, items=1),
-    dict(steps=1150, crop_cycle=(64, 128)),
+    dict(steps=1300, crop_cycle=(64, 128)),
 )
 
 
