@@ -238,8 +238,10 @@ class Renderer:
 
     def _runner(self, key: tuple, model: Any, info: Any, dev: Any, precision: str, cache_max_bytes: int | None) -> Any:
         from .model.samplers import Sampler
-        from .runtime import resolve_precision
+        from .runtime import keep_freed_memory, resolve_precision
 
+        if dev.type == "cpu":
+            keep_freed_memory()
         resolved = resolve_precision(precision, dev)
         runner = self._runners.get((key, resolved))
         if runner is None:

@@ -68,6 +68,38 @@ def cpu_name() -> str:
     return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
+_HEAP_KEPT: list[bool] = []
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc keep freed memory for the next tensors instead of returning it to the system.
+
+    A 256 px CPU render allocates and frees feature maps of 17-34 MB at every layer. glibc
+    serves those with fresh ``mmap`` pages (the largest are always over its mmap threshold) and
+    unmaps them on free, so every elementwise operator first page-faults its output in;
+    taking them from a heap that is never trimmed made renders of the demo model 6-19 % faster
+    (interleaved, fp32, 2 threads). The price: the process keeps its peak heap until it ends.
+    Process-wide and once; ``DIFFMIX_KEEP_FREED_MEMORY=0`` turns it off. True when in effect
+    (False off Linux/glibc)."""
+    if not _HEAP_KEPT:
+        _HEAP_KEPT.append(os.environ.get("DIFFMIX_KEEP_FREED_MEMORY", "1") != "0" and _mallopt_keep())
+    return _HEAP_KEPT[0]
+
+
+def _mallopt_keep() -> bool:
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl)
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4
+    return all(mallopt(param, value) == 1 for param, value in
+               ((m_mmap_max, 0), (m_trim_threshold, 2**31 - 1), (m_top_pad, 256 * 2**20)))
+
+
 def native_bf16(device: torch.device | str) -> bool:
     """Whether ``device`` has bf16 arithmetic in hardware (GPUs from Ampere on, CPUs with
     avx512_bf16 or AMX). Elsewhere bf16 autocast still works but is emulated, and slower."""

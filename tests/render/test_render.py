@@ -283,3 +283,20 @@ def test_early_preview_from_noise_on_a_large_canvas(tiny_model):
     job.early_preview = False
     run_to_end(renderer.start(loaded, job).steps(), records.append)
     assert [r.step for r in records] == [1, 2]
+
+
+def test_cpu_renders_keep_freed_memory_in_the_heap_unless_told_not_to():
+    """glibc's mallopt is applied once per process by the first CPU runner (render.Renderer);
+    the environment variable turns it off."""
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    code = "from napari_diffmix.runtime import keep_freed_memory as k; first = k(); print(first, k() == first)"
+    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "DIFFMIX_KEEP_FREED_MEMORY": "0"}).stdout.split()
+    assert off == ["False", "True"]
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert on == ["True", "True"]
