@@ -140,8 +140,12 @@ class ModelPicker(QWidget):
 
                 info = read_info(path)
                 kind = f"{info.summary()}; " if info.distilled else ""
+                # A student's own crops (its last stage's) are what it learned on, not its teacher's.
+                d = info.distilled or {}
+                sizes = d.get("crop_cycle") or [d.get("crop_size", info.config.image_size)]
                 self.info_label.setText(
-                    f"{path.name}: {kind}draws {', '.join(info.scheme.names)} nuclei; learned on {info.config.image_size} px patches"
+                    f"{path.name}: {kind}draws {', '.join(info.scheme.names)} nuclei; "
+                    f"learned on {' and '.join(str(s) for s in sizes)} px patches"
                 )
                 tip = f"class scheme {info.scheme.name!r}, default guidance {info.default_guidance:g}"
                 if info.distilled:

@@ -17,7 +17,8 @@ def student(tiny_model, tmp_path):
     model, info = load_model(tiny_model)
     path = tmp_path / "student.safetensors"
     save_model(model, path, scheme=DEMO, default_guidance=1.0, distilled={
-        "sampler": "ddim-logsnr", "steps": 4, "guidance": 2.0, "teacher_sha256": info.sha256, "teacher": "tiny.safetensors"})
+        "sampler": "ddim-logsnr", "steps": 4, "guidance": 2.0, "teacher_sha256": info.sha256, "teacher": "tiny.safetensors",
+        "crop_size": 64, "crop_cycle": [16, 64]})
     return path
 
 
@@ -43,6 +44,7 @@ def test_generate_uses_the_students_sampler_and_steps(make_napari_viewer, qtbot,
     widget.set_model(student)
     widget.picker.device_combo.setCurrentText("CPU")
     assert "4-step distilled model" in widget.picker.info_label.text()
+    assert "learned on 16 and 64 px patches" in widget.picker.info_label.text()  # its own crops, not its teacher's
     assert "folded in" in widget.picker.info_label.toolTip()
     assert (widget.sampler_combo.currentText(), widget.steps.value(), widget.guidance.value()) == ("ddim-logsnr", 4, 1.0)
     # The student's settings are shown but fixed: no Quality choice can ask for steps it refuses.
