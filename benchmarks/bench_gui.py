@@ -21,6 +21,13 @@ max gap <= 100 ms too).
 
 Run: ``xvfb-run -a python benchmarks/bench_gui.py [--renders 2] [--model teacher|student] [--json out.json]``.
 
+Measured 2026-12-06 18:04 on the same CPU, quiet (load 1.5-1.8): the teacher (``--model
+teacher``, bf16, 8.3-9.7 s renders): rendering max 49 / 45 ms, p99 27 / 26 ms (both targets met);
+the dock's default, the 4-step student (1.1-1.4 s renders): max 44 / 39 ms, p99 30 / 37 ms (108-155
+ticks per render: the p99 is the second-largest gap, a preview repaint); opening the dock: call
+0.08-0.10 s, max 232-252 ms (torch's extension initialising in the background thread holds the
+GIL), ready after 4.0-4.5 s.
+
 Measured 2026-12-06 14:28 on a shared 2-core AMD EPYC, Xvfb + Mesa software OpenGL, load 4.1-4.3
 from other engineers' jobs (before these changes, same conditions, load 4.2, in parentheses):
 idle max 14 ms; opening the dock: call 0.12 s, max 334 ms, p99 140 ms, ready after 7.2 s

