@@ -190,6 +190,8 @@ def failed(report: dict) -> str:
         misses.append(f"ring DAB ratio {report['dab_ratio']:.2f} < {report['min_dab_ratio']:g}")
     if report["hf_ratio"] > report["max_hf_ratio"]:
         misses.append(f"high-frequency noise {report['hf_ratio']:.2f} x real > {report['max_hf_ratio']:g}: grainier than the teacher")
+    if report["hf_ratio"] < report["min_hf_ratio"]:
+        misses.append(f"high-frequency noise {report['hf_ratio']:.2f} x real < {report['min_hf_ratio']:g}: blurred")
     if report["off_stain"] > report["off_stain_real"] + report["max_off_stain_excess"]:
         misses.append(f"off-stain pixels {report['off_stain']:.2%} > real + {report['max_off_stain_excess']:.0%}")
     return ": fails " + "; ".join(misses) if misses else ""

@@ -99,6 +99,18 @@ def test_acceptance_report(tile):
     assert good.to_dict()["passed"] is True
 
 
+def test_a_blurred_render_fails_on_the_noise_floor(tile):
+    types = tile.inst_types
+    crops = [(slice(0, 256), slice(0, 256)), (slice(256, 512), slice(256, 512))]
+    real = [tile.image[c] for c in crops]
+    insts = [tile.inst_map[c] for c in crops]
+    smooth = [np.stack([ndimage.gaussian_filter(r[..., c].astype(float), 1.5) for c in range(3)], -1).astype(np.uint8)
+              for r in real]
+    report = quality.acceptance(smooth, real, insts, [types] * 2, 3, ring_classes=(EPI, STROMA))
+    assert report.h_fraction > 0.7 and report.dab_ratio > 2 and report.off_stain == 0  # stains survive a blur
+    assert report.hf_ratio < 0.5 and not report.passed and "0.5-1.5 x real" in report.table()
+
+
 def test_bad_input():
     with pytest.raises(LabelError, match="differ in size"):
         quality.hematoxylin_contrast(np.zeros((8, 8, 3), np.uint8), np.zeros((9, 9), np.int32))
