@@ -111,6 +111,9 @@ class DistillConfig:
     num_val_samples: int = 4
     preset: str | None = None
 
+    def __post_init__(self) -> None:
+        self.crop_cycle = tuple(int(c) for c in self.crop_cycle)  # from a CLI list or a JSON one
+
     @property
     def ratio(self) -> int:
         return self.teacher_steps // self.steps_to
@@ -165,8 +168,6 @@ class DistillConfig:
         d = config_fields(cls, data, "distillation config field")
         if "adam_betas" in d:
             d["adam_betas"] = tuple(float(b) for b in d["adam_betas"])
-        if "crop_cycle" in d:
-            d["crop_cycle"] = tuple(int(c) for c in d["crop_cycle"])
         return cls(**d)
 
 

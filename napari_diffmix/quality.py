@@ -26,8 +26,8 @@ so large nuclei do not dominate.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -189,13 +189,31 @@ class QualityReport:
     def hf_ratio(self) -> float:
         return self.hf / self.hf_real
 
+    def failures(self) -> list[str]:
+        """The criteria missed, each in words with its figure (empty: passed)."""
+        checks = [
+            (self.h_fraction >= self.min_h_fraction,
+             f"hematoxylin contrast {self.h_fraction:.2f} x real < {self.min_h_fraction:g}"),
+            (self.dab_ratio >= self.min_dab_ratio, f"ring DAB ratio {self.dab_ratio:.2f} < {self.min_dab_ratio:g}"),
+            (self.hf_ratio <= self.max_hf_ratio,
+             f"high-frequency noise {self.hf_ratio:.2f} x real > {self.max_hf_ratio:g}: grainier than the teacher"),
+            (self.hf_ratio >= self.min_hf_ratio, f"high-frequency noise {self.hf_ratio:.2f} x real < {self.min_hf_ratio:g}: blurred"),
+            (self.off_stain <= self.off_stain_real + self.max_off_stain_excess,
+             f"off-stain pixels {self.off_stain:.2%} > real + {self.max_off_stain_excess:.0%}"),
+        ]
+        return [words for ok, words in checks if not ok]
+
     @property
     def passed(self) -> bool:
-        return (self.h_fraction >= self.min_h_fraction and self.dab_ratio >= self.min_dab_ratio
-                and self.min_hf_ratio <= self.hf_ratio <= self.max_hf_ratio and self.off_stain <= self.off_stain_real + self.max_off_stain_excess)
+        return not self.failures()
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "h_fraction": self.h_fraction, "hf_ratio": self.hf_ratio, "passed": self.passed}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "QualityReport":
+        """The report of :meth:`to_dict` (its derived keys and any extra ones are ignored)."""
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
     def table(self) -> str:
         rows = [

@@ -309,15 +309,6 @@ class TrainState:
         return int(ckpt["step"])
 
 
-def changed_settings(saved: Mapping[str, Any], config: Any, keys: Sequence[str]) -> list[str]:
-    """The ``keys`` whose value in a checkpoint's saved config differs from ``config``'s."""
-    return [k for k in keys if saved.get(k) != getattr(config, k)]
-
-
-# ----------------------------------------------------------------------------------------
-# log.csv
-
-
 def _add_rank_mean(grads: Mapping[torch.nn.Parameter, torch.Tensor]) -> None:
     """``p.grad += mean over ranks of grads[p]`` (one all-reduce of them all, flattened)."""
     import torch.distributed as dist
@@ -335,6 +326,15 @@ def _add_rank_mean(grads: Mapping[torch.nn.Parameter, torch.Tensor]) -> None:
             p.grad = part.clone()
         else:
             p.grad += part
+
+
+def changed_settings(saved: Mapping[str, Any], config: Any, keys: Sequence[str]) -> list[str]:
+    """The ``keys`` whose value in a checkpoint's saved config differs from ``config``'s."""
+    return [k for k in keys if saved.get(k) != getattr(config, k)]
+
+
+# ----------------------------------------------------------------------------------------
+# log.csv
 
 
 class CsvLog:

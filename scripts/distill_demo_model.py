@@ -55,6 +55,16 @@ LATER_STAGES = (
 )
 
 
+def stage_configs(**settings) -> list:
+    """The ``demo`` preset's config with ``settings``, then each later stage's."""
+    from napari_diffmix.distill import DistillConfig
+
+    stages = [DistillConfig.from_preset("demo", **settings)]
+    for changes in LATER_STAGES:
+        stages.append(dataclasses.replace(stages[-1], **changes))
+    return stages
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo-fast", help="run folder (resumed when it has checkpoints)")
@@ -69,19 +79,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from napari_diffmix.classes import DEMO
     from napari_diffmix.demo_data import demo_split
-    from napari_diffmix.distill import DistillConfig, distill
+    from napari_diffmix.distill import distill
     from napari_diffmix.model.checkpoint import require_bundled_model
     from napari_diffmix.trainloop import list_checkpoints
 
     run = Path(args.out)
     split = demo_split()
     teacher = Path(args.teacher) if args.teacher else require_bundled_model()
-    config = DistillConfig.from_preset("demo", teacher=str(teacher), out_dir=str(run))
     done = list_checkpoints(run)
     reached = int(done[-1].stem.split("-")[1]) if done else 0
-    stages = [config]
-    for changes in LATER_STAGES:
-        stages.append(dataclasses.replace(stages[-1], **changes))
+    stages = stage_configs(teacher=str(teacher), out_dir=str(run))
     # The stages not yet done, and the last always (it exports the student).
     for stage in [c for c in stages[:-1] if c.steps > reached] + stages[-1:]:
         result = distill(stage, split.train, scheme=DEMO, val=split.held_out, resume="auto")
@@ -145,15 +152,13 @@ def measure(student_file: Path, teacher_file: Path, held_out) -> dict:
 
 
 def canvas_windows() -> dict:
-    """Whole canvases of the plugin's sizes: the teacher card's 256 px windows
-    (scripts/train_demo_model.py, measure_256: the demo tile's four 256 x 256 windows, the
-    held-out columns as two 256 x 128 ones) and the held-out strip's sixteen 64 px windows."""
-    from napari_diffmix.demo_data import demo_split, load_demo_tile
+    """Whole canvases of the plugin's sizes: the teacher card's 256 px ones
+    (``demo_data.demo_canvases``) and the held-out strip's sixteen 64 px windows."""
+    from napari_diffmix.demo_data import demo_canvases, demo_split
 
-    tile, held_out = load_demo_tile(), demo_split().held_out
+    held_out = demo_split().held_out
     h, w = held_out.shape[:2]
-    return {"tile": [tile.crop(y, x, 256, 256) for y in (0, 256) for x in (0, 256)],
-            "held_out": [held_out.crop(y, 0, 256, w) for y in (0, 256)],
+    return {**demo_canvases(256),
             "held_out_64": [held_out.crop(y, x, 64, 64) for y in range(0, h - 63, 64) for x in range(0, w - 63, 64)]}
 
 
@@ -182,18 +187,10 @@ def _hours(log_csv: Path) -> float:
 
 
 def failed(report: dict) -> str:
-    """``": fails X, Y"`` naming the acceptance criteria a report misses ("" when it passes)."""
-    misses = []
-    if report["h_fraction"] < report["min_h_fraction"]:
-        misses.append(f"hematoxylin contrast {report['h_fraction']:.2f} x real < {report['min_h_fraction']:g}")
-    if report["dab_ratio"] < report["min_dab_ratio"]:
-        misses.append(f"ring DAB ratio {report['dab_ratio']:.2f} < {report['min_dab_ratio']:g}")
-    if report["hf_ratio"] > report["max_hf_ratio"]:
-        misses.append(f"high-frequency noise {report['hf_ratio']:.2f} x real > {report['max_hf_ratio']:g}: grainier than the teacher")
-    if report["hf_ratio"] < report["min_hf_ratio"]:
-        misses.append(f"high-frequency noise {report['hf_ratio']:.2f} x real < {report['min_hf_ratio']:g}: blurred")
-    if report["off_stain"] > report["off_stain_real"] + report["max_off_stain_excess"]:
-        misses.append(f"off-stain pixels {report['off_stain']:.2%} > real + {report['max_off_stain_excess']:.0%}")
+    """``": fails X, Y"`` naming the acceptance criteria a report (``QualityReport.to_dict``) misses ("" when it passes)."""
+    from napari_diffmix.quality import QualityReport
+
+    misses = QualityReport.from_dict(report).failures()
     return ": fails " + "; ".join(misses) if misses else ""
 
 
@@ -212,12 +209,8 @@ def student_card(info, figures: dict, target: Path, hours: float, conditions: st
         return (f"hematoxylin contrast {x['h_fraction']:.2f} x real, ring DAB ratio {x['dab_ratio']:.2f}, noise "
                 f"{x['hf_ratio']:.2f} x real, off-stain pixels {x['off_stain']:.2%}: {'PASS' if x['passed'] else 'FAIL'}{failed(x)}")
 
-    from napari_diffmix.distill import PRESETS
-
     stages, start = [], 0
-    config = PRESETS["demo"]
-    for changes in ({}, *LATER_STAGES):
-        config = dataclasses.replace(config, **changes)
+    for config in stage_configs():
         sizes = config.crop_cycle or (config.crop_size,)
         crops = " and ".join(f"{config.crops_at(k)[1]} of {config.crops_at(k)[0]} px" for k in range(len(sizes)))
         chain = ", with the loss on the student's whole run (weight {:g})".format(config.chain_weight) if config.chain_weight else ""

@@ -118,14 +118,10 @@ def measure_256(model_file: Path) -> dict:
     """The measure where the plugin renders: whole 256 px canvases, untiled, though the model
     learned on 64 px crops. The four 256 x 256 windows of the demo tile, and the held-out columns
     as two 256 x 128 windows."""
-    from napari_diffmix.demo_data import demo_split, load_demo_tile
+    from napari_diffmix.demo_data import demo_canvases, demo_split
 
-    tile, held_out = load_demo_tile(), demo_split().held_out
-    size = WIDE_SIZE
-    tile_windows = [tile.crop(y, x, size, size) for y in (0, size) for x in (0, size)]
-    held_windows = [held_out.crop(y, 0, size, held_out.shape[1]) for y in (0, size)]
-    return {"tile": measure(model_file, held_out, windows=tile_windows)[0],
-            "held_out": measure(model_file, held_out, windows=held_windows)[0]}
+    held_out = demo_split().held_out
+    return {name: measure(model_file, held_out, windows=windows)[0] for name, windows in demo_canvases(WIDE_SIZE).items()}
 
 
 def in_words(report) -> str:

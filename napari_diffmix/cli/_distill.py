@@ -114,8 +114,6 @@ def run(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in _OVERRIDES if getattr(args, k) is not None}
     if args.threads is not None:
         overrides["num_threads"] = args.threads
-    if "crop_cycle" in overrides:
-        overrides["crop_cycle"] = tuple(overrides["crop_cycle"])
     overrides["out_dir"] = str(out or run_dir or Path("runs") / "distill")
     config = dataclasses.replace(config, **overrides)
     config.validate()
