@@ -157,6 +157,12 @@ class DistillConfig:
         size = self.crop_cycle[step % len(self.crop_cycle)]
         return size, max(1, round(self.items * self.crop_size ** 2 / size ** 2))
 
+    def crops_until(self, step: int) -> int:
+        """Crops drawn (per process) by steps 0..``step - 1``."""
+        cycle = [self.crops_at(k)[1] for k in range(len(self.crop_cycle) or 1)]
+        whole, rest = divmod(step, len(cycle))
+        return whole * sum(cycle) + sum(cycle[:rest])
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["adam_betas"] = list(self.adam_betas)
@@ -407,7 +413,7 @@ def _run(config, scheme, teacher_info, sources, val_crops, info, device, out_dir
                 grad_norm = state.optimize(loss, config.grad_clip, diverged,
                                            local_loss=None if chain is None else config.chain_weight * chain)
             except torch.OutOfMemoryError:
-                raise TrainingError(f"out of memory on {device} with {config.items} crops of {config.crop_size} px; "
+                raise TrainingError(f"out of memory on {device} with {stream.batch} crops of {stream.crop} px; "
                                     "try fewer --items or a smaller --crop-size") from None
             update_ema(ema_student, student, ema_rate_at(config.ema_rate, step, config.ema_warmup))
             step += 1
@@ -423,7 +429,7 @@ def _run(config, scheme, teacher_info, sources, val_crops, info, device, out_dir
 
             if step % config.log_every == 0 or step == stop_at:
                 now = time.perf_counter()
-                row = {"step": step, "samples": step * config.items * info.world_size}
+                row = {"step": step, "samples": config.crops_until(step) * info.world_size}
                 row.update(pooled_means(acc, ("loss", *(f"loss_k{k}" for k in range(len(timesteps))), "chain_loss", "grad_norm",
                                                "teacher_s"), info, device))
                 row.update(lr=config.lr, ema_rate=ema_rate_at(config.ema_rate, step - 1, config.ema_warmup),

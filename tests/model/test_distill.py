@@ -202,6 +202,7 @@ def test_resume_is_bit_for_bit(tmp_path, tiny_model, tiles):
 def test_a_crop_cycle_alternates_sizes_at_equal_pixels_and_resumes_exactly(tmp_path, tiny_model, tiles):
     cfg = config(tmp_path, tiny_model, "cycle", save_every=0, crop_size=32, items=1, crop_cycle=(16, 32))
     assert [cfg.crops_at(k) for k in range(3)] == [(16, 4), (32, 1), (16, 4)]
+    assert [cfg.crops_until(k) for k in range(5)] == [0, 4, 5, 9, 10]
     assert DistillConfig.from_dict(cfg.to_dict()) == cfg
     drawn = []
     from napari_diffmix.data import crops
@@ -219,6 +220,8 @@ def test_a_crop_cycle_alternates_sizes_at_equal_pixels_and_resumes_exactly(tmp_p
     finally:
         crops.CropStream.next = original
     assert drawn[:4] == [(4, 16, 16), (1, 32, 32), (4, 16, 16), (1, 32, 32)]
+    rows = (Path(whole.out_dir) / "log.csv").read_text().splitlines()[1:]  # logged at steps 2, 4, 6
+    assert [r.split(",")[1] for r in rows] == [str(sum(s[0] for s in drawn[:k])) for k in (2, 4, 6)]
     parts = config(tmp_path, tiny_model, "cycle-parts", save_every=0, crop_size=32, items=1, crop_cycle=(16, 32))
     distill(parts, [tiles[0]], scheme=DEMO, max_steps=3)
     resumed = distill(parts, [tiles[0]], scheme=DEMO, resume="auto")
