@@ -83,6 +83,7 @@ import argparse
 import copy
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -185,8 +186,10 @@ def run_progressive(config, dataset: Any, scheme: Any, val: Any = None) -> ArmRu
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     if result.interrupted or result.model_path is None:
         raise RuntimeError(f"the progressive run stopped at update {result.step} of {config.steps}")
-    return ArmRun("progressive", result.step, wall, result.ema_student.eval(), Path(config.out_dir), result.history,
-                  load.summary(), config.to_dict(), cpu_s=cpu)
+    run = ArmRun("progressive", result.step, wall, result.ema_student.eval(), Path(config.out_dir), result.history,
+                 load.summary(), config.to_dict(), cpu_s=cpu)
+    save_arm(run)
+    return run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,10 +276,13 @@ def consistency_losses(student: Any, target: Any, runner: Any, diffusion: Any, x
 
 
 def run_consistency(config, dataset: Any, scheme: Any, settings: ConsistencySettings | None = None, *,
-                    snapshot: list | None = None) -> ArmRun:
+                    snapshot: list | None = None, keep_at: Sequence[int] = ()) -> ArmRun:
     """Consistency-distil ``config.teacher`` with ``config``'s budget (steps, items, crop size,
     lr, betas, weight decay, grad clip, EMA, precisions, seed, crop stream). ``snapshot``: a list
-    that receives (update, student, target, ema) state-dict copies after every update (tests)."""
+    that receives (update, student, target, ema) state-dict copies after every update (tests).
+    ``keep_at``: updates after which the EMA student is also kept as a finished run of that many
+    updates, in ``consistency-N`` beside ``config.out_dir`` (nothing in the run depends on its
+    length, so its first N updates are an N-update run: one long run gives every shorter budget)."""
     from napari_diffmix.classes import load_scheme
     from napari_diffmix.data.crops import EXTRA, CropStream
     from napari_diffmix.model.checkpoint import load_model
@@ -338,6 +344,11 @@ def run_consistency(config, dataset: Any, scheme: Any, settings: ConsistencySett
             update_ema(ema, student, ema_rate_at(config.ema_rate, step, config.ema_warmup))
             if snapshot is not None:
                 snapshot.append((step + 1, *(copy.deepcopy(m.state_dict()) for m in (student, target, ema))))
+            if step + 1 in keep_at and step + 1 < config.steps:
+                kept = ArmRun("consistency", step + 1, time.perf_counter() - t_start, ema, out_dir.parent / f"consistency-{step + 1}",
+                              list(history), load.summary(), {**config.to_dict(), "steps": step + 1, "kept_from": str(out_dir)},
+                              cpu_s=time.process_time() - c_start)
+                save_arm(kept)
             clean = out["loss"][t_lo < 0]
             acc.setdefault("loss", []).append(float(loss.detach()))
             acc.setdefault("loss_clean_end", []).extend(clean.detach().tolist())
@@ -353,10 +364,24 @@ def run_consistency(config, dataset: Any, scheme: Any, settings: ConsistencySett
                 acc = {}
                 print(f"consistency {step + 1}/{config.steps}: loss {row['loss']:.5f} ({row['elapsed_s']:.0f} s, load {row['load_1min']:.2f})",
                       file=sys.stderr, flush=True)
-    torch.save(ema.state_dict(), out_dir / "ema.pt")
     wall, cpu = time.perf_counter() - t_start, time.process_time() - c_start
-    return ArmRun("consistency", config.steps, wall, ema, out_dir, history, load.summary(),
-                  {**config.to_dict(), "consistency": settings.to_dict(), "grid": grid, "guidance_folded": guidance}, cpu_s=cpu)
+    run = ArmRun("consistency", config.steps, wall, ema, out_dir, history, load.summary(),
+                 {**config.to_dict(), "consistency": settings.to_dict(), "grid": grid, "guidance_folded": guidance}, cpu_s=cpu)
+    save_arm(run)
+    return run
+
+
+def save_arm(run: ArmRun) -> None:
+    """A run's result.json, which ``--reuse`` reads, with a consistency run's EMA student (ema.pt;
+    the progressive arm's model.safetensors is distill's own); weights first, so an interrupted
+    run never leaves a result without them."""
+    from napari_diffmix.atomic import write_bytes, write_json
+
+    if run.arm == "consistency":
+        buf = io.BytesIO()
+        torch.save(run.model.state_dict(), buf)
+        write_bytes(run.out_dir / "ema.pt", buf.getvalue())
+    write_json(run.out_dir / "result.json", run.summary())
 
 
 def consistency_sample(model: torch.nn.Module, diffusion: Any, cond: torch.Tensor, *, steps: int = STUDENT_STEPS,
@@ -548,6 +573,22 @@ def _reused(arm: str, folder: Path, updates: int, teacher: Path) -> ArmRun | Non
                   float(saved.get("cpu_s", "nan")))
 
 
+def finished_student(path: Path) -> ArmRun:
+    """A progressive student already distilled (the bundled one, made in stages by
+    scripts/distill_demo_model.py) as the progressive arm: its updates from its metadata, its
+    hours from the log.csv beside it (``distill_log.csv`` for the bundled one)."""
+    from napari_diffmix.model.checkpoint import load_model
+    from napari_diffmix.trainloop import logged_hours
+
+    model, info = load_model(path)
+    if not info.distilled or info.distilled.get("method") != "progressive":
+        raise SystemExit(f"{path} is not a progressively distilled student (its metadata: {info.distilled})")
+    logs = [f for f in (path.parent / "distill_log.csv", path.parent / "log.csv") if f.is_file()]
+    wall = logged_hours(logs[0]) * 3600 if logs else float("nan")
+    return ArmRun("progressive", int(info.distilled["distill_steps"]), wall, model.eval(), path.parent, [], {},
+                  {**info.distilled, "student_file": str(path)}, True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--updates", type=int, default=150, help="optimizer updates per arm (default 150)")
@@ -558,6 +599,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grid", type=int, default=12, help="consistency grid points (log-SNR even; a multiple of 4)")
     p.add_argument("--pairs-per-crop", type=int, default=4, help="consistency grid intervals per crop and update")
     p.add_argument("--target-ema", type=float, default=0.95, help="the consistency target network's EMA rate")
+    p.add_argument("--keep-at", type=_updates_list, default=(), metavar="N,N",
+                   help="consistency: also keep the student after these updates as finished runs of that length "
+                        "(consistency-N; measure them later with --reuse --updates N)")
+    p.add_argument("--progressive-student", type=Path, metavar="FILE",
+                   help="measure this finished progressive student as the progressive arm instead of training one "
+                        "(e.g. the bundled napari_diffmix/resources/models/demo/fast/demo-fast.safetensors)")
     p.add_argument("--reuse", action="store_true", help="measure an arm's finished run folder instead of training it again")
     args = p.parse_args(argv)
 
@@ -581,12 +628,14 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for arm in arms:
         folder = out / f"{arm}-{args.updates}"
+        if arm == "progressive" and args.progressive_student:
+            runs.append(finished_student(args.progressive_student))
+            continue
         run = _reused(arm, folder, args.updates, teacher) if args.reuse else None
         if run is None:
             config = arm_config("demo", teacher, folder, args.updates, threads=args.threads)
             run = run_progressive(config, split.train, DEMO, split.held_out) if arm == "progressive" else \
-                run_consistency(config, split.train, DEMO, settings)
-            (folder / "result.json").write_text(json.dumps(run.summary(), indent=2) + "\n")
+                run_consistency(config, split.train, DEMO, settings, keep_at=args.keep_at)
         print(f"{arm}: {run.updates} updates in {run.wall_s:.0f} s, {run.cpu_s:.0f} CPU s (load {run.load})", file=sys.stderr, flush=True)
         runs.append(run)
     figures = measure(teacher, split.held_out, DEMO, runs, cache=out)
@@ -599,6 +648,16 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(figures, indent=2, default=str) + "\n")
     return 0
+
+
+def _updates_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated update counts such as 300,700, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"update counts must be positive, got {text!r}")
+    return values
 
 
 def _cpu_name() -> str:

@@ -48,7 +48,7 @@ from .classes import ClassScheme, load_scheme
 from .data.crops import EXTRA, CropStream, Source, drawn_shares, share_summary
 from .errors import CheckpointError, DatasetError, LabelError, TrainingError
 from .progress import StopRequests, progress_bar, set_bar_start
-from .runtime import PRECISIONS, all_reduce_max, pooled_means, precision_dtype, resolve_precision, seed_int
+from .runtime import PRECISIONS, all_reduce_max, pooled_means, precision_dtype, preset_precision, resolve_precision, seed_int
 from .trainloop import (
     CsvLog,
     RunResult,
@@ -138,8 +138,8 @@ class TrainConfig:
     def from_preset(cls, name: str, **overrides: Any) -> "TrainConfig":
         if name not in PRESETS:
             raise TrainingError(f"unknown training preset {name!r}; choose one of {', '.join(PRESETS)}")
-        cfg = dataclasses.replace(PRESETS[name], preset=name)
-        return dataclasses.replace(cfg, **overrides) if overrides else cfg
+        cfg = dataclasses.replace(PRESETS[name], preset=name, **overrides)
+        return cfg if "precision" in overrides else dataclasses.replace(cfg, precision=preset_precision(cfg.precision, cfg.device))
 
     def validate(self) -> None:
         if not self.stages:
@@ -212,7 +212,8 @@ PRESETS: dict[str, TrainConfig] = {
     "diffmix-lizard": _published("diffmix-lizard"),
     # A 4.5 M-parameter model that learns the demo tile on one CPU core in a few hours. It
     # needs guidance ~3 (1.5 is muddy at this size), hence condition dropout from the start.
-    # bf16 autocast + channels_last: 1.6x faster steps on a CPU with avx512_bf16. Without
+    # bf16 autocast + channels_last: 1.6x faster steps on a CPU with avx512_bf16 (from_preset
+    # keeps bf16 only where it is native). Without
     # offset noise its epsilon still had zero image-wide mean after 2,000 steps, so every
     # sample took the colour cast of its starting noise (green, magenta).
     "demo": TrainConfig(

@@ -371,3 +371,12 @@ class CsvLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def logged_hours(path: str | os.PathLike) -> float:
+    """The hours of work a run's log.csv records, resumed invocations included: ``elapsed_s``
+    counts from the start of each invocation, so it drops where a resumed one begins."""
+    with open(path, newline="") as fh:
+        elapsed = [float(row["elapsed_s"]) for row in csv.DictReader(fh) if row.get("elapsed_s")]
+    ends = [a for a, b in zip(elapsed, elapsed[1:]) if b < a] + elapsed[-1:]
+    return sum(ends) / 3600

@@ -165,25 +165,16 @@ def canvas_windows() -> dict:
 def ship(run: Path, figures: dict, conditions: str) -> None:
     from napari_diffmix.atomic import write_bytes, write_text
     from napari_diffmix.model.checkpoint import BUNDLED_STUDENT_DIR, read_info
+    from napari_diffmix.trainloop import logged_hours
 
     BUNDLED_STUDENT_DIR.mkdir(parents=True, exist_ok=True)
     target = BUNDLED_STUDENT_DIR / "demo-fast.safetensors"
     write_bytes(target, (run / "model.safetensors").read_bytes())
     info = read_info(target)
     write_text(BUNDLED_STUDENT_DIR / "quality.json", json.dumps({k: v for k, v in figures.items()}, indent=2) + "\n")
-    write_text(BUNDLED_STUDENT_DIR / "MODEL_CARD.md", student_card(info, figures, target, _hours(run / "log.csv"), conditions))
+    write_text(BUNDLED_STUDENT_DIR / "MODEL_CARD.md", student_card(info, figures, target, logged_hours(run / "log.csv"), conditions))
     shutil.copy(run / "log.csv", BUNDLED_STUDENT_DIR / "distill_log.csv")
     print(f"shipped {target}")
-
-
-def _hours(log_csv: Path) -> float:
-    import csv
-
-    with open(log_csv, newline="") as fh:
-        elapsed = [float(row["elapsed_s"]) for row in csv.DictReader(fh)]
-    # elapsed_s counts from the start of each invocation: a resumed run starts again near 0.
-    ends = [a for a, b in zip(elapsed, elapsed[1:]) if b < a] + elapsed[-1:]
-    return sum(ends) / 3600
 
 
 def failed(report: dict) -> str:

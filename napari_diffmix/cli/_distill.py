@@ -110,12 +110,12 @@ def run(args: argparse.Namespace) -> int:
         data = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
         fields = {f.name for f in dataclasses.fields(DistillConfig)}
         saved = DistillConfig.from_dict({k: v for k, v in data.items() if k in fields})
-    config = saved if saved is not None else DistillConfig.from_preset(args.preset or "demo")
     overrides = {k: getattr(args, k) for k in _OVERRIDES if getattr(args, k) is not None}
     if args.threads is not None:
         overrides["num_threads"] = args.threads
     overrides["out_dir"] = str(out or run_dir or Path("runs") / "distill")
-    config = dataclasses.replace(config, **overrides)
+    # The preset sees the overrides: its precision depends on the device chosen.
+    config = dataclasses.replace(saved, **overrides) if saved is not None else DistillConfig.from_preset(args.preset or "demo", **overrides)
     config.validate()
 
     data_file = Path(config.out_dir) / "data.json"

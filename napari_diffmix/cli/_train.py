@@ -134,7 +134,6 @@ def run(args: argparse.Namespace) -> int:
         saved = _read_config(run_dir / "config.json")
         if args.preset:
             raise TrainingError(f"--preset cannot change the recipe of the run in {run_dir}; override single options instead")
-    config = saved if saved is not None else TrainConfig.from_preset(args.preset or "demo")
     overrides = {
         k: getattr(args, k)
         for k in ("batch_size", "crop_size", "weight_decay", "ema_rate", "ema_warmup", "augment", "num_timesteps",
@@ -144,10 +143,11 @@ def run(args: argparse.Namespace) -> int:
     }
     if args.threads is not None:
         overrides["num_threads"] = args.threads
-    overrides["out_dir"] = str(out or run_dir or (config.out_dir if saved is not None else Path("runs") / (args.preset or "demo")))
+    overrides["out_dir"] = str(out or run_dir or (saved.out_dir if saved is not None else Path("runs") / (args.preset or "demo")))
     if args.model:
         overrides["model"] = _read_json(Path(args.model), "UNet config") if args.model.endswith(".json") else args.model
-    config = dataclasses.replace(config, **overrides)
+    # The preset sees the overrides: its precision depends on the device chosen.
+    config = dataclasses.replace(saved, **overrides) if saved is not None else TrainConfig.from_preset(args.preset or "demo", **overrides)
     config = dataclasses.replace(config, stages=_stages(config, args))
     config.validate()
 

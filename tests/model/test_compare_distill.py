@@ -25,7 +25,7 @@ from napari_diffmix.model.checkpoint import load_model, save_model
 from napari_diffmix.model.condition import condition_batch
 from napari_diffmix.model.diffusion import DiffusionConfig, GaussianDiffusion
 from napari_diffmix.model.samplers import Sampler, from_uint8, to_uint8
-from napari_diffmix.trainloop import ema_rate_at
+from napari_diffmix.trainloop import ema_rate_at, logged_hours
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -151,6 +151,22 @@ def test_two_consistency_updates_move_the_student_and_the_target_is_its_ema(benc
         assert [int(r["step"]) for r in csv.DictReader(fh)] == [1, 2]
 
 
+def test_a_long_run_keeps_its_shorter_budgets_as_runs_that_reuse_measures(bench, tmp_path, tiny_teacher, tiles):
+    config = tiny_config(bench, tmp_path, tiny_teacher, "consistency-2")
+    settings = bench.ConsistencySettings(grid_points=GRID, pairs_per_crop=2)
+    snaps = []
+    run = bench.run_consistency(config, tiles[0], DEMO, settings, snapshot=snaps, keep_at=(1, 2))
+    kept = bench._reused("consistency", tmp_path / "consistency-1", 1, tiny_teacher)
+    assert kept is not None and kept.updates == 1 and 0 < kept.wall_s < run.wall_s and kept.cpu_s > 0
+    # The EMA student after update 1, not the final one; the run's own length is its own folder.
+    for k, v in kept.model.state_dict().items():
+        assert torch.equal(v, snaps[0][3][k]) and torch.equal(run.model.state_dict()[k], snaps[1][3][k])
+    assert bench._reused("consistency", tmp_path / "consistency-2", 2, tiny_teacher).updates == 2
+    assert bench._reused("consistency", tmp_path / "consistency-1", 2, tiny_teacher) is None  # another budget
+    with pytest.raises(SystemExit):
+        bench.main(["--keep-at", "0,3", "--updates", "1"])
+
+
 def test_the_consistency_sampler_starts_from_the_product_samplers_noise(bench, teacher, tiles):
     model, info, diffusion = teacher
     tile = tiles[1].crop(0, 0, 32, 32)
@@ -194,6 +210,13 @@ def test_both_arms_train_two_updates_and_are_measured_against_the_teacher(bench,
     assert rows["progressive_2"]["sampler"] == "ddim-logsnr" and rows["progressive_2"]["steps"] == 2
     assert rows["consistency_2"]["sampler"] == "consistency multistep" and rows["consistency_2"]["steps"] == 2
     assert rows["consistency_2"]["wall_s"] == consistency.wall_s
+    # A finished student (the bundled one is made in stages) is the progressive arm as it stands.
+    finished = bench.finished_student(tmp_path / "progressive" / "model.safetensors")
+    assert finished.arm == "progressive" and finished.updates == 2 and finished.reused
+    assert finished.wall_s == pytest.approx(logged_hours(tmp_path / "progressive" / "log.csv") * 3600) and finished.wall_s > 0
+    assert all(torch.equal(v, progressive.model.state_dict()[k]) for k, v in finished.model.state_dict().items())
+    with pytest.raises(SystemExit, match="not a progressively distilled student"):
+        bench.finished_student(tiny_teacher)
     text = bench.table(figures)
     assert text.count("\n") == len(rows) + 1 and "consistency_2" in text
     # The teacher's rows come back from the cache as rendered; the students' are rendered again.

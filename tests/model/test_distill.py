@@ -335,3 +335,37 @@ def test_torchrun_two_cpu_processes(tmp_path, tiny_model):
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
     assert ckpt["rng"][0]["stream"] != ckpt["rng"][1]["stream"]  # each rank draws its own crops
     assert read_info(out / "model.safetensors").distilled["distill_steps"] == 4
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_demo_presets_keep_bf16_only_where_it_is_native(monkeypatch, tmp_path, tiny_model, native):
+    """Emulated bf16 is slower than fp32: on such a CPU the presets take auto's choice, and what
+    that runs is fp32; a precision the user names is kept."""
+    from napari_diffmix import distill as distill_module
+    from napari_diffmix import runtime
+    from napari_diffmix.cli import main
+    from napari_diffmix.train import TrainConfig
+
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: native)
+    chosen = "bf16" if native else "auto"
+    student = DistillConfig.from_preset("demo", device="cpu")
+    assert (student.precision, student.teacher_precision) == (chosen, chosen)
+    assert TrainConfig.from_preset("demo", device="cpu").precision == chosen
+    runs = {runtime.resolve_precision(chosen, "cpu", training=True), runtime.resolve_precision(chosen, "cpu")}
+    assert runs == ({"bf16"} if native else {"fp32"})
+    assert DistillConfig.from_preset("demo", precision="bf16").precision == "bf16"
+    assert TrainConfig.from_preset("demo", precision="bf16", device="cpu").precision == "bf16"
+
+    seen = []
+
+    def stop(config, *args, **kwargs):  # the CLI's config, before any training
+        seen.append(config)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(distill_module, "distill", stop)
+    with pytest.raises(SystemExit):
+        main(["distill", "demo", "--teacher", str(tiny_model), "--device", "cpu", "--out", str(tmp_path / "run")])
+    assert (seen[0].precision, seen[0].teacher_precision) == (chosen, chosen)
+    with pytest.raises(SystemExit):
+        main(["distill", "demo", "--teacher", str(tiny_model), "--precision", "bf16", "--out", str(tmp_path / "run2")])
+    assert seen[1].precision == "bf16" and seen[1].teacher_precision == chosen

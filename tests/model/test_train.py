@@ -669,3 +669,12 @@ def test_shipped_demo_model_loads_and_renders(demo_model_file):
     *_, last = sample(model, cond, steps=4, guidance=info.default_guidance, seed=0, diffusion=info.diffusion)
     image = last.images()[0]
     assert image.shape == (64, 64, 3) and image.std() > 5
+
+
+def test_logged_hours_add_up_the_invocations_of_a_resumed_run(tmp_path):
+    from napari_diffmix.trainloop import logged_hours
+
+    log = tmp_path / "log.csv"
+    # elapsed_s restarts with each invocation: 1800 s, then a resumed 900 s, then 360 s.
+    log.write_text("step,loss,elapsed_s\n10,1,600\n20,1,1800\n30,1,300\n40,1,900\n50,1,360\n")
+    assert logged_hours(log) == pytest.approx((1800 + 900 + 360) / 3600)
