@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from _phantom import phantom_and_tiny_model
 from _subprocess import process_group, run_group
 
 from napari_diffmix.classes import CONSEP
-from napari_diffmix.datasets import Dataset, open_dataset, write_generic
+from napari_diffmix.datasets import Dataset, open_dataset
 from napari_diffmix.errors import CheckpointError, DatasetError, SchemeError, StoreError, UnsafeOutputError
 from napari_diffmix.store import open_store
 from napari_diffmix.mixing import make_item, plan_balanced_set
@@ -27,7 +28,6 @@ from napari_diffmix.model.checkpoint import load_model, read_info, save_model
 from napari_diffmix.runtime import resolve_precision
 from napari_diffmix.model.unet import SDMUNet, UNetConfig
 from napari_diffmix.nuclei import inst_types_from_maps, type_map_from
-from napari_diffmix.phantom import make_phantom_dataset
 from napari_diffmix.synthesize import SynthesisConfig, SynthesisJob, check_model_fits, item_seed
 
 ITEMS, SIZE = 8, 32
@@ -41,11 +41,8 @@ ARRAYS = ("images", "inst_maps", "type_maps", "done", "provenance")
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
-    ds = make_phantom_dataset(2, 96, class_probs=[0.15, 0.45, 0.4], seed=1)
-    data = write_generic(ds, root / "data")
-    torch.manual_seed(0)
     model = root / "tiny.safetensors"
-    save_model(SDMUNet(UNetConfig.preset("tiny")), model, scheme=ds.scheme, default_guidance=2.0)
+    _, data = phantom_and_tiny_model(root / "data", model)
     dataset = open_dataset(data)
     plan = plan_balanced_set(dataset, patches=ITEMS, patch_size=SIZE, stride=SIZE, seed=0)
     reference = root / "reference.zarr"

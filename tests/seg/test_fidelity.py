@@ -10,12 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import zarr
 
 from _browser import check_page, chromium
+from _phantom import phantom_and_tiny_model
 from napari_diffmix.cli import main
-from napari_diffmix.datasets import write_generic
 from napari_diffmix.errors import StoreError
 from napari_diffmix.fidelity import FIDELITY, load_scorer, read_records, score_store, select_items, write_record
 from napari_diffmix.phantom import make_phantom_dataset
@@ -34,15 +33,9 @@ SEG = ["--seg-window", "32", "--device", "cpu"]
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from napari_diffmix.model.checkpoint import save_model
-    from napari_diffmix.model.unet import SDMUNet, UNetConfig
-
     root = tmp_path_factory.mktemp("fid")
-    ds = make_phantom_dataset(2, 96, class_probs=[0.15, 0.45, 0.4], seed=1)
-    data = write_generic(ds, root / "data")
-    torch.manual_seed(0)
     model = root / "tiny.safetensors"
-    save_model(SDMUNet(UNetConfig.preset("tiny")), model, scheme=ds.scheme, default_guidance=2.0)
+    ds, data = phantom_and_tiny_model(root / "data", model)
     seg = root / "seg"
     cfg = SegTrainConfig(steps=6, seed=1, batch_size=2, crop_size=32, lr=3e-3, device="cpu", num_threads=1, log_every=3)
     train_segmentation(ds, model_config=SegConfig.preset("tiny", 3), config=cfg, out_dir=seg)

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
+from _phantom import phantom_and_tiny_model
 from napari_diffmix.cli import main
 from napari_diffmix.datasets import open_dataset, write_generic
 from napari_diffmix.errors import UnsafeOutputError
 from napari_diffmix.outputs import MARKER, check_replace, output_kind, refuse_overlap
-from napari_diffmix.phantom import make_phantom_dataset
 
 FAST = ["--patch-size", "32", "--stride", "32", "--patches", "4", "--steps", "2", "--strength", "0.5",
         "--batch-size", "2", "--threads", "1", "--device", "cpu"]
@@ -32,17 +32,10 @@ def snapshot(root: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """A user's dataset (written without our marker, as any other tool would), a tiny model."""
-    from napari_diffmix.model.checkpoint import save_model
-    from napari_diffmix.model.unet import SDMUNet, UNetConfig
-
     root = tmp_path_factory.mktemp("rel")
-    ds = make_phantom_dataset(2, 96, class_probs=[0.15, 0.45, 0.4], seed=1)
-    user = root / "DATASET" / "Train"
-    write_generic(ds, user)
+    user, model = root / "DATASET" / "Train", root / "tiny.safetensors"
+    phantom_and_tiny_model(user, model)
     (user / MARKER).unlink()  # a dataset the user made, not one of our outputs
-    torch.manual_seed(0)
-    model = root / "tiny.safetensors"
-    save_model(SDMUNet(UNetConfig.preset("tiny")), model, scheme=ds.scheme, default_guidance=2.0)
     return {"root": root, "dataset": user, "model": model}
 
 
