@@ -55,7 +55,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", "-o", help="run folder (default: runs/distill)")
     g = p.add_argument_group("method")
     g.add_argument("--method", choices=("progressive",),
-                   help="progressive: one DDIM step of the student lands on the teacher's state (the only method so far)")
+                   help="progressive: one DDIM step of the student lands on the teacher's state (the only method: "
+                        "consistency distillation was measured against it and stays further from the teacher, README 3b)")
     g.add_argument("--steps-to", type=int, help="the student's sampling steps (default 4)")
     g.add_argument("--teacher-steps", type=int, help="the teacher's DPM-Solver++ steps, a multiple of --steps-to (default 12)")
     g.add_argument("--guidance", type=float, help="the teacher's CFG scale folded into the student (default: the teacher's)")

@@ -219,6 +219,10 @@ def test_both_arms_train_two_updates_and_are_measured_against_the_teacher(bench,
         bench.finished_student(tiny_teacher)
     text = bench.table(figures)
     assert text.count("\n") == len(rows) + 1 and "consistency_2" in text
+    # A consistency student sampled with fewer steps too: its own row, its own images.
+    fewer = bench.measure(tiny_teacher, tiles[1], DEMO, [consistency], size=32, cache=tmp_path / "cache", fewer_steps=(1,))
+    assert list(fewer["rows"])[-2:] == ["consistency_2", "consistency_2_1step"] and fewer["rows"]["consistency_2_1step"]["steps"] == 1
+    assert not np.array_equal(fewer["images"]["consistency_2_1step"], fewer["images"]["consistency_2"])
     # The teacher's rows come back from the cache as rendered; the students' are rendered again.
     again = bench.measure(tiny_teacher, tiles[1], DEMO, [consistency], size=32, cache=tmp_path / "cache")
     assert again["reference_cached"] == list(rows)[:5] and list(again["rows"]) == [*list(rows)[:5], "consistency_2"]
