@@ -159,12 +159,6 @@ class DistillConfig:
         size = self.crop_cycle[step % len(self.crop_cycle)]
         return size, max(1, round(self.items * self.crop_size ** 2 / size ** 2))
 
-    def crops_until(self, step: int) -> int:
-        """Crops drawn (per process) by steps 0..``step - 1``."""
-        cycle = [self.crops_at(k)[1] for k in range(len(self.crop_cycle) or 1)]
-        whole, rest = divmod(step, len(cycle))
-        return whole * sum(cycle) + sum(cycle[:rest])
-
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["adam_betas"] = list(self.adam_betas)
@@ -431,7 +425,9 @@ def _run(config, scheme, teacher_info, sources, val_crops, info, device, out_dir
 
             if step % config.log_every == 0 or step == stop_at:
                 now = time.perf_counter()
-                row = {"step": step, "samples": config.crops_until(step) * info.world_size}
+                # The stream's own count, kept in checkpoints: a run resumed with other crop
+                # settings (the bundled student's stages) drew its earlier crops with those.
+                row = {"step": step, "samples": int(stream.drawn.sum()) * info.world_size}
                 row.update(pooled_means(acc, ("loss", *(f"loss_k{k}" for k in range(len(timesteps))), "chain_loss", "grad_norm",
                                                "teacher_s"), info, device))
                 row.update(lr=config.lr, ema_rate=ema_rate_at(config.ema_rate, step - 1, config.ema_warmup),
