@@ -816,7 +816,8 @@ def _accumulate(acc: dict[str, list[float]], losses: Mapping[str, torch.Tensor],
 
 def _log_row(acc, info, device, step, config, stage, t_start, t_log, step_log, scaler, stream: CropStream) -> dict[str, float]:
     now = time.perf_counter()
-    row = {"step": step, "samples": step * config.batch_size * info.world_size}
+    # The stream's own count, kept in checkpoints: right also after a resume with another batch size.
+    row = {"step": step, "samples": int(stream.drawn.sum()) * info.world_size}
     row.update(pooled_means(acc, ("loss", "mse", "vb", "mse_q0", "mse_q1", "mse_q2", "mse_q3", "grad_norm"), info, device))
     row.update({f"{g}_share": v for g, v in drawn_shares(stream, info, device).items()})
     row.update(

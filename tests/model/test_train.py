@@ -7,6 +7,8 @@ tiles (or of the demo's training split), so each takes a few seconds on 2 CPU co
 
 from __future__ import annotations
 
+import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -678,3 +680,11 @@ def test_logged_hours_add_up_the_invocations_of_a_resumed_run(tmp_path):
     # elapsed_s restarts with each invocation: 1800 s, then a resumed 900 s, then 360 s.
     log.write_text("step,loss,elapsed_s\n10,1,600\n20,1,1800\n30,1,300\n40,1,900\n50,1,360\n")
     assert logged_hours(log) == pytest.approx((1800 + 900 + 360) / 3600)
+
+
+def test_log_counts_the_crops_drawn_across_a_resume_with_another_batch_size(tmp_path, data):
+    first = tiny(tmp_path, "batches", stages=(Stage(10, 1e-3, 0.1),), batch_size=2, save_every=5)
+    train(first, data, scheme=DEMO)
+    train(dataclasses.replace(first, stages=(Stage(15, 1e-3, 0.1),), batch_size=1), data, scheme=DEMO, resume="auto")
+    with open(tmp_path / "batches" / "log.csv", newline="") as fh:
+        assert [(int(r["step"]), int(r["samples"])) for r in csv.DictReader(fh)] == [(5, 10), (10, 20), (15, 25)]
