@@ -174,9 +174,11 @@ class DistillConfig:
 
 
 PRESETS: dict[str, DistillConfig] = {
-    # The bundled student: at 266 steps it failed the card's noise criterion (1.62 x real), at 700
-    # it passes (1.34; README, 3b). bf16 autocast: 2.4x faster teacher runs, 1.4x faster student steps
-    # (avx512_bf16); from_preset keeps it only where bf16 is native.
+    # The bundled student's first stage: at 266 steps it failed the card's noise criterion (1.62 x
+    # real), at 700 it passes that (1.34) but paints off-stain green (3.07 %); two resumed stages
+    # with the whole-run loss and 128 px crops made it pass (README 3b lists the commands). bf16
+    # autocast: 2.4x faster teacher runs, 1.4x faster student steps (avx512_bf16); from_preset
+    # keeps it only where bf16 is native.
     "demo": DistillConfig(steps=700, lr=1e-4, items=4, teacher_steps=12, ema_rate=0.99, precision="bf16",
                           teacher_precision="bf16", save_every=25, log_every=10, sample_every=100),
     # For tests and smoke runs.

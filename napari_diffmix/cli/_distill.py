@@ -51,7 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_layout_argument(p, of="the datasets")
     p.add_argument("--extra-labels", nargs="+", metavar="LABELS_DIR", help="`diffmix labels` output folders: more label maps to learn on")
     p.add_argument("--val", nargs="*", help="held-out datasets for the sample grids")
-    p.add_argument("--preset", choices=("demo", "tiny"), help="distillation recipe (default: demo, or the run's own with --resume)")
+    p.add_argument("--preset", choices=("demo", "tiny"), help="distillation recipe (default: demo, or the run's own with --resume); demo is the bundled "
+                        "student's first stage, README 3b gives the two that follow")
     p.add_argument("--out", "-o", help="run folder (default: runs/distill)")
     g = p.add_argument_group("method")
     g.add_argument("--method", choices=("progressive",),
