@@ -486,7 +486,7 @@ def measure(teacher_file: str | os.PathLike, held_out: Any, scheme: Any, arms: S
     teacher, tinfo = load_model(teacher_file)
     diffusion = GaussianDiffusion(DiffusionConfig.from_dict(dict(tinfo.diffusion)))
 
-    windows = held_out_windows(held_out, size)
+    windows = held_out.windows(size)
 
     def product(model: torch.nn.Module, sampler: str, steps: int, guidance: float):
         report, rendered, _ = render_and_measure(model, [], scheme, ring_classes=rings, sampler=sampler, steps=steps,
@@ -560,11 +560,6 @@ def measure(teacher_file: str | os.PathLike, held_out: Any, scheme: Any, arms: S
         rows[name]["mad_vs_teacher_15"] = float(np.abs(img - reference).mean())
     return {"rows": rows, "windows": len(windows), "size": size, "reference_cached": reused,
             "images": {name: img.astype(np.uint8) for name, img in images.items()}}
-
-
-def held_out_windows(tile: Any, size: int) -> list[Any]:
-    """Every ``size`` px window of ``tile``, rows first: render_and_measure's windows."""
-    return [tile.crop(y, x, size, size) for y in range(0, tile.shape[0] - size + 1, size) for x in range(0, tile.shape[1] - size + 1, size)]
 
 
 def table(figures: dict[str, Any]) -> str:

@@ -299,8 +299,7 @@ def demo_canvases(size: int = 256) -> dict[str, list[Tile]]:
     """Whole canvases the model cards measure at the plugin's size: ``"tile"``, the demo tile's
     four ``size`` x ``size`` windows; ``"held_out"``, the held-out columns as ``size`` x 128 ones."""
     tile, held_out = load_demo_tile(), demo_split().held_out
-    return {"tile": [tile.crop(y, x, size, size) for y in range(0, tile.shape[0] - size + 1, size)
-                     for x in range(0, tile.shape[1] - size + 1, size)],
+    return {"tile": tile.windows(size),
             "held_out": [held_out.crop(y, 0, size, held_out.shape[1]) for y in range(0, held_out.shape[0] - size + 1, size)]}
 
 

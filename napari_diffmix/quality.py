@@ -294,12 +294,7 @@ def render_and_measure(
     from .progress import progress_bar
 
     if windows is None:
-        windows = [
-            t.crop(y, x, size, size)
-            for t in tiles
-            for y in range(0, t.shape[0] - size + 1, size)
-            for x in range(0, t.shape[1] - size + 1, size)
-        ]
+        windows = [w for t in tiles for w in t.windows(size)]
     if not windows:
         raise LabelError(f"no {size} px window fits in the given tiles")
     # fp32: a measure of the model must not depend on the hardware it runs on.

@@ -156,10 +156,7 @@ def canvas_windows() -> dict:
     (``demo_data.demo_canvases``) and the held-out strip's sixteen 64 px windows."""
     from napari_diffmix.demo_data import demo_canvases, demo_split
 
-    held_out = demo_split().held_out
-    h, w = held_out.shape[:2]
-    return {**demo_canvases(256),
-            "held_out_64": [held_out.crop(y, x, 64, 64) for y in range(0, h - 63, 64) for x in range(0, w - 63, 64)]}
+    return {**demo_canvases(256), "held_out_64": demo_split().held_out.windows(64)}
 
 
 def ship(run: Path, figures: dict, conditions: str) -> None:

@@ -149,6 +149,11 @@ class Tile:
             self.source,
         )
 
+    def windows(self, size: int) -> list["Tile"]:
+        """Every ``size`` x ``size`` window that fits, side by side, rows first (none if the tile is smaller)."""
+        H, W = self.shape
+        return [self.crop(y, x, size, size) for y in range(0, H - size + 1, size) for x in range(0, W - size + 1, size)]
+
 
 class Dataset(Sequence[Tile]):
     """Named tiles sharing one class scheme. ``dataset[i]`` loads tile ``i`` (lazily for files);

@@ -450,6 +450,10 @@ def test_tile_validation_and_crop():
     assert t.inst_map.any()  # a copy
     with pytest.raises(DatasetError, match="does not fit"):
         t.crop(40, 0, 20, 20)
+    # windows: side by side, rows first, the remainder left out (48 x 48 holds 2 x 2 of 20 px)
+    assert [w.name for w in t.windows(20)] == ["tile0_y0_x0", "tile0_y0_x20", "tile0_y20_x0", "tile0_y20_x20"]
+    np.testing.assert_array_equal(t.windows(20)[1].image, t.image[0:20, 20:40])
+    assert t.windows(49) == []
     with pytest.raises(DatasetError, match=r"src\.mat: image \(48, 40\) and label maps \(48, 48\) differ"):
         ds.Tile("a", t.image[:, :40], t.inst_map, t.type_map, source="src.mat")
     with pytest.raises(DatasetError, match="differ in shape"):
