@@ -6,11 +6,9 @@
 
 Distilling runs in three stages on the training split of the demo tile, as the CLI would:
 
-    diffmix distill demo --teacher <bundled demo model> --preset demo --out RUN   # 700 steps
-    diffmix distill demo --resume --out RUN --steps 1000 --chain-weight 1 --chain-from 700 \
-        --crop-size 128 --items 1
-    diffmix distill demo --resume --out RUN --steps 1300 --chain-weight 1 --chain-from 700 \
-        --crop-size 128 --items 1 --crop-cycle 64 128
+    diffmix distill demo --teacher <bundled demo model> --out RUN   # 700 steps: the demo preset
+    diffmix distill --resume --out RUN --steps 1000 --chain-weight 1 --chain-from 700 --crop-size 128 --items 1
+    diffmix distill --resume --out RUN --steps 1300 --crop-cycle 64 128
 
 The first is napari_diffmix.distill.PRESETS["demo"]: the pair losses on 4 crops of 64 px. That
 student passed the card's first three criteria but painted green speckle, worse on the plugin's
